@@ -1,0 +1,311 @@
+//! The streaming frame decoder: whole frames out of a connection's read buffer, each split into a
+//! small `head` (transport header and message header, which rewrites may touch) and an opaque
+//! `payload`, both views of the same buffer.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::{
+    detect::{detect, Detected, Detection},
+    message::{MessageHeader, MessageType, Protocol},
+    skip::walk_struct,
+    ttheader::TTHeader,
+    wire::Stop,
+    CodecError, Limits,
+};
+
+/// How a frame is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// TTHeader; the payload may carry its own Framed length (see [`TTHeader::inner_framed`]).
+    TTHeader,
+    /// `u32 length` then the message.
+    Framed,
+    /// The message alone, delimited by walking its struct.
+    Unframed,
+}
+
+/// One whole Thrift frame as received, with its parsed header view.
+///
+/// `head` holds the transport header and the message header up to the end of the name and
+/// seqid; `payload` holds the rest (the argument or result struct), untouched. Writing `head` then
+/// `payload` reproduces the frame; they are contiguous in memory until a rewrite resizes `head`.
+#[derive(Debug)]
+pub struct Frame {
+    pub(crate) head: BytesMut,
+    pub(crate) payload: BytesMut,
+    pub(crate) transport: Transport,
+    pub(crate) ttheader: Option<TTHeader>,
+    pub(crate) message: MessageHeader,
+}
+
+impl Frame {
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.message.protocol
+    }
+
+    pub fn ttheader(&self) -> Option<&TTHeader> {
+        self.ttheader.as_ref()
+    }
+
+    /// The message header; its offsets are into [`Frame::head`].
+    pub fn message(&self) -> &MessageHeader {
+        &self.message
+    }
+
+    pub fn name(&self) -> &str {
+        self.message.name(&self.head)
+    }
+
+    pub fn kind(&self) -> MessageType {
+        self.message.kind
+    }
+
+    pub fn seqid(&self) -> i32 {
+        self.message.seqid
+    }
+
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+
+    /// Total bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.payload.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The two parts, to be written in order (vectored: `head.chain(payload)`).
+    pub fn into_parts(self) -> (Bytes, Bytes) {
+        (self.head.freeze(), self.payload.freeze())
+    }
+
+    /// The frame as one buffer that can be written with vectored I/O.
+    pub fn into_buf(self) -> bytes::buf::Chain<Bytes, Bytes> {
+        let (head, payload) = self.into_parts();
+        head.chain(payload)
+    }
+
+    /// A copy of the whole frame (tests and diagnostics; the proxy path uses the parts).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.len());
+        v.extend_from_slice(&self.head);
+        v.extend_from_slice(&self.payload);
+        v
+    }
+}
+
+/// Decodes frames from a growing read buffer. The first frame decides the transport (unless one
+/// was given); later frames must use the same. After an error the connection should be closed:
+/// the decoder does not resynchronise.
+#[derive(Debug, Clone)]
+pub struct FrameDecoder {
+    limits: Limits,
+    transport: Option<Detected>,
+    /// Do not look again until the buffer holds this many bytes.
+    need: usize,
+}
+
+fn first4(buf: &[u8]) -> [u8; 4] {
+    let mut out = [0; 4];
+    for (o, b) in out.iter_mut().zip(buf) {
+        *o = *b;
+    }
+    out
+}
+
+impl FrameDecoder {
+    pub fn new(limits: Limits) -> Self {
+        FrameDecoder {
+            limits,
+            transport: None,
+            need: 0,
+        }
+    }
+
+    /// A decoder for a transport already detected (e.g. by the listener's sniffing).
+    pub fn for_transport(detected: Detected, limits: Limits) -> Self {
+        FrameDecoder {
+            limits,
+            transport: Some(detected),
+            need: 0,
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The transport, once known.
+    pub fn detected(&self) -> Option<Detected> {
+        self.transport
+    }
+
+    /// The buffer length below which [`FrameDecoder::decode`] will not find a frame.
+    pub fn needed(&self) -> usize {
+        self.need
+    }
+
+    /// Takes the next whole frame off the front of `buf`, `Ok(None)` if `buf` does not hold one
+    /// yet. Bytes of a frame that is not complete stay in `buf`.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+        if buf.len() < self.need || buf.is_empty() {
+            return Ok(None);
+        }
+        let detected = match self.transport {
+            Some(d) => d,
+            None => match detect(buf) {
+                Detection::Found(Detected::Http2) | Detection::Unknown => {
+                    return Err(CodecError::UnknownProtocol(first4(buf)))
+                }
+                Detection::Found(d) => {
+                    self.transport = Some(d);
+                    d
+                }
+                Detection::NeedMore(n) => {
+                    self.need = buf.len() + n;
+                    return Ok(None);
+                }
+            },
+        };
+        let found = match detected {
+            Detected::TTHeader => self.length_prefixed(buf, None),
+            Detected::Framed(p) => self.length_prefixed(buf, Some(p)),
+            Detected::Unframed(p) => self.unframed(buf, p),
+            Detected::Http2 => Err(CodecError::UnknownProtocol(first4(buf))),
+        }?;
+        self.need = 0;
+        Ok(found)
+    }
+
+    fn too_large(&self, size: u64) -> CodecError {
+        CodecError::TooLarge {
+            size,
+            limit: self.limits.max_frame_size,
+        }
+    }
+
+    /// TTHeader (`framed = None`) and Framed frames: a u32 length says where the frame ends.
+    fn length_prefixed(
+        &mut self,
+        buf: &mut BytesMut,
+        framed: Option<Protocol>,
+    ) -> Result<Option<Frame>, CodecError> {
+        if buf.len() < 6 {
+            self.need = 6;
+            return Ok(None);
+        }
+        let len = u64::from(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]));
+        let total = len + 4;
+        if total > self.limits.max_frame_size as u64 {
+            return Err(self.too_large(total));
+        }
+        let total = total as usize;
+        match framed {
+            None if buf[4..6] != crate::TTHEADER_MAGIC.to_be_bytes() => {
+                return Err(CodecError::malformed("ttheader", 4, "bad magic"));
+            }
+            Some(_) if buf[4] != 0x80 && buf[4] != 0x82 => {
+                return Err(CodecError::malformed(
+                    "framed message",
+                    4,
+                    "no protocol marker",
+                ));
+            }
+            _ => {}
+        }
+        if buf.len() < total {
+            self.need = total;
+            return Ok(None);
+        }
+        let frame = &buf[..total];
+        let (ttheader, message) = match framed {
+            None => {
+                let h = complete(TTHeader::parse(frame, &self.limits), "ttheader")?;
+                if !h.transforms(frame).is_empty() {
+                    return Err(CodecError::malformed(
+                        "ttheader",
+                        crate::ttheader::FIXED_LEN + 1,
+                        "payload transforms are not supported",
+                    ));
+                }
+                let start = h.message_start();
+                let m = MessageHeader::parse(frame, start, Some(h.protocol), &self.limits);
+                (Some(h), complete(m, "message header")?)
+            }
+            Some(p) => {
+                let m = MessageHeader::parse(frame, 4, Some(p), &self.limits);
+                (None, complete(m, "message header")?)
+            }
+        };
+        let head = buf.split_to(message.end);
+        let payload = buf.split_to(total - message.end);
+        Ok(Some(Frame {
+            head,
+            payload,
+            transport: if ttheader.is_some() {
+                Transport::TTHeader
+            } else {
+                Transport::Framed
+            },
+            ttheader,
+            message,
+        }))
+    }
+
+    fn unframed(
+        &mut self,
+        buf: &mut BytesMut,
+        protocol: Protocol,
+    ) -> Result<Option<Frame>, CodecError> {
+        let message = match MessageHeader::parse(buf, 0, Some(protocol), &self.limits) {
+            Ok(m) => m,
+            Err(stop) => return self.wait_or_fail(stop),
+        };
+        let end = match walk_struct(buf, message.end, message.protocol, &self.limits) {
+            Ok(end) => end,
+            Err(stop) => return self.wait_or_fail(stop),
+        };
+        if end > self.limits.max_frame_size {
+            return Err(self.too_large(end as u64));
+        }
+        let head = buf.split_to(message.end);
+        let payload = buf.split_to(end - message.end);
+        Ok(Some(Frame {
+            head,
+            payload,
+            transport: Transport::Unframed,
+            ttheader: None,
+            message,
+        }))
+    }
+
+    fn wait_or_fail(&mut self, stop: Stop) -> Result<Option<Frame>, CodecError> {
+        match stop {
+            Stop::Invalid(e) => Err(e),
+            Stop::Incomplete(n) if n > self.limits.max_frame_size => Err(self.too_large(n as u64)),
+            Stop::Incomplete(n) => {
+                self.need = n;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Inside a frame whose length is known, running out of bytes means the frame lied.
+fn complete<T>(r: Result<T, Stop>, what: &'static str) -> Result<T, CodecError> {
+    r.map_err(|stop| match stop {
+        Stop::Invalid(e) => e,
+        Stop::Incomplete(at) => CodecError::malformed(what, at, "runs past the end of the frame"),
+    })
+}

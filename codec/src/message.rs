@@ -1,0 +1,263 @@
+//! The Thrift message header (name, type, seqid) in Binary (strict and old non-strict) and
+//! Compact protocols: the only part of a message fnmesh reads.
+
+use bytes::{BufMut, BytesMut};
+
+use crate::{
+    wire::{put_varint, Cursor, Stop, Walk},
+    CodecError, Limits,
+};
+
+/// A Thrift protocol (the encoding of a message), as opposed to its transport (the framing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Binary,
+    Compact,
+}
+
+impl Protocol {
+    /// The protocol id a TTHeader names it by.
+    pub fn ttheader_id(self) -> u8 {
+        match self {
+            Protocol::Binary => 0,
+            Protocol::Compact => 2,
+        }
+    }
+
+    pub fn from_ttheader_id(id: u8) -> Option<Self> {
+        match id {
+            0 => Some(Protocol::Binary),
+            2 => Some(Protocol::Compact),
+            _ => None,
+        }
+    }
+}
+
+/// The Thrift message type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageType {
+    Call = 1,
+    Reply = 2,
+    Exception = 3,
+    Oneway = 4,
+}
+
+impl MessageType {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(MessageType::Call),
+            2 => Some(MessageType::Reply),
+            3 => Some(MessageType::Exception),
+            4 => Some(MessageType::Oneway),
+            _ => None,
+        }
+    }
+}
+
+pub(crate) const BINARY_VERSION_1: u32 = 0x8001_0000;
+pub(crate) const COMPACT_PROTOCOL_ID: u8 = 0x82;
+pub(crate) const COMPACT_VERSION: u8 = 1;
+
+/// A parsed message header. Positions are offsets into the buffer it was parsed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageHeader {
+    pub protocol: Protocol,
+    /// Binary only: false for the old form without a version word.
+    pub strict: bool,
+    pub kind: MessageType,
+    pub seqid: i32,
+    /// Where the message starts.
+    pub start: usize,
+    /// The name, as a range (validated UTF-8).
+    pub name_start: usize,
+    pub name_end: usize,
+    /// Where the seqid is written, and its width on the wire (4, or 1..=5 for a compact varint).
+    pub seqid_at: usize,
+    pub seqid_width: usize,
+    /// Where the header ends and the argument or result struct begins.
+    pub end: usize,
+}
+
+impl MessageHeader {
+    /// Parses the header of the message that starts at `start`. `hint` is the protocol a
+    /// surrounding TTHeader announced, if any; the message's own marker byte decides when present.
+    pub(crate) fn parse(
+        buf: &[u8],
+        start: usize,
+        hint: Option<Protocol>,
+        limits: &Limits,
+    ) -> Walk<MessageHeader> {
+        let mut cur = Cursor::new(buf, start);
+        let first = *buf.get(start).ok_or(Stop::Incomplete(start + 1))?;
+        match first {
+            0x80 => parse_strict_binary(&mut cur, limits),
+            COMPACT_PROTOCOL_ID => parse_compact(&mut cur, limits),
+            _ if hint != Some(Protocol::Compact) => parse_non_strict_binary(&mut cur, limits),
+            _ => Err(CodecError::malformed(
+                "compact message header",
+                start,
+                "missing protocol id 0x82",
+            )
+            .into()),
+        }
+    }
+
+    /// The name as text (it was validated as UTF-8 when parsed).
+    pub fn name<'a>(&self, buf: &'a [u8]) -> &'a str {
+        buf.get(self.name_start..self.name_end)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .unwrap_or("")
+    }
+
+    /// Writes a message header into `dst`.
+    pub fn encode(
+        dst: &mut BytesMut,
+        protocol: Protocol,
+        strict: bool,
+        kind: MessageType,
+        name: &str,
+        seqid: i32,
+    ) {
+        match protocol {
+            Protocol::Binary if strict => {
+                dst.put_u32(BINARY_VERSION_1 | kind as u32);
+                dst.put_u32(name.len() as u32);
+                dst.put_slice(name.as_bytes());
+                dst.put_i32(seqid);
+            }
+            Protocol::Binary => {
+                dst.put_u32(name.len() as u32);
+                dst.put_slice(name.as_bytes());
+                dst.put_u8(kind as u8);
+                dst.put_i32(seqid);
+            }
+            Protocol::Compact => {
+                dst.put_u8(COMPACT_PROTOCOL_ID);
+                dst.put_u8(((kind as u8) << 5) | COMPACT_VERSION);
+                put_varint(dst, u64::from(seqid as u32));
+                put_varint(dst, name.len() as u64);
+                dst.put_slice(name.as_bytes());
+            }
+        }
+    }
+}
+
+fn message_type(v: u8, at: usize) -> Walk<MessageType> {
+    MessageType::from_u8(v)
+        .ok_or_else(|| CodecError::malformed("message header", at, "unknown message type").into())
+}
+
+fn name_range(cur: &mut Cursor<'_>, len: u64, limits: &Limits) -> Walk<(usize, usize)> {
+    let at = cur.pos();
+    if len > limits.max_name_len as u64 {
+        return Err(CodecError::LimitExceeded {
+            what: "message name length",
+            offset: at,
+            value: len,
+            limit: limits.max_name_len as u64,
+        }
+        .into());
+    }
+    let name = cur.take(len as usize)?;
+    if std::str::from_utf8(name).is_err() {
+        return Err(CodecError::malformed("message name", at, "not valid UTF-8").into());
+    }
+    Ok((at, at + len as usize))
+}
+
+fn parse_strict_binary(cur: &mut Cursor<'_>, limits: &Limits) -> Walk<MessageHeader> {
+    let start = cur.pos();
+    let word = cur.u32()?;
+    if word & 0xffff_ff00 != BINARY_VERSION_1 {
+        return Err(CodecError::malformed("binary message header", start, "bad version").into());
+    }
+    let kind = message_type((word & 0xff) as u8, start + 3)?;
+    let len = cur.u32()?;
+    if len > i32::MAX as u32 {
+        return Err(CodecError::malformed(
+            "binary message header",
+            start + 4,
+            "negative name length",
+        )
+        .into());
+    }
+    let (name_start, name_end) = name_range(cur, u64::from(len), limits)?;
+    let seqid_at = cur.pos();
+    let seqid = cur.u32()? as i32;
+    Ok(MessageHeader {
+        protocol: Protocol::Binary,
+        strict: true,
+        kind,
+        seqid,
+        start,
+        name_start,
+        name_end,
+        seqid_at,
+        seqid_width: 4,
+        end: cur.pos(),
+    })
+}
+
+fn parse_non_strict_binary(cur: &mut Cursor<'_>, limits: &Limits) -> Walk<MessageHeader> {
+    let start = cur.pos();
+    let len = cur.u32()?;
+    if len > i32::MAX as u32 {
+        return Err(
+            CodecError::malformed("binary message header", start, "negative name length").into(),
+        );
+    }
+    let (name_start, name_end) = name_range(cur, u64::from(len), limits)?;
+    let at = cur.pos();
+    let kind = message_type(cur.u8()?, at)?;
+    let seqid_at = cur.pos();
+    let seqid = cur.u32()? as i32;
+    Ok(MessageHeader {
+        protocol: Protocol::Binary,
+        strict: false,
+        kind,
+        seqid,
+        start,
+        name_start,
+        name_end,
+        seqid_at,
+        seqid_width: 4,
+        end: cur.pos(),
+    })
+}
+
+fn parse_compact(cur: &mut Cursor<'_>, limits: &Limits) -> Walk<MessageHeader> {
+    let start = cur.pos();
+    cur.u8()?; // protocol id, checked by the caller
+    let tv = cur.u8()?;
+    if tv & 0x1f != COMPACT_VERSION {
+        return Err(
+            CodecError::malformed("compact message header", start + 1, "bad version").into(),
+        );
+    }
+    let kind = message_type(tv >> 5, start + 1)?;
+    let seqid_at = cur.pos();
+    let seqid = cur.varint(5, "compact seqid")?;
+    if seqid > u64::from(u32::MAX) {
+        return Err(CodecError::malformed(
+            "compact message header",
+            seqid_at,
+            "seqid is over 32 bits",
+        )
+        .into());
+    }
+    let seqid_width = cur.pos() - seqid_at;
+    let len = cur.varint(5, "compact name length")?;
+    let (name_start, name_end) = name_range(cur, len, limits)?;
+    Ok(MessageHeader {
+        protocol: Protocol::Compact,
+        strict: true,
+        kind,
+        seqid: seqid as u32 as i32,
+        start,
+        name_start,
+        name_end,
+        seqid_at,
+        seqid_width,
+        end: cur.pos(),
+    })
+}

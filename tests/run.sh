@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# fnmesh's test command: installs what the suite needs on a fresh machine (idempotent), then runs
+# the format check, clippy with warnings denied, and every test in the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_cmd() {
+    command -v "$1" >/dev/null 2>&1 || {
+        echo "tests/run.sh: '$1' is required but not installed (it comes with the Rust toolchain)" >&2
+        exit 1
+    }
+}
+need_cmd cargo
+need_cmd rustfmt
+need_cmd cargo-clippy
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --workspace
