@@ -1,0 +1,44 @@
+//! The example echo function's handler: a plain Volo `EchoService` that knows nothing of fnmesh.
+
+use std::time::Duration;
+
+use pilota::FastStr;
+use volo_thrift::{MaybeException, ServerError};
+
+use crate::gen::volo_gen::echo::{
+    EchoRequest, EchoResponse, EchoService, EchoServiceEchoException,
+};
+
+/// Replies with the request's message and the instance it ran on (`FNMESH_INSTANCE`), after
+/// sleeping `sleep_ms` if asked.
+#[derive(Clone, Default)]
+pub struct EchoHandler {
+    pub instance: Option<FastStr>,
+}
+
+impl EchoHandler {
+    pub fn from_env() -> Self {
+        EchoHandler {
+            instance: std::env::var("FNMESH_INSTANCE").ok().map(FastStr::from),
+        }
+    }
+}
+
+impl EchoService for EchoHandler {
+    async fn echo(
+        &self,
+        req: EchoRequest,
+    ) -> Result<MaybeException<EchoResponse, EchoServiceEchoException>, ServerError> {
+        if let Some(ms) = req.sleep_ms.filter(|ms| *ms > 0) {
+            tokio::time::sleep(Duration::from_millis(ms as u64)).await;
+        }
+        Ok(MaybeException::Ok(EchoResponse {
+            message: req.message,
+            instance: self.instance.clone(),
+        }))
+    }
+
+    async fn ping(&self, _note: FastStr) -> Result<(), ServerError> {
+        Ok(())
+    }
+}
