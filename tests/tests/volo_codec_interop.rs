@@ -74,6 +74,16 @@ fn expect_app_exception<T>(
     }
 }
 
+/// With `FNMESH_WRITE_FIXTURES=1`, saves a captured request as a fixture for the codec's own
+/// tests (`codec/tests/fixtures/`), which must not depend on Volo.
+fn write_fixture(name: &str, bytes: &[u8]) {
+    if std::env::var_os("FNMESH_WRITE_FIXTURES").is_some() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/fixtures");
+        std::fs::create_dir_all(path).unwrap();
+        std::fs::write(format!("{path}/{name}"), bytes).unwrap();
+    }
+}
+
 fn canned(ty: ExceptionType, message: &str, kind: &str) -> CannedReply {
     CannedReply {
         ty,
@@ -92,6 +102,7 @@ async fn ttheader_framed_request_decodes_to_what_the_volo_client_set() {
     expect_app_exception(result, ApplicationExceptionKind::UNKNOWN_METHOD, msg);
 
     let f = cap.next().await.expect("one request captured");
+    write_fixture("volo_ttheader_framed.bin", &f.to_vec());
     assert_eq!(f.transport(), Transport::TTHeader);
     assert_eq!(f.protocol(), Protocol::Binary);
     assert_eq!(f.name(), "Echo");
@@ -159,6 +170,7 @@ async fn framed_and_buffered_requests_decode_and_take_codec_replies() {
         } else {
             Transport::Unframed
         };
+        write_fixture(&format!("volo_{label}.bin"), &f.to_vec());
         assert_eq!(f.transport(), expected, "{label}");
         assert!(f.ttheader().is_none(), "{label}");
         assert_eq!((f.name(), f.kind()), ("Echo", MessageType::Call), "{label}");
