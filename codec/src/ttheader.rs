@@ -315,14 +315,14 @@ impl TTHeader {
     }
 }
 
-/// Whether the payload at `at` starts with a Framed length that covers exactly the rest.
+/// Whether the payload at `at` starts with a Framed length that covers exactly the rest. A bare
+/// message cannot start that way: a strict or compact one starts with a byte >= 0x80 (a length
+/// over 2 GiB), and a non-strict one whose name took the whole rest would have no room for its type
+/// and seqid.
 fn has_inner_length(frame: &[u8], at: usize) -> bool {
     let rest = frame.len().saturating_sub(at);
-    match frame.get(at..at + 5) {
-        Some(&[a, b, c, d, marker]) => {
-            let len = u32::from_be_bytes([a, b, c, d]) as usize;
-            len + 4 == rest && (marker == 0x80 || marker == 0x82)
-        }
+    match frame.get(at..at + 4) {
+        Some(&[a, b, c, d]) => u32::from_be_bytes([a, b, c, d]) as usize + 4 == rest,
         _ => false,
     }
 }
