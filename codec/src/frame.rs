@@ -26,13 +26,18 @@ pub enum Transport {
 
 /// One whole Thrift frame as received, with its parsed header view.
 ///
-/// `head` holds the transport header and the message header up to the end of the name and
-/// seqid; `payload` holds the rest (the argument or result struct), untouched. Writing `head` then
-/// `payload` reproduces the frame; they are contiguous in memory until a rewrite resizes `head`.
+/// The head is the transport header and the message header up to the end of the name and seqid;
+/// the payload is the rest (the argument or result struct), never touched. Both live in one buffer
+/// taken off the read buffer with a single split; only a rewrite that resizes the head separates
+/// them (the payload keeps its bytes where they are, the head gets a new small buffer).
 #[derive(Debug)]
 pub struct Frame {
-    pub(crate) head: BytesMut,
+    /// The head, followed by the payload while `joined`.
+    pub(crate) buf: BytesMut,
+    pub(crate) head_len: usize,
+    /// The payload once a rewrite resized the head; empty while `joined`.
     pub(crate) payload: BytesMut,
+    pub(crate) joined: bool,
     pub(crate) transport: Transport,
     pub(crate) ttheader: Option<TTHeader>,
     pub(crate) message: MessageHeader,
@@ -57,7 +62,7 @@ impl Frame {
     }
 
     pub fn name(&self) -> &str {
-        self.message.name(&self.head)
+        self.message.name(self.head())
     }
 
     pub fn kind(&self) -> MessageType {
@@ -69,37 +74,58 @@ impl Frame {
     }
 
     pub fn head(&self) -> &[u8] {
-        &self.head
+        &self.buf[..self.head_len]
+    }
+
+    pub(crate) fn head_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.head_len]
     }
 
     pub fn payload(&self) -> &[u8] {
-        &self.payload
+        if self.joined {
+            &self.buf[self.head_len..]
+        } else {
+            &self.payload
+        }
     }
 
     /// Total bytes on the wire.
     pub fn len(&self) -> usize {
-        self.head.len() + self.payload.len()
+        self.buf.len() + self.payload.len()
+    }
+
+    /// Replaces the head with `head`, first moving the payload out of the shared buffer.
+    pub(crate) fn replace_head(&mut self, head: BytesMut) {
+        if self.joined {
+            self.payload = self.buf.split_off(self.head_len);
+            self.joined = false;
+        }
+        self.head_len = head.len();
+        self.buf = head;
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// The two parts, to be written in order (vectored: `head.chain(payload)`).
-    pub fn into_parts(self) -> (Bytes, Bytes) {
-        (self.head.freeze(), self.payload.freeze())
+    /// The head and the payload as separate buffers.
+    pub fn into_parts(mut self) -> (Bytes, Bytes) {
+        if self.joined {
+            self.payload = self.buf.split_off(self.head_len);
+        }
+        (self.buf.freeze(), self.payload.freeze())
     }
 
-    /// The frame as one buffer that can be written with vectored I/O.
+    /// The whole frame, ready for a vectored write: one contiguous buffer (and an empty second
+    /// part) unless a rewrite resized the head.
     pub fn into_buf(self) -> bytes::buf::Chain<Bytes, Bytes> {
-        let (head, payload) = self.into_parts();
-        head.chain(payload)
+        self.buf.freeze().chain(self.payload.freeze())
     }
 
-    /// A copy of the whole frame (tests and diagnostics; the proxy path uses the parts).
+    /// A copy of the whole frame (tests and diagnostics; the proxy path uses `into_buf`).
     pub fn to_vec(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(self.len());
-        v.extend_from_slice(&self.head);
+        v.extend_from_slice(&self.buf);
         v.extend_from_slice(&self.payload);
         v
     }
@@ -248,11 +274,11 @@ impl FrameDecoder {
                 (None, complete(m, "message header")?)
             }
         };
-        let head = buf.split_to(message.end);
-        let payload = buf.split_to(total - message.end);
         Ok(Some(Frame {
-            head,
-            payload,
+            buf: buf.split_to(total),
+            head_len: message.end,
+            payload: BytesMut::new(),
+            joined: true,
             transport: if ttheader.is_some() {
                 Transport::TTHeader
             } else {
@@ -279,11 +305,11 @@ impl FrameDecoder {
         if end > self.limits.max_frame_size {
             return Err(self.too_large(end as u64));
         }
-        let head = buf.split_to(message.end);
-        let payload = buf.split_to(end - message.end);
         Ok(Some(Frame {
-            head,
-            payload,
+            buf: buf.split_to(end),
+            head_len: message.end,
+            payload: BytesMut::new(),
+            joined: true,
             transport: Transport::Unframed,
             ttheader: None,
             message,

@@ -87,6 +87,9 @@ impl MessageHeader {
         hint: Option<Protocol>,
         limits: &Limits,
     ) -> Walk<MessageHeader> {
+        if let Some(m) = strict_binary_fast(buf, start, limits) {
+            return Ok(m);
+        }
         let mut cur = Cursor::new(buf, start);
         let first = *buf.get(start).ok_or(Stop::Incomplete(start + 1))?;
         match first {
@@ -142,6 +145,42 @@ impl MessageHeader {
     }
 }
 
+/// The common case, a well-formed strict Binary header wholly in `buf`, read directly. Anything
+/// else (short, malformed, another protocol) returns `None` and takes the general path, which
+/// says precisely what is wrong.
+#[inline]
+fn strict_binary_fast(buf: &[u8], start: usize, limits: &Limits) -> Option<MessageHeader> {
+    let fixed = buf.get(start..)?.first_chunk::<8>()?;
+    let word = u32::from_be_bytes([fixed[0], fixed[1], fixed[2], fixed[3]]);
+    if word & 0xffff_ff00 != BINARY_VERSION_1 {
+        return None;
+    }
+    let kind = MessageType::from_u8((word & 0xff) as u8)?;
+    let len = u32::from_be_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]) as usize;
+    if len > limits.max_name_len {
+        return None;
+    }
+    let name_start = start + 8;
+    let name_end = name_start + len;
+    let name = buf.get(name_start..name_end)?;
+    if !name.is_ascii() {
+        return None;
+    }
+    let seqid = buf.get(name_end..)?.first_chunk::<4>()?;
+    Some(MessageHeader {
+        protocol: Protocol::Binary,
+        strict: true,
+        kind,
+        seqid: i32::from_be_bytes(*seqid),
+        start,
+        name_start,
+        name_end,
+        seqid_at: name_end,
+        seqid_width: 4,
+        end: name_end + 4,
+    })
+}
+
 fn message_type(v: u8, at: usize) -> Walk<MessageType> {
     MessageType::from_u8(v)
         .ok_or_else(|| CodecError::malformed("message header", at, "unknown message type").into())
@@ -159,7 +198,8 @@ fn name_range(cur: &mut Cursor<'_>, len: u64, limits: &Limits) -> Walk<(usize, u
         .into());
     }
     let name = cur.take(len as usize)?;
-    if std::str::from_utf8(name).is_err() {
+    // Method names are ASCII in practice; the full UTF-8 check runs only when they are not.
+    if !name.is_ascii() && std::str::from_utf8(name).is_err() {
         return Err(CodecError::malformed("message name", at, "not valid UTF-8").into());
     }
     Ok((at, at + len as usize))

@@ -37,15 +37,17 @@ fn get_u32_at(buf: &[u8], at: usize) -> u32 {
 impl Frame {
     /// Sets the seqid in the message header and, for TTHeader, in the TTHeader too.
     pub fn set_seqid(&mut self, seqid: i32) -> Result<(), CodecError> {
+        if self.ttheader.is_some() {
+            put_u32_at(self.head_mut(), 8, seqid as u32);
+        }
         if let Some(h) = self.ttheader.as_mut() {
-            put_u32_at(&mut self.head, 8, seqid as u32);
             h.seqid = seqid as u32;
         }
         let m = self.message;
         match m.protocol {
-            Protocol::Binary => put_u32_at(&mut self.head, m.seqid_at, seqid as u32),
+            Protocol::Binary => put_u32_at(self.head_mut(), m.seqid_at, seqid as u32),
             Protocol::Compact => {
-                let slot = &mut self.head[m.seqid_at..m.seqid_at + m.seqid_width];
+                let slot = &mut self.head_mut()[m.seqid_at..m.seqid_at + m.seqid_width];
                 if !put_varint_fixed(slot, seqid as u32) {
                     // Wider than the old varint: rebuild the head with the new width.
                     let mut varint = BytesMut::with_capacity(5);
@@ -99,30 +101,30 @@ impl Frame {
                 reason: "longer than a u16 length allows",
             });
         }
-        let mut spans = h.int_kv_spans(&self.head).filter(|(k, _, _)| *k == key);
+        let mut spans = h.int_kv_spans(self.head()).filter(|(k, _, _)| *k == key);
         if let (Some((_, start, end)), None) = (spans.next(), spans.next()) {
             if end - start == value.len() {
-                self.head[start..end].copy_from_slice(value);
+                self.head_mut()[start..end].copy_from_slice(value);
                 return Ok(());
             }
         }
-        let info = rebuild_info(&self.head, &h, key, value)?;
+        let info = rebuild_info(self.head(), &h, key, value)?;
         let (t_start, t_end) = h.transforms_span();
         let message_start = h.message_start();
-        let message_len = self.head.len() - message_start + self.payload.len();
+        let message_len = self.len() - message_start;
         let mut head = BytesMut::with_capacity(message_start + info.len() + 16);
         write_header(
             &mut head,
             h.flags,
             h.seqid,
             h.protocol.ttheader_id(),
-            &self.head[t_start..t_end],
+            &self.head()[t_start..t_end],
             &info,
             h.inner_framed,
             message_len,
         )?;
-        head.put_slice(&self.head[message_start..]);
-        self.head = head;
+        head.put_slice(&self.head()[message_start..]);
+        self.replace_head(head);
         self.reparse()
     }
 
@@ -134,12 +136,13 @@ impl Frame {
         remove: usize,
         insert: &[u8],
     ) -> Result<(), CodecError> {
-        let old_len = self.head.len() + self.payload.len();
+        let old_len = self.len();
         let new_len = old_len - remove + insert.len();
-        let mut head = BytesMut::with_capacity(self.head.len() - remove + insert.len());
-        head.put_slice(&self.head[..at]);
+        let old_head = self.head();
+        let mut head = BytesMut::with_capacity(old_head.len() - remove + insert.len());
+        head.put_slice(&old_head[..at]);
         head.put_slice(insert);
-        head.put_slice(&self.head[at + remove..]);
+        head.put_slice(&old_head[at + remove..]);
         let too_long = CodecError::Unencodable {
             what: "frame length",
             reason: "over 4 GiB",
@@ -168,7 +171,7 @@ impl Frame {
             ),
             _ => {}
         }
-        self.head = head;
+        self.replace_head(head);
         self.reparse()
     }
 
@@ -178,14 +181,14 @@ impl Frame {
         let (ttheader, start) = match self.ttheader {
             Some(old) => {
                 let mut h =
-                    TTHeader::parse(&self.head, &REPARSE).map_err(|_| incomplete("ttheader"))?;
+                    TTHeader::parse(self.head(), &REPARSE).map_err(|_| incomplete("ttheader"))?;
                 h.inner_framed = old.inner_framed;
                 (Some(h), h.message_start())
             }
             None => (None, self.message.start),
         };
         let hint = Some(self.message.protocol);
-        let message = MessageHeader::parse(&self.head, start, hint, &REPARSE)
+        let message = MessageHeader::parse(self.head(), start, hint, &REPARSE)
             .map_err(|_| incomplete("message header"))?;
         self.ttheader = ttheader;
         self.message = message;

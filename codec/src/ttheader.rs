@@ -45,7 +45,9 @@ pub mod str_key {
     pub const CONN_RESET: &[u8] = b"crrst";
 }
 
-/// A byte range in the buffer the header was parsed from.
+/// A byte range in the buffer the header was parsed from, or [`Span::ABSENT`]. (Not an
+/// `Option<Span>`: 8 bytes instead of 12 for each of the header's well-known keys, and the header
+/// is copied into every decoded frame.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Span {
     start: u32,
@@ -53,12 +55,21 @@ pub(crate) struct Span {
 }
 
 impl Span {
+    const ABSENT: Span = Span {
+        start: u32::MAX,
+        end: u32::MAX,
+    };
+
     fn new(start: usize, end: usize) -> Self {
-        // Frames are bounded by `max_frame_size`, far below u32::MAX.
+        // Headers are bounded by `max_header_size`, far below u32::MAX.
         Span {
             start: start as u32,
             end: end as u32,
         }
+    }
+
+    fn present(self) -> Option<Span> {
+        (self.start != u32::MAX).then_some(self)
     }
 
     pub(crate) fn get<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
@@ -85,12 +96,12 @@ pub struct TTHeader {
     transforms: Span,
     /// Info blocks, from after the transform ids to the end of the header (padding included).
     info: Span,
-    acl: Option<Span>,
-    isn: Option<Span>,
-    to_service: Option<Span>,
-    to_method: Option<Span>,
-    from_service: Option<Span>,
-    rpc_timeout: Option<Span>,
+    acl: Span,
+    isn: Span,
+    to_service: Span,
+    to_method: Span,
+    from_service: Span,
+    rpc_timeout: Span,
     /// Offset (in the frame) where the payload starts: just past the header.
     pub header_end: usize,
     /// The payload starts with a Framed `u32 length` (Volo's TTHeader + Framed).
@@ -101,26 +112,19 @@ fn header_error(at: usize, reason: &'static str) -> Stop {
     CodecError::malformed("ttheader", at, reason).into()
 }
 
-/// Reads inside the header region: running out of header bytes is malformed, not incomplete.
-fn in_header<T>(r: Walk<T>, at: usize) -> Walk<T> {
-    r.map_err(|e| match e {
-        Stop::Incomplete(_) => header_error(at, "info block runs past the header size"),
-        other => other,
-    })
-}
-
 impl TTHeader {
     /// Parses the TTHeader of the complete frame `frame` (its length prefix included).
     pub(crate) fn parse(frame: &[u8], limits: &Limits) -> Walk<TTHeader> {
-        let mut cur = Cursor::new(frame, 0);
-        cur.u32()?;
-        if cur.u16()? != TTHEADER_MAGIC {
+        let Some(fixed) = frame.first_chunk::<FIXED_LEN>() else {
+            return Err(Stop::Incomplete(FIXED_LEN));
+        };
+        let be16 = |i: usize| u16::from_be_bytes([fixed[i], fixed[i + 1]]);
+        if be16(4) != TTHEADER_MAGIC {
             return Err(header_error(4, "bad magic"));
         }
-        let flags = cur.u16()?;
-        let seqid = cur.u32()?;
-        let words = usize::from(cur.u16()?);
-        let header_len = words * 4;
+        let flags = be16(6);
+        let seqid = u32::from_be_bytes([fixed[8], fixed[9], fixed[10], fixed[11]]);
+        let header_len = usize::from(be16(12)) * 4;
         if header_len > limits.max_header_size {
             return Err(CodecError::LimitExceeded {
                 what: "ttheader header size",
@@ -141,77 +145,104 @@ impl TTHeader {
             ));
         }
         let header = &frame[..header_end];
-        let mut cur = Cursor::new(header, FIXED_LEN);
-        let protocol_id = cur.u8()?;
+        let protocol_id = header[FIXED_LEN];
+        let count = usize::from(header[FIXED_LEN + 1]);
         let protocol = Protocol::from_ttheader_id(protocol_id)
             .ok_or_else(|| header_error(FIXED_LEN, "unsupported protocol id"))?;
-        let count = usize::from(cur.u8()?);
-        let transforms_at = cur.pos();
-        in_header(cur.skip(count), transforms_at)?;
-        let info_start = cur.pos();
+        let transforms_at = FIXED_LEN + 2;
+        let info_start = transforms_at + count;
+        if info_start > header_end {
+            return Err(header_error(
+                transforms_at,
+                "transform ids run past the header size",
+            ));
+        }
         let mut h = TTHeader {
             flags,
             seqid,
             protocol,
             transforms: Span::new(transforms_at, info_start),
             info: Span::new(info_start, header_end),
-            acl: None,
-            isn: None,
-            to_service: None,
-            to_method: None,
-            from_service: None,
-            rpc_timeout: None,
+            acl: Span::ABSENT,
+            isn: Span::ABSENT,
+            to_service: Span::ABSENT,
+            to_method: Span::ABSENT,
+            from_service: Span::ABSENT,
+            rpc_timeout: Span::ABSENT,
             header_end,
             inner_framed: false,
         };
-        while cur.pos() < header_end {
-            let at = cur.pos();
-            match cur.u8()? {
-                info::PADDING => {}
-                info::KEY_VALUE => in_header(h.parse_str_block(&mut cur), at)?,
-                info::INT_KEY_VALUE => in_header(h.parse_int_block(&mut cur), at)?,
-                info::ACL_TOKEN => {
-                    let len = usize::from(in_header(cur.u16(), at)?);
-                    let start = cur.pos();
-                    in_header(cur.skip(len), at)?;
-                    h.acl = Some(Span::new(start, start + len));
-                }
-                _ => return Err(header_error(at, "unknown info id")),
-            }
+        if let Err(e) = h.parse_info(header, info_start) {
+            return Err(match e {
+                InfoError::RunsPast(at) => header_error(at, "info block runs past the header size"),
+                InfoError::UnknownId(at) => header_error(at, "unknown info id"),
+            });
         }
         h.inner_framed = has_inner_length(frame, header_end);
         Ok(h)
     }
 
-    fn parse_str_block(&mut self, cur: &mut Cursor<'_>) -> Walk<()> {
-        let n = cur.u16()?;
-        for _ in 0..n {
-            let klen = usize::from(cur.u16()?);
-            let key = cur.take(klen)?;
-            let vlen = usize::from(cur.u16()?);
-            let vstart = cur.pos();
-            cur.skip(vlen)?;
-            if key == str_key::IDL_SERVICE_NAME {
-                self.isn = Some(Span::new(vstart, vstart + vlen));
-            }
-        }
-        Ok(())
-    }
-
-    fn parse_int_block(&mut self, cur: &mut Cursor<'_>) -> Walk<()> {
-        let n = cur.u16()?;
-        for _ in 0..n {
-            let key = cur.u16()?;
-            let vlen = usize::from(cur.u16()?);
-            let vstart = cur.pos();
-            cur.skip(vlen)?;
-            let span = Some(Span::new(vstart, vstart + vlen));
-            match key {
-                int_key::TO_SERVICE => self.to_service = span,
-                int_key::TO_METHOD => self.to_method = span,
-                int_key::FROM_SERVICE => self.from_service = span,
-                int_key::RPC_TIMEOUT => self.rpc_timeout = span,
-                _ => {}
+    /// Validates every info block of `header` (which ends where the header does) and records
+    /// where the well-known keys are. A tight loop over the slice with a small error type: it runs
+    /// per key/value of every TTHeader request.
+    fn parse_info(&mut self, header: &[u8], mut pos: usize) -> Result<(), InfoError> {
+        let end = header.len();
+        while pos < end {
+            let at = pos;
+            let past = InfoError::RunsPast(at);
+            let id = header[pos];
+            pos += 1;
+            match id {
+                info::PADDING => {}
+                info::KEY_VALUE => {
+                    let n = be16(header, pos).ok_or(past)?;
+                    pos += 2;
+                    for _ in 0..n {
+                        let klen = usize::from(be16(header, pos).ok_or(past)?);
+                        let key_at = pos + 2;
+                        let vlen_at = key_at + klen;
+                        let vlen = usize::from(be16(header, vlen_at).ok_or(past)?);
+                        let value_at = vlen_at + 2;
+                        pos = value_at + vlen;
+                        if pos > end {
+                            return Err(past);
+                        }
+                        if &header[key_at..vlen_at] == str_key::IDL_SERVICE_NAME {
+                            self.isn = Span::new(value_at, pos);
+                        }
+                    }
+                }
+                info::INT_KEY_VALUE => {
+                    let n = be16(header, pos).ok_or(past)?;
+                    pos += 2;
+                    for _ in 0..n {
+                        let key = be16(header, pos).ok_or(past)?;
+                        let vlen = usize::from(be16(header, pos + 2).ok_or(past)?);
+                        let value_at = pos + 4;
+                        pos = value_at + vlen;
+                        if pos > end {
+                            return Err(past);
+                        }
+                        let span = Span::new(value_at, pos);
+                        match key {
+                            int_key::TO_SERVICE => self.to_service = span,
+                            int_key::TO_METHOD => self.to_method = span,
+                            int_key::FROM_SERVICE => self.from_service = span,
+                            int_key::RPC_TIMEOUT => self.rpc_timeout = span,
+                            _ => {}
+                        }
+                    }
+                }
+                info::ACL_TOKEN => {
+                    let len = usize::from(be16(header, pos).ok_or(past)?);
+                    let start = pos + 2;
+                    pos = start + len;
+                    if pos > end {
+                        return Err(past);
+                    }
+                    self.acl = Span::new(start, pos);
+                }
+                _ => return Err(InfoError::UnknownId(at)),
             }
         }
         Ok(())
@@ -227,32 +258,32 @@ impl TTHeader {
     }
 
     pub fn acl_token<'a>(&self, head: &'a [u8]) -> Option<&'a [u8]> {
-        self.acl.map(|s| s.get(head))
+        self.acl.present().map(|s| s.get(head))
     }
 
     /// String key `isn`: the IDL service name the caller targets.
     pub fn idl_service<'a>(&self, head: &'a [u8]) -> Option<&'a [u8]> {
-        self.isn.map(|s| s.get(head))
+        self.isn.present().map(|s| s.get(head))
     }
 
     /// Int key 6, ToService.
     pub fn to_service<'a>(&self, head: &'a [u8]) -> Option<&'a [u8]> {
-        self.to_service.map(|s| s.get(head))
+        self.to_service.present().map(|s| s.get(head))
     }
 
     /// Int key 9, ToMethod.
     pub fn to_method<'a>(&self, head: &'a [u8]) -> Option<&'a [u8]> {
-        self.to_method.map(|s| s.get(head))
+        self.to_method.present().map(|s| s.get(head))
     }
 
     /// Int key 3, FromService.
     pub fn from_service<'a>(&self, head: &'a [u8]) -> Option<&'a [u8]> {
-        self.from_service.map(|s| s.get(head))
+        self.from_service.present().map(|s| s.get(head))
     }
 
     /// Int key 12, RPCTimeout, raw (decimal milliseconds as text).
     pub fn rpc_timeout_raw<'a>(&self, head: &'a [u8]) -> Option<&'a [u8]> {
-        self.rpc_timeout.map(|s| s.get(head))
+        self.rpc_timeout.present().map(|s| s.get(head))
     }
 
     /// Int key 12 as milliseconds; `None` when absent or not a decimal number.
@@ -312,6 +343,21 @@ impl TTHeader {
 
     pub(crate) fn transforms_span(&self) -> (usize, usize) {
         (self.transforms.start(), self.transforms.end())
+    }
+}
+
+/// Why the info blocks are invalid (small, so the hot loop stays cheap).
+#[derive(Clone, Copy)]
+enum InfoError {
+    RunsPast(usize),
+    UnknownId(usize),
+}
+
+#[inline(always)]
+fn be16(buf: &[u8], at: usize) -> Option<u16> {
+    match buf.get(at..at.checked_add(2)?) {
+        Some(&[a, b]) => Some(u16::from_be_bytes([a, b])),
+        _ => None,
     }
 }
 

@@ -199,12 +199,8 @@ fn header_limits_names_and_nesting_are_enforced() {
                     lists.extend_from_slice(&[0x0f, 0, 0, 0, 1]);
                 }
             }
-            Protocol::Compact => {
-                lists.push(0x19);
-                for _ in 0..20 {
-                    lists.push(0x19);
-                }
-            }
+            // A list field, then list<list<...>> headers of one element each.
+            Protocol::Compact => lists.extend(std::iter::repeat_n(0x19, 21)),
         }
         let bytes = frame(
             Transport::Unframed,
