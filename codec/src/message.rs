@@ -167,18 +167,38 @@ fn strict_binary_fast(buf: &[u8], start: usize, limits: &Limits) -> Option<Messa
         return None;
     }
     let seqid = buf.get(name_end..)?.first_chunk::<4>()?;
-    Some(MessageHeader {
-        protocol: Protocol::Binary,
-        strict: true,
+    let seqid = i32::from_be_bytes(*seqid);
+    Some(binary_header(
+        true,
         kind,
-        seqid: i32::from_be_bytes(*seqid),
+        start,
+        (name_start, name_end),
+        name_end,
+        seqid,
+    ))
+}
+
+/// A Binary header (strict or not): 4-byte seqid at `seqid_at`, struct right after it.
+fn binary_header(
+    strict: bool,
+    kind: MessageType,
+    start: usize,
+    (name_start, name_end): (usize, usize),
+    seqid_at: usize,
+    seqid: i32,
+) -> MessageHeader {
+    MessageHeader {
+        protocol: Protocol::Binary,
+        strict,
+        kind,
+        seqid,
         start,
         name_start,
         name_end,
-        seqid_at: name_end,
+        seqid_at,
         seqid_width: 4,
-        end: name_end + 4,
-    })
+        end: seqid_at + 4,
+    }
 }
 
 fn message_type(v: u8, at: usize) -> Walk<MessageType> {
@@ -221,21 +241,10 @@ fn parse_strict_binary(cur: &mut Cursor<'_>, limits: &Limits) -> Walk<MessageHea
         )
         .into());
     }
-    let (name_start, name_end) = name_range(cur, u64::from(len), limits)?;
+    let name = name_range(cur, u64::from(len), limits)?;
     let seqid_at = cur.pos();
     let seqid = cur.u32()? as i32;
-    Ok(MessageHeader {
-        protocol: Protocol::Binary,
-        strict: true,
-        kind,
-        seqid,
-        start,
-        name_start,
-        name_end,
-        seqid_at,
-        seqid_width: 4,
-        end: cur.pos(),
-    })
+    Ok(binary_header(true, kind, start, name, seqid_at, seqid))
 }
 
 fn parse_non_strict_binary(cur: &mut Cursor<'_>, limits: &Limits) -> Walk<MessageHeader> {
@@ -246,23 +255,12 @@ fn parse_non_strict_binary(cur: &mut Cursor<'_>, limits: &Limits) -> Walk<Messag
             CodecError::malformed("binary message header", start, "negative name length").into(),
         );
     }
-    let (name_start, name_end) = name_range(cur, u64::from(len), limits)?;
+    let name = name_range(cur, u64::from(len), limits)?;
     let at = cur.pos();
     let kind = message_type(cur.u8()?, at)?;
     let seqid_at = cur.pos();
     let seqid = cur.u32()? as i32;
-    Ok(MessageHeader {
-        protocol: Protocol::Binary,
-        strict: false,
-        kind,
-        seqid,
-        start,
-        name_start,
-        name_end,
-        seqid_at,
-        seqid_width: 4,
-        end: cur.pos(),
-    })
+    Ok(binary_header(false, kind, start, name, seqid_at, seqid))
 }
 
 fn parse_compact(cur: &mut Cursor<'_>, limits: &Limits) -> Walk<MessageHeader> {

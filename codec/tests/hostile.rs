@@ -179,17 +179,7 @@ fn header_limits_names_and_nesting_are_enforced() {
             None,
             &body,
         );
-        let err = decode_err(&bytes, limits);
-        assert!(
-            matches!(
-                err,
-                CodecError::LimitExceeded {
-                    what: "nesting depth",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert_too_deep(&bytes, limits);
         // Nested lists count too.
         let mut lists = Vec::new();
         match protocol {
@@ -212,18 +202,22 @@ fn header_limits_names_and_nesting_are_enforced() {
             None,
             &lists,
         );
-        let err = decode_err(&bytes, limits);
-        assert!(
-            matches!(
-                err,
-                CodecError::LimitExceeded {
-                    what: "nesting depth",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert_too_deep(&bytes, limits);
     }
+}
+
+fn assert_too_deep(bytes: &[u8], limits: Limits) {
+    let err = decode_err(bytes, limits);
+    assert!(
+        matches!(
+            err,
+            CodecError::LimitExceeded {
+                what: "nesting depth",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
