@@ -174,6 +174,7 @@ proptest! {
         if let Some(tt) = g.ttheader() {
             prop_assert_eq!(tt.seqid, new as u32);
             prop_assert_eq!(tt.flags, h.flags);
+            prop_assert_eq!(tt.inner_framed, h.inner_framed, "inner Framed length kept in step");
         }
         // Binary seqids, and compact ones that fit the old varint, are rewritten in place.
         let in_place = p == Protocol::Binary
@@ -198,6 +199,9 @@ proptest! {
         prop_assert_eq!(g.seqid(), seqid);
         prop_assert_eq!(g.payload(), &body[..]);
         prop_assert_eq!(g.len(), bytes.len() - service.len() - 1);
+        if let Some(tt) = g.ttheader() {
+            prop_assert_eq!(tt.inner_framed, h.inner_framed, "inner Framed length kept in step");
+        }
         prop_assert_eq!(str_kvs(&g), str_kvs(&decode(&bytes)));
         prop_assert_eq!(int_kvs(&g), int_kvs(&decode(&bytes)));
         // A name without a prefix is left alone.
@@ -226,6 +230,7 @@ proptest! {
         prop_assert_eq!(g.ttheader().unwrap().acl_token(g.head()), h.acl.as_deref());
         prop_assert_eq!(g.ttheader().unwrap().seqid, h.seqid);
         prop_assert_eq!(g.ttheader().unwrap().flags, h.flags);
+        prop_assert_eq!(g.ttheader().unwrap().inner_framed, h.inner_framed);
         prop_assert_eq!((g.name(), g.seqid()), (n.as_str(), seqid));
         prop_assert_eq!(g.payload(), &body[..]);
     }
