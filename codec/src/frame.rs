@@ -204,14 +204,13 @@ impl FrameDecoder {
                 }
             },
         };
-        let found = match detected {
+        // Returned straight through (no local), so a frame is not copied once more per call.
+        match detected {
             Detected::TTHeader => self.length_prefixed(buf, None),
             Detected::Framed(p) => self.length_prefixed(buf, Some(p)),
             Detected::Unframed(p) => self.unframed(buf, p),
             Detected::Http2 => Err(CodecError::UnknownProtocol(first4(buf))),
-        }?;
-        self.need = 0;
-        Ok(found)
+        }
     }
 
     fn too_large(&self, size: u64) -> CodecError {
@@ -274,6 +273,7 @@ impl FrameDecoder {
                 (None, complete(m, "message header")?)
             }
         };
+        self.need = 0;
         Ok(Some(Frame {
             buf: buf.split_to(total),
             head_len: message.end,
@@ -305,6 +305,7 @@ impl FrameDecoder {
         if end > self.limits.max_frame_size {
             return Err(self.too_large(end as u64));
         }
+        self.need = 0;
         Ok(Some(Frame {
             buf: buf.split_to(end),
             head_len: message.end,

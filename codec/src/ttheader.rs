@@ -216,8 +216,10 @@ impl TTHeader {
                     let n = be16(header, pos).ok_or(past)?;
                     pos += 2;
                     for _ in 0..n {
-                        let key = be16(header, pos).ok_or(past)?;
-                        let vlen = usize::from(be16(header, pos + 2).ok_or(past)?);
+                        // Key and value length in one checked read.
+                        let entry = header.get(pos..pos + 4).ok_or(past)?;
+                        let key = u16::from_be_bytes([entry[0], entry[1]]);
+                        let vlen = usize::from(u16::from_be_bytes([entry[2], entry[3]]));
                         let value_at = pos + 4;
                         pos = value_at + vlen;
                         if pos > end {
