@@ -1,0 +1,603 @@
+//! The mesh policy file (`fnmesh.toml`), deserialized once into typed structs, then validated.
+//! Every error names the key and the line.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{de, Deserialize, Deserializer};
+use toml::Spanned;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub sidecar: SidecarConfig,
+    pub functions: Vec<FunctionConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SidecarConfig {
+    pub listen: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub advertise: SocketAddr,
+    pub drain_timeout: Duration,
+    pub max_frame_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Thrift,
+    Grpc,
+}
+
+#[derive(Debug, Clone)]
+pub struct FunctionConfig {
+    pub name: String,
+    pub protocol: Protocol,
+    /// The IDL service clients name (Thrift `isn`), from `service` or the IDL's only service.
+    pub service: Option<String>,
+    /// Methods the IDL declares; `None` without an IDL (then every method is routed).
+    pub methods: Option<Vec<fnmesh_idl::Method>>,
+    /// The program and its arguments, the program resolved to a path that exists.
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub scale: ScaleConfig,
+    pub policy: PolicyConfig,
+    /// Per-method overrides.
+    pub methods_policy: BTreeMap<String, PolicyConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleConfig {
+    #[serde(default)]
+    pub min: usize,
+    #[serde(default = "default_max")]
+    pub max: usize,
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    #[serde(default = "default_idle", deserialize_with = "duration")]
+    pub idle: Duration,
+    #[serde(default = "default_startup", deserialize_with = "duration")]
+    pub startup_timeout: Duration,
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+}
+
+fn default_max() -> usize {
+    8
+}
+fn default_concurrency() -> usize {
+    32
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_startup() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_queue() -> usize {
+    1024
+}
+
+impl Default for ScaleConfig {
+    fn default() -> Self {
+        ScaleConfig {
+            min: 0,
+            max: default_max(),
+            concurrency: default_concurrency(),
+            idle: default_idle(),
+            startup_timeout: default_startup(),
+            queue: default_queue(),
+        }
+    }
+}
+
+/// Governance for a function or one of its methods.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// Bounds the whole call, queueing included; the caller's shorter deadline wins.
+    pub timeout: Option<Duration>,
+}
+
+/// Why a configuration is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}:{line}: {key}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+// ---- The file as written -------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    sidecar: Spanned<RawSidecar>,
+    #[serde(default)]
+    discovery: Option<Spanned<RawDiscovery>>,
+    #[serde(default)]
+    function: Vec<Spanned<RawFunction>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSidecar {
+    listen: Spanned<String>,
+    admin: Option<Spanned<String>>,
+    advertise: Option<Spanned<String>>,
+    #[serde(default = "default_drain", deserialize_with = "duration")]
+    drain_timeout: Duration,
+    #[serde(default = "default_frame", deserialize_with = "size")]
+    max_frame_size: usize,
+}
+
+fn default_drain() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_frame() -> usize {
+    fnmesh_codec::Limits::DEFAULT_MAX_FRAME_SIZE
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDiscovery {
+    backend: Spanned<String>,
+    #[allow(dead_code)]
+    address: Option<String>,
+    #[allow(dead_code)]
+    endpoints: Option<Vec<String>>,
+    #[allow(dead_code)]
+    prefix: Option<String>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    #[allow(dead_code)]
+    ttl: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFunction {
+    name: Spanned<String>,
+    protocol: Spanned<String>,
+    idl: Option<Spanned<String>>,
+    service: Option<Spanned<String>>,
+    command: Spanned<Vec<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    scale: Option<Spanned<ScaleConfig>>,
+    #[serde(default)]
+    policy: Option<Spanned<RawPolicy>>,
+    #[serde(default)]
+    method: BTreeMap<String, Spanned<RawPolicy>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default, deserialize_with = "opt_duration")]
+    timeout: Option<Duration>,
+    // Enforced by a later release; refused until then rather than silently ignored.
+    retry: Option<Spanned<toml::Value>>,
+    circuit_breaker: Option<Spanned<toml::Value>>,
+    rate_limit: Option<Spanned<toml::Value>>,
+    idempotent: Option<Spanned<bool>>,
+}
+
+// ---- Value parsers ---------------------------------------------------------------------------
+
+/// `500ms`, `10s`, `1m`, `1h`, `250us`; fractions allowed (`1.5s`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number.parse().map_err(|_| {
+        format!("bad duration {text:?}: use a number and a unit, e.g. 500ms, 10s, 1m")
+    })?;
+    let scale = match unit.trim() {
+        "us" | "µs" => 1e-6,
+        "ms" => 1e-3,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => {
+            return Err(format!(
+                "bad duration {text:?}: unit must be one of us, ms, s, m, h"
+            ))
+        }
+    };
+    let secs = value * scale;
+    if !secs.is_finite() || secs > 1e9 {
+        return Err(format!("bad duration {text:?}: too large"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `16MiB`, `512KiB`, `1GiB`, `64KB`, `1MB`, or a plain byte count.
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("bad size {text:?}: use e.g. 16MiB, 512KiB or a byte count"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => {
+            return Err(format!(
+                "bad size {text:?}: unit must be one of B, KiB, MiB, GiB, KB, MB, GB"
+            ))
+        }
+    };
+    let bytes = value
+        .checked_mul(scale)
+        .filter(|b| *b <= u64::from(u32::MAX))
+        .ok_or_else(|| format!("bad size {text:?}: over 4 GiB"))?;
+    Ok(bytes as usize)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(de::Error::custom)
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_size(&s).map_err(de::Error::custom)
+}
+
+// ---- Loading and validation ------------------------------------------------------------------
+
+struct Ctx<'a> {
+    path: &'a str,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line(&self, at: usize) -> usize {
+        self.text[..at.min(self.text.len())].matches('\n').count() + 1
+    }
+
+    fn invalid<T>(
+        &self,
+        at: usize,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Result<T, ConfigError> {
+        Err(ConfigError::Invalid {
+            path: self.path.to_owned(),
+            line: self.line(at),
+            key: key.into(),
+            message: message.into(),
+        })
+    }
+
+    fn addr(&self, v: &Spanned<String>, key: &str) -> Result<SocketAddr, ConfigError> {
+        v.get_ref().parse().or_else(|_| {
+            self.invalid(
+                v.span().start,
+                key,
+                format!("{:?} is not an ip:port address", v.get_ref()),
+            )
+        })
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`. Relative `idl` paths and commands are taken from the file's
+    /// directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Config::parse(&text, &shown, &base)
+    }
+
+    pub fn parse(text: &str, path: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let cx = Ctx { path, text };
+        let s = raw.sidecar.get_ref();
+        let listen = cx.addr(&s.listen, "sidecar.listen")?;
+        let admin = s
+            .admin
+            .as_ref()
+            .map(|a| cx.addr(a, "sidecar.admin"))
+            .transpose()?;
+        let advertise = match &s.advertise {
+            Some(a) => cx.addr(a, "sidecar.advertise")?,
+            None => listen,
+        };
+        if s.max_frame_size < 64 {
+            return cx.invalid(
+                raw.sidecar.span().start,
+                "sidecar.max_frame_size",
+                "must be at least 64 bytes",
+            );
+        }
+        if let Some(d) = &raw.discovery {
+            let backend = &d.get_ref().backend;
+            match backend.get_ref().as_str() {
+                "none" => {}
+                "consul" | "etcd" => {
+                    return cx.invalid(
+                        backend.span().start,
+                        "discovery.backend",
+                        format!(
+                            "{:?} is not supported yet (only \"none\" in this release)",
+                            backend.get_ref()
+                        ),
+                    )
+                }
+                other => {
+                    return cx.invalid(
+                        backend.span().start,
+                        "discovery.backend",
+                        format!("{other:?} is not one of none, consul, etcd"),
+                    )
+                }
+            }
+        }
+        let mut functions: Vec<FunctionConfig> = Vec::new();
+        for f in &raw.function {
+            let fc = function(&cx, f, base)?;
+            if functions.iter().any(|o| o.name == fc.name) {
+                return cx.invalid(
+                    f.get_ref().name.span().start,
+                    "function.name",
+                    format!("{:?} is configured twice", fc.name),
+                );
+            }
+            functions.push(fc);
+        }
+        Ok(Config {
+            sidecar: SidecarConfig {
+                listen,
+                admin,
+                advertise,
+                drain_timeout: s.drain_timeout,
+                max_frame_size: s.max_frame_size,
+            },
+            functions,
+        })
+    }
+}
+
+fn policy(cx: &Ctx<'_>, p: &Spanned<RawPolicy>, key: &str) -> Result<PolicyConfig, ConfigError> {
+    let r = p.get_ref();
+    let later = [
+        ("retry", r.retry.as_ref().map(|v| v.span().start)),
+        (
+            "circuit_breaker",
+            r.circuit_breaker.as_ref().map(|v| v.span().start),
+        ),
+        ("rate_limit", r.rate_limit.as_ref().map(|v| v.span().start)),
+        ("idempotent", r.idempotent.as_ref().map(|v| v.span().start)),
+    ];
+    for (name, at) in later {
+        if let Some(at) = at {
+            return cx.invalid(
+                at,
+                format!("{key}.{name}"),
+                "not supported yet: this release enforces only `timeout`",
+            );
+        }
+    }
+    if r.timeout == Some(Duration::ZERO) {
+        return cx.invalid(
+            p.span().start,
+            format!("{key}.timeout"),
+            "must be greater than zero",
+        );
+    }
+    Ok(PolicyConfig { timeout: r.timeout })
+}
+
+fn function(
+    cx: &Ctx<'_>,
+    f: &Spanned<RawFunction>,
+    base: &Path,
+) -> Result<FunctionConfig, ConfigError> {
+    let r = f.get_ref();
+    let name = r.name.get_ref().clone();
+    let key = |k: &str| format!("function[{name}].{k}");
+    let valid_name = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !valid_name {
+        return cx.invalid(
+            r.name.span().start,
+            "function.name",
+            format!("{name:?}: use letters, digits, '-', '_' or '.'"),
+        );
+    }
+    let protocol = match r.protocol.get_ref().as_str() {
+        "thrift" => Protocol::Thrift,
+        "grpc" => {
+            return cx.invalid(
+                r.protocol.span().start,
+                key("protocol"),
+                "\"grpc\" is not supported yet (only \"thrift\" in this release)",
+            )
+        }
+        other => {
+            return cx.invalid(
+                r.protocol.span().start,
+                key("protocol"),
+                format!("{other:?} is not one of thrift, grpc"),
+            )
+        }
+    };
+    // The command: argv, never a shell. A relative program with a '/' is taken from the config
+    // file's directory; a bare name is looked up in PATH.
+    let Some(program) = r.command.get_ref().first() else {
+        return cx.invalid(
+            r.command.span().start,
+            key("command"),
+            "must name a program",
+        );
+    };
+    let resolved = resolve_program(program, base).ok_or(()).or_else(|_| {
+        cx.invalid(
+            r.command.span().start,
+            key("command"),
+            format!("program {program:?} not found or not executable"),
+        )
+    })?;
+    let mut command = r.command.get_ref().clone();
+    command[0] = resolved.display().to_string();
+
+    let scale = r.scale.as_ref().map(|s| *s.get_ref()).unwrap_or_default();
+    let scale_at = r.scale.as_ref().map_or(f.span().start, |s| s.span().start);
+    if scale.max == 0 {
+        return cx.invalid(scale_at, key("scale.max"), "must be at least 1");
+    }
+    if scale.min > scale.max {
+        return cx.invalid(
+            scale_at,
+            key("scale.min"),
+            format!("min ({}) is greater than max ({})", scale.min, scale.max),
+        );
+    }
+    if scale.concurrency == 0 {
+        return cx.invalid(scale_at, key("scale.concurrency"), "must be at least 1");
+    }
+    if scale.startup_timeout.is_zero() {
+        return cx.invalid(
+            scale_at,
+            key("scale.startup_timeout"),
+            "must be greater than zero",
+        );
+    }
+
+    let (service, methods) = match &r.idl {
+        Some(idl) => {
+            let path = base.join(idl.get_ref());
+            let catalog = fnmesh_idl::Catalog::load(&path, &[])
+                .or_else(|e| cx.invalid(idl.span().start, key("idl"), e.to_string()))?;
+            let wanted = r.service.as_ref().map(|s| s.get_ref().as_str());
+            let svc = catalog.select(wanted).or_else(|e| {
+                cx.invalid(
+                    r.service.as_ref().unwrap_or(idl).span().start,
+                    key("service"),
+                    e.to_string(),
+                )
+            })?;
+            (Some(svc.name.clone()), Some(svc.methods.clone()))
+        }
+        None => (r.service.as_ref().map(|s| s.get_ref().clone()), None),
+    };
+
+    let policy_cfg = match &r.policy {
+        Some(p) => policy(cx, p, &key("policy"))?,
+        None => PolicyConfig::default(),
+    };
+    let mut methods_policy = BTreeMap::new();
+    for (m, p) in &r.method {
+        if let Some(ms) = &methods {
+            if ms.iter().all(|x| &x.name != m) {
+                return cx.invalid(
+                    p.span().start,
+                    key(&format!("method.{m}")),
+                    "the IDL declares no such method",
+                );
+            }
+        }
+        methods_policy.insert(m.clone(), policy(cx, p, &key(&format!("method.{m}")))?);
+    }
+    Ok(FunctionConfig {
+        name,
+        protocol,
+        service,
+        methods,
+        command,
+        env: r.env.clone(),
+        scale,
+        policy: policy_cfg,
+        methods_policy,
+    })
+}
+
+fn resolve_program(program: &str, base: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    let p = Path::new(program);
+    if p.is_absolute() {
+        return executable(p).then(|| p.to_path_buf());
+    }
+    if program.contains('/') {
+        let joined = base.join(p);
+        return executable(&joined).then_some(joined);
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|c| executable(c))
+}
+
+impl FunctionConfig {
+    /// The policy for `method`: its override where one is set, else the function's.
+    pub fn policy_for(&self, method: &str) -> PolicyConfig {
+        let mut p = self.policy;
+        if let Some(m) = self.methods_policy.get(method) {
+            if m.timeout.is_some() {
+                p.timeout = m.timeout;
+            }
+        }
+        p
+    }
+
+    /// Whether the IDL (if any) declares `method`.
+    pub fn has_method(&self, method: &str) -> bool {
+        self.methods
+            .as_ref()
+            .is_none_or(|ms| ms.iter().any(|m| m.name == method))
+    }
+
+    pub fn is_oneway(&self, method: &str) -> bool {
+        self.methods
+            .as_ref()
+            .is_some_and(|ms| ms.iter().any(|m| m.name == method && m.oneway))
+    }
+}
+
+#[cfg(test)]
+mod tests;

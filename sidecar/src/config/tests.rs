@@ -1,0 +1,172 @@
+use super::*;
+
+fn base() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, "fnmesh.toml", &base())
+}
+
+fn err(text: &str) -> String {
+    parse(text).unwrap_err().to_string()
+}
+
+const GOOD: &str = r#"
+[sidecar]
+listen = "127.0.0.1:8888"
+admin = "127.0.0.1:9901"
+drain_timeout = "2s"
+max_frame_size = "1MiB"
+
+[discovery]
+backend = "none"
+
+[[function]]
+name = "echo"
+protocol = "thrift"
+idl = "idl/thrift/echo.thrift"
+command = ["/bin/true", "--flag"]
+env = { RUST_LOG = "warn" }
+
+[function.scale]
+min = 0
+max = 4
+concurrency = 8
+idle = "500ms"
+startup_timeout = "3s"
+queue = 100
+
+[function.policy]
+timeout = "1s"
+
+[function.method.Echo]
+timeout = "5s"
+"#;
+
+#[test]
+fn the_documented_file_parses_into_typed_values() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.sidecar.listen.to_string(), "127.0.0.1:8888");
+    assert_eq!(
+        c.sidecar.advertise, c.sidecar.listen,
+        "advertise defaults to listen"
+    );
+    assert_eq!(c.sidecar.drain_timeout, Duration::from_secs(2));
+    assert_eq!(c.sidecar.max_frame_size, 1 << 20);
+    let f = &c.functions[0];
+    assert_eq!(f.name, "echo");
+    assert_eq!(
+        f.service.as_deref(),
+        Some("EchoService"),
+        "the IDL's only service"
+    );
+    assert_eq!(f.command, ["/bin/true", "--flag"]);
+    assert_eq!(f.scale.idle, Duration::from_millis(500));
+    assert_eq!(f.scale.concurrency, 8);
+    assert_eq!(f.policy_for("Ping").timeout, Some(Duration::from_secs(1)));
+    assert_eq!(f.policy_for("Echo").timeout, Some(Duration::from_secs(5)));
+    assert!(f.has_method("Echo") && f.has_method("Ping") && !f.has_method("Nope"));
+    assert!(f.is_oneway("Ping") && !f.is_oneway("Echo"));
+}
+
+#[test]
+fn errors_name_the_key_and_the_line() {
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "[function.scale]\nmin = 0",
+            "[function.scale]\nmin = 0\nmxa = 3",
+            &["mxa", "line 20"],
+        ),
+        (
+            "idle = \"500ms\"",
+            "idle = \"500 parsecs\"",
+            &["bad duration", "line 22"],
+        ),
+        (
+            "min = 0\nmax = 4",
+            "min = 5\nmax = 4",
+            &[
+                "fnmesh.toml:18",
+                "scale.min",
+                "min (5) is greater than max (4)",
+            ],
+        ),
+        (
+            "timeout = \"1s\"\n\n[function.method",
+            "timeout = \"1s\"\nretry = { attempts = 2 }\n\n[function.method",
+            &["fnmesh.toml:28", "policy.retry", "not supported yet"],
+        ),
+        (
+            "/bin/true",
+            "/nonexistent/echo-fn",
+            &[
+                "fnmesh.toml:15",
+                "command",
+                "\"/nonexistent/echo-fn\" not found",
+            ],
+        ),
+        (
+            "[function.method.Echo]",
+            "[function.method.Nope]",
+            &["method.Nope", "no such method"],
+        ),
+        (
+            "backend = \"none\"",
+            "backend = \"consul\"",
+            &["fnmesh.toml:9", "discovery.backend", "not supported yet"],
+        ),
+        (
+            "listen = \"127.0.0.1:8888\"",
+            "listen = \"localhost\"",
+            &["fnmesh.toml:3", "sidecar.listen"],
+        ),
+        (
+            "protocol = \"thrift\"",
+            "protocol = \"http\"",
+            &["fnmesh.toml:13", "protocol", "not one of thrift, grpc"],
+        ),
+        (
+            "idl/thrift/echo.thrift",
+            "idl/thrift/missing.thrift",
+            &["fnmesh.toml:14", "idl", "missing.thrift"],
+        ),
+        (
+            "max_frame_size = \"1MiB\"",
+            "max_frame_size = \"1 lightyear\"",
+            &["bad size", "line 6"],
+        ),
+    ];
+    for (from, to, needles) in cases {
+        assert!(GOOD.contains(from), "{from}");
+        let text = err(&GOOD.replacen(from, to, 1));
+        for n in *needles {
+            assert!(text.contains(n), "{to:?}: {text:?} should contain {n:?}");
+        }
+    }
+}
+
+#[test]
+fn duplicate_functions_and_bad_names_are_refused() {
+    let twice = format!(
+        "{GOOD}\n[[function]]\nname = \"echo\"\nprotocol = \"thrift\"\ncommand = [\"/bin/true\"]\n"
+    );
+    assert!(err(&twice).contains("configured twice"));
+    assert!(
+        err(&GOOD.replacen("name = \"echo\"", "name = \"ec ho\"", 1)).contains("function.name")
+    );
+}
+
+#[test]
+fn durations_and_sizes() {
+    assert_eq!(parse_duration("250us").unwrap(), Duration::from_micros(250));
+    assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+    assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+    assert!(parse_duration("10").is_err());
+    assert!(parse_duration("s").is_err());
+    assert_eq!(parse_size("16MiB").unwrap(), 16 << 20);
+    assert_eq!(parse_size("64KB").unwrap(), 64_000);
+    assert_eq!(parse_size("4096").unwrap(), 4096);
+    assert!(parse_size("5GiB").is_err());
+    assert!(parse_size("-1").is_err());
+}
