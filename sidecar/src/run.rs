@@ -1,7 +1,166 @@
-//! `fnmesh run`: not wired yet.
-use std::process::ExitCode;
+//! `fnmesh run`: binds the listener and the admin address, serves until SIGTERM/SIGINT, then
+//! drains: stop accepting, let in-flight calls finish within `drain_timeout`, stop instances.
 
-pub fn main(_config: crate::config::Config, _json: bool) -> ExitCode {
-    eprintln!("fnmesh: run is not implemented yet");
-    ExitCode::from(1)
+use std::{
+    process::ExitCode,
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+
+use bytes::BytesMut;
+use fnmesh_codec::{detect, Detected, Detection, Limits};
+use tokio::{
+    io::AsyncReadExt,
+    net::{TcpListener, TcpStream},
+    signal::unix::{signal, SignalKind},
+    time::{sleep, timeout, Instant},
+};
+
+use crate::{admin, config::Config, pool::Pool, thrift};
+
+/// How long a new connection may take to send enough bytes to tell its protocol.
+const DETECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn main(config: Config, json_logs: bool) -> ExitCode {
+    init_logs(json_logs);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fnmesh: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("fnmesh: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    let listener = TcpListener::bind(config.sidecar.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.sidecar.listen))?;
+    let limits = Limits {
+        max_frame_size: config.sidecar.max_frame_size,
+        ..Limits::default()
+    };
+    let grace = config.sidecar.drain_timeout;
+    let pools: Vec<Arc<Pool>> = config
+        .functions
+        .iter()
+        .map(|f| Pool::new(Arc::new(f.clone()), grace))
+        .collect();
+    let admin = Arc::new(admin::Admin {
+        pools: pools.clone(),
+        draining: false.into(),
+    });
+    if let Some(addr) = config.sidecar.admin {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on admin address {addr}: {e}"))?;
+        tokio::spawn(admin::serve(l, admin.clone()));
+    }
+    let shared = Arc::new(thrift::Shared {
+        functions: pools.clone(),
+        limits,
+        active: 0.into(),
+    });
+    tracing::info!(
+        listen = %config.sidecar.listen,
+        functions = pools.len(),
+        "fnmesh serving"
+    );
+
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((sock, _)) => { tokio::spawn(connection(sock, shared.clone())); }
+                Err(e) => { tracing::warn!(error = %e, "accept failed"); sleep(Duration::from_millis(10)).await; }
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+
+    // Drain: no new connections; calls in flight get `drain_timeout` to finish.
+    drop(listener);
+    admin.draining.store(true, Ordering::SeqCst);
+    let active = shared.active.load(Ordering::SeqCst);
+    tracing::info!(in_flight = active, "draining");
+    let until = Instant::now() + grace;
+    while shared.active.load(Ordering::SeqCst) > 0 && Instant::now() < until {
+        sleep(Duration::from_millis(5)).await;
+    }
+    for p in &pools {
+        p.shutdown();
+    }
+    // Instances get SIGTERM, then SIGKILL after the grace; wait for them to be reaped.
+    let reap = async {
+        while pools.iter().any(|p| p.live_processes() > 0) {
+            sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let _ = timeout(grace + Duration::from_secs(1), reap).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Reads until the protocol is known (one bounded, timed read phase), then hands the connection
+/// and the bytes already read to the protocol's server.
+async fn connection(mut sock: TcpStream, shared: Arc<thrift::Shared>) {
+    let peer = sock.peer_addr().ok();
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let detected = timeout(DETECT_TIMEOUT, async {
+        loop {
+            match detect(&buf) {
+                Detection::Found(d) => return Some(d),
+                Detection::Unknown => return None,
+                Detection::NeedMore(_) => match sock.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                },
+            }
+        }
+    })
+    .await;
+    match detected {
+        Ok(Some(Detected::Http2)) => {
+            tracing::warn!(
+                ?peer,
+                "HTTP/2 (gRPC) is not served yet; closing the connection"
+            );
+        }
+        Ok(Some(d)) => thrift::serve(sock, d, buf, shared).await,
+        Ok(None) if buf.is_empty() => {}
+        Ok(None) => {
+            let first = &buf[..buf.len().min(8)];
+            tracing::warn!(?peer, first_bytes = ?first, "not a protocol fnmesh speaks; closing the connection");
+        }
+        Err(_) => tracing::debug!(
+            ?peer,
+            "no protocol detected within 10 s; closing the connection"
+        ),
+    }
 }

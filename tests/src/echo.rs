@@ -29,6 +29,10 @@ impl EchoService for EchoHandler {
         &self,
         req: EchoRequest,
     ) -> Result<MaybeException<EchoResponse, EchoServiceEchoException>, ServerError> {
+        // Fault hook for tests: the process dies mid-call, as a crashing function would.
+        if req.message == "__crash__" {
+            std::process::exit(3);
+        }
         if let Some(ms) = req.sleep_ms.filter(|ms| *ms > 0) {
             tokio::time::sleep(Duration::from_millis(ms as u64)).await;
         }

@@ -1,0 +1,81 @@
+//! The admin listener: `/healthz`, `/readyz` and `/admin/functions` (JSON), over plain HTTP/1.1.
+//! It answers one small GET per connection; nothing here is on the RPC path.
+
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    time::{timeout, Duration},
+};
+
+use crate::pool::Pool;
+
+pub struct Admin {
+    pub pools: Vec<Arc<Pool>>,
+    pub draining: AtomicBool,
+}
+
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    while let Ok((sock, _)) = listener.accept().await {
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let _ = timeout(Duration::from_secs(5), answer(sock, &admin)).await;
+        });
+    }
+}
+
+async fn answer(mut sock: TcpStream, admin: &Admin) -> std::io::Result<()> {
+    let mut req = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 || req.len() > 8 * 1024 {
+            return Ok(());
+        }
+        req.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&req);
+    let path = line.split_whitespace().nth(1).unwrap_or("/");
+    let draining = admin.draining.load(Ordering::SeqCst);
+    let (status, body) = match path {
+        "/healthz" => ("200 OK", "ok\n".to_owned()),
+        "/readyz" if draining => ("503 Service Unavailable", "draining\n".to_owned()),
+        "/readyz" => ("200 OK", "ready\n".to_owned()),
+        "/admin/functions" => ("200 OK", functions_json(admin)),
+        _ => ("404 Not Found", "not found\n".to_owned()),
+    };
+    let head =
+        format!(
+        "HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-type: {}\r\nconnection: close\r\n\r\n",
+        body.len(),
+        if body.starts_with('{') { "application/json" } else { "text/plain" }
+    );
+    sock.write_all(head.as_bytes()).await?;
+    sock.write_all(body.as_bytes()).await?;
+    sock.shutdown().await
+}
+
+fn functions_json(admin: &Admin) -> String {
+    // Function names are restricted to [A-Za-z0-9._-] by the config, so they need no escaping.
+    let items: Vec<String> = admin
+        .pools
+        .iter()
+        .map(|p| {
+            let s = p.snapshot();
+            format!(
+                "{{\"name\":\"{}\",\"ready\":{},\"starting\":{},\"queued\":{},\"in_flight\":{},\"processes\":{}}}",
+                p.function.name,
+                s.ready,
+                s.starting,
+                s.queued,
+                s.in_flight,
+                p.live_processes()
+            )
+        })
+        .collect();
+    format!("{{\"functions\":[{}]}}\n", items.join(","))
+}

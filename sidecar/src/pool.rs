@@ -1,0 +1,472 @@
+//! A function's instances and the calls waiting for them: scale from zero, scale up while every
+//! instance is saturated, idle scale-down, crash replacement. All state sits behind one mutex that
+//! is never held across an `.await`; a slot given to a waiting call is plain data, so a waiter that
+//! gave up can hand it back without deadlock.
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use bytes::BytesMut;
+use tokio::{
+    net::TcpStream,
+    sync::oneshot,
+    time::{sleep, Instant},
+};
+
+use crate::{
+    config::FunctionConfig,
+    error::{CallError, Kind},
+    runtime,
+};
+
+/// One running instance.
+#[derive(Debug)]
+pub struct Instance {
+    pub id: u64,
+    pub addr: SocketAddr,
+    /// Idle upstream connections: one call at a time each, as Volo and Kitex servers expect.
+    idle_conns: Mutex<Vec<Upstream>>,
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+/// An upstream connection and its read buffer.
+#[derive(Debug)]
+pub struct Upstream {
+    pub stream: TcpStream,
+    pub buf: BytesMut,
+}
+
+impl Instance {
+    /// An idle pooled connection, or a new one.
+    pub async fn connection(&self) -> std::io::Result<Upstream> {
+        let pooled = lock(&self.idle_conns).pop();
+        match pooled {
+            Some(c) => Ok(c),
+            None => {
+                let stream = TcpStream::connect(self.addr).await?;
+                stream.set_nodelay(true)?;
+                Ok(Upstream {
+                    stream,
+                    buf: BytesMut::with_capacity(8 * 1024),
+                })
+            }
+        }
+    }
+
+    /// Returns a connection whose call completed cleanly.
+    pub fn recycle(&self, conn: Upstream) {
+        let mut idle = lock(&self.idle_conns);
+        if idle.len() < 256 {
+            idle.push(conn);
+        }
+    }
+
+    fn stop(&self) {
+        if let Some(tx) = lock(&self.stop).take() {
+            let _ = tx.send(());
+        }
+        lock(&self.idle_conns).clear();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent data (each critical section is
+    // a few field updates), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Slot {
+    instance: Arc<Instance>,
+    in_flight: usize,
+    last_used: Instant,
+}
+
+type Grant = Result<Arc<Instance>, CallError>;
+
+#[derive(Default)]
+struct State {
+    ready: Vec<Slot>,
+    starting: usize,
+    waiters: VecDeque<oneshot::Sender<Grant>>,
+    /// Consecutive start failures and crashes, for the restart backoff.
+    failures: u32,
+    draining: bool,
+}
+
+/// What the admin API and tests read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub ready: usize,
+    pub starting: usize,
+    pub queued: usize,
+    pub in_flight: usize,
+}
+
+pub struct Pool {
+    pub function: Arc<FunctionConfig>,
+    grace: Duration,
+    state: Mutex<State>,
+    next_id: std::sync::atomic::AtomicU64,
+    /// Instance processes not yet reaped (shutdown waits for this to reach zero).
+    live: std::sync::atomic::AtomicUsize,
+}
+
+/// A slot on an instance; dropping it frees the slot (and hands it to the next waiting call).
+pub struct Lease {
+    pool: Arc<Pool>,
+    pub instance: Arc<Instance>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.pool.release(&self.instance);
+    }
+}
+
+/// A call waiting in the queue. If it is dropped (deadline, caller gone) after a slot was sent to
+/// it, the slot goes back.
+struct Waiting {
+    pool: Arc<Pool>,
+    rx: oneshot::Receiver<Grant>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.rx.close();
+        if let Ok(Ok(instance)) = self.rx.try_recv() {
+            self.pool.release(&instance);
+        }
+    }
+}
+
+impl Pool {
+    pub fn new(function: Arc<FunctionConfig>, grace: Duration) -> Arc<Pool> {
+        let pool = Arc::new(Pool {
+            function,
+            grace,
+            state: Mutex::new(State::default()),
+            next_id: std::sync::atomic::AtomicU64::new(1),
+            live: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let min = pool.function.scale.min;
+        if min > 0 {
+            lock(&pool.state).starting += min;
+            for _ in 0..min {
+                pool.spawn_start(Duration::ZERO);
+            }
+        }
+        tokio::spawn(Pool::reap_idle(Arc::downgrade(&pool)));
+        pool
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let st = lock(&self.state);
+        Snapshot {
+            ready: st.ready.len(),
+            starting: st.starting,
+            queued: st.waiters.len(),
+            in_flight: st.ready.iter().map(|s| s.in_flight).sum(),
+        }
+    }
+
+    /// A slot on a ready instance: at once if one has room, else after waiting in the queue
+    /// (starting instances as the queue needs).
+    pub async fn acquire(self: &Arc<Pool>) -> Result<Lease, CallError> {
+        let name = &self.function.name;
+        let rx = {
+            let mut st = lock(&self.state);
+            if st.draining {
+                return Err(CallError::new(
+                    Kind::Unavailable,
+                    format!("function {name} is draining"),
+                ));
+            }
+            if let Some(instance) = Self::take_slot(&mut st, self.function.scale.concurrency) {
+                return Ok(Lease {
+                    pool: self.clone(),
+                    instance,
+                });
+            }
+            if st.waiters.len() >= self.function.scale.queue {
+                // Callers that gave up still hold places; free them first.
+                st.waiters.retain(|tx| !tx.is_closed());
+            }
+            if st.waiters.len() >= self.function.scale.queue {
+                return Err(CallError::new(
+                    Kind::Overloaded,
+                    format!(
+                        "function {name}: queue full ({} calls waiting)",
+                        st.waiters.len()
+                    ),
+                ));
+            }
+            let (tx, rx) = oneshot::channel();
+            st.waiters.push_back(tx);
+            let starts = self.starts_needed(&st);
+            st.starting += starts;
+            let delay = backoff(st.failures);
+            drop(st);
+            for _ in 0..starts {
+                self.spawn_start(delay);
+            }
+            rx
+        };
+        let mut waiting = Waiting {
+            pool: self.clone(),
+            rx,
+        };
+        match (&mut waiting.rx).await {
+            Ok(Ok(instance)) => {
+                // Ours now: the Waiting guard must not give it back.
+                let lease = Lease {
+                    pool: self.clone(),
+                    instance,
+                };
+                std::mem::forget(waiting);
+                Ok(lease)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(CallError::new(
+                Kind::Unavailable,
+                format!("function {name} stopped"),
+            )),
+        }
+    }
+
+    /// The least-loaded ready instance with room, its in-flight count raised.
+    fn take_slot(st: &mut State, concurrency: usize) -> Option<Arc<Instance>> {
+        let slot = st
+            .ready
+            .iter_mut()
+            .filter(|s| s.in_flight < concurrency)
+            .min_by_key(|s| s.in_flight)?;
+        slot.in_flight += 1;
+        Some(slot.instance.clone())
+    }
+
+    /// Instances to start so that ready + starting can serve everything in flight and queued,
+    /// within `max`.
+    fn starts_needed(&self, st: &State) -> usize {
+        let s = &self.function.scale;
+        let demand: usize = st.ready.iter().map(|x| x.in_flight).sum::<usize>() + st.waiters.len();
+        let wanted = demand.div_ceil(s.concurrency).min(s.max);
+        wanted.saturating_sub(st.ready.len() + st.starting)
+    }
+
+    fn release(&self, instance: &Arc<Instance>) {
+        let mut st = lock(&self.state);
+        let Some(slot) = st
+            .ready
+            .iter_mut()
+            .find(|s| Arc::ptr_eq(&s.instance, instance))
+        else {
+            return; // the instance has gone (crashed or stopped)
+        };
+        slot.in_flight -= 1;
+        slot.last_used = Instant::now();
+        self.dispatch(&mut st);
+    }
+
+    /// Hands free slots to waiting calls, oldest first.
+    fn dispatch(&self, st: &mut State) {
+        let concurrency = self.function.scale.concurrency;
+        while !st.waiters.is_empty() {
+            let Some(instance) = Self::take_slot(st, concurrency) else {
+                return;
+            };
+            let mut given = false;
+            while let Some(tx) = st.waiters.pop_front() {
+                match tx.send(Ok(instance.clone())) {
+                    Ok(()) => {
+                        given = true;
+                        break;
+                    }
+                    Err(_) => continue, // that caller gave up
+                }
+            }
+            if !given {
+                if let Some(slot) = st
+                    .ready
+                    .iter_mut()
+                    .find(|s| Arc::ptr_eq(&s.instance, &instance))
+                {
+                    slot.in_flight -= 1;
+                }
+                return;
+            }
+        }
+    }
+
+    fn fail_waiters(st: &mut State, error: &CallError) {
+        for tx in st.waiters.drain(..) {
+            let _ = tx.send(Err(error.clone()));
+        }
+    }
+
+    fn spawn_start(self: &Arc<Pool>, delay: Duration) {
+        let pool = self.clone();
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::spawn(async move {
+            if !delay.is_zero() {
+                sleep(delay).await;
+            }
+            match runtime::start(&pool.function, id).await {
+                Ok(process) => pool.instance_ready(id, process),
+                Err(e) => pool.start_failed(id, e),
+            }
+        });
+    }
+
+    fn instance_ready(self: &Arc<Pool>, id: u64, process: runtime::Process) {
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let instance = Arc::new(Instance {
+            id,
+            addr: process.addr,
+            idle_conns: Mutex::new(Vec::new()),
+            stop: Mutex::new(Some(stop_tx)),
+        });
+        {
+            let mut st = lock(&self.state);
+            st.starting -= 1;
+            st.failures = 0;
+            st.ready.push(Slot {
+                instance: instance.clone(),
+                in_flight: 0,
+                last_used: Instant::now(),
+            });
+            self.dispatch(&mut st);
+            if st.draining {
+                instance.stop();
+            }
+        }
+        self.live.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!(function = %self.function.name, instance = id, addr = %process.addr, "instance started");
+        tokio::spawn(Pool::monitor(self.clone(), instance, process, stop_rx));
+    }
+
+    fn start_failed(self: &Arc<Pool>, id: u64, e: runtime::StartError) {
+        let name = &self.function.name;
+        tracing::warn!(function = %name, instance = id, error = %e, "instance failed to start");
+        let mut st = lock(&self.state);
+        st.starting -= 1;
+        st.failures = st.failures.saturating_add(1);
+        if st.ready.is_empty() && st.starting == 0 {
+            let error = CallError::new(
+                Kind::Unavailable,
+                format!("function {name}: instance failed to start: {e}"),
+            );
+            Self::fail_waiters(&mut st, &error);
+        }
+    }
+
+    /// Waits for the instance to exit (a crash) or to be told to stop.
+    async fn monitor(
+        self: Arc<Pool>,
+        instance: Arc<Instance>,
+        process: runtime::Process,
+        stop_rx: oneshot::Receiver<()>,
+    ) {
+        let runtime::Process { mut child, pid, .. } = process;
+        tokio::select! {
+            status = child.wait() => {
+                let name = &self.function.name;
+                tracing::warn!(function = %name, instance = instance.id, status = ?status, "instance exited");
+                self.remove(&instance);
+                let mut st = lock(&self.state);
+                st.failures = st.failures.saturating_add(1);
+                // Replace it if the minimum or waiting calls need it, after a growing backoff.
+                let need = (self.function.scale.min.saturating_sub(st.ready.len() + st.starting)).max(self.starts_needed(&st));
+                st.starting += need;
+                let delay = backoff(st.failures);
+                drop(st);
+                for _ in 0..need {
+                    self.spawn_start(delay);
+                }
+            }
+            _ = stop_rx => {
+                runtime::stop(child, pid, self.grace).await;
+                tracing::info!(function = %self.function.name, instance = instance.id, "instance stopped");
+            }
+        }
+        self.live.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Instance processes still running.
+    pub fn live_processes(&self) -> usize {
+        self.live.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn remove(&self, instance: &Arc<Instance>) {
+        let mut st = lock(&self.state);
+        st.ready.retain(|s| !Arc::ptr_eq(&s.instance, instance));
+        lock(&instance.idle_conns).clear();
+    }
+
+    /// Stops instances idle for `scale.idle`, down to `scale.min`.
+    async fn reap_idle(pool: std::sync::Weak<Pool>) {
+        loop {
+            let period = match pool.upgrade() {
+                Some(p) => (p.function.scale.idle / 4)
+                    .clamp(Duration::from_millis(10), Duration::from_secs(1)),
+                None => return,
+            };
+            sleep(period).await;
+            let Some(p) = pool.upgrade() else { return };
+            let idle = p.function.scale.idle;
+            let min = p.function.scale.min;
+            let stopping: Vec<Arc<Instance>> =
+                {
+                    let mut st = lock(&p.state);
+                    let now = Instant::now();
+                    let mut out = Vec::new();
+                    while st.ready.len() > min {
+                        let Some(i) = st.ready.iter().position(|s| {
+                            s.in_flight == 0 && now.duration_since(s.last_used) >= idle
+                        }) else {
+                            break;
+                        };
+                        out.push(st.ready.remove(i).instance);
+                    }
+                    out
+                };
+            for instance in stopping {
+                tracing::info!(function = %p.function.name, instance = instance.id, "stopping idle instance");
+                instance.stop();
+            }
+        }
+    }
+
+    /// Refuses new calls and stops every instance (in-flight calls have been drained by then).
+    pub fn shutdown(&self) {
+        let instances: Vec<Arc<Instance>> = {
+            let mut st = lock(&self.state);
+            st.draining = true;
+            let name = &self.function.name;
+            Self::fail_waiters(
+                &mut st,
+                &CallError::new(
+                    Kind::Unavailable,
+                    format!("function {name} is shutting down"),
+                ),
+            );
+            st.ready.drain(..).map(|s| s.instance).collect()
+        };
+        for i in instances {
+            i.stop();
+        }
+    }
+}
+
+/// Restart backoff after `failures` consecutive failures: 0, 50 ms, 100 ms, ... up to 5 s.
+fn backoff(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(25u64.saturating_mul(1 << failures.min(8))).min(Duration::from_secs(5))
+}

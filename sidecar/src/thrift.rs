@@ -1,0 +1,358 @@
+//! Thrift connections: frames are decoded (headers only), routed to a function, forwarded to an
+//! instance as received, and the instance's reply is returned byte for byte. Many calls may be in
+//! flight on one connection; replies go back in request order.
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::{buf::Chain, Buf, Bytes, BytesMut};
+use fnmesh_codec::{
+    encode_exception, Detected, Frame, FrameDecoder, Limits, MessageType, Protocol, ReplyTarget,
+    Transport,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{tcp::OwnedWriteHalf, TcpStream},
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
+
+use crate::{
+    error::{CallError, Kind},
+    pool::{Instance, Pool},
+};
+
+type Reply = Chain<Bytes, Bytes>;
+
+/// What every Thrift connection shares.
+pub struct Shared {
+    pub functions: Vec<Arc<Pool>>,
+    pub limits: Limits,
+    /// Calls between decode and reply, for draining.
+    pub active: AtomicUsize,
+}
+
+/// Counts a call as active for as long as it lives.
+struct Active<'a>(&'a AtomicUsize);
+
+impl<'a> Active<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::SeqCst);
+        Active(n)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What an error reply needs of the request, kept after the frame itself went upstream.
+struct Answer {
+    transport: Transport,
+    protocol: Protocol,
+    strict: bool,
+    name: String,
+    seqid: i32,
+    tt_flags: u16,
+    tt_seqid: u32,
+    inner_framed: bool,
+}
+
+impl Answer {
+    fn of(frame: &Frame) -> Answer {
+        let t = ReplyTarget::of(frame);
+        Answer {
+            transport: t.transport,
+            protocol: t.protocol,
+            strict: t.strict,
+            name: t.name.to_owned(),
+            seqid: t.seqid,
+            tt_flags: t.tt_flags,
+            tt_seqid: t.tt_seqid,
+            inner_framed: t.inner_framed,
+        }
+    }
+
+    fn target(&self) -> ReplyTarget<'_> {
+        ReplyTarget {
+            transport: self.transport,
+            protocol: self.protocol,
+            strict: self.strict,
+            name: &self.name,
+            seqid: self.seqid,
+            tt_flags: self.tt_flags,
+            tt_seqid: self.tt_seqid,
+            inner_framed: self.inner_framed,
+        }
+    }
+}
+
+/// The one place errors become Thrift replies (DESIGN.md's table): an EXCEPTION message in the
+/// request's transport, TTHeader key `fnmesh-error` = the kind.
+fn rescue(target: &ReplyTarget<'_>, e: &CallError) -> Reply {
+    let text = e.to_string();
+    let bytes = encode_exception(
+        target,
+        e.kind.thrift_exception(),
+        &text,
+        Some(e.kind.as_str()),
+    )
+    .unwrap_or_default();
+    bytes.chain(Bytes::new())
+}
+
+/// Serves one Thrift connection whose first bytes (`buf`) were detected as `detected`.
+pub async fn serve(sock: TcpStream, detected: Detected, mut buf: BytesMut, shared: Arc<Shared>) {
+    let _ = sock.set_nodelay(true);
+    let (mut rd, wr) = sock.into_split();
+    let (order_tx, order_rx) = mpsc::channel::<oneshot::Receiver<Reply>>(1024);
+    let writer = tokio::spawn(write_replies(wr, order_rx));
+    let mut decoder = FrameDecoder::for_transport(detected, shared.limits);
+    loop {
+        match decoder.decode(&mut buf) {
+            Ok(Some(frame)) => {
+                let (tx, rx) = oneshot::channel();
+                let oneway = frame.kind() == MessageType::Oneway;
+                if frame.kind() != MessageType::Call && !oneway {
+                    let e = CallError::new(
+                        Kind::BadRequest,
+                        format!("expected a call, got a {:?} message", frame.kind()),
+                    );
+                    let _ = tx.send(rescue(&ReplyTarget::of(&frame), &e));
+                    let _ = order_tx.send(rx).await;
+                    break;
+                }
+                if !oneway && order_tx.send(rx).await.is_err() {
+                    break;
+                }
+                tokio::spawn(call(shared.clone(), frame, (!oneway).then_some(tx)));
+            }
+            Ok(None) => match rd.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    if !buf.is_empty() {
+                        let e = CallError::new(
+                            Kind::BadRequest,
+                            format!(
+                                "connection closed inside a frame ({} bytes of it received)",
+                                buf.len()
+                            ),
+                        );
+                        refuse(&order_tx, detected, &e).await;
+                    }
+                    break;
+                }
+                Ok(_) => {}
+            },
+            Err(err) => {
+                let kind = if err.is_too_large() {
+                    Kind::TooLarge
+                } else {
+                    Kind::BadRequest
+                };
+                tracing::debug!(error = %err, "refusing a malformed frame; closing the connection");
+                refuse(&order_tx, detected, &CallError::new(kind, err.to_string())).await;
+                break;
+            }
+        }
+    }
+    drop(order_tx);
+    let _ = writer.await;
+}
+
+async fn refuse(order: &mpsc::Sender<oneshot::Receiver<Reply>>, detected: Detected, e: &CallError) {
+    let (tx, rx) = oneshot::channel();
+    let _ = tx.send(rescue(&ReplyTarget::for_detected(detected), e));
+    let _ = order.send(rx).await;
+}
+
+async fn write_replies(
+    mut wr: OwnedWriteHalf,
+    mut order: mpsc::Receiver<oneshot::Receiver<Reply>>,
+) {
+    while let Some(next) = order.recv().await {
+        if let Ok(mut reply) = next.await {
+            if wr.write_all_buf(&mut reply).await.is_err() {
+                return;
+            }
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// One call: route, wait for a slot (starting an instance if none is ready), forward, reply.
+async fn call(shared: Arc<Shared>, mut frame: Frame, reply: Option<oneshot::Sender<Reply>>) {
+    let _active = Active::new(&shared.active);
+    let routed = route(&shared, &mut frame);
+    let answer = Answer::of(&frame);
+    let result = match routed {
+        Ok((pool, method)) => {
+            let deadline = deadline(&pool, &method, &frame);
+            let forwarded = async {
+                let lease = pool.acquire().await?;
+                forward(
+                    &lease.instance,
+                    &pool.function.name,
+                    frame,
+                    reply.is_none(),
+                    shared.limits,
+                )
+                .await
+            };
+            match deadline {
+                Some(d) => match tokio::time::timeout_at(Instant::now() + d, forwarded).await {
+                    Ok(r) => r,
+                    Err(_) => Err(CallError::new(
+                        Kind::Timeout,
+                        format!(
+                            "function {}: deadline of {d:?} passed (queueing included)",
+                            pool.function.name
+                        ),
+                    )),
+                },
+                None => forwarded.await,
+            }
+        }
+        Err(e) => Err(e),
+    };
+    let Some(reply) = reply else {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "oneway call failed");
+        }
+        return;
+    };
+    let bytes = match result {
+        Ok(Some(f)) => f.into_buf(),
+        Ok(None) => return,
+        Err(e) => rescue(&answer.target(), &e),
+    };
+    let _ = reply.send(bytes);
+}
+
+/// The call's deadline: the policy's timeout, or the caller's RPCTimeout when shorter.
+fn deadline(pool: &Pool, method: &str, frame: &Frame) -> Option<Duration> {
+    let policy = pool.function.policy_for(method).timeout;
+    let caller = frame
+        .ttheader()
+        .and_then(|h| h.rpc_timeout_ms(frame.head()))
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis);
+    match (policy, caller) {
+        (Some(p), Some(c)) => Some(p.min(c)),
+        (p, c) => p.or(c),
+    }
+}
+
+/// DESIGN.md "Thrift routing": ToService, then `isn`, then a `Service:` name prefix (stripped),
+/// then the only Thrift function. A method the IDL lacks is refused without starting anything.
+fn route(shared: &Shared, frame: &mut Frame) -> Result<(Arc<Pool>, String), CallError> {
+    let by_name = |n: &[u8]| {
+        shared
+            .functions
+            .iter()
+            .find(|p| p.function.name.as_bytes() == n)
+    };
+    let by_service = |s: &[u8]| {
+        shared
+            .functions
+            .iter()
+            .find(|p| p.function.service.as_deref().map(str::as_bytes) == Some(s))
+    };
+    let mut asked: Option<String> = None;
+    let mut found = None;
+    if let Some(h) = frame.ttheader() {
+        if let Some(to) = h.to_service(frame.head()) {
+            found = by_name(to).cloned();
+            asked = Some(String::from_utf8_lossy(to).into_owned());
+        }
+        if found.is_none() {
+            if let Some(isn) = h.idl_service(frame.head()) {
+                found = by_service(isn).cloned();
+                asked = Some(String::from_utf8_lossy(isn).into_owned());
+            }
+        }
+    }
+    if found.is_none() {
+        if let Some((service, _)) = frame.name().split_once(':') {
+            let hit = by_service(service.as_bytes())
+                .or_else(|| by_name(service.as_bytes()))
+                .cloned();
+            asked = Some(service.to_owned());
+            if hit.is_some() {
+                frame
+                    .strip_service_prefix()
+                    .map_err(|e| CallError::new(Kind::BadRequest, e.to_string()))?;
+                found = hit;
+            }
+        }
+    }
+    if found.is_none() && shared.functions.len() == 1 {
+        found = shared.functions.first().cloned();
+    }
+    let Some(pool) = found else {
+        let asked = asked.unwrap_or_else(|| "(none named)".into());
+        return Err(CallError::new(
+            Kind::NoRoute,
+            format!("no function for service {asked}"),
+        ));
+    };
+    let method = frame.name().to_owned();
+    if !pool.function.has_method(&method) {
+        return Err(CallError::new(
+            Kind::NoRoute,
+            format!("function {} has no method {method}", pool.function.name),
+        ));
+    }
+    Ok((pool, method))
+}
+
+/// Writes the frame to an instance connection as received and reads one reply frame.
+async fn forward(
+    instance: &Instance,
+    function: &str,
+    frame: Frame,
+    oneway: bool,
+    limits: Limits,
+) -> Result<Option<Frame>, CallError> {
+    let unavailable = |what: String| {
+        CallError::new(
+            Kind::Unavailable,
+            format!("function {function} instance {}: {what}", instance.id),
+        )
+    };
+    let mut conn = instance
+        .connection()
+        .await
+        .map_err(|e| unavailable(format!("connect refused: {e}")))?;
+    let mut out = frame.into_buf();
+    conn.stream
+        .write_all_buf(&mut out)
+        .await
+        .map_err(|e| unavailable(format!("write failed: {e}")))?;
+    if oneway {
+        instance.recycle(conn);
+        return Ok(None);
+    }
+    let mut decoder = FrameDecoder::new(limits);
+    loop {
+        match decoder.decode(&mut conn.buf) {
+            Ok(Some(reply)) => {
+                instance.recycle(conn);
+                return Ok(Some(reply));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(unavailable(format!("malformed reply: {e}"))),
+        }
+        match conn.stream.read_buf(&mut conn.buf).await {
+            Ok(0) => return Err(unavailable("closed the connection before replying".into())),
+            Ok(_) => {}
+            Err(e) => return Err(unavailable(format!("read failed: {e}"))),
+        }
+    }
+}

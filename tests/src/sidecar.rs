@@ -1,0 +1,190 @@
+//! Runs a real `fnmesh run` process for a test: a config written to a scratch directory, free
+//! loopback ports, admin queries, and the instance processes it started (read from /proc).
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// A free loopback port (the kernel's pick, released for the process under test to bind).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A binary of this crate, next to the running test executable's `deps/` directory (where cargo
+/// puts the binaries that integration tests depend on).
+fn bin(name: &str) -> String {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} not built", path.display());
+    path.display().to_string()
+}
+
+/// The example echo function (`src/bin/echo-fn.rs`).
+pub fn echo_fn() -> String {
+    bin("echo-fn")
+}
+
+/// `fnmesh` itself (`src/bin/fnmesh-under-test.rs`).
+pub fn fnmesh_bin() -> String {
+    bin("fnmesh-under-test")
+}
+
+pub fn idl(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../idl")
+        .join(rel)
+}
+
+/// A running sidecar; killed (SIGKILL) if still running when dropped.
+pub struct Sidecar {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Sidecar {
+    /// Starts `fnmesh run` with `[sidecar]` on free ports and the given `[[function]]` tables, and
+    /// waits until it accepts connections.
+    pub fn start(functions: &str) -> Sidecar {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let dir =
+            std::env::temp_dir().join(format!("fnmesh-e2e-{}-{}", std::process::id(), addr.port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = format!(
+            "[sidecar]\nlisten = \"{addr}\"\nadmin = \"{admin}\"\ndrain_timeout = \"3s\"\n\n{functions}"
+        );
+        let path = dir.join("fnmesh.toml");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new(fnmesh_bin())
+            .args(["run", "-c"])
+            .arg(&path)
+            .env(
+                "RUST_LOG",
+                std::env::var("FNMESH_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("fnmesh-under-test starts");
+        let mut s = Sidecar {
+            child,
+            addr,
+            admin,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_err() || TcpStream::connect(admin).is_err() {
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!("fnmesh exited at start: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fnmesh did not listen within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        s
+    }
+
+    /// GET an admin path; returns (status line, body).
+    pub fn admin_get(&self, path: &str) -> (String, String) {
+        let mut s = TcpStream::connect(self.admin).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        (
+            head.lines().next().unwrap_or("").to_owned(),
+            body.to_owned(),
+        )
+    }
+
+    /// A number from `/admin/functions` for `function` (`ready`, `starting`, `processes`...).
+    pub fn stat(&self, function: &str, field: &str) -> usize {
+        let (_, body) = self.admin_get("/admin/functions");
+        let at = body
+            .find(&format!("\"name\":\"{function}\""))
+            .unwrap_or_else(|| panic!("{function} not in {body}"));
+        let rest = &body[at..];
+        let key = format!("\"{field}\":");
+        let v = &rest[rest.find(&key).unwrap() + key.len()..];
+        v[..v.find(|c: char| !c.is_ascii_digit()).unwrap()]
+            .parse()
+            .unwrap()
+    }
+
+    /// Polls until `f` holds or `within` passes; returns whether it held.
+    pub fn wait_for(&self, within: Duration, mut f: impl FnMut(&Sidecar) -> bool) -> bool {
+        let until = Instant::now() + within;
+        loop {
+            if f(self) {
+                return true;
+            }
+            if Instant::now() > until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The process ids of the sidecar's children (its function instances).
+    pub fn children(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        let tasks = format!("/proc/{}/task", self.child.id());
+        for t in std::fs::read_dir(tasks).into_iter().flatten().flatten() {
+            if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
+            }
+        }
+        out
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args(["-s", sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -s {sig}");
+    }
+}
+
+/// Whether process `pid` still exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `[[function]]` table for the example echo function.
+pub fn echo_function(name: &str, scale: &str, policy: &str) -> String {
+    format!(
+        "[[function]]\nname = \"{name}\"\nprotocol = \"thrift\"\nidl = \"{}\"\ncommand = [\"{}\"]\n\n[function.scale]\n{scale}\n\n[function.policy]\n{policy}\n\n",
+        idl("thrift/echo.thrift").display(),
+        echo_fn()
+    )
+}

@@ -1,0 +1,433 @@
+//! `fnmesh run` end to end: real Volo clients call through a real sidecar process to real Volo
+//! function instances that it starts from zero and stops when idle.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use bytes::{BufMut, BytesMut};
+use fnmesh_codec::{FrameDecoder, Limits, MessageType, Protocol, TTHeaderBuilder};
+use fnmesh_tests::{
+    gen::volo_gen::echo::{EchoRequest, EchoServiceClientBuilder},
+    sidecar::{alive, echo_function, Sidecar},
+};
+use pilota::thrift::ApplicationExceptionKind;
+use volo_thrift::ClientError;
+
+fn req(message: &str, sleep_ms: Option<i64>) -> EchoRequest {
+    EchoRequest {
+        message: message.to_owned().into(),
+        sleep_ms,
+        meta: None,
+    }
+}
+
+macro_rules! client {
+    ($addr:expr, $callee:expr, $timeout_ms:expr) => {
+        EchoServiceClientBuilder::new($callee)
+            .address($addr)
+            .rpc_timeout(Some(Duration::from_millis($timeout_ms)))
+            .build()
+    };
+}
+
+/// The echo reply (message, instance) or the ApplicationException (kind, message).
+async fn echo(
+    addr: SocketAddr,
+    message: &str,
+    sleep_ms: Option<i64>,
+    timeout_ms: u64,
+) -> Result<(String, String), (ApplicationExceptionKind, String)> {
+    let client = client!(addr, "echo", timeout_ms);
+    match client.echo(req(message, sleep_ms)).await {
+        Ok(volo_thrift::MaybeException::Ok(r)) => Ok((
+            r.message.to_string(),
+            r.instance.map(|i| i.to_string()).unwrap_or_default(),
+        )),
+        Ok(volo_thrift::MaybeException::Exception(e)) => panic!("declared exception {e:?}"),
+        Err(ClientError::Application(e)) => Err((e.kind(), e.message().to_string())),
+        Err(other) => panic!("unexpected client error: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volo_call_starts_an_instance_from_zero_and_idle_stops_it() {
+    let sc = Sidecar::start(&echo_function(
+        "echo",
+        "min = 0\nmax = 2\nidle = \"400ms\"",
+        "",
+    ));
+    assert_eq!(
+        (sc.stat("echo", "ready"), sc.stat("echo", "processes")),
+        (0, 0),
+        "nothing runs before the first call"
+    );
+    assert!(sc.children().is_empty());
+    let started = Instant::now();
+    let (message, instance) = echo(sc.addr, "hi", None, 5000).await.expect("reply");
+    let cold = started.elapsed();
+    assert_eq!(message, "hi");
+    assert_eq!(instance, "1", "served by the first instance");
+    assert_eq!(sc.stat("echo", "ready"), 1);
+    assert_eq!(sc.children().len(), 1);
+    // Warm calls reuse it.
+    for i in 0..5 {
+        assert_eq!(
+            echo(sc.addr, &format!("warm {i}"), None, 5000)
+                .await
+                .unwrap()
+                .1,
+            "1"
+        );
+    }
+    assert!(
+        sc.wait_for(Duration::from_secs(5), |s| s.stat("echo", "processes") == 0),
+        "idle instance stopped"
+    );
+    assert_eq!(sc.stat("echo", "ready"), 0);
+    assert!(sc.wait_for(Duration::from_secs(2), |s| s.children().is_empty()));
+    // And it scales from zero again.
+    assert_eq!(echo(sc.addr, "again", None, 5000).await.unwrap().0, "again");
+    eprintln!("cold start through fnmesh: {cold:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_concurrent_callers_never_get_more_than_max_instances() {
+    let sc = Sidecar::start(&echo_function(
+        "echo",
+        "max = 4\nconcurrency = 8\nidle = \"10s\"",
+        "",
+    ));
+    let mut calls = Vec::new();
+    for i in 0..200 {
+        let addr = sc.addr;
+        calls.push(tokio::spawn(async move {
+            let text = format!("call {i}");
+            let (message, instance) = echo(addr, &text, Some(20), 10_000).await.expect("reply");
+            assert_eq!(message, text);
+            instance
+        }));
+    }
+    let mut instances = std::collections::BTreeSet::new();
+    for c in calls {
+        instances.insert(c.await.unwrap());
+    }
+    assert!(
+        !instances.is_empty() && instances.len() <= 4,
+        "instances used: {instances:?}"
+    );
+    assert!(sc.stat("echo", "processes") <= 4);
+    assert!(sc.children().len() <= 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_mid_call_is_unavailable_and_the_next_call_gets_a_fresh_instance() {
+    let sc = Sidecar::start(&echo_function("echo", "idle = \"10s\"", ""));
+    assert_eq!(echo(sc.addr, "before", None, 5000).await.unwrap().1, "1");
+    let (kind, message) = echo(sc.addr, "__crash__", None, 5000).await.unwrap_err();
+    assert_eq!(kind, ApplicationExceptionKind::INTERNAL_ERROR);
+    assert!(
+        message.contains("unavailable") && message.contains("function echo"),
+        "{message}"
+    );
+    let (text, instance) = echo(sc.addr, "after", None, 5000)
+        .await
+        .expect("next call succeeds");
+    assert_eq!(text, "after");
+    assert_eq!(instance, "2", "a fresh instance");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_that_never_becomes_ready_fails_every_queued_caller_quickly() {
+    let f = "[[function]]\nname = \"stuck\"\nprotocol = \"thrift\"\ncommand = [\"/bin/sleep\", \"30\"]\n\n[function.scale]\nstartup_timeout = \"500ms\"\n";
+    let sc = Sidecar::start(f);
+    let started = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..10 {
+        let addr = sc.addr;
+        calls.push(tokio::spawn(async move {
+            echo(addr, &format!("{i}"), None, 10_000).await
+        }));
+    }
+    for c in calls {
+        let (kind, message) = c.await.unwrap().unwrap_err();
+        assert_eq!(kind, ApplicationExceptionKind::INTERNAL_ERROR);
+        assert!(
+            message.contains("unavailable")
+                && message.contains("stuck")
+                && message.contains("startup_timeout"),
+            "{message}"
+        );
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "every caller answered within startup_timeout + 1 s: {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_services_and_methods_get_no_route_and_start_nothing() {
+    let two = format!(
+        "{}[[function]]\nname = \"other\"\nprotocol = \"thrift\"\nservice = \"OtherService\"\ncommand = [\"/bin/true\"]\n",
+        echo_function("echo", "", "")
+    );
+    let sc = Sidecar::start(&two);
+    // A TTHeader call naming a service nobody serves.
+    let reply = raw_call(sc.addr, &ttheader_call("ghost", "GhostService", "Echo"));
+    assert_exception(
+        &reply,
+        1,
+        "no function for service GhostService",
+        Some("no-route"),
+    );
+    // A method the echo IDL lacks, on the right service.
+    let reply = raw_call(sc.addr, &ttheader_call("echo", "EchoService", "Nope"));
+    assert_exception(
+        &reply,
+        1,
+        "function echo has no method Nope",
+        Some("no-route"),
+    );
+    // Framed, no service named, two functions: nothing to route by.
+    let reply = raw_call(sc.addr, &framed_call("Echo"));
+    assert_exception(&reply, 1, "no function for service", None);
+    assert_eq!(
+        sc.stat("echo", "processes") + sc.stat("other", "processes"),
+        0
+    );
+    assert!(sc.children().is_empty(), "no process was started");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_callers_shorter_rpc_timeout_gives_timeout_on_time() {
+    let sc = Sidecar::start(&echo_function("echo", "", "timeout = \"5s\""));
+    echo(sc.addr, "warm", None, 5000).await.unwrap();
+    let started = Instant::now();
+    let (kind, message) = echo(sc.addr, "slow", Some(2000), 300).await.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(kind, ApplicationExceptionKind::INTERNAL_ERROR);
+    assert!(
+        message.contains("timeout") && message.contains("300ms"),
+        "{message}"
+    );
+    assert!(
+        took >= Duration::from_millis(290) && took < Duration::from_millis(800),
+        "{took:?}"
+    );
+    // The policy timeout applies when it is the shorter one.
+    let sc2 = Sidecar::start(&echo_function("echo", "", "timeout = \"200ms\""));
+    let (_, message) = echo(sc2.addr, "slow", Some(2000), 5000).await.unwrap_err();
+    assert!(
+        message.contains("timeout") && message.contains("200ms"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_frames_close_only_their_own_connection() {
+    let sc = Sidecar::start(&echo_function("echo", "idle = \"10s\"", ""));
+    echo(sc.addr, "warm", None, 5000).await.unwrap();
+    let good = {
+        let addr = sc.addr;
+        tokio::spawn(async move {
+            for i in 0..50 {
+                let text = format!("steady {i}");
+                assert_eq!(echo(addr, &text, Some(5), 5000).await.unwrap().0, text);
+            }
+        })
+    };
+    // A TTHeader frame whose header is garbage.
+    let mut garbage = ttheader_call("echo", "EchoService", "Echo");
+    for b in &mut garbage[14..40] {
+        *b = 0xee;
+    }
+    assert_closed_after_protocol_error(sc.addr, &garbage);
+    // A truncated frame: half of one, then the client shuts its side.
+    let whole = framed_call("Echo");
+    assert_closed_after_protocol_error(sc.addr, &whole[..whole.len() / 2]);
+    // A frame over max_frame_size (16 MiB): refused from its length alone.
+    let mut huge = vec![0x7f, 0xff, 0xff, 0xff, 0x80, 0x01, 0x00, 0x01];
+    huge.extend_from_slice(&[0; 16]);
+    assert_closed_after_protocol_error(sc.addr, &huge);
+    // Bytes that are no protocol at all: closed without a reply.
+    let mut s = TcpStream::connect(sc.addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.read_to_end(&mut out).unwrap();
+    assert!(out.is_empty());
+    good.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_in_flight_calls_finish_then_stops_instances() {
+    let sc = Sidecar::start(&echo_function("echo", "max = 2\nconcurrency = 4", ""));
+    echo(sc.addr, "warm", None, 5000).await.unwrap();
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        let addr = sc.addr;
+        calls.push(tokio::spawn(async move {
+            echo(addr, &format!("drain {i}"), Some(600), 5000).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let children = sc.children();
+    assert!(!children.is_empty());
+    sc.signal("TERM");
+    for (i, c) in calls.into_iter().enumerate() {
+        assert_eq!(
+            c.await.unwrap().expect("in-flight call finished").0,
+            format!("drain {i}")
+        );
+    }
+    let mut sc = sc;
+    let status = sc.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "fnmesh exits cleanly after draining: {status}"
+    );
+    for pid in children {
+        assert!(!alive(pid), "instance {pid} stopped");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_instance_outlives_a_sidecar_killed_with_sigkill() {
+    let sc = Sidecar::start(&echo_function("echo", "max = 3\nconcurrency = 1", ""));
+    let mut calls = Vec::new();
+    for i in 0..3 {
+        let addr = sc.addr;
+        calls.push(tokio::spawn(async move {
+            echo(addr, &format!("{i}"), Some(200), 5000).await
+        }));
+    }
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    let children = sc.children();
+    assert!(children.len() >= 2, "{children:?}");
+    sc.signal("KILL");
+    let until = Instant::now() + Duration::from_secs(3);
+    while children.iter().any(|p| alive(*p)) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for pid in children {
+        assert!(!alive(pid), "instance {pid} died with the sidecar");
+    }
+}
+
+#[test]
+fn check_names_a_missing_executable() {
+    let dir = std::env::temp_dir().join(format!("fnmesh-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("fnmesh.toml");
+    std::fs::write(&path, "[sidecar]\nlisten = \"127.0.0.1:1\"\n\n[[function]]\nname = \"f\"\nprotocol = \"thrift\"\ncommand = [\"/no/such/echo-fn\"]\n").unwrap();
+    for verb in ["check", "run"] {
+        let out = std::process::Command::new(fnmesh_tests::sidecar::fnmesh_bin())
+            .args([verb, "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{verb}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("/no/such/echo-fn") && err.contains("not found") && err.contains(":7:"),
+            "{verb}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+// ---- raw frames --------------------------------------------------------------------------------
+
+fn echo_args() -> Vec<u8> {
+    let mut b = vec![0x0c, 0, 1, 0x0b, 0, 1, 0, 0, 0, 2];
+    b.extend_from_slice(b"hi");
+    b.extend_from_slice(&[0, 0]);
+    b
+}
+
+fn message(name: &str) -> BytesMut {
+    let mut m = BytesMut::new();
+    fnmesh_codec::MessageHeader::encode(&mut m, Protocol::Binary, true, MessageType::Call, name, 9);
+    m.put_slice(&echo_args());
+    m
+}
+
+fn ttheader_call(to_service: &str, isn: &str, method: &str) -> Vec<u8> {
+    let m = message(method);
+    let b = TTHeaderBuilder {
+        seqid: 9,
+        str_kvs: vec![(b"isn", isn.as_bytes())],
+        int_kvs: vec![(6, to_service.as_bytes()), (9, method.as_bytes())],
+        inner_framed: true,
+        ..Default::default()
+    };
+    let mut out = BytesMut::new();
+    b.encode(&mut out, m.len()).unwrap();
+    out.put_slice(&m);
+    out.to_vec()
+}
+
+fn framed_call(method: &str) -> Vec<u8> {
+    let m = message(method);
+    let mut out = BytesMut::new();
+    out.put_u32(m.len() as u32);
+    out.put_slice(&m);
+    out.to_vec()
+}
+
+/// Sends `bytes`, half-closes, and reads every reply until the sidecar closes.
+fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<fnmesh_codec::Frame> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(bytes).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)
+        .expect("the sidecar closes the connection");
+    let mut buf = BytesMut::from(&out[..]);
+    let mut d = FrameDecoder::new(Limits::default());
+    let mut frames = Vec::new();
+    while let Some(f) = d.decode(&mut buf).unwrap() {
+        frames.push(f);
+    }
+    frames
+}
+
+fn raw_call(addr: SocketAddr, bytes: &[u8]) -> fnmesh_codec::Frame {
+    let mut frames = raw_exchange(addr, bytes);
+    assert_eq!(frames.len(), 1);
+    frames.remove(0)
+}
+
+/// Asserts a TApplicationException of `ty` whose message contains `text`.
+fn assert_exception(f: &fnmesh_codec::Frame, ty: i32, text: &str, kind: Option<&str>) {
+    assert_eq!(f.kind(), MessageType::Exception);
+    let p = f.payload();
+    let len = u32::from_be_bytes(p[3..7].try_into().unwrap()) as usize;
+    let msg = String::from_utf8_lossy(&p[7..7 + len]);
+    let got_ty = i32::from_be_bytes(p[10 + len..14 + len].try_into().unwrap());
+    assert_eq!(got_ty, ty, "{msg}");
+    assert!(msg.contains(text), "{msg:?} should contain {text:?}");
+    if let Some(kind) = kind {
+        let h = f.ttheader().expect("a TTHeader reply");
+        assert_eq!(
+            h.str_value(f.head(), b"fnmesh-error"),
+            Some(kind.as_bytes())
+        );
+    }
+}
+
+fn assert_closed_after_protocol_error(addr: SocketAddr, bytes: &[u8]) {
+    let frames = raw_exchange(addr, bytes);
+    assert_eq!(
+        frames.len(),
+        1,
+        "one PROTOCOL_ERROR reply, then the connection closes"
+    );
+    assert_exception(&frames[0], 7, "", None);
+}
