@@ -15,11 +15,6 @@ need_cmd rustfmt
 need_cmd cargo-clippy
 need_cmd python3
 
-# fnmesh gives function instances the parent-death signal through util-linux's setpriv.
-if ! command -v setpriv >/dev/null 2>&1; then
-    echo "== installing util-linux (setpriv)"
-    apt-get update -qq && apt-get install -y -qq util-linux
-fi
 # Apache Thrift's Python library: an independent Thrift client for the end-to-end tests.
 if ! python3 -c "import thrift" >/dev/null 2>&1; then
     echo "== installing PyPI thrift"

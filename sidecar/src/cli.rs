@@ -15,6 +15,9 @@ pub fn main() -> ExitCode {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
+    if verb == "__watchdog" {
+        return crate::watchdog::main();
+    }
     let mut file = None;
     let mut json = false;
     let mut rest = args[1..].iter();

@@ -10,3 +10,4 @@ pub mod pool;
 pub mod run;
 pub mod runtime;
 pub mod thrift;
+pub mod watchdog;

@@ -21,6 +21,7 @@ use crate::{
     config::FunctionConfig,
     error::{CallError, Kind},
     runtime,
+    watchdog::Watchdog,
 };
 
 /// One running instance.
@@ -109,6 +110,7 @@ pub struct Snapshot {
 pub struct Pool {
     pub function: Arc<FunctionConfig>,
     grace: Duration,
+    watchdog: Arc<Watchdog>,
     state: Mutex<State>,
     next_id: std::sync::atomic::AtomicU64,
     /// Instance processes not yet reaped (shutdown waits for this to reach zero).
@@ -119,6 +121,18 @@ pub struct Pool {
 pub struct Lease {
     pool: Arc<Pool>,
     pub instance: Arc<Instance>,
+}
+
+impl Lease {
+    /// Takes this lease's instance out of balancing and stops it: it refused a connection or
+    /// closed one without replying, so it has crashed or is crashing. Calls after this one start
+    /// or use another instance instead of racing the crash's reaping.
+    pub fn evict(&self) {
+        if self.pool.remove(&self.instance) {
+            tracing::warn!(function = %self.pool.function.name, instance = self.instance.id, "instance evicted after a failed call");
+            self.instance.stop();
+        }
+    }
 }
 
 impl Drop for Lease {
@@ -144,10 +158,15 @@ impl Drop for Waiting {
 }
 
 impl Pool {
-    pub fn new(function: Arc<FunctionConfig>, grace: Duration) -> Arc<Pool> {
+    pub fn new(
+        function: Arc<FunctionConfig>,
+        grace: Duration,
+        watchdog: Arc<Watchdog>,
+    ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             function,
             grace,
+            watchdog,
             state: Mutex::new(State::default()),
             next_id: std::sync::atomic::AtomicU64::new(1),
             live: std::sync::atomic::AtomicUsize::new(0),
@@ -316,7 +335,7 @@ impl Pool {
             if !delay.is_zero() {
                 sleep(delay).await;
             }
-            match runtime::start(&pool.function, id).await {
+            match runtime::start(&pool.function, id, &pool.watchdog).await {
                 Ok(process) => pool.instance_ready(id, process),
                 Err(e) => pool.start_failed(id, e),
             }
@@ -394,6 +413,7 @@ impl Pool {
                 tracing::info!(function = %self.function.name, instance = instance.id, "instance stopped");
             }
         }
+        self.watchdog.forget(pid);
         self.live.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 
@@ -402,10 +422,13 @@ impl Pool {
         self.live.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    fn remove(&self, instance: &Arc<Instance>) {
+    /// Takes `instance` out of the ready set; false if it was not there.
+    fn remove(&self, instance: &Arc<Instance>) -> bool {
         let mut st = lock(&self.state);
+        let before = st.ready.len();
         st.ready.retain(|s| !Arc::ptr_eq(&s.instance, instance));
         lock(&instance.idle_conns).clear();
+        st.ready.len() != before
     }
 
     /// Stops instances idle for `scale.idle`, down to `scale.min`.

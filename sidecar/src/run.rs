@@ -16,7 +16,7 @@ use tokio::{
     time::{sleep, timeout, Instant},
 };
 
-use crate::{admin, config::Config, pool::Pool, thrift};
+use crate::{admin, config::Config, pool::Pool, thrift, watchdog::Watchdog};
 
 /// How long a new connection may take to send enough bytes to tell its protocol.
 const DETECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -65,10 +65,12 @@ async fn serve(config: Config) -> Result<(), String> {
         ..Limits::default()
     };
     let grace = config.sidecar.drain_timeout;
+    let watchdog =
+        Arc::new(Watchdog::start().map_err(|e| format!("cannot start the watchdog: {e}"))?);
     let pools: Vec<Arc<Pool>> = config
         .functions
         .iter()
-        .map(|f| Pool::new(Arc::new(f.clone()), grace))
+        .map(|f| Pool::new(Arc::new(f.clone()), grace, watchdog.clone()))
         .collect();
     let admin = Arc::new(admin::Admin {
         pools: pools.clone(),

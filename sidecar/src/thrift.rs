@@ -196,14 +196,18 @@ async fn call(shared: Arc<Shared>, mut frame: Frame, reply: Option<oneshot::Send
             let deadline = deadline(&pool, &method, &frame);
             let forwarded = async {
                 let lease = pool.acquire().await?;
-                forward(
+                let result = forward(
                     &lease.instance,
                     &pool.function.name,
                     frame,
                     reply.is_none(),
                     shared.limits,
                 )
-                .await
+                .await;
+                if let Err(Failure::Instance(_)) = &result {
+                    lease.evict();
+                }
+                result.map_err(Failure::into_error)
             };
             match deadline {
                 Some(d) => match tokio::time::timeout_at(Instant::now() + d, forwarded).await {
@@ -312,6 +316,21 @@ fn route(shared: &Shared, frame: &mut Frame) -> Result<(Arc<Pool>, String), Call
     Ok((pool, method))
 }
 
+/// How a forward failed: the instance is broken (refused, closed without replying), or only this
+/// exchange went wrong.
+enum Failure {
+    Instance(CallError),
+    Call(CallError),
+}
+
+impl Failure {
+    fn into_error(self) -> CallError {
+        match self {
+            Failure::Instance(e) | Failure::Call(e) => e,
+        }
+    }
+}
+
 /// Writes the frame to an instance connection as received and reads one reply frame.
 async fn forward(
     instance: &Instance,
@@ -319,7 +338,7 @@ async fn forward(
     frame: Frame,
     oneway: bool,
     limits: Limits,
-) -> Result<Option<Frame>, CallError> {
+) -> Result<Option<Frame>, Failure> {
     let unavailable = |what: String| {
         CallError::new(
             Kind::Unavailable,
@@ -329,12 +348,12 @@ async fn forward(
     let mut conn = instance
         .connection()
         .await
-        .map_err(|e| unavailable(format!("connect refused: {e}")))?;
+        .map_err(|e| Failure::Instance(unavailable(format!("connect refused: {e}"))))?;
     let mut out = frame.into_buf();
     conn.stream
         .write_all_buf(&mut out)
         .await
-        .map_err(|e| unavailable(format!("write failed: {e}")))?;
+        .map_err(|e| Failure::Instance(unavailable(format!("write failed: {e}"))))?;
     if oneway {
         instance.recycle(conn);
         return Ok(None);
@@ -347,12 +366,16 @@ async fn forward(
                 return Ok(Some(reply));
             }
             Ok(None) => {}
-            Err(e) => return Err(unavailable(format!("malformed reply: {e}"))),
+            Err(e) => return Err(Failure::Call(unavailable(format!("malformed reply: {e}")))),
         }
         match conn.stream.read_buf(&mut conn.buf).await {
-            Ok(0) => return Err(unavailable("closed the connection before replying".into())),
+            Ok(0) => {
+                return Err(Failure::Instance(unavailable(
+                    "closed the connection before replying".into(),
+                )))
+            }
             Ok(_) => {}
-            Err(e) => return Err(unavailable(format!("read failed: {e}"))),
+            Err(e) => return Err(Failure::Instance(unavailable(format!("read failed: {e}")))),
         }
     }
 }

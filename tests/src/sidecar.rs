@@ -137,8 +137,22 @@ impl Sidecar {
         }
     }
 
-    /// The process ids of the sidecar's children (its function instances).
+    /// The process ids of the sidecar's function instances: its children, less its watchdog.
     pub fn children(&self) -> Vec<u32> {
+        self.all_children()
+            .into_iter()
+            .filter(|pid| !cmdline(*pid).contains("__watchdog"))
+            .collect()
+    }
+
+    /// The sidecar's watchdog process, if running.
+    pub fn watchdog(&self) -> Option<u32> {
+        self.all_children()
+            .into_iter()
+            .find(|pid| cmdline(*pid).contains("__watchdog"))
+    }
+
+    fn all_children(&self) -> Vec<u32> {
         let mut out = Vec::new();
         let tasks = format!("/proc/{}/task", self.child.id());
         for t in std::fs::read_dir(tasks).into_iter().flatten().flatten() {
@@ -160,6 +174,12 @@ impl Sidecar {
             .success();
         assert!(ok, "kill -s {sig}");
     }
+}
+
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
 }
 
 /// Whether process `pid` still exists (and is not a zombie).

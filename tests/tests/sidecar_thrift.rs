@@ -309,6 +309,7 @@ async fn no_instance_outlives_a_sidecar_killed_with_sigkill() {
     }
     let children = sc.children();
     assert!(children.len() >= 2, "{children:?}");
+    let watchdog = sc.watchdog().expect("a watchdog runs beside the sidecar");
     sc.signal("KILL");
     let until = Instant::now() + Duration::from_secs(3);
     while children.iter().any(|p| alive(*p)) && Instant::now() < until {
@@ -317,6 +318,7 @@ async fn no_instance_outlives_a_sidecar_killed_with_sigkill() {
     for pid in children {
         assert!(!alive(pid), "instance {pid} died with the sidecar");
     }
+    assert!(!alive(watchdog), "the watchdog exits once its work is done");
 }
 
 #[test]
@@ -497,4 +499,38 @@ fn apache_thrift_python_clients_framed_multiplexed_buffered_and_compact_get_repl
             && lines[0].contains("no-route: function echo has no method GhostService:Echo"),
         "{lines:?}"
     );
+}
+
+#[test]
+fn the_quickstart_config_checks_and_echo_call_prints_cold_then_warm_calls() {
+    // The README's fnmesh.toml, with the debug build of echo-fn in place of the release one.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("fnmesh.toml")).unwrap();
+    assert!(text.contains("command = [\"target/release/echo-fn\"]"));
+    assert!(text.contains("min = 0"));
+    let functions = &text[text.find("[[function]]").unwrap()..]
+        .replace("target/release/echo-fn", &fnmesh_tests::sidecar::echo_fn())
+        .replace(
+            "idl/thrift/echo.thrift",
+            &fnmesh_tests::sidecar::idl("thrift/echo.thrift")
+                .display()
+                .to_string(),
+        );
+    let sc = Sidecar::start(functions);
+    let bin = fnmesh_tests::sidecar::echo_fn().replace("echo-fn", "echo-call");
+    let out = std::process::Command::new(bin)
+        .arg(sc.addr.to_string())
+        .arg("3")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines[0].starts_with("call 1: ")
+            && lines[0].contains("\"hello 1\" from instance 1")
+            && lines[0].contains("cold start"),
+        "{text}"
+    );
+    assert!(lines[2].contains("\"hello 3\" from instance 1"), "{text}");
 }
