@@ -18,7 +18,6 @@ use fnmesh_codec::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{tcp::OwnedWriteHalf, TcpStream},
-    sync::{mpsc, oneshot},
     time::Instant,
 };
 
@@ -108,45 +107,130 @@ fn rescue(target: &ReplyTarget<'_>, e: &CallError) -> Reply {
     bytes.chain(Bytes::new())
 }
 
+/// Replies of one connection, written in request order by whichever call completes the next one
+/// in line: with a single call in flight, its own task writes the reply (no writer task to wake).
+struct Replies {
+    state: std::sync::Mutex<Order>,
+    wr: tokio::sync::Mutex<OwnedWriteHalf>,
+    written: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Order {
+    /// The ticket whose reply goes out next.
+    next: u64,
+    /// Replies ready but not yet in line.
+    ready: std::collections::BTreeMap<u64, Reply>,
+    /// A task is writing: it will also write whatever becomes next while it does.
+    writing: bool,
+    broken: bool,
+}
+
+impl Replies {
+    fn order(&self) -> std::sync::MutexGuard<'_, Order> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues the reply for `ticket` and writes every reply that is now in line, unless another
+    /// task is already doing so (it will pick this one up).
+    async fn deliver(&self, ticket: u64, reply: Reply) {
+        {
+            let mut o = self.order();
+            if o.broken {
+                return;
+            }
+            o.ready.insert(ticket, reply);
+            if o.writing {
+                return;
+            }
+            o.writing = true;
+        }
+        loop {
+            let next = {
+                let mut o = self.order();
+                let n = o.next;
+                match o.ready.remove(&n) {
+                    Some(r) => {
+                        o.next += 1;
+                        r
+                    }
+                    None => {
+                        o.writing = false;
+                        return;
+                    }
+                }
+            };
+            let mut reply = next;
+            let ok = self.wr.lock().await.write_all_buf(&mut reply).await.is_ok();
+            if !ok {
+                let mut o = self.order();
+                o.broken = true;
+                o.writing = false;
+                o.ready.clear();
+                drop(o);
+                self.written.notify_waiters();
+                return;
+            }
+            self.written.notify_waiters();
+        }
+    }
+
+    /// Waits until the replies to tickets below `issued` are written (or the peer is gone), then
+    /// closes the write side.
+    async fn finish(&self, issued: u64) {
+        loop {
+            let written = self.written.notified();
+            {
+                let o = self.order();
+                if o.broken || o.next >= issued {
+                    break;
+                }
+            }
+            written.await;
+        }
+        let _ = self.wr.lock().await.shutdown().await;
+    }
+}
+
 /// Serves one Thrift connection whose first bytes (`buf`) were detected as `detected`.
 pub async fn serve(sock: TcpStream, detected: Detected, mut buf: BytesMut, shared: Arc<Shared>) {
     let _ = sock.set_nodelay(true);
     let (mut rd, wr) = sock.into_split();
-    let (order_tx, order_rx) = mpsc::channel::<oneshot::Receiver<Reply>>(1024);
-    let writer = tokio::spawn(write_replies(wr, order_rx));
+    let replies = Arc::new(Replies {
+        state: Default::default(),
+        wr: tokio::sync::Mutex::new(wr),
+        written: tokio::sync::Notify::new(),
+    });
+    let mut tickets = 0u64;
     let mut decoder = FrameDecoder::for_transport(detected, shared.limits);
-    loop {
+    let refusal = loop {
         match decoder.decode(&mut buf) {
             Ok(Some(frame)) => {
-                let (tx, rx) = oneshot::channel();
                 let oneway = frame.kind() == MessageType::Oneway;
                 if frame.kind() != MessageType::Call && !oneway {
                     let e = CallError::new(
                         Kind::BadRequest,
                         format!("expected a call, got a {:?} message", frame.kind()),
                     );
-                    let _ = tx.send(rescue(&ReplyTarget::of(&frame), &e));
-                    let _ = order_tx.send(rx).await;
-                    break;
+                    break Some(rescue(&ReplyTarget::of(&frame), &e));
                 }
-                if !oneway && order_tx.send(rx).await.is_err() {
-                    break;
-                }
-                tokio::spawn(call(shared.clone(), frame, (!oneway).then_some(tx)));
+                let ticket = (!oneway).then(|| {
+                    tickets += 1;
+                    (replies.clone(), tickets - 1)
+                });
+                tokio::spawn(call(shared.clone(), frame, ticket));
             }
             Ok(None) => match rd.read_buf(&mut buf).await {
+                Ok(0) | Err(_) if buf.is_empty() => break None,
                 Ok(0) | Err(_) => {
-                    if !buf.is_empty() {
-                        let e = CallError::new(
-                            Kind::BadRequest,
-                            format!(
-                                "connection closed inside a frame ({} bytes of it received)",
-                                buf.len()
-                            ),
-                        );
-                        refuse(&order_tx, detected, &e).await;
-                    }
-                    break;
+                    let e = CallError::new(
+                        Kind::BadRequest,
+                        format!(
+                            "connection closed inside a frame ({} bytes of it received)",
+                            buf.len()
+                        ),
+                    );
+                    break Some(rescue(&ReplyTarget::for_detected(detected), &e));
                 }
                 Ok(_) => {}
             },
@@ -157,37 +241,20 @@ pub async fn serve(sock: TcpStream, detected: Detected, mut buf: BytesMut, share
                     Kind::BadRequest
                 };
                 tracing::debug!(error = %err, "refusing a malformed frame; closing the connection");
-                refuse(&order_tx, detected, &CallError::new(kind, err.to_string())).await;
-                break;
+                let e = CallError::new(kind, err.to_string());
+                break Some(rescue(&ReplyTarget::for_detected(detected), &e));
             }
         }
+    };
+    if let Some(reply) = refusal {
+        tickets += 1;
+        replies.deliver(tickets - 1, reply).await;
     }
-    drop(order_tx);
-    let _ = writer.await;
-}
-
-async fn refuse(order: &mpsc::Sender<oneshot::Receiver<Reply>>, detected: Detected, e: &CallError) {
-    let (tx, rx) = oneshot::channel();
-    let _ = tx.send(rescue(&ReplyTarget::for_detected(detected), e));
-    let _ = order.send(rx).await;
-}
-
-async fn write_replies(
-    mut wr: OwnedWriteHalf,
-    mut order: mpsc::Receiver<oneshot::Receiver<Reply>>,
-) {
-    while let Some(next) = order.recv().await {
-        if let Ok(mut reply) = next.await {
-            if wr.write_all_buf(&mut reply).await.is_err() {
-                return;
-            }
-        }
-    }
-    let _ = wr.shutdown().await;
+    replies.finish(tickets).await;
 }
 
 /// One call: route, wait for a slot (starting an instance if none is ready), forward, reply.
-async fn call(shared: Arc<Shared>, mut frame: Frame, reply: Option<oneshot::Sender<Reply>>) {
+async fn call(shared: Arc<Shared>, mut frame: Frame, reply: Option<(Arc<Replies>, u64)>) {
     let _active = Active::new(&shared.active);
     let routed = route(&shared, &mut frame);
     let answer = Answer::of(&frame);
@@ -233,10 +300,18 @@ async fn call(shared: Arc<Shared>, mut frame: Frame, reply: Option<oneshot::Send
     };
     let bytes = match result {
         Ok(Some(f)) => f.into_buf(),
-        Ok(None) => return,
+        // Every ticket must be answered, or the replies queued behind it would wait forever.
+        Ok(None) => rescue(
+            &answer.target(),
+            &CallError::new(
+                Kind::Unavailable,
+                "the instance sent no reply to a two-way call",
+            ),
+        ),
         Err(e) => rescue(&answer.target(), &e),
     };
-    let _ = reply.send(bytes);
+    let (replies, ticket) = reply;
+    replies.deliver(ticket, bytes).await;
 }
 
 /// The call's deadline: the policy's timeout, or the caller's RPCTimeout when shorter.

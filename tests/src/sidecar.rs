@@ -18,13 +18,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A binary of this crate, next to the running test executable's `deps/` directory (where cargo
-/// puts the binaries that integration tests depend on).
+/// A binary of this crate, found next to the running executable (cargo puts the binaries that
+/// integration tests depend on beside their `deps/` directory).
 fn bin(name: &str) -> String {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let path = dir.join(name);
-    assert!(path.is_file(), "{} not built", path.display());
+    // A test runs from target/<profile>/deps/, a binary of this crate from target/<profile>/.
+    let dirs = [exe.parent(), exe.parent().and_then(Path::parent)];
+    let path = dirs
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} is not built next to {}", exe.display()));
     path.display().to_string()
 }
 

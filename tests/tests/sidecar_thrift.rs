@@ -534,3 +534,58 @@ fn the_quickstart_config_checks_and_echo_call_prints_cold_then_warm_calls() {
     );
     assert!(lines[2].contains("\"hello 3\" from instance 1"), "{text}");
 }
+
+/// A Framed `Echo` call with `sleep_ms`, and its seqid.
+fn framed_echo(seqid: i32, message: &str, sleep_ms: i64) -> Vec<u8> {
+    let mut m = BytesMut::new();
+    fnmesh_codec::MessageHeader::encode(
+        &mut m,
+        Protocol::Binary,
+        true,
+        MessageType::Call,
+        "Echo",
+        seqid,
+    );
+    m.put_slice(&[0x0c, 0, 1, 0x0b, 0, 1]);
+    m.put_u32(message.len() as u32);
+    m.put_slice(message.as_bytes());
+    m.put_slice(&[0x0a, 0, 2]);
+    m.put_i64(sleep_ms);
+    m.put_slice(&[0, 0]);
+    let mut out = BytesMut::new();
+    out.put_u32(m.len() as u32);
+    out.put_slice(&m);
+    out.to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_calls_on_one_connection_are_answered_in_request_order() {
+    let sc = Sidecar::start(&echo_function(
+        "echo",
+        "max = 1\nconcurrency = 8\nidle = \"10s\"",
+        "",
+    ));
+    echo(sc.addr, "warm", None, 5000).await.unwrap();
+    // The first call sleeps longest, so the replies are ready in the reverse order.
+    let mut wire = Vec::new();
+    for (seqid, sleep) in [(1, 300), (2, 150), (3, 0)] {
+        wire.extend(framed_echo(seqid, &format!("pipelined {seqid}"), sleep));
+    }
+    let started = Instant::now();
+    let frames = raw_exchange(sc.addr, &wire);
+    let took = started.elapsed();
+    let seqids: Vec<i32> = frames.iter().map(|f| f.seqid()).collect();
+    assert_eq!(seqids, [1, 2, 3], "replies in request order");
+    for (i, f) in frames.iter().enumerate() {
+        assert_eq!(f.kind(), MessageType::Reply);
+        let text = format!("pipelined {}", i + 1);
+        assert!(f
+            .payload()
+            .windows(text.len())
+            .any(|w| w == text.as_bytes()));
+    }
+    assert!(
+        took < Duration::from_millis(600),
+        "the calls ran concurrently: {took:?}"
+    );
+}

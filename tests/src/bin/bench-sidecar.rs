@@ -1,0 +1,296 @@
+//! fnmesh's Thrift proxy benchmark, measured in one run with a real Volo client and the example
+//! function: direct to the function, through fnmesh, and through haproxy in TCP mode. Also cold
+//! start (first reply from zero instances, 20 trials, against the function's own spawn-to-accept
+//! time) and the sidecar's memory with 100 functions at zero instances.
+//!
+//! Run: `cargo run --release -p fnmesh-tests --bin bench-sidecar` (haproxy from Debian's package
+//! when installed). It prints figures; it asserts nothing.
+#![forbid(unsafe_code)]
+
+use std::{
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use fnmesh_tests::{
+    gen::volo_gen::echo::{EchoRequest, EchoServiceClientBuilder},
+    sidecar::{echo_fn, free_port, idl, Sidecar},
+};
+
+const SEQUENTIAL: usize = 5_000;
+const CONCURRENCY: usize = 64;
+const THROUGHPUT_FOR: Duration = Duration::from_secs(5);
+
+fn request() -> EchoRequest {
+    EchoRequest {
+        message: "benchmark".into(),
+        sleep_ms: None,
+        meta: None,
+    }
+}
+
+macro_rules! client {
+    ($addr:expr) => {
+        EchoServiceClientBuilder::new("echo").address($addr).build()
+    };
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+async fn sequential(addr: SocketAddr) -> (Duration, Duration) {
+    let client = client!(addr);
+    for _ in 0..200 {
+        client.echo(request()).await.expect("warm-up call");
+    }
+    let mut lat = Vec::with_capacity(SEQUENTIAL);
+    for _ in 0..SEQUENTIAL {
+        let t = Instant::now();
+        client.echo(request()).await.expect("call");
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    (pct(&lat, 0.5), pct(&lat, 0.99))
+}
+
+async fn throughput(addr: SocketAddr) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let (stop, done) = (stop.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = client!(addr);
+            while !stop.load(Ordering::Relaxed) {
+                client.echo(request()).await.expect("call");
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = done.load(Ordering::Relaxed);
+    let t = Instant::now();
+    tokio::time::sleep(THROUGHPUT_FOR).await;
+    let calls = done.load(Ordering::Relaxed) - start;
+    let secs = t.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    calls as f64 / secs
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_listening(addr: SocketAddr) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < until, "{addr} never listened");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn start_echo(port: u16) -> Killed {
+    let c = Command::new(echo_fn())
+        .env("PORT", port.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(SocketAddr::from(([127, 0, 0, 1], port)));
+    Killed(c)
+}
+
+fn start_haproxy(backend: SocketAddr) -> Option<(Killed, SocketAddr)> {
+    let port = free_port();
+    let cfg = std::env::temp_dir().join(format!("fnmesh-bench-haproxy-{}.cfg", std::process::id()));
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 4096\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\nbackend be\n  server echo {backend}\n"
+        ),
+    )
+    .ok()?;
+    let child = Command::new("haproxy")
+        .arg("-f")
+        .arg(&cfg)
+        .arg("-db")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listening(addr);
+    Some((Killed(child), addr))
+}
+
+/// Spawn-to-accept time of the function binary alone, `n` trials.
+fn spawn_to_accept(n: usize) -> Vec<Duration> {
+    (0..n)
+        .map(|_| {
+            let port = free_port();
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let t = Instant::now();
+            let c = Command::new(echo_fn())
+                .env("PORT", port.to_string())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            while std::net::TcpStream::connect(addr).is_err() {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            let d = t.elapsed();
+            drop(Killed(c));
+            d
+        })
+        .collect()
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse()
+                    .unwrap_or(0)
+            })
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() {
+    let echo_fn_table = |scale: &str| {
+        format!(
+            "[[function]]\nname = \"echo\"\nprotocol = \"thrift\"\nidl = \"{}\"\ncommand = [\"{}\"]\n\n[function.scale]\n{scale}\n",
+            idl("thrift/echo.thrift").display(),
+            echo_fn()
+        )
+    };
+    println!(
+        "machine: {} cores; {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model()
+    );
+
+    // Steady state: a direct instance, fnmesh with a warm instance, haproxy in front of the direct one.
+    let direct_port = free_port();
+    let _direct = start_echo(direct_port);
+    let direct = SocketAddr::from(([127, 0, 0, 1], direct_port));
+    let sc = Sidecar::start(&echo_fn_table(
+        "min = 1\nmax = 1\nconcurrency = 1024\nidle = \"10m\"",
+    ));
+    let haproxy = start_haproxy(direct);
+
+    let mut rows = vec![("direct", direct), ("fnmesh", sc.addr)];
+    if let Some((_, a)) = &haproxy {
+        rows.push(("haproxy (tcp)", *a));
+    } else {
+        println!("haproxy not installed (apt-get install haproxy): its row is skipped");
+    }
+    let mut seq = Vec::new();
+    let mut thr = Vec::new();
+    for (name, addr) in &rows {
+        seq.push((*name, sequential(*addr).await));
+    }
+    for (name, addr) in &rows {
+        thr.push((*name, throughput(*addr).await));
+    }
+    let (d50, d99) = seq[0].1;
+    let direct_rps = thr[0].1;
+    println!("\nsequential calls on one connection ({SEQUENTIAL} calls)");
+    println!("| path | p50 | p99 | added p50 | added p99 |");
+    println!("|---|---|---|---|---|");
+    for (name, (p50, p99)) in &seq {
+        println!(
+            "| {name} | {:.1} us | {:.1} us | {:+.1} us | {:+.1} us |",
+            us(*p50),
+            us(*p99),
+            us(*p50) - us(d50),
+            us(*p99) - us(d99)
+        );
+    }
+    println!("\n{CONCURRENCY} concurrent callers, {:?}", THROUGHPUT_FOR);
+    println!("| path | calls/s | vs direct |");
+    println!("|---|---|---|");
+    for (name, rps) in &thr {
+        println!("| {name} | {rps:.0} | {:.2}x |", rps / direct_rps);
+    }
+    drop(sc);
+    drop(haproxy);
+
+    // Cold start: first reply from zero instances, 20 trials, one warm client connection to fnmesh.
+    let sc = Sidecar::start(&echo_fn_table("min = 0\nmax = 1\nidle = \"20ms\""));
+    let client = client!(sc.addr);
+    let mut cold = Vec::new();
+    for _ in 0..20 {
+        assert!(sc.wait_for(Duration::from_secs(5), |s| s.stat("echo", "processes") == 0));
+        let t = Instant::now();
+        client.echo(request()).await.expect("cold call");
+        cold.push(t.elapsed());
+    }
+    drop(client);
+    drop(sc);
+    let mut spawn = spawn_to_accept(20);
+    cold.sort();
+    spawn.sort();
+    let (c50, s50) = (pct(&cold, 0.5), pct(&spawn, 0.5));
+    println!("\ncold start, 20 trials");
+    println!("| measure | p50 | min | max |");
+    println!("|---|---|---|---|");
+    println!(
+        "| first reply through fnmesh from zero instances | {:.2} ms | {:.2} ms | {:.2} ms |",
+        us(c50) / 1e3,
+        us(cold[0]) / 1e3,
+        us(cold[19]) / 1e3
+    );
+    println!(
+        "| echo-fn spawn-to-accept alone | {:.2} ms | {:.2} ms | {:.2} ms |",
+        us(s50) / 1e3,
+        us(spawn[0]) / 1e3,
+        us(spawn[19]) / 1e3
+    );
+    println!(
+        "| fnmesh's share (difference of p50s) | {:.2} ms | | |",
+        (us(c50) - us(s50)) / 1e3
+    );
+
+    // Memory: 100 functions configured, none started.
+    let mut many = String::new();
+    for i in 0..100 {
+        many.push_str(&format!("[[function]]\nname = \"f{i}\"\nprotocol = \"thrift\"\nidl = \"{}\"\ncommand = [\"{}\"]\n\n", idl("thrift/echo.thrift").display(), echo_fn()));
+    }
+    let sc = Sidecar::start(&many);
+    std::thread::sleep(Duration::from_millis(300));
+    let watchdog = sc.watchdog().map_or(0, rss_kb);
+    println!("\nmemory with 100 functions at zero instances: sidecar RSS {:.1} MB (+ watchdog process {:.1} MB)", rss_kb(sc.child.id()) as f64 / 1024.0, watchdog as f64 / 1024.0);
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default()
+}
