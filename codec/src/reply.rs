@@ -1,6 +1,8 @@
 //! Replies fnmesh makes itself: a TApplicationException EXCEPTION message in the transport and
 //! protocol of the request it answers, tagged with TTHeader string key `fnmesh-error`.
 
+use std::borrow::Cow;
+
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::{
@@ -28,14 +30,15 @@ pub enum ExceptionType {
     ProtocolError = 7,
 }
 
-/// What a reply must match of the request it answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a reply must match of the request it answers. It borrows the request's name, or owns a
+/// copy ([`ReplyTarget::into_owned`]) when the request itself is sent on before the reply is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplyTarget<'a> {
     pub transport: Transport,
     pub protocol: Protocol,
     /// Binary only: the old non-strict header form.
     pub strict: bool,
-    pub name: &'a str,
+    pub name: Cow<'a, str>,
     pub seqid: i32,
     /// TTHeader only: flags and seqid of the request's TTHeader, and whether its payload carried
     /// a Framed length.
@@ -52,7 +55,7 @@ impl<'a> ReplyTarget<'a> {
             transport: frame.transport(),
             protocol: frame.protocol(),
             strict: frame.message().strict,
-            name: frame.name(),
+            name: Cow::Borrowed(frame.name()),
             seqid: frame.seqid(),
             tt_flags: tt.map_or(0, |h| h.flags),
             tt_seqid: tt.map_or(0, |h| h.seqid),
@@ -72,11 +75,21 @@ impl<'a> ReplyTarget<'a> {
             transport,
             protocol,
             strict: true,
-            name: "",
+            name: Cow::Borrowed(""),
             seqid: 0,
             tt_flags: 0,
             tt_seqid: 0,
             inner_framed: transport == Transport::TTHeader,
+        }
+    }
+}
+
+impl ReplyTarget<'_> {
+    /// The same target, independent of the request's buffer.
+    pub fn into_owned(self) -> ReplyTarget<'static> {
+        ReplyTarget {
+            name: Cow::Owned(self.name.into_owned()),
+            ..self
         }
     }
 }
@@ -95,7 +108,7 @@ pub fn encode_exception(
         target.protocol,
         target.strict,
         MessageType::Exception,
-        target.name,
+        &target.name,
         target.seqid,
     );
     match target.protocol {

@@ -11,3 +11,9 @@ pub mod run;
 pub mod runtime;
 pub mod thrift;
 pub mod watchdog;
+
+/// Locks a mutex whose critical sections are a few field updates: a panic inside one leaves the
+/// data consistent, so a poisoned lock is used as it is. Never held across an `.await`.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

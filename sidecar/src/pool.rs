@@ -6,7 +6,7 @@
 use std::{
     collections::VecDeque,
     net::SocketAddr,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -20,7 +20,7 @@ use tokio::{
 use crate::{
     config::FunctionConfig,
     error::{CallError, Kind},
-    runtime,
+    lock, runtime,
     watchdog::Watchdog,
 };
 
@@ -72,12 +72,6 @@ impl Instance {
         }
         lock(&self.idle_conns).clear();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves consistent data (each critical section is
-    // a few field updates), so a poisoned lock is still usable.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 struct Slot {

@@ -12,8 +12,7 @@ use std::{
 
 use bytes::{buf::Chain, Buf, Bytes, BytesMut};
 use fnmesh_codec::{
-    encode_exception, Detected, Frame, FrameDecoder, Limits, MessageType, Protocol, ReplyTarget,
-    Transport,
+    encode_exception, Detected, Frame, FrameDecoder, Limits, MessageType, ReplyTarget,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -52,47 +51,6 @@ impl Drop for Active<'_> {
     }
 }
 
-/// What an error reply needs of the request, kept after the frame itself went upstream.
-struct Answer {
-    transport: Transport,
-    protocol: Protocol,
-    strict: bool,
-    name: String,
-    seqid: i32,
-    tt_flags: u16,
-    tt_seqid: u32,
-    inner_framed: bool,
-}
-
-impl Answer {
-    fn of(frame: &Frame) -> Answer {
-        let t = ReplyTarget::of(frame);
-        Answer {
-            transport: t.transport,
-            protocol: t.protocol,
-            strict: t.strict,
-            name: t.name.to_owned(),
-            seqid: t.seqid,
-            tt_flags: t.tt_flags,
-            tt_seqid: t.tt_seqid,
-            inner_framed: t.inner_framed,
-        }
-    }
-
-    fn target(&self) -> ReplyTarget<'_> {
-        ReplyTarget {
-            transport: self.transport,
-            protocol: self.protocol,
-            strict: self.strict,
-            name: &self.name,
-            seqid: self.seqid,
-            tt_flags: self.tt_flags,
-            tt_seqid: self.tt_seqid,
-            inner_framed: self.inner_framed,
-        }
-    }
-}
-
 /// The one place errors become Thrift replies (DESIGN.md's table): an EXCEPTION message in the
 /// request's transport, TTHeader key `fnmesh-error` = the kind.
 fn rescue(target: &ReplyTarget<'_>, e: &CallError) -> Reply {
@@ -128,7 +86,7 @@ struct Order {
 
 impl Replies {
     fn order(&self) -> std::sync::MutexGuard<'_, Order> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.state)
     }
 
     /// Queues the reply for `ticket` and writes every reply that is now in line, unless another
@@ -257,7 +215,8 @@ pub async fn serve(sock: TcpStream, detected: Detected, mut buf: BytesMut, share
 async fn call(shared: Arc<Shared>, mut frame: Frame, reply: Option<(Arc<Replies>, u64)>) {
     let _active = Active::new(&shared.active);
     let routed = route(&shared, &mut frame);
-    let answer = Answer::of(&frame);
+    // What an error reply needs of the request, kept after the frame itself went upstream.
+    let answer = ReplyTarget::of(&frame).into_owned();
     let result = match routed {
         Ok((pool, method)) => {
             let deadline = deadline(&pool, &method, &frame);
@@ -302,13 +261,13 @@ async fn call(shared: Arc<Shared>, mut frame: Frame, reply: Option<(Arc<Replies>
         Ok(Some(f)) => f.into_buf(),
         // Every ticket must be answered, or the replies queued behind it would wait forever.
         Ok(None) => rescue(
-            &answer.target(),
+            &answer,
             &CallError::new(
                 Kind::Unavailable,
                 "the instance sent no reply to a two-way call",
             ),
         ),
-        Err(e) => rescue(&answer.target(), &e),
+        Err(e) => rescue(&answer, &e),
     };
     let (replies, ticket) = reply;
     replies.deliver(ticket, bytes).await;
@@ -343,18 +302,11 @@ fn route(shared: &Shared, frame: &mut Frame) -> Result<(Arc<Pool>, String), Call
             .iter()
             .find(|p| p.function.service.as_deref().map(str::as_bytes) == Some(s))
     };
-    let mut asked: Option<String> = None;
     let mut found = None;
     if let Some(h) = frame.ttheader() {
-        if let Some(to) = h.to_service(frame.head()) {
-            found = by_name(to).cloned();
-            asked = Some(String::from_utf8_lossy(to).into_owned());
-        }
+        found = h.to_service(frame.head()).and_then(by_name).cloned();
         if found.is_none() {
-            if let Some(isn) = h.idl_service(frame.head()) {
-                found = by_service(isn).cloned();
-                asked = Some(String::from_utf8_lossy(isn).into_owned());
-            }
+            found = h.idl_service(frame.head()).and_then(by_service).cloned();
         }
     }
     if found.is_none() {
@@ -362,7 +314,6 @@ fn route(shared: &Shared, frame: &mut Frame) -> Result<(Arc<Pool>, String), Call
             let hit = by_service(service.as_bytes())
                 .or_else(|| by_name(service.as_bytes()))
                 .cloned();
-            asked = Some(service.to_owned());
             if hit.is_some() {
                 frame
                     .strip_service_prefix()
@@ -375,7 +326,7 @@ fn route(shared: &Shared, frame: &mut Frame) -> Result<(Arc<Pool>, String), Call
         found = shared.functions.first().cloned();
     }
     let Some(pool) = found else {
-        let asked = asked.unwrap_or_else(|| "(none named)".into());
+        let asked = asked_service(frame);
         return Err(CallError::new(
             Kind::NoRoute,
             format!("no function for service {asked}"),
@@ -389,6 +340,20 @@ fn route(shared: &Shared, frame: &mut Frame) -> Result<(Arc<Pool>, String), Call
         ));
     }
     Ok((pool, method))
+}
+
+/// The service an unroutable call asked for, for its error: the last routing rule that named one
+/// (a `Service:` prefix, else `isn`, else ToService). Only the failure path pays for the text.
+fn asked_service(frame: &Frame) -> String {
+    if let Some((service, _)) = frame.name().split_once(':') {
+        return service.to_owned();
+    }
+    let head = frame.head();
+    frame
+        .ttheader()
+        .and_then(|h| h.idl_service(head).or_else(|| h.to_service(head)))
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .unwrap_or_else(|| "(none named)".into())
 }
 
 /// How a forward failed: the instance is broken (refused, closed without replying), or only this

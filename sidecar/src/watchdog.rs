@@ -38,7 +38,7 @@ impl Watchdog {
     }
 
     fn send(&self, line: &str) {
-        let mut pipe = self.pipe.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pipe = crate::lock(&self.pipe);
         if let Some(p) = pipe.as_mut() {
             if p.write_all(line.as_bytes()).is_err() {
                 tracing::warn!("the watchdog has gone: instances may outlive a killed sidecar");

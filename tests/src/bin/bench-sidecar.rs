@@ -19,7 +19,7 @@ use std::{
 
 use fnmesh_tests::{
     gen::volo_gen::echo::{EchoRequest, EchoServiceClientBuilder},
-    sidecar::{echo_fn, free_port, idl, Sidecar},
+    sidecar::{echo_fn, echo_function, free_port, Sidecar},
 };
 
 const SEQUENTIAL: usize = 5_000;
@@ -178,13 +178,7 @@ fn rss_kb(pid: u32) -> u64 {
 
 #[tokio::main]
 async fn main() {
-    let echo_fn_table = |scale: &str| {
-        format!(
-            "[[function]]\nname = \"echo\"\nprotocol = \"thrift\"\nidl = \"{}\"\ncommand = [\"{}\"]\n\n[function.scale]\n{scale}\n",
-            idl("thrift/echo.thrift").display(),
-            echo_fn()
-        )
-    };
+    let echo_fn_table = |scale: &str| echo_function("echo", scale, "");
     println!(
         "machine: {} cores; {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -276,7 +270,7 @@ async fn main() {
     // Memory: 100 functions configured, none started.
     let mut many = String::new();
     for i in 0..100 {
-        many.push_str(&format!("[[function]]\nname = \"f{i}\"\nprotocol = \"thrift\"\nidl = \"{}\"\ncommand = [\"{}\"]\n\n", idl("thrift/echo.thrift").display(), echo_fn()));
+        many.push_str(&echo_function(&format!("f{i}"), "", ""));
     }
     let sc = Sidecar::start(&many);
     std::thread::sleep(Duration::from_millis(300));
