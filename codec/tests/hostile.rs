@@ -26,6 +26,14 @@ fn real_frames() -> Vec<(&'static str, Vec<u8>)> {
     v
 }
 
+/// Decodes `bytes`, expecting an error that matches `pattern`.
+macro_rules! assert_decode_err {
+    ($bytes:expr, $limits:expr, $pattern:pat) => {{
+        let err = decode_err($bytes, $limits);
+        assert!(matches!(err, $pattern), "{err}");
+    }};
+}
+
 /// Decodes until the decoder wants more or fails; returns the frames and the error, if any.
 fn drain(bytes: &[u8], limits: Limits) -> (Vec<Frame>, Option<CodecError>) {
     let mut d = FrameDecoder::new(limits);
@@ -110,32 +118,26 @@ fn header_limits_names_and_nesting_are_enforced() {
     let mut bytes = VOLO_TTHEADER.to_vec();
     // Header size larger than the frame.
     bytes[12..14].copy_from_slice(&0x4000u16.to_be_bytes());
-    let err = decode_err(&bytes, Limits::default());
-    assert!(
-        matches!(
-            err,
-            CodecError::Malformed {
-                what: "ttheader",
-                ..
-            }
-        ),
-        "{err}"
+    assert_decode_err!(
+        &bytes,
+        Limits::default(),
+        CodecError::Malformed {
+            what: "ttheader",
+            ..
+        }
     );
     // Header size over max_header_size.
     let limits = Limits {
         max_header_size: 64,
         ..Limits::default()
     };
-    let err = decode_err(VOLO_TTHEADER, limits);
-    assert!(
-        matches!(
-            err,
-            CodecError::LimitExceeded {
-                what: "ttheader header size",
-                ..
-            }
-        ),
-        "{err}"
+    assert_decode_err!(
+        VOLO_TTHEADER,
+        limits,
+        CodecError::LimitExceeded {
+            what: "ttheader header size",
+            ..
+        }
     );
     // Name over max_name_len, in every protocol.
     let limits = Limits {
@@ -179,7 +181,14 @@ fn header_limits_names_and_nesting_are_enforced() {
             None,
             &body,
         );
-        assert_too_deep(&bytes, limits);
+        assert_decode_err!(
+            &bytes,
+            limits,
+            CodecError::LimitExceeded {
+                what: "nesting depth",
+                ..
+            }
+        );
         // Nested lists count too.
         let mut lists = Vec::new();
         match protocol {
@@ -202,22 +211,15 @@ fn header_limits_names_and_nesting_are_enforced() {
             None,
             &lists,
         );
-        assert_too_deep(&bytes, limits);
-    }
-}
-
-fn assert_too_deep(bytes: &[u8], limits: Limits) {
-    let err = decode_err(bytes, limits);
-    assert!(
-        matches!(
-            err,
+        assert_decode_err!(
+            &bytes,
+            limits,
             CodecError::LimitExceeded {
                 what: "nesting depth",
                 ..
             }
-        ),
-        "{err}"
-    );
+        );
+    }
 }
 
 #[test]
@@ -227,30 +229,24 @@ fn unknown_info_ids_bad_lengths_and_bad_names_are_malformed() {
     let pad = 14 + 0x25 * 4 - 1;
     assert_eq!(bytes[pad], 0);
     bytes[pad] = 0x42;
-    let err = decode_err(&bytes, Limits::default());
-    assert!(
-        matches!(
-            err,
-            CodecError::Malformed {
-                reason: "unknown info id",
-                ..
-            }
-        ),
-        "{err}"
+    assert_decode_err!(
+        &bytes,
+        Limits::default(),
+        CodecError::Malformed {
+            reason: "unknown info id",
+            ..
+        }
     );
     // A string value whose length runs past the header.
     let mut bytes = VOLO_TTHEADER.to_vec();
     bytes[0x29..0x2b].copy_from_slice(&0xfff0u16.to_be_bytes());
-    let err = decode_err(&bytes, Limits::default());
-    assert!(
-        matches!(
-            err,
-            CodecError::Malformed {
-                what: "ttheader",
-                ..
-            }
-        ),
-        "{err}"
+    assert_decode_err!(
+        &bytes,
+        Limits::default(),
+        CodecError::Malformed {
+            what: "ttheader",
+            ..
+        }
     );
     // An unsupported protocol id, and payload transforms.
     let mut bytes = VOLO_TTHEADER.to_vec();
@@ -314,16 +310,13 @@ fn unknown_info_ids_bad_lengths_and_bad_names_are_malformed() {
     // A framed length shorter than the message header inside it.
     let mut bytes = VOLO_FRAMED.to_vec();
     bytes[0..4].copy_from_slice(&6u32.to_be_bytes());
-    let err = decode_err(&bytes, Limits::default());
-    assert!(
-        matches!(
-            err,
-            CodecError::Malformed {
-                reason: "runs past the end of the frame",
-                ..
-            }
-        ),
-        "{err}"
+    assert_decode_err!(
+        &bytes,
+        Limits::default(),
+        CodecError::Malformed {
+            reason: "runs past the end of the frame",
+            ..
+        }
     );
     // A negative container size, binary.
     let bytes = frame(

@@ -9,6 +9,14 @@ fn example(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
+/// Each method as (name, client streaming, server streaming).
+fn streaming_kinds(s: &fnmesh_idl::Service) -> Vec<(&str, bool, bool)> {
+    s.methods
+        .iter()
+        .map(|m| (m.name.as_str(), m.client_streaming, m.server_streaming))
+        .collect()
+}
+
 /// A scratch directory with the given files, removed when dropped.
 struct Scratch(PathBuf);
 
@@ -57,13 +65,8 @@ fn example_proto_idl_lists_each_streaming_kind() {
     assert_eq!(c.kind, IdlKind::Proto);
     let s = c.select(None).unwrap();
     assert_eq!(s.name, "echo.Echo");
-    let kinds: Vec<_> = s
-        .methods
-        .iter()
-        .map(|m| (m.name.as_str(), m.client_streaming, m.server_streaming))
-        .collect();
     assert_eq!(
-        kinds,
+        streaming_kinds(s),
         [
             ("UnaryEcho", false, false),
             ("ServerStreamingEcho", false, true),
@@ -206,13 +209,8 @@ fn proto_imports_options_and_nested_blocks_are_followed_or_skipped() {
     let c = Catalog::load(dir.path("svc.proto"), &[]).unwrap();
     let s = c.select(None).unwrap();
     assert_eq!(s.name, "acme.v1.Greeter");
-    let kinds: Vec<_> = s
-        .methods
-        .iter()
-        .map(|m| (m.name.as_str(), m.client_streaming, m.server_streaming))
-        .collect();
     assert_eq!(
-        kinds,
+        streaming_kinds(s),
         [
             ("Hello", false, false),
             ("Watch", false, true),

@@ -3,8 +3,9 @@
 // (No `forbid(unsafe_code)` here: libfuzzer-sys's entry point macro needs `#[no_mangle]`.)
 
 use bytes::BytesMut;
-use fnmesh_codec::{encode_exception, int_key, ExceptionType, FrameDecoder, ReplyTarget};
+use fnmesh_codec::{encode_exception, int_key, ExceptionType, FrameDecoder, Protocol, ReplyTarget};
 
+#[allow(dead_code)]
 pub fn exercise(mut decoder: FrameDecoder, data: &[u8], chunk: usize) {
     let mut buf = BytesMut::new();
     let chunk = chunk.max(1);
@@ -41,4 +42,17 @@ pub fn exercise(mut decoder: FrameDecoder, data: &[u8], chunk: usize) {
             }
         }
     }
+}
+
+/// Splits off the input's first byte, which picks the protocol (its low bit) and, for the targets
+/// that use it, a chunk size (the other bits).
+#[allow(dead_code)]
+pub fn split_protocol(data: &[u8]) -> Option<(Protocol, u8, &[u8])> {
+    let (&pick, rest) = data.split_first()?;
+    let protocol = if pick & 1 == 0 {
+        Protocol::Binary
+    } else {
+        Protocol::Compact
+    };
+    Some((protocol, pick >> 1, rest))
 }

@@ -1,16 +1,14 @@
 #![no_main]
 //! The struct walk alone: it must end, and never claim more bytes than it was given.
-use fnmesh_codec::{skip_struct, Limits, Protocol};
+use fnmesh_codec::{skip_struct, Limits};
 use libfuzzer_sys::fuzz_target;
 
+#[path = "common.rs"]
+mod common;
+
 fuzz_target!(|data: &[u8]| {
-    let Some((&pick, rest)) = data.split_first() else {
+    let Some((protocol, _, rest)) = common::split_protocol(data) else {
         return;
-    };
-    let protocol = if pick & 1 == 0 {
-        Protocol::Binary
-    } else {
-        Protocol::Compact
     };
     let limits = Limits {
         max_depth: 32,
