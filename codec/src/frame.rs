@@ -185,24 +185,8 @@ impl FrameDecoder {
     /// Takes the next whole frame off the front of `buf`, `Ok(None)` if `buf` does not hold one
     /// yet. Bytes of a frame that is not complete stay in `buf`.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
-        if buf.len() < self.need || buf.is_empty() {
+        let Some(detected) = self.transport(buf)? else {
             return Ok(None);
-        }
-        let detected = match self.transport {
-            Some(d) => d,
-            None => match detect(buf) {
-                Detection::Found(Detected::Http2) | Detection::Unknown => {
-                    return Err(CodecError::UnknownProtocol(first4(buf)))
-                }
-                Detection::Found(d) => {
-                    self.transport = Some(d);
-                    d
-                }
-                Detection::NeedMore(n) => {
-                    self.need = buf.len() + n;
-                    return Ok(None);
-                }
-            },
         };
         // Returned straight through (no local), so a frame is not copied once more per call.
         match detected {
@@ -213,19 +197,59 @@ impl FrameDecoder {
         }
     }
 
-    fn too_large(&self, size: u64) -> CodecError {
-        CodecError::TooLarge {
-            size,
-            limit: self.limits.max_frame_size,
+    /// Takes the next whole frame off the front of `buf` as it is, parsing only what finding its
+    /// end needs: the length prefix of a TTHeader or Framed frame (its headers are not read), or
+    /// the message header and a walk of the struct of an unframed one. For relaying frames whose
+    /// content nobody reads, such as an instance's replies. Same limits and waiting as
+    /// [`FrameDecoder::decode`].
+    pub fn split(&mut self, buf: &mut BytesMut) -> Result<Option<BytesMut>, CodecError> {
+        let Some(detected) = self.transport(buf)? else {
+            return Ok(None);
+        };
+        let framed = match detected {
+            Detected::TTHeader => None,
+            Detected::Framed(p) => Some(p),
+            Detected::Unframed(p) => return Ok(self.unframed(buf, p)?.map(|f| f.buf)),
+            Detected::Http2 => return Err(CodecError::UnknownProtocol(first4(buf))),
+        };
+        let Some(total) = self.prefixed_len(buf, framed)? else {
+            return Ok(None);
+        };
+        self.need = 0;
+        Ok(Some(buf.split_to(total)))
+    }
+
+    /// The transport of the frames in `buf`: the one given or detected before, else detected
+    /// now; `None` until `buf` holds enough to tell (or the bytes a frame needs).
+    fn transport(&mut self, buf: &BytesMut) -> Result<Option<Detected>, CodecError> {
+        if buf.len() < self.need || buf.is_empty() {
+            return Ok(None);
+        }
+        match self.transport {
+            Some(d) => Ok(Some(d)),
+            None => match detect(buf) {
+                Detection::Found(Detected::Http2) | Detection::Unknown => {
+                    Err(CodecError::UnknownProtocol(first4(buf)))
+                }
+                Detection::Found(d) => {
+                    self.transport = Some(d);
+                    Ok(Some(d))
+                }
+                Detection::NeedMore(n) => {
+                    self.need = buf.len() + n;
+                    Ok(None)
+                }
+            },
         }
     }
 
-    /// TTHeader (`framed = None`) and Framed frames: a u32 length says where the frame ends.
-    fn length_prefixed(
+    /// The whole length of the TTHeader (`framed = None`) or Framed frame at the front of `buf`
+    /// once `buf` holds all of it, after checking the length and the magic or protocol marker.
+    fn prefixed_len(
         &mut self,
-        buf: &mut BytesMut,
+        buf: &[u8],
         framed: Option<Protocol>,
-    ) -> Result<Option<Frame>, CodecError> {
+    ) -> Result<Option<usize>, CodecError> {
         if buf.len() < 6 {
             self.need = 6;
             return Ok(None);
@@ -253,6 +277,25 @@ impl FrameDecoder {
             self.need = total;
             return Ok(None);
         }
+        Ok(Some(total))
+    }
+
+    fn too_large(&self, size: u64) -> CodecError {
+        CodecError::TooLarge {
+            size,
+            limit: self.limits.max_frame_size,
+        }
+    }
+
+    /// TTHeader (`framed = None`) and Framed frames: a u32 length says where the frame ends.
+    fn length_prefixed(
+        &mut self,
+        buf: &mut BytesMut,
+        framed: Option<Protocol>,
+    ) -> Result<Option<Frame>, CodecError> {
+        let Some(total) = self.prefixed_len(buf, framed)? else {
+            return Ok(None);
+        };
         let frame = &buf[..total];
         let (ttheader, message) = match framed {
             None => {

@@ -51,6 +51,23 @@ fn drain(bytes: &[u8], limits: Limits) -> (Vec<Frame>, Option<CodecError>) {
     }
 }
 
+/// The same with [`FrameDecoder::split`]: the raw frames, and the error if any.
+fn drain_split(bytes: &[u8], limits: Limits) -> (Vec<BytesMut>, Option<CodecError>) {
+    let mut d = FrameDecoder::new(limits);
+    let mut buf = BytesMut::from(bytes);
+    let mut frames = Vec::new();
+    loop {
+        match d.split(&mut buf) {
+            Ok(Some(f)) => {
+                assert!(!f.is_empty(), "a frame always consumes bytes");
+                frames.push(f);
+            }
+            Ok(None) => return (frames, None),
+            Err(e) => return (frames, Some(e)),
+        }
+    }
+}
+
 fn decode_err(bytes: &[u8], limits: Limits) -> CodecError {
     let (frames, err) = drain(bytes, limits);
     assert!(frames.is_empty(), "no frame from bad input");
@@ -70,6 +87,46 @@ fn every_truncation_of_a_real_frame_waits_for_more_bytes() {
         let (frames, err) = drain(&bytes, Limits::default());
         assert_eq!((frames.len(), err), (1, None), "{label}: whole frame");
     }
+}
+
+#[test]
+fn split_takes_exactly_the_frames_decode_does_and_waits_on_every_truncation() {
+    for (label, bytes) in real_frames() {
+        for n in 0..bytes.len() {
+            let (frames, err) = drain_split(&bytes[..n], Limits::default());
+            assert!(
+                frames.is_empty() && err.is_none(),
+                "{label}: prefix of {n} bytes"
+            );
+        }
+        // Three frames back to back, then half of a fourth: three splits, each exactly the
+        // bytes `decode` takes, and the half frame left waiting.
+        let mut wire = bytes.repeat(3);
+        wire.extend_from_slice(&bytes[..bytes.len() / 2]);
+        let (split, err) = drain_split(&wire, Limits::default());
+        let (decoded, _) = drain(&wire, Limits::default());
+        assert_eq!((split.len(), err), (3, None), "{label}");
+        for (s, d) in split.iter().zip(&decoded) {
+            assert_eq!(&s[..], &d.to_vec()[..], "{label}");
+        }
+        // Over the size limit: refused, as by decode.
+        let limits = Limits {
+            max_frame_size: bytes.len() - 1,
+            ..Limits::default()
+        };
+        let (frames, err) = drain_split(&bytes, limits);
+        assert!(frames.is_empty(), "{label}");
+        assert!(err.is_some_and(|e| e.is_too_large()), "{label}");
+    }
+    // A declared length over the limit is refused from the first six bytes.
+    let (_, err) = drain_split(&[0xff, 0xff, 0xff, 0xff, 0x10, 0x00], Limits::default());
+    assert!(err.is_some_and(|e| e.is_too_large()));
+    // Neither magic nor protocol marker: malformed, not a frame.
+    let (_, err) = drain_split(
+        &[0, 0, 0, 8, 0x10, 0x01, 0, 0, 0, 0, 0, 0],
+        Limits::default(),
+    );
+    assert!(err.is_some());
 }
 
 #[test]
@@ -391,6 +448,9 @@ fn a_hundred_thousand_mutations_of_real_frames_never_panic() {
     for i in 0..100_000 {
         let (_, original) = &frames[i % frames.len()];
         let bytes = mutate(&mut rng, original);
+        // Split never panics either, and never takes a frame longer than its input.
+        let (split, _) = drain_split(&bytes, Limits::default());
+        assert!(split.iter().map(|f| f.len()).sum::<usize>() <= bytes.len());
         let (frames_out, err) = drain(&bytes, Limits::default());
         match (&frames_out[..], err) {
             (_, Some(_)) => errors += 1,

@@ -25,6 +25,9 @@ pub struct SidecarConfig {
     pub advertise: SocketAddr,
     pub drain_timeout: Duration,
     pub max_frame_size: usize,
+    /// Threads serving connections, each with its own single-threaded runtime (default: one per
+    /// CPU).
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +148,7 @@ struct RawSidecar {
     drain_timeout: Duration,
     #[serde(default = "default_frame", deserialize_with = "size")]
     max_frame_size: usize,
+    workers: Option<Spanned<usize>>,
 }
 
 fn default_drain() -> Duration {
@@ -382,6 +386,17 @@ impl Config {
             }
             functions.push(fc);
         }
+        let workers = match &s.workers {
+            Some(w) if !(1..=256).contains(w.get_ref()) => {
+                return cx.invalid(
+                    w.span().start,
+                    "sidecar.workers",
+                    format!("{} is not between 1 and 256", w.get_ref()),
+                )
+            }
+            Some(w) => *w.get_ref(),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
         Ok(Config {
             sidecar: SidecarConfig {
                 listen,
@@ -389,6 +404,7 @@ impl Config {
                 advertise,
                 drain_timeout: s.drain_timeout,
                 max_frame_size: s.max_frame_size,
+                workers,
             },
             functions,
         })

@@ -11,6 +11,7 @@ pub mod run;
 pub mod runtime;
 pub mod thrift;
 pub mod watchdog;
+pub mod workers;
 
 /// Locks a mutex whose critical sections are a few field updates: a panic inside one leaves the
 /// data consistent, so a poisoned lock is used as it is. Never held across an `.await`.

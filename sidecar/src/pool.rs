@@ -29,8 +29,10 @@ use crate::{
 pub struct Instance {
     pub id: u64,
     pub addr: SocketAddr,
-    /// Idle upstream connections: one call at a time each, as Volo and Kitex servers expect.
-    idle_conns: Mutex<Vec<Upstream>>,
+    /// Idle upstream connections, per worker thread (a connection belongs to the reactor of
+    /// the worker that opened it), plus one list for other threads: one call at a time each, as
+    /// Volo and Kitex servers expect.
+    idle_conns: Box<[Mutex<Vec<Upstream>>]>,
     stop: Mutex<Option<oneshot::Sender<()>>>,
 }
 
@@ -42,25 +44,45 @@ pub struct Upstream {
 }
 
 impl Instance {
-    /// An idle pooled connection, or a new one.
-    pub async fn connection(&self) -> std::io::Result<Upstream> {
-        let pooled = lock(&self.idle_conns).pop();
-        match pooled {
-            Some(c) => Ok(c),
-            None => {
-                let stream = TcpStream::connect(self.addr).await?;
-                stream.set_nodelay(true)?;
-                Ok(Upstream {
-                    stream,
-                    buf: BytesMut::with_capacity(8 * 1024),
-                })
-            }
+    fn new(id: u64, addr: SocketAddr, workers: usize, stop: oneshot::Sender<()>) -> Instance {
+        Instance {
+            id,
+            addr,
+            idle_conns: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
+            stop: Mutex::new(Some(stop)),
         }
+    }
+
+    /// This thread's idle connections.
+    fn idle(&self) -> &Mutex<Vec<Upstream>> {
+        let last = self.idle_conns.len() - 1;
+        &self.idle_conns[crate::workers::current().map_or(last, |i| i.min(last))]
+    }
+
+    fn clear_idle(&self) {
+        for idle in self.idle_conns.iter() {
+            lock(idle).clear();
+        }
+    }
+
+    /// An idle pooled connection of this thread, if there is one.
+    pub fn pooled(&self) -> Option<Upstream> {
+        lock(self.idle()).pop()
+    }
+
+    /// A new connection.
+    pub async fn connect(&self) -> std::io::Result<Upstream> {
+        let stream = TcpStream::connect(self.addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Upstream {
+            stream,
+            buf: BytesMut::with_capacity(8 * 1024),
+        })
     }
 
     /// Returns a connection whose call completed cleanly.
     pub fn recycle(&self, conn: Upstream) {
-        let mut idle = lock(&self.idle_conns);
+        let mut idle = lock(self.idle());
         if idle.len() < 256 {
             idle.push(conn);
         }
@@ -70,7 +92,7 @@ impl Instance {
         if let Some(tx) = lock(&self.stop).take() {
             let _ = tx.send(());
         }
-        lock(&self.idle_conns).clear();
+        self.clear_idle();
     }
 }
 
@@ -109,6 +131,11 @@ pub struct Pool {
     next_id: std::sync::atomic::AtomicU64,
     /// Instance processes not yet reaped (shutdown waits for this to reach zero).
     live: std::sync::atomic::AtomicUsize,
+    /// Worker threads (each instance keeps idle connections per worker).
+    workers: usize,
+    /// The runtime instance processes are started and watched on, whichever worker's call
+    /// asked for them.
+    control: tokio::runtime::Handle,
 }
 
 /// A slot on an instance; dropping it frees the slot (and hands it to the next waiting call).
@@ -152,10 +179,12 @@ impl Drop for Waiting {
 }
 
 impl Pool {
+    /// A pool for `function`; call it inside the control runtime.
     pub fn new(
         function: Arc<FunctionConfig>,
         grace: Duration,
         watchdog: Arc<Watchdog>,
+        workers: usize,
     ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             function,
@@ -164,6 +193,8 @@ impl Pool {
             state: Mutex::new(State::default()),
             next_id: std::sync::atomic::AtomicU64::new(1),
             live: std::sync::atomic::AtomicUsize::new(0),
+            workers,
+            control: tokio::runtime::Handle::current(),
         });
         let min = pool.function.scale.min;
         if min > 0 {
@@ -186,6 +217,28 @@ impl Pool {
         }
     }
 
+    /// A slot on a ready instance with room, without waiting: `None` when the call would have
+    /// to queue (then [`Pool::acquire`]).
+    pub fn try_acquire(self: &Arc<Pool>) -> Result<Option<Lease>, CallError> {
+        let mut st = lock(&self.state);
+        if st.draining {
+            return Err(self.draining_error());
+        }
+        Ok(
+            Self::take_slot(&mut st, self.function.scale.concurrency).map(|instance| Lease {
+                pool: self.clone(),
+                instance,
+            }),
+        )
+    }
+
+    fn draining_error(&self) -> CallError {
+        CallError::new(
+            Kind::Unavailable,
+            format!("function {} is draining", self.function.name),
+        )
+    }
+
     /// A slot on a ready instance: at once if one has room, else after waiting in the queue
     /// (starting instances as the queue needs).
     pub async fn acquire(self: &Arc<Pool>) -> Result<Lease, CallError> {
@@ -193,10 +246,7 @@ impl Pool {
         let rx = {
             let mut st = lock(&self.state);
             if st.draining {
-                return Err(CallError::new(
-                    Kind::Unavailable,
-                    format!("function {name} is draining"),
-                ));
+                return Err(self.draining_error());
             }
             if let Some(instance) = Self::take_slot(&mut st, self.function.scale.concurrency) {
                 return Ok(Lease {
@@ -325,7 +375,7 @@ impl Pool {
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tokio::spawn(async move {
+        self.control.spawn(async move {
             if !delay.is_zero() {
                 sleep(delay).await;
             }
@@ -338,12 +388,7 @@ impl Pool {
 
     fn instance_ready(self: &Arc<Pool>, id: u64, process: runtime::Process) {
         let (stop_tx, stop_rx) = oneshot::channel();
-        let instance = Arc::new(Instance {
-            id,
-            addr: process.addr,
-            idle_conns: Mutex::new(Vec::new()),
-            stop: Mutex::new(Some(stop_tx)),
-        });
+        let instance = Arc::new(Instance::new(id, process.addr, self.workers, stop_tx));
         {
             let mut st = lock(&self.state);
             st.starting -= 1;
@@ -421,7 +466,7 @@ impl Pool {
         let mut st = lock(&self.state);
         let before = st.ready.len();
         st.ready.retain(|s| !Arc::ptr_eq(&s.instance, instance));
-        lock(&instance.idle_conns).clear();
+        instance.clear_idle();
         st.ready.len() != before
     }
 

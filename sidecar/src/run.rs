@@ -16,17 +16,19 @@ use tokio::{
     time::{sleep, timeout, Instant},
 };
 
-use crate::{admin, config::Config, pool::Pool, thrift, watchdog::Watchdog};
+use crate::{admin, config::Config, pool::Pool, thrift, watchdog::Watchdog, workers::Workers};
 
 /// How long a new connection may take to send enough bytes to tell its protocol.
 const DETECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn main(config: Config, json_logs: bool) -> ExitCode {
     init_logs(json_logs);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    // The control runtime: accept, admin, signals and instance processes. Connections are
+    // served by the worker threads (`workers.rs`).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()
-    {
+        .build();
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("fnmesh: cannot start the runtime: {e}");
@@ -70,7 +72,14 @@ async fn serve(config: Config) -> Result<(), String> {
     let pools: Vec<Arc<Pool>> = config
         .functions
         .iter()
-        .map(|f| Pool::new(Arc::new(f.clone()), grace, watchdog.clone()))
+        .map(|f| {
+            Pool::new(
+                Arc::new(f.clone()),
+                grace,
+                watchdog.clone(),
+                config.sidecar.workers,
+            )
+        })
         .collect();
     let admin = Arc::new(admin::Admin {
         pools: pools.clone(),
@@ -87,9 +96,17 @@ async fn serve(config: Config) -> Result<(), String> {
         limits,
         active: 0.into(),
     });
+    let workers = {
+        let shared = shared.clone();
+        Workers::start(config.sidecar.workers, move |sock| {
+            connection(sock, shared.clone())
+        })
+        .map_err(|e| format!("cannot start the worker threads: {e}"))?
+    };
     tracing::info!(
         listen = %config.sidecar.listen,
         functions = pools.len(),
+        workers = workers.len(),
         "fnmesh serving"
     );
 
@@ -98,7 +115,7 @@ async fn serve(config: Config) -> Result<(), String> {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((sock, _)) => { tokio::spawn(connection(sock, shared.clone())); }
+                Ok((sock, _)) => workers.dispatch(sock),
                 Err(e) => { tracing::warn!(error = %e, "accept failed"); sleep(Duration::from_millis(10)).await; }
             },
             _ = term.recv() => break,

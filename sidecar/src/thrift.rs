@@ -3,6 +3,7 @@
 //! flight on one connection; replies go back in request order.
 
 use std::{
+    collections::VecDeque,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -14,9 +15,13 @@ use bytes::{buf::Chain, Buf, Bytes, BytesMut};
 use fnmesh_codec::{
     encode_exception, Detected, Frame, FrameDecoder, Limits, MessageType, ReplyTarget,
 };
+use futures_util::{
+    future::{AbortHandle, Abortable, Either, FutureExt},
+    stream::{FuturesUnordered, StreamExt},
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{tcp::OwnedWriteHalf, TcpStream},
+    net::TcpStream,
     time::Instant,
 };
 
@@ -65,121 +70,235 @@ fn rescue(target: &ReplyTarget<'_>, e: &CallError) -> Reply {
     bytes.chain(Bytes::new())
 }
 
-/// Replies of one connection, written in request order by whichever call completes the next one
-/// in line: with a single call in flight, its own task writes the reply (no writer task to wake).
-struct Replies {
-    state: std::sync::Mutex<Order>,
-    wr: tokio::sync::Mutex<OwnedWriteHalf>,
-    written: tokio::sync::Notify,
+/// Most calls (and replies not yet written) one connection may have at once: past this, the
+/// connection is not read until some complete, so a caller that stops reading its replies slows
+/// itself down instead of growing the sidecar's memory.
+const MAX_PENDING: usize = 4096;
+
+fn empty() -> Reply {
+    Bytes::new().chain(Bytes::new())
 }
 
-#[derive(Default)]
-struct Order {
-    /// The ticket whose reply goes out next.
-    next: u64,
-    /// Replies ready but not yet in line.
-    ready: std::collections::BTreeMap<u64, Reply>,
-    /// A task is writing: it will also write whatever becomes next while it does.
-    writing: bool,
-    broken: bool,
+/// What an error reply needs of a request that went upstream: its reply target, whose name is
+/// read from the request's head (shared with the forwarded bytes, so nothing is copied).
+struct Answer {
+    target: ReplyTarget<'static>,
+    head: Bytes,
+    name: std::ops::Range<usize>,
 }
 
-impl Replies {
-    fn order(&self) -> std::sync::MutexGuard<'_, Order> {
-        crate::lock(&self.state)
-    }
-
-    /// Queues the reply for `ticket` and writes every reply that is now in line, unless another
-    /// task is already doing so (it will pick this one up).
-    async fn deliver(&self, ticket: u64, reply: Reply) {
-        {
-            let mut o = self.order();
-            if o.broken {
-                return;
-            }
-            o.ready.insert(ticket, reply);
-            if o.writing {
-                return;
-            }
-            o.writing = true;
-        }
-        loop {
-            let next = {
-                let mut o = self.order();
-                let n = o.next;
-                match o.ready.remove(&n) {
-                    Some(r) => {
-                        o.next += 1;
-                        r
-                    }
-                    None => {
-                        o.writing = false;
-                        return;
-                    }
-                }
-            };
-            let mut reply = next;
-            let ok = self.wr.lock().await.write_all_buf(&mut reply).await.is_ok();
-            if !ok {
-                let mut o = self.order();
-                o.broken = true;
-                o.writing = false;
-                o.ready.clear();
-                drop(o);
-                self.written.notify_waiters();
-                return;
-            }
-            self.written.notify_waiters();
+impl Answer {
+    fn of(frame: &Frame) -> Answer {
+        let m = frame.message();
+        let tt = frame.ttheader();
+        Answer {
+            target: ReplyTarget {
+                transport: frame.transport(),
+                protocol: m.protocol,
+                strict: m.strict,
+                name: "".into(),
+                seqid: m.seqid,
+                tt_flags: tt.map_or(0, |h| h.flags),
+                tt_seqid: tt.map_or(0, |h| h.seqid),
+                inner_framed: tt.is_some_and(|h| h.inner_framed),
+            },
+            head: Bytes::new(),
+            name: m.name_start..m.name_end,
         }
     }
 
-    /// Waits until the replies to tickets below `issued` are written (or the peer is gone), then
-    /// closes the write side.
-    async fn finish(&self, issued: u64) {
-        loop {
-            let written = self.written.notified();
-            {
-                let o = self.order();
-                if o.broken || o.next >= issued {
-                    break;
-                }
-            }
-            written.await;
+    fn reply(&self, e: &CallError) -> Reply {
+        let name = self.head.get(self.name.clone()).unwrap_or_default();
+        let target = ReplyTarget {
+            name: std::str::from_utf8(name).unwrap_or_default().into(),
+            ..self.target.clone()
+        };
+        rescue(&target, e)
+    }
+}
+
+/// A two-way call of a connection, from decode until its reply is written.
+struct Pending {
+    reply: Option<Reply>,
+    /// While the call runs: when it times out, its budget and function (for the message), what
+    /// its error reply needs, and how to stop it.
+    deadline: Option<(Instant, Duration, usize)>,
+    answer: Option<Answer>,
+    abort: Option<AbortHandle>,
+}
+
+impl Pending {
+    fn answered(reply: Reply) -> Pending {
+        Pending {
+            reply: Some(reply),
+            deadline: None,
+            answer: None,
+            abort: None,
         }
-        let _ = self.wr.lock().await.shutdown().await;
     }
 }
 
 /// Serves one Thrift connection whose first bytes (`buf`) were detected as `detected`.
-pub async fn serve(sock: TcpStream, detected: Detected, mut buf: BytesMut, shared: Arc<Shared>) {
+///
+/// The connection's task drives its calls itself (no task per call): it reads and decodes
+/// frames, routes them, polls the calls in flight, and writes each reply as soon as every earlier
+/// one has gone out, so replies keep request order. One timer per connection, armed at the
+/// earliest deadline of its calls, answers `timeout` and stops a call whose deadline passes; a
+/// reply that cannot be written yet (slow reader) blocks neither the calls nor the reads, up to
+/// [`MAX_PENDING`].
+pub async fn serve(
+    mut sock: TcpStream,
+    detected: Detected,
+    mut buf: BytesMut,
+    shared: Arc<Shared>,
+) {
     let _ = sock.set_nodelay(true);
-    let (mut rd, wr) = sock.into_split();
-    let replies = Arc::new(Replies {
-        state: Default::default(),
-        wr: tokio::sync::Mutex::new(wr),
-        written: tokio::sync::Notify::new(),
-    });
-    let mut tickets = 0u64;
+    let (mut rd, mut wr) = sock.split();
+    let shared = &*shared;
     let mut decoder = FrameDecoder::for_transport(detected, shared.limits);
-    let refusal = loop {
-        match decoder.decode(&mut buf) {
-            Ok(Some(frame)) => {
-                let oneway = frame.kind() == MessageType::Oneway;
-                if frame.kind() != MessageType::Call && !oneway {
-                    let e = CallError::new(
-                        Kind::BadRequest,
-                        format!("expected a call, got a {:?} message", frame.kind()),
-                    );
-                    break Some(rescue(&ReplyTarget::of(&frame), &e));
+    let mut calls = FuturesUnordered::new();
+    // Two-way calls by ticket; the front one's reply goes out next.
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut next = 0u64;
+    let mut out: Reply = empty();
+    let mut reading = true;
+    let timer = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
+    loop {
+        while reading {
+            let mut frame = match decoder.decode(&mut buf) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(err) => {
+                    let kind = if err.is_too_large() {
+                        Kind::TooLarge
+                    } else {
+                        Kind::BadRequest
+                    };
+                    tracing::debug!(error = %err, "refusing a malformed frame; closing the connection");
+                    let e = CallError::new(kind, err.to_string());
+                    let target = ReplyTarget::for_detected(detected);
+                    // Answered after every earlier call; nothing more is read.
+                    pending.push_back(Pending::answered(rescue(&target, &e)));
+                    reading = false;
+                    break;
                 }
-                let ticket = (!oneway).then(|| {
-                    tickets += 1;
-                    (replies.clone(), tickets - 1)
-                });
-                tokio::spawn(call(shared.clone(), frame, ticket));
+            };
+            let oneway = frame.kind() == MessageType::Oneway;
+            if frame.kind() != MessageType::Call && !oneway {
+                let e = CallError::new(
+                    Kind::BadRequest,
+                    format!("expected a call, got a {:?} message", frame.kind()),
+                );
+                pending.push_back(Pending::answered(rescue(&ReplyTarget::of(&frame), &e)));
+                reading = false;
+                break;
             }
-            Ok(None) => match rd.read_buf(&mut buf).await {
-                Ok(0) | Err(_) if buf.is_empty() => break None,
+            let (index, budget) = match route(shared, &mut frame) {
+                Ok(routed) => routed,
+                Err(e) => {
+                    if oneway {
+                        tracing::debug!(error = %e, "oneway call not routed");
+                    } else {
+                        pending.push_back(Pending::answered(rescue(&ReplyTarget::of(&frame), &e)));
+                    }
+                    continue;
+                }
+            };
+            let deadline = budget.map(|b| Instant::now() + b);
+            let pool = &shared.functions[index];
+            let mut answer = (!oneway).then(|| Answer::of(&frame));
+            let request = frame.into_buf();
+            let ticket = answer.as_mut().map(|a| {
+                a.head = request.first_ref().clone();
+                next + pending.len() as u64
+            });
+            let call = async move { (ticket, call(shared, pool, request, oneway, deadline).await) };
+            // Only a call with a deadline can be stopped (which costs an allocation).
+            let (call, abort) = match (ticket, deadline) {
+                (Some(_), Some(_)) => {
+                    let (abort, registration) = AbortHandle::new_pair();
+                    (
+                        Either::Right(Abortable::new(call, registration)),
+                        Some(abort),
+                    )
+                }
+                _ => (Either::Left(call.map(Ok as fn(_) -> _)), None),
+            };
+            calls.push(call);
+            let Some(answer) = answer else { continue };
+            if let (Some(at), Some(b), Some(abort)) = (deadline, budget, abort) {
+                if armed.is_none_or(|a| at < a) {
+                    timer.as_mut().reset(at);
+                    armed = Some(at);
+                }
+                pending.push_back(Pending {
+                    reply: None,
+                    deadline: Some((at, b, index)),
+                    answer: Some(answer),
+                    abort: Some(abort),
+                });
+            } else {
+                pending.push_back(Pending {
+                    reply: None,
+                    deadline: None,
+                    answer: Some(answer),
+                    abort: None,
+                });
+            }
+        }
+        if !out.has_remaining() && pending.front().is_some_and(|p| p.reply.is_some()) {
+            if let Some(reply) = pending.pop_front().and_then(|p| p.reply) {
+                out = reply;
+                next += 1;
+            }
+        }
+        if !reading && calls.is_empty() && !out.has_remaining() && pending.is_empty() {
+            break;
+        }
+        let room = calls.len() + pending.len() < MAX_PENDING;
+        tokio::select! {
+            biased;
+            Some(done) = calls.next(), if !calls.is_empty() => {
+                // A stopped call was answered `timeout` already.
+                let Ok((Some(ticket), result)) = done else { continue };
+                let Some(p) = ticket
+                    .checked_sub(next)
+                    .and_then(|i| pending.get_mut(i as usize))
+                    .filter(|p| p.reply.is_none())
+                else {
+                    continue;
+                };
+                p.reply = Some(match result {
+                    Ok(Some(reply)) => reply,
+                    // Every ticket must be answered, or the replies behind it would wait forever.
+                    Ok(None) => p.answer.as_ref().map_or_else(empty, |a| {
+                        a.reply(&CallError::new(
+                            Kind::Unavailable,
+                            "the instance sent no reply to a two-way call",
+                        ))
+                    }),
+                    Err(e) => p.answer.as_ref().map_or_else(empty, |a| a.reply(&e)),
+                });
+                p.answer = None;
+                p.abort = None;
+                p.deadline = None;
+            }
+            written = wr.write_buf(&mut out), if out.has_remaining() => {
+                if !matches!(written, Ok(n) if n > 0) {
+                    // The caller is gone: its calls in flight are dropped (cancelled) with it.
+                    return;
+                }
+            }
+            () = &mut timer, if armed.is_some() => {
+                armed = expire(shared, &mut pending);
+                if let Some(at) = armed {
+                    timer.as_mut().reset(at);
+                }
+            }
+            read = rd.read_buf(&mut buf), if reading && room => match read {
+                Ok(0) | Err(_) if buf.is_empty() => reading = false,
                 Ok(0) | Err(_) => {
                     let e = CallError::new(
                         Kind::BadRequest,
@@ -188,93 +307,82 @@ pub async fn serve(sock: TcpStream, detected: Detected, mut buf: BytesMut, share
                             buf.len()
                         ),
                     );
-                    break Some(rescue(&ReplyTarget::for_detected(detected), &e));
+                    let target = ReplyTarget::for_detected(detected);
+                    pending.push_back(Pending::answered(rescue(&target, &e)));
+                    reading = false;
                 }
                 Ok(_) => {}
             },
-            Err(err) => {
-                let kind = if err.is_too_large() {
-                    Kind::TooLarge
-                } else {
-                    Kind::BadRequest
-                };
-                tracing::debug!(error = %err, "refusing a malformed frame; closing the connection");
-                let e = CallError::new(kind, err.to_string());
-                break Some(rescue(&ReplyTarget::for_detected(detected), &e));
-            }
         }
-    };
-    if let Some(reply) = refusal {
-        tickets += 1;
-        replies.deliver(tickets - 1, reply).await;
     }
-    replies.finish(tickets).await;
+    let _ = wr.shutdown().await;
 }
 
-/// One call: route, wait for a slot (starting an instance if none is ready), forward, reply.
-async fn call(shared: Arc<Shared>, mut frame: Frame, reply: Option<(Arc<Replies>, u64)>) {
-    let _active = Active::new(&shared.active);
-    let routed = route(&shared, &mut frame);
-    // What an error reply needs of the request, kept after the frame itself went upstream.
-    let answer = ReplyTarget::of(&frame).into_owned();
-    let result = match routed {
-        Ok((pool, method)) => {
-            let deadline = deadline(&pool, &method, &frame);
-            let forwarded = async {
-                let lease = pool.acquire().await?;
-                let result = forward(
-                    &lease.instance,
-                    &pool.function.name,
-                    frame,
-                    reply.is_none(),
-                    shared.limits,
-                )
-                .await;
-                if let Err(Failure::Instance(_)) = &result {
-                    lease.evict();
-                }
-                result.map_err(Failure::into_error)
-            };
-            match deadline {
-                Some(d) => match tokio::time::timeout_at(Instant::now() + d, forwarded).await {
-                    Ok(r) => r,
-                    Err(_) => Err(CallError::new(
-                        Kind::Timeout,
-                        format!(
-                            "function {}: deadline of {d:?} passed (queueing included)",
-                            pool.function.name
-                        ),
-                    )),
-                },
-                None => forwarded.await,
-            }
+/// Answers `timeout` to every call whose deadline has passed and stops it (a call waiting in a
+/// queue is never forwarded; an instance's late reply is dropped). Returns the earliest deadline
+/// still ahead.
+fn expire(shared: &Shared, pending: &mut VecDeque<Pending>) -> Option<Instant> {
+    let now = Instant::now();
+    let mut earliest: Option<Instant> = None;
+    for p in pending.iter_mut() {
+        let Some((at, budget, index)) = p.deadline else {
+            continue;
+        };
+        if at > now {
+            earliest = Some(earliest.map_or(at, |e| e.min(at)));
+            continue;
         }
-        Err(e) => Err(e),
-    };
-    let Some(reply) = reply else {
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "oneway call failed");
+        if let Some(abort) = p.abort.take() {
+            abort.abort();
         }
-        return;
-    };
-    let bytes = match result {
-        Ok(Some(f)) => f.into_buf(),
-        // Every ticket must be answered, or the replies queued behind it would wait forever.
-        Ok(None) => rescue(
-            &answer,
-            &CallError::new(
-                Kind::Unavailable,
-                "the instance sent no reply to a two-way call",
+        let e = CallError::new(
+            Kind::Timeout,
+            format!(
+                "function {}: deadline of {budget:?} passed (queueing included)",
+                shared.functions[index].function.name
             ),
-        ),
-        Err(e) => rescue(&answer, &e),
-    };
-    let (replies, ticket) = reply;
-    replies.deliver(ticket, bytes).await;
+        );
+        p.reply = Some(p.answer.take().map_or_else(empty, |a| a.reply(&e)));
+        p.deadline = None;
+    }
+    earliest
 }
 
-/// The call's deadline: the policy's timeout, or the caller's RPCTimeout when shorter.
-fn deadline(pool: &Pool, method: &str, frame: &Frame) -> Option<Duration> {
+/// One routed call: wait for a slot (starting an instance if none is ready), forward.
+async fn call(
+    shared: &Shared,
+    pool: &Arc<Pool>,
+    request: Reply,
+    oneway: bool,
+    deadline: Option<Instant>,
+) -> Result<Option<Reply>, CallError> {
+    let _active = Active::new(&shared.active);
+    let name = &pool.function.name;
+    let lease = match pool.try_acquire()? {
+        Some(lease) => lease,
+        None => {
+            // Boxed: the queueing path's state does not weigh on every call's future.
+            let lease = Box::pin(pool.acquire()).await?;
+            // The connection's timer stops a two-way call that waits too long; a oneway call
+            // checks here, and is never forwarded late.
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(CallError::new(
+                    Kind::Timeout,
+                    format!("function {name}: deadline passed while queued"),
+                ));
+            }
+            lease
+        }
+    };
+    let result = forward(&lease.instance, name, request, oneway, shared.limits).await;
+    if let Err(Failure::Instance(_)) = &result {
+        lease.evict();
+    }
+    result.map_err(Failure::into_error)
+}
+
+/// The call's time budget: the policy's timeout, or the caller's RPCTimeout when shorter.
+fn budget(pool: &Pool, method: &str, frame: &Frame) -> Option<Duration> {
     let policy = pool.function.policy_for(method).timeout;
     let caller = frame
         .ttheader()
@@ -289,31 +397,30 @@ fn deadline(pool: &Pool, method: &str, frame: &Frame) -> Option<Duration> {
 
 /// DESIGN.md "Thrift routing": ToService, then `isn`, then a `Service:` name prefix (stripped),
 /// then the only Thrift function. A method the IDL lacks is refused without starting anything.
-fn route(shared: &Shared, frame: &mut Frame) -> Result<(Arc<Pool>, String), CallError> {
+/// Gives the function's index and the call's time budget.
+fn route(shared: &Shared, frame: &mut Frame) -> Result<(usize, Option<Duration>), CallError> {
     let by_name = |n: &[u8]| {
         shared
             .functions
             .iter()
-            .find(|p| p.function.name.as_bytes() == n)
+            .position(|p| p.function.name.as_bytes() == n)
     };
     let by_service = |s: &[u8]| {
         shared
             .functions
             .iter()
-            .find(|p| p.function.service.as_deref().map(str::as_bytes) == Some(s))
+            .position(|p| p.function.service.as_deref().map(str::as_bytes) == Some(s))
     };
     let mut found = None;
     if let Some(h) = frame.ttheader() {
-        found = h.to_service(frame.head()).and_then(by_name).cloned();
+        found = h.to_service(frame.head()).and_then(by_name);
         if found.is_none() {
-            found = h.idl_service(frame.head()).and_then(by_service).cloned();
+            found = h.idl_service(frame.head()).and_then(by_service);
         }
     }
     if found.is_none() {
         if let Some((service, _)) = frame.name().split_once(':') {
-            let hit = by_service(service.as_bytes())
-                .or_else(|| by_name(service.as_bytes()))
-                .cloned();
+            let hit = by_service(service.as_bytes()).or_else(|| by_name(service.as_bytes()));
             if hit.is_some() {
                 frame
                     .strip_service_prefix()
@@ -323,23 +430,24 @@ fn route(shared: &Shared, frame: &mut Frame) -> Result<(Arc<Pool>, String), Call
         }
     }
     if found.is_none() && shared.functions.len() == 1 {
-        found = shared.functions.first().cloned();
+        found = Some(0);
     }
-    let Some(pool) = found else {
+    let Some(index) = found else {
         let asked = asked_service(frame);
         return Err(CallError::new(
             Kind::NoRoute,
             format!("no function for service {asked}"),
         ));
     };
-    let method = frame.name().to_owned();
-    if !pool.function.has_method(&method) {
+    let pool = &shared.functions[index];
+    let method = frame.name();
+    if !pool.function.has_method(method) {
         return Err(CallError::new(
             Kind::NoRoute,
             format!("function {} has no method {method}", pool.function.name),
         ));
     }
-    Ok((pool, method))
+    Ok((index, budget(pool, method, frame)))
 }
 
 /// The service an unroutable call asked for, for its error: the last routing rule that named one
@@ -371,25 +479,28 @@ impl Failure {
     }
 }
 
-/// Writes the frame to an instance connection as received and reads one reply frame.
+/// Writes the request to an instance connection as received and reads one reply frame, which
+/// is returned as it came (its headers are not even parsed).
 async fn forward(
     instance: &Instance,
     function: &str,
-    frame: Frame,
+    mut out: Reply,
     oneway: bool,
     limits: Limits,
-) -> Result<Option<Frame>, Failure> {
+) -> Result<Option<Reply>, Failure> {
     let unavailable = |what: String| {
         CallError::new(
             Kind::Unavailable,
             format!("function {function} instance {}: {what}", instance.id),
         )
     };
-    let mut conn = instance
-        .connection()
-        .await
-        .map_err(|e| Failure::Instance(unavailable(format!("connect refused: {e}"))))?;
-    let mut out = frame.into_buf();
+    let mut conn = match instance.pooled() {
+        Some(conn) => conn,
+        // Boxed: the rare path's state does not weigh on every call's future.
+        None => Box::pin(instance.connect())
+            .await
+            .map_err(|e| Failure::Instance(unavailable(format!("connect refused: {e}"))))?,
+    };
     conn.stream
         .write_all_buf(&mut out)
         .await
@@ -400,10 +511,10 @@ async fn forward(
     }
     let mut decoder = FrameDecoder::new(limits);
     loop {
-        match decoder.decode(&mut conn.buf) {
+        match decoder.split(&mut conn.buf) {
             Ok(Some(reply)) => {
                 instance.recycle(conn);
-                return Ok(Some(reply));
+                return Ok(Some(reply.freeze().chain(Bytes::new())));
             }
             Ok(None) => {}
             Err(e) => return Err(Failure::Call(unavailable(format!("malformed reply: {e}")))),

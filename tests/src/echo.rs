@@ -1,6 +1,9 @@
 //! The example echo function's handler: a plain Volo `EchoService` that knows nothing of fnmesh.
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use pilota::FastStr;
 use volo_thrift::{MaybeException, ServerError};
@@ -8,6 +11,9 @@ use volo_thrift::{MaybeException, ServerError};
 use crate::gen::volo_gen::echo::{
     EchoRequest, EchoResponse, EchoService, EchoServiceEchoException,
 };
+
+/// Echo calls this process has received (the `__count__` hook reads it).
+static CALLS: AtomicU64 = AtomicU64::new(0);
 
 /// Replies with the request's message and the instance it ran on (`FNMESH_INSTANCE`), after
 /// sleeping `sleep_ms` if asked.
@@ -32,6 +38,14 @@ impl EchoService for EchoHandler {
         // Fault hook for tests: the process dies mid-call, as a crashing function would.
         if req.message == "__crash__" {
             std::process::exit(3);
+        }
+        // Introspection hook for tests: how many echo calls came before this one.
+        let earlier = CALLS.fetch_add(1, Ordering::SeqCst);
+        if req.message == "__count__" {
+            return Ok(MaybeException::Ok(EchoResponse {
+                message: earlier.to_string().into(),
+                instance: self.instance.clone(),
+            }));
         }
         if let Some(ms) = req.sleep_ms.filter(|ms| *ms > 0) {
             tokio::time::sleep(Duration::from_millis(ms as u64)).await;

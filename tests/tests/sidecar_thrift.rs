@@ -589,3 +589,57 @@ async fn pipelined_calls_on_one_connection_are_answered_in_request_order() {
         "the calls ran concurrently: {took:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_that_times_out_answers_in_order_and_spares_the_calls_behind_it() {
+    let sc = Sidecar::start(&echo_function(
+        "echo",
+        "max = 1\nconcurrency = 8\nidle = \"10s\"",
+        "timeout = \"300ms\"",
+    ));
+    echo(sc.addr, "warm", None, 5000).await.unwrap();
+    // The first call outlives the policy timeout; the two behind it do not.
+    let mut wire = Vec::new();
+    for (seqid, sleep) in [(1, 2000), (2, 0), (3, 100)] {
+        wire.extend(framed_echo(seqid, &format!("pipelined {seqid}"), sleep));
+    }
+    let started = Instant::now();
+    let frames = raw_exchange(sc.addr, &wire);
+    let took = started.elapsed();
+    let seqids: Vec<i32> = frames.iter().map(|f| f.seqid()).collect();
+    assert_eq!(seqids, [1, 2, 3], "replies in request order");
+    assert_exception(&frames[0], 6, "deadline of 300ms passed", None);
+    for f in &frames[1..] {
+        assert_eq!(f.kind(), MessageType::Reply);
+    }
+    assert!(
+        took >= Duration::from_millis(290) && took < Duration::from_millis(1000),
+        "the timed-out call was answered at its deadline, not at its reply: {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_call_whose_deadline_passes_is_answered_timeout_and_never_forwarded() {
+    let sc = Sidecar::start(&echo_function(
+        "echo",
+        "max = 1\nconcurrency = 1\nidle = \"10s\"",
+        "",
+    ));
+    echo(sc.addr, "warm", None, 5000).await.unwrap();
+    // The only slot is taken for 1 s; a call queued behind it may wait 300 ms.
+    let holder = tokio::spawn(echo(sc.addr, "hold", Some(1000), 5000));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let (kind, message) = echo(sc.addr, "queued", None, 300).await.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(kind, ApplicationExceptionKind::INTERNAL_ERROR);
+    assert!(message.contains("timeout"), "{message}");
+    assert!(took < Duration::from_millis(800), "{took:?}");
+    assert_eq!(holder.await.unwrap().unwrap().0, "hold");
+    // The instance saw the warm-up and the holder, never the queued call.
+    let (count, _) = echo(sc.addr, "__count__", None, 5000).await.unwrap();
+    assert_eq!(
+        count, "2",
+        "echo calls the instance received before this one"
+    );
+}

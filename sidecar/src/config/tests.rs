@@ -54,6 +54,13 @@ fn the_documented_file_parses_into_typed_values() {
     );
     assert_eq!(c.sidecar.drain_timeout, Duration::from_secs(2));
     assert_eq!(c.sidecar.max_frame_size, 1 << 20);
+    assert_eq!(
+        c.sidecar.workers,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "one worker per CPU by default"
+    );
+    let with = parse(&GOOD.replacen("max_frame_size", "workers = 3\nmax_frame_size", 1)).unwrap();
+    assert_eq!(with.sidecar.workers, 3);
     let f = &c.functions[0];
     assert_eq!(f.name, "echo");
     assert_eq!(
@@ -135,6 +142,11 @@ fn errors_name_the_key_and_the_line() {
             "max_frame_size = \"1MiB\"",
             "max_frame_size = \"1 lightyear\"",
             &["bad size", "line 6"],
+        ),
+        (
+            "max_frame_size = \"1MiB\"",
+            "max_frame_size = \"1MiB\"\nworkers = 0",
+            &["fnmesh.toml:7", "sidecar.workers", "not between 1 and 256"],
         ),
     ];
     for (from, to, needles) in cases {

@@ -22,9 +22,12 @@ use fnmesh_tests::{
     sidecar::{echo_fn, echo_function, free_port, Sidecar},
 };
 
+/// Sequential calls per path, measured in `ROUNDS` rounds that take turns between the paths, so
+/// that the host's drift (large on this shared VM) weighs on every path alike.
 const SEQUENTIAL: usize = 5_000;
 const CONCURRENCY: usize = 64;
 const THROUGHPUT_FOR: Duration = Duration::from_secs(5);
+const ROUNDS: usize = 10;
 
 fn request() -> EchoRequest {
     EchoRequest {
@@ -48,22 +51,60 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-async fn sequential(addr: SocketAddr) -> (Duration, Duration) {
-    let client = client!(addr);
-    for _ in 0..200 {
-        client.echo(request()).await.expect("warm-up call");
-    }
-    let mut lat = Vec::with_capacity(SEQUENTIAL);
-    for _ in 0..SEQUENTIAL {
-        let t = Instant::now();
-        client.echo(request()).await.expect("call");
-        lat.push(t.elapsed());
-    }
-    lat.sort();
-    (pct(&lat, 0.5), pct(&lat, 0.99))
+/// A path under test: where to call, and the proxy process whose CPU time is counted (none for
+/// the direct path).
+struct Path {
+    name: &'static str,
+    addr: SocketAddr,
+    proxy: Option<u32>,
+    latencies: Vec<Duration>,
+    calls: u64,
+    busy: Duration,
+    cpu: Duration,
 }
 
-async fn throughput(addr: SocketAddr) -> f64 {
+/// Sequential calls on one connection per path, in rounds taking turns.
+async fn sequential(paths: &mut [Path]) {
+    let clients: Vec<_> = paths.iter().map(|p| client!(p.addr)).collect();
+    for c in &clients {
+        for _ in 0..200 {
+            c.echo(request()).await.expect("warm-up call");
+        }
+    }
+    for _ in 0..ROUNDS {
+        for (p, c) in paths.iter_mut().zip(&clients) {
+            let cpu = p.proxy.map(cpu_time);
+            for _ in 0..SEQUENTIAL / ROUNDS {
+                let t = Instant::now();
+                c.echo(request()).await.expect("call");
+                p.latencies.push(t.elapsed());
+            }
+            if let (Some(pid), Some(before)) = (p.proxy, cpu) {
+                p.cpu += cpu_time(pid).saturating_sub(before);
+            }
+        }
+    }
+    for p in paths {
+        p.latencies.sort();
+    }
+}
+
+/// `CONCURRENCY` callers per path, each with its own client, in rounds taking turns; each path
+/// is measured for `THROUGHPUT_FOR` in total.
+async fn throughput(paths: &mut [Path]) {
+    for p in paths.iter_mut() {
+        p.cpu = Duration::ZERO;
+    }
+    for _ in 0..ROUNDS {
+        for p in paths.iter_mut() {
+            let (calls, secs) = throughput_round(p.addr, THROUGHPUT_FOR / ROUNDS as u32).await;
+            p.calls += calls;
+            p.busy += secs;
+        }
+    }
+}
+
+async fn throughput_round(addr: SocketAddr, measure: Duration) -> (u64, Duration) {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -77,17 +118,31 @@ async fn throughput(addr: SocketAddr) -> f64 {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let start = done.load(Ordering::Relaxed);
     let t = Instant::now();
-    tokio::time::sleep(THROUGHPUT_FOR).await;
+    tokio::time::sleep(measure).await;
     let calls = done.load(Ordering::Relaxed) - start;
-    let secs = t.elapsed().as_secs_f64();
+    let elapsed = t.elapsed();
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;
     }
-    calls as f64 / secs
+    (calls, elapsed)
+}
+
+/// User + system CPU time a process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th and
+    // 13th of them, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
 }
 
 struct Killed(Child);
@@ -194,39 +249,60 @@ async fn main() {
     ));
     let haproxy = start_haproxy(direct);
 
-    let mut rows = vec![("direct", direct), ("fnmesh", sc.addr)];
-    if let Some((_, a)) = &haproxy {
-        rows.push(("haproxy (tcp)", *a));
+    let path = |name, addr, proxy| Path {
+        name,
+        addr,
+        proxy,
+        latencies: Vec::new(),
+        calls: 0,
+        busy: Duration::ZERO,
+        cpu: Duration::ZERO,
+    };
+    let mut paths = vec![
+        path("direct", direct, None),
+        path("fnmesh", sc.addr, Some(sc.child.id())),
+    ];
+    if let Some((h, a)) = &haproxy {
+        paths.push(path("haproxy (tcp)", *a, Some(h.0.id())));
     } else {
         println!("haproxy not installed (apt-get install haproxy): its row is skipped");
     }
-    let mut seq = Vec::new();
-    let mut thr = Vec::new();
-    for (name, addr) in &rows {
-        seq.push((*name, sequential(*addr).await));
-    }
-    for (name, addr) in &rows {
-        thr.push((*name, throughput(*addr).await));
-    }
-    let (d50, d99) = seq[0].1;
-    let direct_rps = thr[0].1;
-    println!("\nsequential calls on one connection ({SEQUENTIAL} calls)");
-    println!("| path | p50 | p99 | added p50 | added p99 |");
-    println!("|---|---|---|---|---|");
-    for (name, (p50, p99)) in &seq {
+    sequential(&mut paths).await;
+    let (d50, d99) = (
+        pct(&paths[0].latencies, 0.5),
+        pct(&paths[0].latencies, 0.99),
+    );
+    println!("\nsequential calls on one connection ({SEQUENTIAL} calls per path, {ROUNDS} rounds taking turns)");
+    println!("| path | p50 | p99 | added p50 | added p99 | proxy CPU per call |");
+    println!("|---|---|---|---|---|---|");
+    for p in &paths {
+        let (p50, p99) = (pct(&p.latencies, 0.5), pct(&p.latencies, 0.99));
+        let cpu = match p.proxy {
+            Some(_) => format!("{:.1} us", us(p.cpu) / p.latencies.len() as f64),
+            None => String::new(),
+        };
         println!(
-            "| {name} | {:.1} us | {:.1} us | {:+.1} us | {:+.1} us |",
-            us(*p50),
-            us(*p99),
-            us(*p50) - us(d50),
-            us(*p99) - us(d99)
+            "| {} | {:.1} us | {:.1} us | {:+.1} us | {:+.1} us | {cpu} |",
+            p.name,
+            us(p50),
+            us(p99),
+            us(p50) - us(d50),
+            us(p99) - us(d99)
         );
     }
-    println!("\n{CONCURRENCY} concurrent callers, {:?}", THROUGHPUT_FOR);
+    throughput(&mut paths).await;
+    let rps = |p: &Path| p.calls as f64 / p.busy.as_secs_f64();
+    let direct_rps = rps(&paths[0]);
+    println!("\n{CONCURRENCY} concurrent callers, {THROUGHPUT_FOR:?} per path ({ROUNDS} rounds taking turns)");
     println!("| path | calls/s | vs direct |");
     println!("|---|---|---|");
-    for (name, rps) in &thr {
-        println!("| {name} | {rps:.0} | {:.2}x |", rps / direct_rps);
+    for p in &paths {
+        println!(
+            "| {} | {:.0} | {:.2}x |",
+            p.name,
+            rps(p),
+            rps(p) / direct_rps
+        );
     }
     drop(sc);
     drop(haproxy);
