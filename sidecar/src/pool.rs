@@ -33,6 +33,8 @@ pub struct Instance {
     /// the worker that opened it), plus one list for other threads: one call at a time each, as
     /// Volo and Kitex servers expect.
     idle_conns: Box<[Mutex<Vec<Upstream>>]>,
+    /// The readiness probe's connection, not yet bound to a worker: the first call takes it.
+    probe: Mutex<Option<std::net::TcpStream>>,
     stop: Mutex<Option<oneshot::Sender<()>>>,
 }
 
@@ -44,11 +46,18 @@ pub struct Upstream {
 }
 
 impl Instance {
-    fn new(id: u64, addr: SocketAddr, workers: usize, stop: oneshot::Sender<()>) -> Instance {
+    fn new(
+        id: u64,
+        addr: SocketAddr,
+        workers: usize,
+        probe: Option<std::net::TcpStream>,
+        stop: oneshot::Sender<()>,
+    ) -> Instance {
         Instance {
             id,
             addr,
             idle_conns: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
+            probe: Mutex::new(probe),
             stop: Mutex::new(Some(stop)),
         }
     }
@@ -63,11 +72,25 @@ impl Instance {
         for idle in self.idle_conns.iter() {
             lock(idle).clear();
         }
+        lock(&self.probe).take();
     }
 
-    /// An idle pooled connection of this thread, if there is one.
+    /// An idle pooled connection of this thread, if there is one (or the readiness probe's
+    /// connection, which joins this thread's reactor).
     pub fn pooled(&self) -> Option<Upstream> {
-        lock(self.idle()).pop()
+        if let Some(c) = lock(self.idle()).pop() {
+            return Some(c);
+        }
+        let probe = lock(&self.probe).take()?;
+        let stream = probe
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(probe))
+            .ok()?;
+        let _ = stream.set_nodelay(true);
+        Some(Upstream {
+            stream,
+            buf: BytesMut::with_capacity(8 * 1024),
+        })
     }
 
     /// A new connection.
@@ -379,33 +402,50 @@ impl Pool {
             if !delay.is_zero() {
                 sleep(delay).await;
             }
-            match runtime::start(&pool.function, id, &pool.watchdog).await {
-                Ok(process) => pool.instance_ready(id, process),
+            let (stop_tx, stop_rx) = oneshot::channel();
+            let (ready_tx, ready_rx) = oneshot::channel();
+            let on_ready = {
+                let pool = pool.clone();
+                move |addr, probe| {
+                    let instance = Arc::new(Instance::new(
+                        id,
+                        addr,
+                        pool.workers,
+                        Some(probe),
+                        stop_tx,
+                    ));
+                    pool.instance_ready(&instance);
+                    let _ = ready_tx.send(instance);
+                }
+            };
+            match runtime::start(&pool.function, id, &pool.watchdog, on_ready).await {
+                Ok(process) => {
+                    // `on_ready` has run: the instance is in the ready set.
+                    let Ok(instance) = ready_rx.await else { return };
+                    pool.live.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tracing::info!(function = %pool.function.name, instance = id, addr = %process.addr, "instance started");
+                    Pool::monitor(pool, instance, process, stop_rx).await;
+                }
                 Err(e) => pool.start_failed(id, e),
             }
         });
     }
 
-    fn instance_ready(self: &Arc<Pool>, id: u64, process: runtime::Process) {
-        let (stop_tx, stop_rx) = oneshot::channel();
-        let instance = Arc::new(Instance::new(id, process.addr, self.workers, stop_tx));
-        {
-            let mut st = lock(&self.state);
-            st.starting -= 1;
-            st.failures = 0;
-            st.ready.push(Slot {
-                instance: instance.clone(),
-                in_flight: 0,
-                last_used: Instant::now(),
-            });
-            self.dispatch(&mut st);
-            if st.draining {
-                instance.stop();
-            }
+    /// Puts a new instance in the ready set and hands it to waiting calls (on the thread that
+    /// found it ready).
+    fn instance_ready(&self, instance: &Arc<Instance>) {
+        let mut st = lock(&self.state);
+        st.starting -= 1;
+        st.failures = 0;
+        st.ready.push(Slot {
+            instance: instance.clone(),
+            in_flight: 0,
+            last_used: Instant::now(),
+        });
+        self.dispatch(&mut st);
+        if st.draining {
+            instance.stop();
         }
-        self.live.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        tracing::info!(function = %self.function.name, instance = id, addr = %process.addr, "instance started");
-        tokio::spawn(Pool::monitor(self.clone(), instance, process, stop_rx));
     }
 
     fn start_failed(self: &Arc<Pool>, id: u64, e: runtime::StartError) {

@@ -5,13 +5,16 @@
 use std::{
     net::{SocketAddr, TcpListener},
     process::Stdio,
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
 use nix::{sys::signal, unistd::Pid};
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, BufReader},
-    net::TcpStream,
     process::{Child, Command},
     time::{sleep, timeout, Instant},
 };
@@ -49,11 +52,15 @@ fn free_port() -> std::io::Result<u16> {
 }
 
 /// Starts instance `instance` of `f` and waits until it accepts a connection or
-/// `startup_timeout` passes.
+/// `startup_timeout` passes. `on_ready` runs on the probing thread the moment the instance
+/// accepts, with its address and the probe's connection, so waiting calls are dispatched without
+/// a detour through this task; once it has run, the start counts as a success (a crash right
+/// after is the monitor's to see).
 pub async fn start(
     f: &FunctionConfig,
     instance: u64,
     watchdog: &Watchdog,
+    on_ready: impl FnOnce(SocketAddr, std::net::TcpStream) + Send + 'static,
 ) -> Result<Process, StartError> {
     let port = free_port().map_err(StartError::Port)?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -81,42 +88,91 @@ pub async fn start(
     if let Some(err) = child.stderr.take() {
         tokio::spawn(log_lines(err, f.name.clone(), instance, "stderr"));
     }
-    // Probe every 1 ms for the first 100 ms (a loopback connect costs microseconds, and most
-    // functions are ready within a few ms: doubling from 1 ms would notice an instance ready at
-    // 3.5 ms only at 7 ms), then back off to 20 ms for slow starters.
-    let ready = async {
-        let mut interval = Duration::from_millis(1);
-        loop {
-            if TcpStream::connect(addr).await.is_ok() {
-                return Ok(());
+    // Readiness is probed from a blocking thread, where sleeps can be shorter than the runtime
+    // timer's 1 ms tick: every 50 us for the first 20 ms (a loopback connect to a closed port
+    // costs a few microseconds, and most functions listen within a few ms), every 250 us up to
+    // 100 ms, then backing off to 20 ms for slow starters. The connection that succeeds is kept
+    // for the instance's first call.
+    let state = Arc::new(AtomicU8::new(PROBING));
+    let probe = tokio::task::spawn_blocking({
+        let state = state.clone();
+        move || {
+            let Some(stream) = probe_until_ready(addr, started, &state) else {
+                return false;
+            };
+            let won = state
+                .compare_exchange(PROBING, READY, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+            if won {
+                on_ready(addr, stream);
             }
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(StartError::Exited(status));
-            }
-            sleep(interval).await;
-            if started.elapsed() > Duration::from_millis(100) {
-                interval = (interval * 2).min(Duration::from_millis(20));
-            }
+            won
         }
+    });
+    let failure = tokio::select! {
+        probe = probe => match probe {
+            Ok(true) => None,
+            _ => Some(None),
+        },
+        status = child.wait() => Some(status.ok().map(StartError::Exited)),
+        () = sleep(f.scale.startup_timeout) => Some(Some(StartError::NotReady {
+            addr,
+            after: f.scale.startup_timeout,
+        })),
     };
-    match timeout(f.scale.startup_timeout, ready).await {
-        Ok(Ok(())) => {
+    // A failure stands only if the probe has not found the instance ready meanwhile.
+    let failure = failure.filter(|_| {
+        state
+            .compare_exchange(PROBING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    });
+    match failure {
+        None => {
             tracing::debug!(function = %f.name, instance, %addr, ms = started.elapsed().as_secs_f64() * 1e3, "instance ready");
             Ok(Process { addr, pid, child })
         }
-        Ok(Err(e)) => {
-            watchdog.forget(pid);
-            Err(e)
-        }
-        Err(_) => {
+        Some(e) => {
             let _ = child.kill().await;
             watchdog.forget(pid);
-            Err(StartError::NotReady {
+            Err(e.unwrap_or(StartError::NotReady {
                 addr,
-                after: f.scale.startup_timeout,
-            })
+                after: started.elapsed(),
+            }))
         }
     }
+}
+
+/// Probe states: still probing, found ready (the probe thread won), abandoned (the start failed).
+const PROBING: u8 = 0;
+const READY: u8 = 1;
+const ABANDONED: u8 = 2;
+
+/// Connects to `addr` until it accepts or the start is abandoned.
+fn probe_until_ready(
+    addr: SocketAddr,
+    started: Instant,
+    state: &AtomicU8,
+) -> Option<std::net::TcpStream> {
+    // The kernel may delay a sleeping thread's wake-up by its timer slack (50 us by default):
+    // as long as the pause itself. This thread only probes.
+    let _ = nix::sys::prctl::set_timerslack(1_000);
+    let mut pause = Duration::from_micros(50);
+    while state.load(Ordering::Acquire) == PROBING {
+        // Bounded: a full accept backlog would otherwise hold a plain connect for seconds.
+        if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            return Some(s);
+        }
+        std::thread::sleep(pause);
+        let elapsed = started.elapsed();
+        pause = if elapsed < Duration::from_millis(20) {
+            Duration::from_micros(50)
+        } else if elapsed < Duration::from_millis(100) {
+            Duration::from_micros(250)
+        } else {
+            (pause * 2).min(Duration::from_millis(20))
+        };
+    }
+    None
 }
 
 async fn log_lines(
