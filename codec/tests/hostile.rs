@@ -34,15 +34,21 @@ macro_rules! assert_decode_err {
     }};
 }
 
-/// Decodes until the decoder wants more or fails; returns the frames and the error, if any.
-fn drain(bytes: &[u8], limits: Limits) -> (Vec<Frame>, Option<CodecError>) {
+/// Runs `step` (decode or split) until the decoder wants more or fails; returns the frames and
+/// the error, if any.
+fn drain_with<T>(
+    bytes: &[u8],
+    limits: Limits,
+    mut step: impl FnMut(&mut FrameDecoder, &mut BytesMut) -> Result<Option<T>, CodecError>,
+    len: impl Fn(&T) -> usize,
+) -> (Vec<T>, Option<CodecError>) {
     let mut d = FrameDecoder::new(limits);
     let mut buf = BytesMut::from(bytes);
     let mut frames = Vec::new();
     loop {
-        match d.decode(&mut buf) {
+        match step(&mut d, &mut buf) {
             Ok(Some(f)) => {
-                assert!(!f.is_empty(), "a frame always consumes bytes");
+                assert!(len(&f) > 0, "a frame always consumes bytes");
                 frames.push(f);
             }
             Ok(None) => return (frames, None),
@@ -51,21 +57,14 @@ fn drain(bytes: &[u8], limits: Limits) -> (Vec<Frame>, Option<CodecError>) {
     }
 }
 
-/// The same with [`FrameDecoder::split`]: the raw frames, and the error if any.
+/// Decodes until the decoder wants more or fails.
+fn drain(bytes: &[u8], limits: Limits) -> (Vec<Frame>, Option<CodecError>) {
+    drain_with(bytes, limits, FrameDecoder::decode, Frame::len)
+}
+
+/// The same with [`FrameDecoder::split`]: the raw frames.
 fn drain_split(bytes: &[u8], limits: Limits) -> (Vec<BytesMut>, Option<CodecError>) {
-    let mut d = FrameDecoder::new(limits);
-    let mut buf = BytesMut::from(bytes);
-    let mut frames = Vec::new();
-    loop {
-        match d.split(&mut buf) {
-            Ok(Some(f)) => {
-                assert!(!f.is_empty(), "a frame always consumes bytes");
-                frames.push(f);
-            }
-            Ok(None) => return (frames, None),
-            Err(e) => return (frames, Some(e)),
-        }
-    }
+    drain_with(bytes, limits, FrameDecoder::split, BytesMut::len)
 }
 
 fn decode_err(bytes: &[u8], limits: Limits) -> CodecError {

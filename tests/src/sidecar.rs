@@ -59,8 +59,19 @@ pub struct Sidecar {
 
 impl Sidecar {
     /// Starts `fnmesh run` with `[sidecar]` on free ports and the given `[[function]]` tables, and
-    /// waits until it accepts connections.
+    /// waits until it accepts connections. A port found free can be taken by a concurrent test
+    /// (or an instance's port) before fnmesh binds it: an exit at start is retried on new ports.
     pub fn start(functions: &str) -> Sidecar {
+        for _ in 0..2 {
+            if let Ok(s) = Self::try_start(functions) {
+                return s;
+            }
+        }
+        Self::try_start(functions)
+            .unwrap_or_else(|status| panic!("fnmesh exited at start: {status}"))
+    }
+
+    fn try_start(functions: &str) -> Result<Sidecar, std::process::ExitStatus> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let dir =
@@ -90,7 +101,7 @@ impl Sidecar {
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(addr).is_err() || TcpStream::connect(admin).is_err() {
             if let Ok(Some(status)) = s.child.try_wait() {
-                panic!("fnmesh exited at start: {status}");
+                return Err(status);
             }
             assert!(
                 Instant::now() < deadline,
@@ -98,7 +109,7 @@ impl Sidecar {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-        s
+        Ok(s)
     }
 
     /// GET an admin path; returns (status line, body).

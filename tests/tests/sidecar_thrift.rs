@@ -558,22 +558,28 @@ fn framed_echo(seqid: i32, message: &str, sleep_ms: i64) -> Vec<u8> {
     out.to_vec()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn pipelined_calls_on_one_connection_are_answered_in_request_order() {
+/// A warm sidecar (one instance, 8 calls at once, `policy`) sent the Framed echo calls
+/// `(seqid, sleep_ms)` on one connection at once: the reply frames and how long they took.
+async fn pipelined(policy: &str, calls: &[(i32, i64)]) -> (Vec<fnmesh_codec::Frame>, Duration) {
     let sc = Sidecar::start(&echo_function(
         "echo",
         "max = 1\nconcurrency = 8\nidle = \"10s\"",
-        "",
+        policy,
     ));
     echo(sc.addr, "warm", None, 5000).await.unwrap();
-    // The first call sleeps longest, so the replies are ready in the reverse order.
     let mut wire = Vec::new();
-    for (seqid, sleep) in [(1, 300), (2, 150), (3, 0)] {
-        wire.extend(framed_echo(seqid, &format!("pipelined {seqid}"), sleep));
+    for (seqid, sleep) in calls {
+        wire.extend(framed_echo(*seqid, &format!("pipelined {seqid}"), *sleep));
     }
     let started = Instant::now();
     let frames = raw_exchange(sc.addr, &wire);
-    let took = started.elapsed();
+    (frames, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_calls_on_one_connection_are_answered_in_request_order() {
+    // The first call sleeps longest, so the replies are ready in the reverse order.
+    let (frames, took) = pipelined("", &[(1, 300), (2, 150), (3, 0)]).await;
     let seqids: Vec<i32> = frames.iter().map(|f| f.seqid()).collect();
     assert_eq!(seqids, [1, 2, 3], "replies in request order");
     for (i, f) in frames.iter().enumerate() {
@@ -592,20 +598,8 @@ async fn pipelined_calls_on_one_connection_are_answered_in_request_order() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_call_that_times_out_answers_in_order_and_spares_the_calls_behind_it() {
-    let sc = Sidecar::start(&echo_function(
-        "echo",
-        "max = 1\nconcurrency = 8\nidle = \"10s\"",
-        "timeout = \"300ms\"",
-    ));
-    echo(sc.addr, "warm", None, 5000).await.unwrap();
     // The first call outlives the policy timeout; the two behind it do not.
-    let mut wire = Vec::new();
-    for (seqid, sleep) in [(1, 2000), (2, 0), (3, 100)] {
-        wire.extend(framed_echo(seqid, &format!("pipelined {seqid}"), sleep));
-    }
-    let started = Instant::now();
-    let frames = raw_exchange(sc.addr, &wire);
-    let took = started.elapsed();
+    let (frames, took) = pipelined("timeout = \"300ms\"", &[(1, 2000), (2, 0), (3, 100)]).await;
     let seqids: Vec<i32> = frames.iter().map(|f| f.seqid()).collect();
     assert_eq!(seqids, [1, 2, 3], "replies in request order");
     assert_exception(&frames[0], 6, "deadline of 300ms passed", None);
