@@ -73,16 +73,25 @@ fn decode_err(bytes: &[u8], limits: Limits) -> CodecError {
     err.expect("an error, not a wait for more bytes")
 }
 
+/// Every strict prefix of `bytes` gives no frame and no error: the decoder waits for more.
+fn assert_every_prefix_waits<T>(
+    label: &str,
+    bytes: &[u8],
+    drain: impl Fn(&[u8]) -> (Vec<T>, Option<CodecError>),
+) {
+    for n in 0..bytes.len() {
+        let (frames, err) = drain(&bytes[..n]);
+        assert!(
+            frames.is_empty() && err.is_none(),
+            "{label}: prefix of {n} bytes"
+        );
+    }
+}
+
 #[test]
 fn every_truncation_of_a_real_frame_waits_for_more_bytes() {
     for (label, bytes) in real_frames() {
-        for n in 0..bytes.len() {
-            let (frames, err) = drain(&bytes[..n], Limits::default());
-            assert!(
-                frames.is_empty() && err.is_none(),
-                "{label}: prefix of {n} bytes"
-            );
-        }
+        assert_every_prefix_waits(label, &bytes, |b| drain(b, Limits::default()));
         let (frames, err) = drain(&bytes, Limits::default());
         assert_eq!((frames.len(), err), (1, None), "{label}: whole frame");
     }
@@ -91,13 +100,7 @@ fn every_truncation_of_a_real_frame_waits_for_more_bytes() {
 #[test]
 fn split_takes_exactly_the_frames_decode_does_and_waits_on_every_truncation() {
     for (label, bytes) in real_frames() {
-        for n in 0..bytes.len() {
-            let (frames, err) = drain_split(&bytes[..n], Limits::default());
-            assert!(
-                frames.is_empty() && err.is_none(),
-                "{label}: prefix of {n} bytes"
-            );
-        }
+        assert_every_prefix_waits(label, &bytes, |b| drain_split(b, Limits::default()));
         // Three frames back to back, then half of a fourth: three splits, each exactly the
         // bytes `decode` takes, and the half frame left waiting.
         let mut wire = bytes.repeat(3);
