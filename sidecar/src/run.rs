@@ -98,9 +98,11 @@ async fn serve(config: Config) -> Result<(), String> {
     });
     let workers = {
         let shared = shared.clone();
-        Workers::start(config.sidecar.workers, move |sock| {
-            connection(sock, shared.clone())
-        })
+        Workers::start(
+            config.sidecar.workers,
+            config.sidecar.busy_poll,
+            move |sock| connection(sock, shared.clone()),
+        )
         .map_err(|e| format!("cannot start the worker threads: {e}"))?
     };
     tracing::info!(

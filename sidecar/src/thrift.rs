@@ -261,6 +261,7 @@ pub async fn serve(
         tokio::select! {
             biased;
             Some(done) = calls.next(), if !calls.is_empty() => {
+                crate::workers::busy();
                 // A stopped call was answered `timeout` already.
                 let Ok((Some(ticket), result)) = done else { continue };
                 let Some(p) = ticket
@@ -311,7 +312,7 @@ pub async fn serve(
                     pending.push_back(Pending::answered(rescue(&target, &e)));
                     reading = false;
                 }
-                Ok(_) => {}
+                Ok(_) => crate::workers::busy(),
             },
         }
     }

@@ -62,23 +62,28 @@ impl Sidecar {
     /// waits until it accepts connections. A port found free can be taken by a concurrent test
     /// (or an instance's port) before fnmesh binds it: an exit at start is retried on new ports.
     pub fn start(functions: &str) -> Sidecar {
+        Self::start_with("", functions)
+    }
+
+    /// As [`Sidecar::start`], with more `[sidecar]` keys (`sidecar`, one per line).
+    pub fn start_with(sidecar: &str, functions: &str) -> Sidecar {
         for _ in 0..2 {
-            if let Ok(s) = Self::try_start(functions) {
+            if let Ok(s) = Self::try_start(sidecar, functions) {
                 return s;
             }
         }
-        Self::try_start(functions)
+        Self::try_start(sidecar, functions)
             .unwrap_or_else(|status| panic!("fnmesh exited at start: {status}"))
     }
 
-    fn try_start(functions: &str) -> Result<Sidecar, std::process::ExitStatus> {
+    fn try_start(sidecar: &str, functions: &str) -> Result<Sidecar, std::process::ExitStatus> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let dir =
             std::env::temp_dir().join(format!("fnmesh-e2e-{}-{}", std::process::id(), addr.port()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = format!(
-            "[sidecar]\nlisten = \"{addr}\"\nadmin = \"{admin}\"\ndrain_timeout = \"3s\"\n\n{functions}"
+            "[sidecar]\nlisten = \"{addr}\"\nadmin = \"{admin}\"\ndrain_timeout = \"3s\"\n{sidecar}\n\n{functions}"
         );
         let path = dir.join("fnmesh.toml");
         std::fs::write(&path, config).unwrap();
@@ -137,6 +142,11 @@ impl Sidecar {
         v[..v.find(|c: char| !c.is_ascii_digit()).unwrap()]
             .parse()
             .unwrap()
+    }
+
+    /// User + system CPU time the sidecar process has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        cpu_time(self.child.id())
     }
 
     /// Polls until `f` holds or `within` passes; returns whether it held.
@@ -223,4 +233,18 @@ pub fn echo_function(name: &str, scale: &str, policy: &str) -> String {
         idl("thrift/echo.thrift").display(),
         echo_fn()
     )
+}
+
+/// User + system CPU time a process has used so far (10 ms resolution).
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th and
+    // 13th of them, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
 }

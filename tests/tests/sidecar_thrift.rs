@@ -93,6 +93,29 @@ async fn a_volo_call_starts_an_instance_from_zero_and_idle_stops_it() {
     eprintln!("cold start through fnmesh: {cold:?}");
 }
 
+/// Busy polling (`sidecar.busy_poll`) spins only for its window after an event: a sidecar whose
+/// callers went quiet goes back to sleep instead of spinning on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quiet_sidecar_stops_polling_busily() {
+    let sc = Sidecar::start_with(
+        "busy_poll = \"1ms\"",
+        &echo_function("echo", "min = 1\nmax = 1\nidle = \"10m\"", ""),
+    );
+    for i in 0..200 {
+        echo(sc.addr, &format!("call {i}"), None, 5000)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = sc.cpu_time();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let spent = sc.cpu_time() - before;
+    assert!(
+        spent <= Duration::from_millis(100),
+        "a quiet sidecar used {spent:?} of CPU in 1 s"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_hundred_concurrent_callers_never_get_more_than_max_instances() {
     let sc = Sidecar::start(&echo_function(

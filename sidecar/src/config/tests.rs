@@ -61,6 +61,10 @@ fn the_documented_file_parses_into_typed_values() {
     );
     let with = parse(&GOOD.replacen("max_frame_size", "workers = 3\nmax_frame_size", 1)).unwrap();
     assert_eq!(with.sidecar.workers, 3);
+    assert_eq!(c.sidecar.busy_poll, Duration::from_micros(50), "default");
+    let off =
+        parse(&GOOD.replacen("max_frame_size", "busy_poll = \"0s\"\nmax_frame_size", 1)).unwrap();
+    assert_eq!(off.sidecar.busy_poll, Duration::ZERO);
     let f = &c.functions[0];
     assert_eq!(f.name, "echo");
     assert_eq!(
@@ -147,6 +151,11 @@ fn errors_name_the_key_and_the_line() {
             "max_frame_size = \"1MiB\"",
             "max_frame_size = \"1MiB\"\nworkers = 0",
             &["fnmesh.toml:7", "sidecar.workers", "not between 1 and 256"],
+        ),
+        (
+            "max_frame_size = \"1MiB\"",
+            "max_frame_size = \"1MiB\"\nbusy_poll = \"2ms\"",
+            &["line 7", "busy_poll", "over 1ms"],
         ),
     ];
     for (from, to, needles) in cases {

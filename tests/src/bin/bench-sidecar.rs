@@ -19,7 +19,7 @@ use std::{
 
 use fnmesh_tests::{
     gen::volo_gen::echo::{EchoRequest, EchoServiceClientBuilder},
-    sidecar::{echo_fn, echo_function, free_port, Sidecar},
+    sidecar::{cpu_time, echo_fn, echo_function, free_port, Sidecar},
 };
 
 /// Sequential calls per path, measured in `ROUNDS` rounds that take turns between the paths, so
@@ -59,6 +59,7 @@ struct Path {
     proxy: Option<u32>,
     latencies: Vec<Duration>,
     calls: u64,
+    all_calls: u64,
     busy: Duration,
     cpu: Duration,
 }
@@ -97,14 +98,21 @@ async fn throughput(paths: &mut [Path]) {
     }
     for _ in 0..ROUNDS {
         for p in paths.iter_mut() {
-            let (calls, secs) = throughput_round(p.addr, THROUGHPUT_FOR / ROUNDS as u32).await;
+            let cpu = p.proxy.map(cpu_time);
+            let (calls, secs, all) = throughput_round(p.addr, THROUGHPUT_FOR / ROUNDS as u32).await;
             p.calls += calls;
+            p.all_calls += all;
             p.busy += secs;
+            if let (Some(pid), Some(before)) = (p.proxy, cpu) {
+                p.cpu += cpu_time(pid).saturating_sub(before);
+            }
         }
     }
 }
 
-async fn throughput_round(addr: SocketAddr, measure: Duration) -> (u64, Duration) {
+/// Calls completed while measured, the time measured, and every call of the round (warm-up and
+/// wind-down too: the proxy's CPU is read around the whole round).
+async fn throughput_round(addr: SocketAddr, measure: Duration) -> (u64, Duration, u64) {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -128,21 +136,7 @@ async fn throughput_round(addr: SocketAddr, measure: Duration) -> (u64, Duration
     for t in tasks {
         let _ = t.await;
     }
-    (calls, elapsed)
-}
-
-/// User + system CPU time a process has used so far.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): utime and stime are the 12th and
-    // 13th of them, in clock ticks (100 per second on Linux).
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10)
+    (calls, elapsed, done.load(Ordering::Relaxed))
 }
 
 struct Killed(Child);
@@ -171,9 +165,14 @@ fn start_echo(port: u16) -> Killed {
     Killed(c)
 }
 
+/// haproxy in TCP mode with two threads. (Its `busy-polling` is left out: it spins on both CPUs
+/// all the time, which starves the other paths measured in the same run.)
 fn start_haproxy(backend: SocketAddr) -> Option<(Killed, SocketAddr)> {
     let port = free_port();
-    let cfg = std::env::temp_dir().join(format!("fnmesh-bench-haproxy-{}.cfg", std::process::id()));
+    let cfg = std::env::temp_dir().join(format!(
+        "fnmesh-bench-haproxy-{}-{port}.cfg",
+        std::process::id()
+    ));
     std::fs::write(
         &cfg,
         format!(
@@ -241,9 +240,9 @@ async fn main() {
     let direct_port = free_port();
     let _direct = start_echo(direct_port);
     let direct = SocketAddr::from(([127, 0, 0, 1], direct_port));
-    let sc = Sidecar::start(&echo_fn_table(
-        "min = 1\nmax = 1\nconcurrency = 1024\nidle = \"10m\"",
-    ));
+    let warm = echo_fn_table("min = 1\nmax = 1\nconcurrency = 1024\nidle = \"10m\"");
+    let sc = Sidecar::start(&warm);
+    let sleepy = Sidecar::start_with("busy_poll = \"0s\"", &warm);
     let haproxy = start_haproxy(direct);
 
     let path = |name, addr, proxy| Path {
@@ -252,12 +251,18 @@ async fn main() {
         proxy,
         latencies: Vec::new(),
         calls: 0,
+        all_calls: 0,
         busy: Duration::ZERO,
         cpu: Duration::ZERO,
     };
     let mut paths = vec![
         path("direct", direct, None),
         path("fnmesh", sc.addr, Some(sc.child.id())),
+        path(
+            "fnmesh, busy_poll = 0s",
+            sleepy.addr,
+            Some(sleepy.child.id()),
+        ),
     ];
     if let Some((h, a)) = &haproxy {
         paths.push(path("haproxy (tcp)", *a, Some(h.0.id())));
@@ -291,17 +296,22 @@ async fn main() {
     let rps = |p: &Path| p.calls as f64 / p.busy.as_secs_f64();
     let direct_rps = rps(&paths[0]);
     println!("\n{CONCURRENCY} concurrent callers, {THROUGHPUT_FOR:?} per path ({ROUNDS} rounds taking turns)");
-    println!("| path | calls/s | vs direct |");
-    println!("|---|---|---|");
+    println!("| path | calls/s | vs direct | proxy CPU per call |");
+    println!("|---|---|---|---|");
     for p in &paths {
+        let cpu = match p.proxy {
+            Some(_) => format!("{:.1} us", us(p.cpu) / p.all_calls.max(1) as f64),
+            None => String::new(),
+        };
         println!(
-            "| {} | {:.0} | {:.2}x |",
+            "| {} | {:.0} | {:.2}x | {cpu} |",
             p.name,
             rps(p),
             rps(p) / direct_rps
         );
     }
     drop(sc);
+    drop(sleepy);
     drop(haproxy);
 
     // Cold start: first reply from zero instances, 20 trials, one warm client connection to
