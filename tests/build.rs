@@ -7,4 +7,11 @@ fn main() {
         .include_dirs(vec!["../idl/thrift".into()])
         .write()
         .expect("volo-build generates code for idl/thrift/echo.thrift");
+    println!("cargo:rerun-if-changed=../idl/proto");
+    volo_build::Builder::protobuf()
+        .add_service("../idl/proto/echo.proto")
+        .include_dirs(vec!["../idl/proto".into()])
+        .filename("proto_gen.rs".into())
+        .write()
+        .expect("volo-build generates code for idl/proto/echo.proto");
 }

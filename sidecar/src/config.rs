@@ -482,13 +482,7 @@ fn function(
     }
     let protocol = match r.protocol.get_ref().as_str() {
         "thrift" => Protocol::Thrift,
-        "grpc" => {
-            return cx.invalid(
-                r.protocol.span().start,
-                key("protocol"),
-                "\"grpc\" is not supported yet (only \"thrift\" in this release)",
-            )
-        }
+        "grpc" => Protocol::Grpc,
         other => {
             return cx.invalid(
                 r.protocol.span().start,

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod grpc;
 pub mod pool;
 pub mod run;
 pub mod runtime;

@@ -33,6 +33,8 @@ pub struct Instance {
     /// the worker that opened it), plus one list for other threads: one call at a time each, as
     /// Volo and Kitex servers expect.
     idle_conns: Box<[Mutex<Vec<Upstream>>]>,
+    /// gRPC: one HTTP/2 connection per worker thread, shared by that worker's streams.
+    h2: Box<[Mutex<Option<crate::grpc::Upstream>>]>,
     /// The readiness probe's connection, not yet bound to a worker: the first call takes it.
     probe: Mutex<Option<std::net::TcpStream>>,
     stop: Mutex<Option<oneshot::Sender<()>>>,
@@ -57,6 +59,7 @@ impl Instance {
             id,
             addr,
             idle_conns: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
+            h2: (0..=workers).map(|_| Mutex::new(None)).collect(),
             probe: Mutex::new(probe),
             stop: Mutex::new(Some(stop)),
         }
@@ -68,9 +71,18 @@ impl Instance {
         &self.idle_conns[crate::workers::current().map_or(last, |i| i.min(last))]
     }
 
+    /// This thread's HTTP/2 connection (gRPC).
+    pub fn h2(&self) -> &Mutex<Option<crate::grpc::Upstream>> {
+        let last = self.h2.len() - 1;
+        &self.h2[crate::workers::current().map_or(last, |i| i.min(last))]
+    }
+
     fn clear_idle(&self) {
         for idle in self.idle_conns.iter() {
             lock(idle).clear();
+        }
+        for h2 in self.h2.iter() {
+            lock(h2).take();
         }
         lock(&self.probe).take();
     }

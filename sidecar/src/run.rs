@@ -16,7 +16,15 @@ use tokio::{
     time::{sleep, timeout, Instant},
 };
 
-use crate::{admin, config::Config, pool::Pool, thrift, watchdog::Watchdog, workers::Workers};
+use crate::{
+    admin,
+    config::{Config, Protocol},
+    grpc,
+    pool::Pool,
+    thrift,
+    watchdog::Watchdog,
+    workers::Workers,
+};
 
 /// How long a new connection may take to send enough bytes to tell its protocol.
 const DETECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -91,17 +99,28 @@ async fn serve(config: Config) -> Result<(), String> {
             .map_err(|e| format!("cannot listen on admin address {addr}: {e}"))?;
         tokio::spawn(admin::serve(l, admin.clone()));
     }
+    let of = |protocol| {
+        pools
+            .iter()
+            .filter(|p| p.function.protocol == protocol)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
     let shared = Arc::new(thrift::Shared {
-        functions: pools.clone(),
+        functions: of(Protocol::Thrift),
         limits,
         active: 0.into(),
     });
+    let grpc_shared = Arc::new(grpc::Shared {
+        functions: of(Protocol::Grpc),
+        active: Arc::new(0.into()),
+    });
     let workers = {
-        let shared = shared.clone();
+        let (shared, grpc_shared) = (shared.clone(), grpc_shared.clone());
         Workers::start(
             config.sidecar.workers,
             config.sidecar.busy_poll,
-            move |sock| connection(sock, shared.clone()),
+            move |sock| connection(sock, shared.clone(), grpc_shared.clone()),
         )
         .map_err(|e| format!("cannot start the worker threads: {e}"))?
     };
@@ -128,10 +147,11 @@ async fn serve(config: Config) -> Result<(), String> {
     // Drain: no new connections; calls in flight get `drain_timeout` to finish.
     drop(listener);
     admin.draining.store(true, Ordering::SeqCst);
-    let active = shared.active.load(Ordering::SeqCst);
-    tracing::info!(in_flight = active, "draining");
+    let active =
+        || shared.active.load(Ordering::SeqCst) + grpc_shared.active.load(Ordering::SeqCst);
+    tracing::info!(in_flight = active(), "draining");
     let until = Instant::now() + grace;
-    while shared.active.load(Ordering::SeqCst) > 0 && Instant::now() < until {
+    while active() > 0 && Instant::now() < until {
         sleep(Duration::from_millis(5)).await;
     }
     for p in &pools {
@@ -150,7 +170,7 @@ async fn serve(config: Config) -> Result<(), String> {
 
 /// Reads until the protocol is known (one bounded, timed read phase), then hands the connection
 /// and the bytes already read to the protocol's server.
-async fn connection(mut sock: TcpStream, shared: Arc<thrift::Shared>) {
+async fn connection(mut sock: TcpStream, shared: Arc<thrift::Shared>, grpc: Arc<grpc::Shared>) {
     let peer = sock.peer_addr().ok();
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let detected = timeout(DETECT_TIMEOUT, async {
@@ -167,12 +187,7 @@ async fn connection(mut sock: TcpStream, shared: Arc<thrift::Shared>) {
     })
     .await;
     match detected {
-        Ok(Some(Detected::Http2)) => {
-            tracing::warn!(
-                ?peer,
-                "HTTP/2 (gRPC) is not served yet; closing the connection"
-            );
-        }
+        Ok(Some(Detected::Http2)) => grpc::serve(sock, buf, grpc).await,
         Ok(Some(d)) => thrift::serve(sock, d, buf, shared).await,
         Ok(None) if buf.is_empty() => {}
         Ok(None) => {

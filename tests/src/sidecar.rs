@@ -235,6 +235,20 @@ pub fn echo_function(name: &str, scale: &str, policy: &str) -> String {
     )
 }
 
+/// The example gRPC function (`src/bin/grpc-echo-fn.rs`).
+pub fn grpc_echo_fn() -> String {
+    bin("grpc-echo-fn")
+}
+
+/// A `[[function]]` table for the example gRPC function (service `echo.Echo` from its proto).
+pub fn grpc_echo_function(name: &str, scale: &str, policy: &str) -> String {
+    format!(
+        "[[function]]\nname = \"{name}\"\nprotocol = \"grpc\"\nidl = \"{}\"\ncommand = [\"{}\"]\n\n[function.scale]\n{scale}\n\n[function.policy]\n{policy}\n\n",
+        idl("proto/echo.proto").display(),
+        grpc_echo_fn()
+    )
+}
+
 /// User + system CPU time a process has used so far (10 ms resolution).
 pub fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

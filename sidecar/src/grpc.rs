@@ -1,0 +1,490 @@
+//! gRPC connections: HTTP/2 without TLS (h2c), served by hyper on the same listener as Thrift.
+//! Each stream is routed by its `:path` (`/package.Service/Method`) to the gRPC function whose
+//! service it names and forwarded to an instance over an HTTP/2 connection that many streams
+//! share. Request and response bodies stream through as hyper reads them (HTTP/2 flow control
+//! holds back a fast writer instead of buffering); messages, metadata and trailers are not
+//! touched. Only `grpc-timeout` is rewritten: to the call's remaining budget.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::{body::Incoming, client::conn::http2::SendRequest, server::conn::http2 as server};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    time::{Instant, Sleep},
+};
+
+use crate::{
+    error::{CallError, Kind},
+    lock,
+    pool::{Instance, Lease, Pool},
+};
+
+/// What every gRPC connection shares.
+pub struct Shared {
+    /// The gRPC functions.
+    pub functions: Vec<Arc<Pool>>,
+    /// Streams between routing and the end of their response, for draining.
+    pub active: Arc<AtomicUsize>,
+}
+
+/// An HTTP/2 connection to an instance, shared by many streams; one per instance and worker.
+pub type Upstream = SendRequest<Incoming>;
+
+/// The caller's connection, with the bytes read while detecting the protocol put back in front.
+struct Prefixed {
+    head: BytesMut,
+    sock: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.head.has_remaining() {
+            let n = self.head.len().min(buf.remaining());
+            buf.put_slice(&self.head[..n]);
+            self.head.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.sock).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.sock).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.sock).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.sock.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.sock).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.sock).poll_shutdown(cx)
+    }
+}
+
+/// Serves one HTTP/2 connection whose first bytes (`head`, the preface) were already read.
+pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
+    let _ = sock.set_nodelay(true);
+    let io = TokioIo::new(Prefixed { head, sock });
+    let service = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+    });
+    let mut builder = server::Builder::new(TokioExecutor::new());
+    builder.max_concurrent_streams(Some(4096));
+    if let Err(e) = builder.serve_connection(io, service).await {
+        tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+    }
+}
+
+/// A response body: the instance's, streamed through while the stream holds its instance slot
+/// and counts as active; or nothing (a trailers-only error).
+pub enum ProxyBody {
+    Upstream {
+        body: Incoming,
+        /// The call's deadline: past it the stream ends with DEADLINE_EXCEEDED trailers.
+        deadline: Option<Pin<Box<Sleep>>>,
+        budget: Duration,
+        function: Arc<str>,
+        _lease: Lease,
+        _active: Active,
+    },
+    Deadline(Option<HeaderMap>),
+    Empty,
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        match this {
+            ProxyBody::Upstream {
+                body,
+                deadline,
+                budget,
+                function,
+                ..
+            } => {
+                if let Some(sleep) = deadline {
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        let e = CallError::new(
+                            Kind::Timeout,
+                            format!("function {function}: deadline of {budget:?} passed"),
+                        );
+                        // Dropping the instance's body resets its stream: it stops too.
+                        *this = ProxyBody::Deadline(Some(status_headers(&e)));
+                        return Poll::Ready(this_trailers(this));
+                    }
+                }
+                Pin::new(body).poll_frame(cx)
+            }
+            ProxyBody::Deadline(_) => Poll::Ready(this_trailers(this)),
+            ProxyBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Deadline(t) => t.is_none(),
+            ProxyBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream { body, .. } => body.size_hint(),
+            _ => SizeHint::with_exact(0),
+        }
+    }
+}
+
+fn this_trailers(body: &mut ProxyBody) -> Option<Result<Frame<Bytes>, hyper::Error>> {
+    match body {
+        ProxyBody::Deadline(t) => t.take().map(|t| Ok(Frame::trailers(t))),
+        _ => None,
+    }
+}
+
+/// Counts a stream as active for as long as it lives.
+pub struct Active(Arc<AtomicUsize>);
+
+impl Active {
+    fn new(n: &Arc<AtomicUsize>) -> Active {
+        n.fetch_add(1, Ordering::SeqCst);
+        Active(n.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The gRPC status of each kind of error fnmesh makes (DESIGN.md's table).
+fn grpc_status(kind: Kind) -> u16 {
+    match kind {
+        Kind::NoRoute => 12,                    // UNIMPLEMENTED
+        Kind::BadRequest => 13,                 // INTERNAL
+        Kind::TooLarge | Kind::Overloaded => 8, // RESOURCE_EXHAUSTED
+        Kind::Unavailable => 14,                // UNAVAILABLE
+        Kind::Timeout => 4,                     // DEADLINE_EXCEEDED
+    }
+}
+
+/// `grpc-status`, `grpc-message` (percent-encoded as gRPC asks) and `fnmesh-error` for `e`.
+fn status_headers(e: &CallError) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("grpc-status", HeaderValue::from(grpc_status(e.kind)));
+    let text = e.to_string();
+    let mut message = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            message.push(b as char);
+        } else {
+            message.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&message) {
+        h.insert("grpc-message", v);
+    }
+    h.insert("fnmesh-error", HeaderValue::from_static(e.kind.as_str()));
+    h
+}
+
+/// The one place errors become gRPC replies: a trailers-only response (HTTP 200, the status in
+/// the headers, no body).
+fn rescue(e: &CallError) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::Empty);
+    let h = r.headers_mut();
+    h.insert("content-type", HeaderValue::from_static("application/grpc"));
+    h.extend(status_headers(e));
+    r
+}
+
+async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
+    crate::workers::busy();
+    match proxy(shared, req).await {
+        Ok(r) => r,
+        Err(e) => rescue(&e),
+    }
+}
+
+/// `/package.Service/Method` split in two.
+fn service_method(path: &str) -> Option<(&str, &str)> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    (!service.is_empty() && !method.is_empty() && !method.contains('/'))
+        .then_some((service, method))
+}
+
+/// gRPC's `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// `grpc-timeout` for a remaining budget: microseconds while they fit in 8 digits, then
+/// milliseconds, then seconds.
+pub fn format_grpc_timeout(d: Duration) -> String {
+    let us = d.as_micros().max(1);
+    if us < 100_000_000 {
+        format!("{us}u")
+    } else if d.as_millis() < 100_000_000 {
+        format!("{}m", d.as_millis())
+    } else {
+        format!("{}S", d.as_secs().min(99_999_999))
+    }
+}
+
+async fn proxy(
+    shared: &Shared,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, CallError> {
+    let path = req.uri().path().to_owned();
+    let Some((service, method)) = service_method(&path) else {
+        return Err(CallError::new(
+            Kind::NoRoute,
+            format!("{path:?} is not a gRPC path (/package.Service/Method)"),
+        ));
+    };
+    let Some(pool) = shared
+        .functions
+        .iter()
+        .find(|p| p.function.service.as_deref().unwrap_or(&p.function.name) == service)
+    else {
+        return Err(CallError::new(
+            Kind::NoRoute,
+            format!("no function for service {service}"),
+        ));
+    };
+    let f = &pool.function;
+    if !f.has_method(method) {
+        return Err(CallError::new(
+            Kind::NoRoute,
+            format!("function {} has no method {method}", f.name),
+        ));
+    }
+    let caller = req
+        .headers()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    let budget = match (f.policy_for(method).timeout, caller) {
+        (Some(p), Some(c)) => Some(p.min(c)),
+        (p, c) => p.or(c),
+    };
+    let deadline = budget.map(|b| Instant::now() + b);
+    let timed_out = |what: &str| {
+        CallError::new(
+            Kind::Timeout,
+            format!(
+                "function {}: deadline of {:?} passed {what}",
+                f.name,
+                budget.unwrap_or_default()
+            ),
+        )
+    };
+    let active = Active::new(&shared.active);
+    let lease = match pool.try_acquire()? {
+        Some(lease) => lease,
+        None => match deadline {
+            Some(d) => tokio::time::timeout_at(d, pool.acquire())
+                .await
+                .map_err(|_| timed_out("while queued (the call was never forwarded)"))??,
+            None => pool.acquire().await?,
+        },
+    };
+    let mut sender = match upstream(&lease.instance).await {
+        Ok(s) => s,
+        Err(e) => {
+            lease.evict();
+            return Err(CallError::new(
+                Kind::Unavailable,
+                format!("function {} instance {}: {e}", f.name, lease.instance.id),
+            ));
+        }
+    };
+    if let Some(d) = deadline {
+        let left = d.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out("before the call was forwarded"));
+        }
+        if let Ok(v) = HeaderValue::from_str(&format_grpc_timeout(left)) {
+            req.headers_mut().insert("grpc-timeout", v);
+        }
+    }
+    let send = sender.send_request(req);
+    let response = match deadline {
+        Some(d) => tokio::time::timeout_at(d, send)
+            .await
+            .map_err(|_| timed_out("waiting for the instance's response"))?,
+        None => send.await,
+    };
+    let response = response.map_err(|e| {
+        CallError::new(
+            Kind::Unavailable,
+            format!("function {} instance {}: {e}", f.name, lease.instance.id),
+        )
+    })?;
+    crate::workers::busy();
+    let (parts, body) = response.into_parts();
+    Ok(Response::from_parts(
+        parts,
+        ProxyBody::Upstream {
+            body,
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            budget: budget.unwrap_or_default(),
+            function: f.name.as_str().into(),
+            _lease: lease,
+            _active: active,
+        },
+    ))
+}
+
+/// This worker's HTTP/2 connection to `instance`, opened (on the readiness probe's connection
+/// when it is still unused) if there is none or it has closed.
+async fn upstream(instance: &Instance) -> Result<Upstream, String> {
+    if let Some(s) = lock(instance.h2()).as_ref().filter(|s| !s.is_closed()) {
+        return Ok(s.clone());
+    }
+    let stream = match instance.pooled() {
+        Some(conn) => conn.stream,
+        None => {
+            instance
+                .connect()
+                .await
+                .map_err(|e| format!("connect refused: {e}"))?
+                .stream
+        }
+    };
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+        }
+    });
+    let mut slot = lock(instance.h2());
+    // Another stream may have connected meanwhile: keep the first, use ours for this stream.
+    if slot.as_ref().is_none_or(|s| s.is_closed()) {
+        *slot = Some(sender.clone());
+    }
+    Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_and_format() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "m", "123456789m", "10x", "-1S", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+        for d in [
+            Duration::from_micros(1),
+            Duration::from_millis(250),
+            Duration::from_secs(3 * 3600),
+            Duration::from_secs(500_000),
+        ] {
+            let back = parse_grpc_timeout(&format_grpc_timeout(d)).unwrap();
+            assert!(
+                back <= d && d - back < Duration::from_secs(1),
+                "{d:?} -> {back:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn paths_split_into_service_and_method() {
+        assert_eq!(
+            service_method("/echo.Echo/UnaryEcho"),
+            Some(("echo.Echo", "UnaryEcho"))
+        );
+        for bad in [
+            "",
+            "/",
+            "/echo.Echo",
+            "/echo.Echo/",
+            "//M",
+            "/a/b/c",
+            "echo.Echo/M",
+        ] {
+            assert_eq!(service_method(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn error_statuses_follow_the_design_table() {
+        let e = CallError::new(Kind::Unavailable, "function echo: 100% broken\n");
+        let h = status_headers(&e);
+        assert_eq!(h["grpc-status"], "14");
+        assert_eq!(h["fnmesh-error"], "unavailable");
+        assert_eq!(
+            h["grpc-message"],
+            "fnmesh unavailable: function echo: 100%25 broken%0A"
+        );
+        assert_eq!(grpc_status(Kind::NoRoute), 12);
+        assert_eq!(grpc_status(Kind::Timeout), 4);
+        assert_eq!(grpc_status(Kind::TooLarge), 8);
+        assert_eq!(grpc_status(Kind::BadRequest), 13);
+    }
+}

@@ -1,0 +1,25 @@
+//! The example gRPC function: a plain volo-grpc `echo.Echo` server on 127.0.0.1:$PORT (default
+//! 8084). It knows nothing of fnmesh; FNMESH_INSTANCE, when set, is echoed back so tests can tell
+//! instances apart.
+#![forbid(unsafe_code)]
+
+use fnmesh_tests::{grpc_echo::GrpcEcho, proto::proto_gen::echo::EchoServer};
+use volo_grpc::server::{Server, ServiceBuilder};
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8084);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap_or_else(|e| panic!("grpc-echo-fn: cannot listen on 127.0.0.1:{port}: {e}"));
+    let server = Server::new()
+        .add_service(ServiceBuilder::new(EchoServer::new(GrpcEcho::from_env())).build())
+        .run(volo::net::incoming::DefaultIncoming::from(listener));
+    if let Err(e) = server.await {
+        eprintln!("grpc-echo-fn: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,132 @@
+//! The example gRPC function's handler: a plain volo-grpc `echo.Echo` server that knows nothing
+//! of fnmesh, with one method of each streaming kind and a few fault hooks for tests.
+
+use std::time::Duration;
+
+use pilota::FastStr;
+use volo_grpc::{BoxStream, Code, RecvStream, Request, Response, Status};
+
+use crate::proto::proto_gen::echo::{Echo, EchoRequest, EchoResponse};
+
+/// Replies with the request's message(s) and the instance it ran on (`FNMESH_INSTANCE`). Hooks:
+/// `sleep_ms` sleeps first; message `__crash__` exits the process; `__status__ N text` answers
+/// gRPC status N with message `text`. Request metadata `x-echo` comes back as response
+/// metadata `x-echo`.
+#[derive(Clone, Default)]
+pub struct GrpcEcho {
+    pub instance: FastStr,
+}
+
+impl GrpcEcho {
+    pub fn from_env() -> Self {
+        GrpcEcho {
+            instance: std::env::var("FNMESH_INSTANCE").unwrap_or_default().into(),
+        }
+    }
+
+    async fn reply(&self, req: EchoRequest) -> Result<EchoResponse, Status> {
+        if req.message == "__crash__" {
+            std::process::exit(3);
+        }
+        if let Some(rest) = req.message.strip_prefix("__status__ ") {
+            let (code, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            let code = Code::from(code.parse::<i32>().unwrap_or(2));
+            return Err(Status::new(code, text.to_owned()));
+        }
+        if req.sleep_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(req.sleep_ms as u64)).await;
+        }
+        Ok(EchoResponse {
+            message: req.message,
+            instance: self.instance.clone(),
+        })
+    }
+}
+
+fn with_echoed_metadata<T, U>(req: &Request<T>, message: U) -> Response<U> {
+    let mut resp = Response::new(message);
+    if let Some(v) = req.metadata().get("x-echo") {
+        resp.metadata_mut().insert("x-echo", v.clone());
+    }
+    resp
+}
+
+impl Echo for GrpcEcho {
+    async fn unary_echo(
+        &self,
+        req: Request<EchoRequest>,
+    ) -> Result<Response<EchoResponse>, Status> {
+        let reply = self.reply(req.get_ref().clone()).await?;
+        Ok(with_echoed_metadata(&req, reply))
+    }
+
+    /// Three replies: `message #0`, `#1`, `#2`, each after `sleep_ms`.
+    async fn server_streaming_echo(
+        &self,
+        req: Request<EchoRequest>,
+    ) -> Result<Response<BoxStream<'static, Result<EchoResponse, Status>>>, Status> {
+        let first = req.get_ref().clone();
+        let this = self.clone();
+        let stream = async_stream::stream! {
+            for i in 0..3 {
+                let mut r = first.clone();
+                r.message = format!("{} #{i}", first.message).into();
+                yield this.reply(r).await;
+            }
+        };
+        Ok(with_echoed_metadata(
+            &req,
+            Box::pin(stream) as BoxStream<'static, _>,
+        ))
+    }
+
+    /// One reply: the messages received, joined with `,`.
+    async fn client_streaming_echo(
+        &self,
+        req: Request<RecvStream<EchoRequest>>,
+    ) -> Result<Response<EchoResponse>, Status> {
+        use futures_util::StreamExt;
+        let mut metadata_source = Request::new(());
+        if let Some(v) = req.metadata().get("x-echo") {
+            metadata_source.metadata_mut().insert("x-echo", v.clone());
+        }
+        let mut stream = req.into_inner();
+        let mut all = Vec::new();
+        while let Some(m) = stream.next().await {
+            all.push(self.reply(m?).await?.message.to_string());
+        }
+        Ok(with_echoed_metadata(
+            &metadata_source,
+            EchoResponse {
+                message: all.join(",").into(),
+                instance: self.instance.clone(),
+            },
+        ))
+    }
+
+    /// Each message echoed as it arrives.
+    async fn bidirectional_streaming_echo(
+        &self,
+        req: Request<RecvStream<EchoRequest>>,
+    ) -> Result<Response<BoxStream<'static, Result<EchoResponse, Status>>>, Status> {
+        use futures_util::StreamExt;
+        let mut metadata_source = Request::new(());
+        if let Some(v) = req.metadata().get("x-echo") {
+            metadata_source.metadata_mut().insert("x-echo", v.clone());
+        }
+        let mut incoming = req.into_inner();
+        let this = self.clone();
+        let stream = async_stream::stream! {
+            while let Some(m) = incoming.next().await {
+                match m {
+                    Ok(m) => yield this.reply(m).await,
+                    Err(e) => { yield Err(e); break; }
+                }
+            }
+        };
+        Ok(with_echoed_metadata(
+            &metadata_source,
+            Box::pin(stream) as BoxStream<'static, _>,
+        ))
+    }
+}
