@@ -21,6 +21,12 @@ if ! python3 -c "import thrift" >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check thrift
 fi
 
+# Python grpcio and its health stub: an independent gRPC client for the end-to-end tests.
+if ! python3 -c "import grpc, grpc_health.v1.health_pb2" >/dev/null 2>&1; then
+    echo "== installing PyPI grpcio, grpcio-health-checking"
+    python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-health-checking
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -25,6 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
+    sync::watch,
     time::{Instant, Sleep},
 };
 
@@ -40,6 +41,30 @@ pub struct Shared {
     pub functions: Vec<Arc<Pool>>,
     /// Streams between routing and the end of their response, for draining.
     pub active: Arc<AtomicUsize>,
+    /// Set when the sidecar drains: connections get GOAWAY, health turns NOT_SERVING.
+    pub draining: watch::Sender<bool>,
+    /// Open HTTP/2 connections: after GOAWAY each closes once its streams are done, so draining
+    /// waits for this to reach zero (streams fnmesh answers itself, such as health `Watch`,
+    /// are flushed too).
+    pub connections: Arc<AtomicUsize>,
+}
+
+impl Shared {
+    pub fn new(functions: Vec<Arc<Pool>>) -> Shared {
+        Shared {
+            functions,
+            active: Arc::new(AtomicUsize::new(0)),
+            draining: watch::Sender::new(false),
+            connections: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The function serving `service` (its IDL service, or its name without an IDL).
+    fn function(&self, service: &str) -> Option<&Arc<Pool>> {
+        self.functions
+            .iter()
+            .find(|p| p.function.service.as_deref().unwrap_or(&p.function.name) == service)
+    }
 }
 
 /// An HTTP/2 connection to an instance, shared by many streams; one per instance and worker.
@@ -93,23 +118,44 @@ impl AsyncWrite for Prefixed {
     }
 }
 
-/// Serves one HTTP/2 connection whose first bytes (`head`, the preface) were already read.
+/// Serves one HTTP/2 connection whose first bytes (`head`, the preface) were already read. When
+/// the sidecar drains, the connection gets GOAWAY: streams already open may finish (within
+/// `drain_timeout`), new ones go elsewhere.
 pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
     let _ = sock.set_nodelay(true);
     let io = TokioIo::new(Prefixed { head, sock });
+    let _open = Active::new(&shared.connections);
+    let mut draining = shared.draining.subscribe();
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(handle(&shared, req).await) }
     });
     let mut builder = server::Builder::new(TokioExecutor::new());
     builder.max_concurrent_streams(Some(4096));
-    if let Err(e) = builder.serve_connection(io, service).await {
-        tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let mut goaway = false;
+    loop {
+        tokio::select! {
+            done = conn.as_mut() => {
+                if let Err(e) = done {
+                    tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+                }
+                return;
+            }
+            changed = draining.changed(), if !goaway => {
+                if changed.is_err() || *draining.borrow_and_update() {
+                    conn.as_mut().graceful_shutdown();
+                    goaway = true;
+                }
+            }
+        }
     }
 }
 
 /// A response body: the instance's, streamed through while the stream holds its instance slot
-/// and counts as active; or nothing (a trailers-only error).
+/// and counts as active; one that fnmesh makes (a message and/or trailers); or a stream of
+/// frames fnmesh makes (health `Watch`).
 pub enum ProxyBody {
     Upstream {
         body: Incoming,
@@ -120,8 +166,21 @@ pub enum ProxyBody {
         _lease: Lease,
         _active: Active,
     },
-    Deadline(Option<HeaderMap>),
-    Empty,
+    Local {
+        message: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+    },
+    Frames(Pin<Box<dyn futures_util::Stream<Item = Frame<Bytes>> + Send>>),
+}
+
+impl ProxyBody {
+    /// Nothing: the status went out in the headers (trailers-only).
+    fn empty() -> ProxyBody {
+        ProxyBody::Local {
+            message: None,
+            trailers: None,
+        }
+    }
 }
 
 impl Body for ProxyBody {
@@ -148,41 +207,43 @@ impl Body for ProxyBody {
                             format!("function {function}: deadline of {budget:?} passed"),
                         );
                         // Dropping the instance's body resets its stream: it stops too.
-                        *this = ProxyBody::Deadline(Some(status_headers(&e)));
-                        return Poll::Ready(this_trailers(this));
+                        *this = ProxyBody::empty();
+                        return Poll::Ready(Some(Ok(Frame::trailers(status_headers(&e)))));
                     }
                 }
                 Pin::new(body).poll_frame(cx)
             }
-            ProxyBody::Deadline(_) => Poll::Ready(this_trailers(this)),
-            ProxyBody::Empty => Poll::Ready(None),
+            ProxyBody::Local { message, trailers } => Poll::Ready(
+                message
+                    .take()
+                    .map(Frame::data)
+                    .or_else(|| trailers.take().map(Frame::trailers))
+                    .map(Ok),
+            ),
+            ProxyBody::Frames(frames) => frames.as_mut().poll_next(cx).map(|f| f.map(Ok)),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Upstream { body, .. } => body.is_end_stream(),
-            ProxyBody::Deadline(t) => t.is_none(),
-            ProxyBody::Empty => true,
+            ProxyBody::Local { message, trailers } => message.is_none() && trailers.is_none(),
+            ProxyBody::Frames(_) => false,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Upstream { body, .. } => body.size_hint(),
-            _ => SizeHint::with_exact(0),
+            ProxyBody::Local { message, .. } => {
+                SizeHint::with_exact(message.as_ref().map_or(0, |m| m.len() as u64))
+            }
+            ProxyBody::Frames(_) => SizeHint::default(),
         }
     }
 }
 
-fn this_trailers(body: &mut ProxyBody) -> Option<Result<Frame<Bytes>, hyper::Error>> {
-    match body {
-        ProxyBody::Deadline(t) => t.take().map(|t| Ok(Frame::trailers(t))),
-        _ => None,
-    }
-}
-
-/// Counts a stream as active for as long as it lives.
+/// Counts a stream (or connection) as active for as long as it lives.
 pub struct Active(Arc<AtomicUsize>);
 
 impl Active {
@@ -232,7 +293,7 @@ fn status_headers(e: &CallError) -> HeaderMap {
 /// The one place errors become gRPC replies: a trailers-only response (HTTP 200, the status in
 /// the headers, no body).
 fn rescue(e: &CallError) -> Response<ProxyBody> {
-    let mut r = Response::new(ProxyBody::Empty);
+    let mut r = Response::new(ProxyBody::empty());
     let h = r.headers_mut();
     h.insert("content-type", HeaderValue::from_static("application/grpc"));
     h.extend(status_headers(e));
@@ -296,11 +357,10 @@ async fn proxy(
             format!("{path:?} is not a gRPC path (/package.Service/Method)"),
         ));
     };
-    let Some(pool) = shared
-        .functions
-        .iter()
-        .find(|p| p.function.service.as_deref().unwrap_or(&p.function.name) == service)
-    else {
+    let Some(pool) = shared.function(service) else {
+        if service == health::SERVICE {
+            return health::answer(shared, method, req.into_body()).await;
+        }
         return Err(CallError::new(
             Kind::NoRoute,
             format!("no function for service {service}"),
@@ -423,6 +483,167 @@ async fn upstream(instance: &Instance) -> Result<Upstream, String> {
     Ok(sender)
 }
 
+/// `grpc.health.v1.Health`, answered by the sidecar for its gRPC functions' services (and `""`,
+/// the sidecar itself): SERVING while the function can be routed to, at zero instances too
+/// (nothing is started), NOT_SERVING once the sidecar drains; an unknown service is NOT_FOUND
+/// (`Watch`: SERVICE_UNKNOWN), as the health protocol asks. `Watch` sends the status, then
+/// NOT_SERVING when draining starts, and ends.
+mod health {
+    use super::*;
+
+    pub const SERVICE: &str = "grpc.health.v1.Health";
+    const SERVING: u8 = 1;
+    const NOT_SERVING: u8 = 2;
+    const SERVICE_UNKNOWN: u8 = 3;
+    /// A HealthCheckRequest is a service name; anything larger is refused.
+    const MAX_REQUEST: usize = 64 * 1024;
+
+    pub async fn answer(
+        shared: &Shared,
+        method: &str,
+        body: Incoming,
+    ) -> Result<Response<ProxyBody>, CallError> {
+        let watch = match method {
+            "Check" => false,
+            "Watch" => true,
+            other => {
+                return Err(CallError::new(
+                    Kind::NoRoute,
+                    format!("{SERVICE} has no method {other}"),
+                ))
+            }
+        };
+        let service = requested_service(body).await?;
+        let known = service.is_empty() || shared.function(&service).is_some();
+        if !watch && !known {
+            let mut r = rescue(&CallError::new(Kind::NoRoute, ""));
+            let h = r.headers_mut();
+            h.insert("grpc-status", HeaderValue::from(5u16)); // NOT_FOUND
+            h.insert(
+                "grpc-message",
+                HeaderValue::from_str(&format!("unknown service {service}"))
+                    .unwrap_or(HeaderValue::from_static("unknown service")),
+            );
+            h.remove("fnmesh-error");
+            return Ok(r);
+        }
+        let status = move |draining: bool| match (known, draining) {
+            (false, _) => SERVICE_UNKNOWN,
+            (true, false) => SERVING,
+            (true, true) => NOT_SERVING,
+        };
+        let mut ok = HeaderMap::new();
+        ok.insert("grpc-status", HeaderValue::from(0u16));
+        let body = if watch {
+            let rx = shared.draining.subscribe();
+            let frames = futures_util::stream::unfold(
+                (rx, None::<bool>, Some(ok)),
+                move |(mut rx, sent, trailers)| async move {
+                    let draining = *rx.borrow_and_update();
+                    if sent != Some(draining) {
+                        let frame = Frame::data(message(status(draining)));
+                        return Some((frame, (rx, Some(draining), trailers)));
+                    }
+                    if !draining && rx.changed().await.is_ok() {
+                        let draining = *rx.borrow_and_update();
+                        let frame = Frame::data(message(status(draining)));
+                        return Some((frame, (rx, Some(draining), trailers)));
+                    }
+                    // Draining (or the sidecar is going away): the stream ends.
+                    let trailers = trailers?;
+                    Some((Frame::trailers(trailers), (rx, sent, None)))
+                },
+            );
+            ProxyBody::Frames(Box::pin(frames))
+        } else {
+            ProxyBody::Local {
+                message: Some(message(status(*shared.draining.borrow()))),
+                trailers: Some(ok),
+            }
+        };
+        let mut r = Response::new(body);
+        r.headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/grpc"));
+        Ok(r)
+    }
+
+    /// A HealthCheckResponse `{ status = 1 }` in a gRPC message frame.
+    fn message(status: u8) -> Bytes {
+        Bytes::copy_from_slice(&[0, 0, 0, 0, 2, 0x08, status])
+    }
+
+    /// Reads the request's one message and its field 1 (`service`).
+    async fn requested_service(mut body: Incoming) -> Result<String, CallError> {
+        let mut buf = BytesMut::new();
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
+            let frame = frame.map_err(|e| CallError::new(Kind::BadRequest, e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                buf.extend_from_slice(&data);
+                if buf.len() > MAX_REQUEST {
+                    return Err(CallError::new(
+                        Kind::TooLarge,
+                        format!("health check request over {MAX_REQUEST} bytes"),
+                    ));
+                }
+            }
+        }
+        parse_request(&buf).ok_or_else(|| {
+            CallError::new(Kind::BadRequest, "malformed HealthCheckRequest".to_owned())
+        })
+    }
+
+    /// The `service` of a HealthCheckRequest in a gRPC message frame (uncompressed); `None`
+    /// when the bytes are not one.
+    pub fn parse_request(buf: &[u8]) -> Option<String> {
+        if buf.is_empty() {
+            return Some(String::new());
+        }
+        let (&compressed, rest) = buf.split_first()?;
+        let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let mut msg = rest.get(4..)?;
+        if compressed != 0 || msg.len() != len {
+            return None;
+        }
+        let mut service = String::new();
+        while !msg.is_empty() {
+            let tag = varint(&mut msg)?;
+            match (tag >> 3, tag & 7) {
+                (1, 2) => {
+                    let n = usize::try_from(varint(&mut msg)?).ok()?;
+                    let bytes = msg.get(..n)?;
+                    service = String::from_utf8(bytes.to_vec()).ok()?;
+                    msg = &msg[n..];
+                }
+                (_, 0) => {
+                    varint(&mut msg)?;
+                }
+                (_, 1) => msg = msg.get(8..)?,
+                (_, 5) => msg = msg.get(4..)?,
+                (_, 2) => {
+                    let n = usize::try_from(varint(&mut msg)?).ok()?;
+                    msg = msg.get(n..)?;
+                }
+                _ => return None,
+            }
+        }
+        Some(service)
+    }
+
+    fn varint(buf: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let (&b, rest) = buf.split_first()?;
+            *buf = rest;
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,6 +671,56 @@ mod tests {
                 back <= d && d - back < Duration::from_secs(1),
                 "{d:?} -> {back:?}"
             );
+        }
+    }
+
+    #[test]
+    fn health_check_requests_parse_and_never_panic() {
+        let frame = |msg: &[u8]| {
+            let mut f = vec![0];
+            f.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+            f.extend_from_slice(msg);
+            f
+        };
+        let mut m = vec![0x0a, 9];
+        m.extend_from_slice(b"echo.Echo");
+        assert_eq!(
+            health::parse_request(&frame(&m)).as_deref(),
+            Some("echo.Echo")
+        );
+        assert_eq!(health::parse_request(&frame(&[])).as_deref(), Some(""));
+        assert_eq!(health::parse_request(&[]).as_deref(), Some(""));
+        // Unknown fields of every wire type are skipped.
+        let mut m2 = vec![
+            0x10, 0x96, 0x01, 0x19, 1, 2, 3, 4, 5, 6, 7, 8, 0x25, 1, 2, 3, 4,
+        ];
+        m2.extend_from_slice(&m);
+        assert_eq!(
+            health::parse_request(&frame(&m2)).as_deref(),
+            Some("echo.Echo")
+        );
+        for bad in [
+            vec![1, 0, 0, 0, 0],
+            vec![0, 0, 0, 0, 5, 0x0a],
+            frame(&[0x0a, 200]),
+            frame(&[0x0b]),
+            frame(&[0x0a, 2, 0xff, 0xfe]),
+            frame(&[
+                0x08, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80,
+            ]),
+            vec![0, 0, 0],
+        ] {
+            assert_eq!(health::parse_request(&bad), None, "{bad:?}");
+        }
+        // Every prefix and every single-byte change of a valid request: an answer, no panic.
+        let good = frame(&m2);
+        for n in 0..good.len() {
+            let _ = health::parse_request(&good[..n]);
+            for b in [0u8, 0x7f, 0x80, 0xff] {
+                let mut x = good.clone();
+                x[n] = b;
+                let _ = health::parse_request(&x);
+            }
         }
     }
 

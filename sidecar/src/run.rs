@@ -111,10 +111,7 @@ async fn serve(config: Config) -> Result<(), String> {
         limits,
         active: 0.into(),
     });
-    let grpc_shared = Arc::new(grpc::Shared {
-        functions: of(Protocol::Grpc),
-        active: Arc::new(0.into()),
-    });
+    let grpc_shared = Arc::new(grpc::Shared::new(of(Protocol::Grpc)));
     let workers = {
         let (shared, grpc_shared) = (shared.clone(), grpc_shared.clone());
         Workers::start(
@@ -147,8 +144,14 @@ async fn serve(config: Config) -> Result<(), String> {
     // Drain: no new connections; calls in flight get `drain_timeout` to finish.
     drop(listener);
     admin.draining.store(true, Ordering::SeqCst);
-    let active =
-        || shared.active.load(Ordering::SeqCst) + grpc_shared.active.load(Ordering::SeqCst);
+    grpc_shared.draining.send_replace(true);
+    // Thrift calls in flight, gRPC streams in flight, and HTTP/2 connections still open after
+    // their GOAWAY (each closes once its streams are done and flushed).
+    let active = || {
+        shared.active.load(Ordering::SeqCst)
+            + grpc_shared.active.load(Ordering::SeqCst)
+            + grpc_shared.connections.load(Ordering::SeqCst)
+    };
     tracing::info!(in_flight = active(), "draining");
     let until = Instant::now() + grace;
     while active() > 0 && Instant::now() < until {

@@ -1,17 +1,37 @@
 //! The example gRPC function's handler: a plain volo-grpc `echo.Echo` server that knows nothing
 //! of fnmesh, with one method of each streaming kind and a few fault hooks for tests.
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use pilota::FastStr;
 use volo_grpc::{BoxStream, Code, RecvStream, Request, Response, Status};
 
 use crate::proto::proto_gen::echo::{Echo, EchoRequest, EchoResponse};
 
+/// Server streams this process stopped sending because the caller went away (the
+/// `__cancelled__` hook reads it).
+static CANCELLED: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a server stream as cancelled if it is dropped before its end.
+struct Unfinished(bool);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if !self.0 {
+            CANCELLED.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
 /// Replies with the request's message(s) and the instance it ran on (`FNMESH_INSTANCE`). Hooks:
 /// `sleep_ms` sleeps first; message `__crash__` exits the process; `__status__ N text` answers
-/// gRPC status N with message `text`. Request metadata `x-echo` comes back as response
-/// metadata `x-echo`.
+/// gRPC status N with message `text`; `__cancelled__` answers how many server streams were
+/// cancelled by their callers so far. Server streaming: `__bulk__ N` sends N messages of 1 MiB.
+/// Request metadata `x-echo` comes back as response
+/// metadata `x-echo`, and the request's `grpc-timeout` as `x-grpc-timeout`.
 #[derive(Clone, Default)]
 pub struct GrpcEcho {
     pub instance: FastStr,
@@ -27,6 +47,12 @@ impl GrpcEcho {
     async fn reply(&self, req: EchoRequest) -> Result<EchoResponse, Status> {
         if req.message == "__crash__" {
             std::process::exit(3);
+        }
+        if req.message == "__cancelled__" {
+            return Ok(EchoResponse {
+                message: CANCELLED.load(Ordering::SeqCst).to_string().into(),
+                instance: self.instance.clone(),
+            });
         }
         if let Some(rest) = req.message.strip_prefix("__status__ ") {
             let (code, text) = rest.split_once(' ').unwrap_or((rest, ""));
@@ -48,6 +74,10 @@ fn with_echoed_metadata<T, U>(req: &Request<T>, message: U) -> Response<U> {
     if let Some(v) = req.metadata().get("x-echo") {
         resp.metadata_mut().insert("x-echo", v.clone());
     }
+    // The deadline this instance was given, for tests to read.
+    if let Some(v) = req.metadata().get("grpc-timeout") {
+        resp.metadata_mut().insert("x-grpc-timeout", v.clone());
+    }
     resp
 }
 
@@ -67,12 +97,25 @@ impl Echo for GrpcEcho {
     ) -> Result<Response<BoxStream<'static, Result<EchoResponse, Status>>>, Status> {
         let first = req.get_ref().clone();
         let this = self.clone();
+        let bulk: Option<usize> = first
+            .message
+            .strip_prefix("__bulk__ ")
+            .and_then(|n| n.parse().ok());
         let stream = async_stream::stream! {
-            for i in 0..3 {
-                let mut r = first.clone();
-                r.message = format!("{} #{i}", first.message).into();
-                yield this.reply(r).await;
+            let mut unfinished = Unfinished(false);
+            if let Some(n) = bulk {
+                let mib: FastStr = "x".repeat(1 << 20).into();
+                for _ in 0..n {
+                    yield Ok(EchoResponse { message: mib.clone(), instance: this.instance.clone() });
+                }
+            } else {
+                for i in 0..3 {
+                    let mut r = first.clone();
+                    r.message = format!("{} #{i}", first.message).into();
+                    yield this.reply(r).await;
+                }
             }
+            unfinished.0 = true;
         };
         Ok(with_echoed_metadata(
             &req,

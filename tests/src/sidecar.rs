@@ -144,6 +144,18 @@ impl Sidecar {
             .unwrap()
     }
 
+    /// The sidecar process's resident memory, in KiB.
+    pub fn rss_kb(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     /// User + system CPU time the sidecar process has used so far.
     pub fn cpu_time(&self) -> Duration {
         cpu_time(self.child.id())

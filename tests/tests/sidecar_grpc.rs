@@ -157,6 +157,19 @@ async fn the_callers_deadline_gives_deadline_exceeded_on_time() {
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
     assert!(took < Duration::from_millis(1000), "took {took:?}");
 
+    // The instance is told the remaining budget: less than the caller's 300 ms.
+    let resp = client.unary_echo(req("budget", 0)).await.expect("reply");
+    let seen = resp
+        .metadata()
+        .get("x-grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(fnmesh::grpc::parse_grpc_timeout)
+        .expect("the instance saw a grpc-timeout");
+    assert!(
+        seen < Duration::from_millis(300) && seen > Duration::from_millis(200),
+        "instance saw {seen:?}"
+    );
+
     // fnmesh's own deadline (the policy's), for a caller that set none: answered by the sidecar.
     let sc = Sidecar::start(&grpc_echo_function(
         "echo",
@@ -218,4 +231,219 @@ async fn a_thrift_and_a_grpc_function_share_one_port() {
         volo_thrift::MaybeException::Ok(r) => assert_eq!(r.message.as_str(), "t"),
         _ => panic!("declared exception"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_4_mib_message_500_streams_on_one_connection_and_a_cancelled_stream() {
+    let sc = Sidecar::start(&grpc_echo_function(
+        "echo",
+        "min = 1\nmax = 1\nconcurrency = 1000",
+        "",
+    ));
+    let client = client!(sc.addr);
+
+    // 4 MiB each way.
+    let big = "m".repeat(4 << 20);
+    let r = client.unary_echo(req(&big, 0)).await.expect("4 MiB reply");
+    assert!(
+        r.into_inner().message.as_str() == big,
+        "4 MiB echoed intact"
+    );
+
+    // 500 concurrent streams on one HTTP/2 connection.
+    let send = fnmesh_tests::h2::connect(sc.addr).await;
+    let calls = (0..500).map(|i| {
+        let mut send = send.clone();
+        tokio::spawn(async move {
+            (
+                i,
+                fnmesh_tests::h2::echo_on(&mut send, &format!("s{i}")).await,
+            )
+        })
+    });
+    for c in calls.collect::<Vec<_>>() {
+        let (i, (data, status)) = c.await.unwrap();
+        assert_eq!(status, "0", "stream {i}");
+        let want = fnmesh_tests::h2::echo_request(&format!("s{i}"));
+        // The reply starts with the same field 1 as the request (then the instance).
+        assert_eq!(&data[..want.len() - 5], &want[5..], "stream {i}");
+    }
+
+    // A caller that cancels mid-stream: the instance sees its stream cancelled.
+    assert_eq!(
+        client
+            .unary_echo(req("__cancelled__", 0))
+            .await
+            .unwrap()
+            .into_inner()
+            .message
+            .as_str(),
+        "0"
+    );
+    let mut stream = client
+        .server_streaming_echo(req("slow", 300))
+        .await
+        .expect("stream")
+        .into_inner();
+    assert_eq!(
+        stream.next().await.unwrap().unwrap().message.as_str(),
+        "slow #0"
+    );
+    drop(stream);
+    let cancelled = async {
+        loop {
+            let n = client
+                .unary_echo(req("__cancelled__", 0))
+                .await
+                .unwrap()
+                .into_inner()
+                .message;
+            if n.as_str() == "1" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_millis(500), cancelled)
+        .await
+        .expect("the instance saw the cancellation before its next message was due");
+}
+
+/// A caller that stops reading a large server stream holds the instance back (HTTP/2 flow
+/// control end to end) instead of growing the sidecar's memory.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_reader_slows_the_instance_instead_of_growing_memory() {
+    let sc = Sidecar::start(&grpc_echo_function("echo", "min = 1\nmax = 1", ""));
+    let client = client!(sc.addr);
+    unary(sc.addr, "warm").await.unwrap();
+    let before = sc.rss_kb();
+    let mut stream = client
+        .server_streaming_echo(req("__bulk__ 256", 0))
+        .await
+        .expect("stream")
+        .into_inner();
+    assert_eq!(stream.next().await.unwrap().unwrap().message.len(), 1 << 20);
+    // Not reading: 255 MiB are left to send.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let held = sc.rss_kb().saturating_sub(before);
+    assert!(
+        held < 32 * 1024,
+        "the sidecar grew by {held} KiB while the reader paused"
+    );
+    let mut n = 1;
+    while let Some(m) = stream.next().await {
+        assert_eq!(m.unwrap().message.len(), 1 << 20);
+        n += 1;
+    }
+    assert_eq!(n, 256, "every message arrived after the pause");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_sends_goaway_and_lets_in_flight_streams_finish() {
+    let mut sc = Sidecar::start(&grpc_echo_function("echo", "min = 1", ""));
+    unary(sc.addr, "warm").await.unwrap();
+    let addr = sc.addr;
+    let slow = tokio::spawn(async move { client!(addr).unary_echo(req("in flight", 600)).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    sc.signal("TERM");
+    let r = slow.await.unwrap().expect("the in-flight stream finished");
+    assert_eq!(r.into_inner().message.as_str(), "in flight");
+    let status = sc.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "fnmesh exits cleanly after draining: {status}"
+    );
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "nothing listens after the drain"
+    );
+}
+
+// ---- Python grpcio, an independent client --------------------------------------------------------
+
+fn grpcio(port: u16, args: &[&str]) -> Vec<String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/grpc_echo_client.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .expect("python3 runs (tests/run.sh installs PyPI grpcio)");
+    assert!(
+        out.status.success(),
+        "grpcio client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_grpcio_unary_streaming_and_deadline() {
+    let sc = Sidecar::start(&grpc_echo_function("echo", "min = 0\nmax = 1", ""));
+    let port = sc.addr.port();
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut all = grpcio(port, &["unary", "from python"]);
+        all.extend(grpcio(port, &["stream", "py"]));
+        all.extend(grpcio(port, &["deadline", "3000", "0.3"]));
+        all
+    })
+    .await
+    .unwrap();
+    assert_eq!(lines[0], "from python 1", "{lines:?}");
+    assert_eq!(&lines[1..4], ["py #0 1", "py #1 1", "py #2 1"], "{lines:?}");
+    let (code, took) = lines[4]
+        .strip_prefix("error ")
+        .and_then(|r| r.split_once(' '))
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(code, "DEADLINE_EXCEEDED");
+    let took: f64 = took.parse().unwrap();
+    assert!((0.29..1.0).contains(&took), "took {took} s");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_checks_answer_serving_at_zero_and_not_serving_while_draining() {
+    let mut sc = Sidecar::start(&grpc_echo_function("echo", "min = 0", ""));
+    let port = sc.addr.port();
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut all = grpcio(port, &["check", "echo.Echo"]);
+        all.extend(grpcio(port, &["check", ""]));
+        all.extend(grpcio(port, &["check", "nope.Nope"]));
+        all
+    })
+    .await
+    .unwrap();
+    assert_eq!(lines[0], "SERVING");
+    assert_eq!(lines[1], "SERVING");
+    assert!(lines[2].starts_with("error NOT_FOUND"), "{lines:?}");
+    assert_eq!(
+        sc.stat("echo", "processes"),
+        0,
+        "health checks start nothing"
+    );
+
+    // A Watch sees SERVING, then NOT_SERVING when the sidecar drains (SIGTERM), then its end.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/grpc_echo_client.py");
+    let mut watch = std::process::Command::new("python3")
+        .args([script, &port.to_string(), "watch", "echo.Echo"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(watch.stdout.take().unwrap());
+    let mut line = String::new();
+    use std::io::BufRead;
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "SERVING");
+    sc.signal("TERM");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert_eq!(rest.lines().collect::<Vec<_>>(), ["NOT_SERVING", "end"]);
+    watch.wait().unwrap();
+    let status = sc.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "fnmesh exits cleanly after draining: {status}"
+    );
 }
