@@ -5,6 +5,7 @@
 // that module is allowed them. Everything written by hand here stays free of `unsafe`.
 #![deny(unsafe_code)]
 
+pub mod bench;
 pub mod capture;
 pub mod echo;
 pub mod grpc_echo;

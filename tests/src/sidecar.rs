@@ -146,14 +146,7 @@ impl Sidecar {
 
     /// The sidecar process's resident memory, in KiB.
     pub fn rss_kb(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            })
-            .unwrap_or(0)
+        rss_kb(self.child.id())
     }
 
     /// User + system CPU time the sidecar process has used so far.
@@ -259,6 +252,18 @@ pub fn grpc_echo_function(name: &str, scale: &str, policy: &str) -> String {
         idl("proto/echo.proto").display(),
         grpc_echo_fn()
     )
+}
+
+/// A process's resident memory, in KiB (0 when it is gone).
+pub fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// User + system CPU time a process has used so far (10 ms resolution).

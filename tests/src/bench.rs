@@ -1,0 +1,282 @@
+//! What the proxy benchmarks (`bench-sidecar` for Thrift, `bench-grpc` for gRPC) share: paths
+//! measured in rounds that take turns, so the host's drift (large on a shared VM) weighs on
+//! every path alike; the proxies' CPU time from `/proc`; the tables; haproxy as the reference.
+//! Benchmarks print figures and assert nothing.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+pub use crate::sidecar::rss_kb;
+use crate::sidecar::{cpu_time, free_port};
+
+/// Sequential calls per path, measured in `ROUNDS` rounds that take turns between the paths.
+pub const SEQUENTIAL: usize = 5_000;
+pub const CONCURRENCY: usize = 64;
+pub const THROUGHPUT_FOR: Duration = Duration::from_secs(5);
+pub const ROUNDS: usize = 10;
+
+/// A client of the example function, for one protocol.
+pub trait Caller: Send + Sync + 'static {
+    fn connect(addr: SocketAddr) -> Self;
+    /// One echo call; panics on an error (a benchmark of failures measures nothing).
+    fn call(&self) -> impl Future<Output = ()> + Send;
+}
+
+pub fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+pub fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// A path under test: where to call, and the proxy process whose CPU time is counted (none for
+/// the direct path).
+pub struct Path {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    pub proxy: Option<u32>,
+    latencies: Vec<Duration>,
+    calls: u64,
+    all_calls: u64,
+    busy: Duration,
+    cpu: Duration,
+}
+
+impl Path {
+    pub fn new(name: &'static str, addr: SocketAddr, proxy: Option<u32>) -> Path {
+        Path {
+            name,
+            addr,
+            proxy,
+            latencies: Vec::new(),
+            calls: 0,
+            all_calls: 0,
+            busy: Duration::ZERO,
+            cpu: Duration::ZERO,
+        }
+    }
+}
+
+/// Sequential calls on one client per path, in rounds taking turns, then the latency table
+/// (the first path is the direct one the others are compared with).
+pub async fn sequential<C: Caller>(paths: &mut [Path], what: &str) {
+    let clients: Vec<C> = paths.iter().map(|p| C::connect(p.addr)).collect();
+    for c in &clients {
+        for _ in 0..200 {
+            c.call().await;
+        }
+    }
+    for _ in 0..ROUNDS {
+        for (p, c) in paths.iter_mut().zip(&clients) {
+            let cpu = p.proxy.map(cpu_time);
+            for _ in 0..SEQUENTIAL / ROUNDS {
+                let t = Instant::now();
+                c.call().await;
+                p.latencies.push(t.elapsed());
+            }
+            if let (Some(pid), Some(before)) = (p.proxy, cpu) {
+                p.cpu += cpu_time(pid).saturating_sub(before);
+            }
+        }
+    }
+    for p in paths.iter_mut() {
+        p.latencies.sort();
+    }
+    let (d50, d99) = (
+        pct(&paths[0].latencies, 0.5),
+        pct(&paths[0].latencies, 0.99),
+    );
+    println!("\nsequential {what} ({SEQUENTIAL} calls per path, {ROUNDS} rounds taking turns)");
+    println!("| path | p50 | p99 | added p50 | added p99 | proxy CPU per call |");
+    println!("|---|---|---|---|---|---|");
+    for p in paths.iter() {
+        let (p50, p99) = (pct(&p.latencies, 0.5), pct(&p.latencies, 0.99));
+        let cpu = match p.proxy {
+            Some(_) => format!("{:.1} us", us(p.cpu) / p.latencies.len() as f64),
+            None => String::new(),
+        };
+        println!(
+            "| {} | {:.1} us | {:.1} us | {:+.1} us | {:+.1} us | {cpu} |",
+            p.name,
+            us(p50),
+            us(p99),
+            us(p50) - us(d50),
+            us(p99) - us(d99)
+        );
+    }
+}
+
+/// `CONCURRENCY` concurrent callers per path in rounds taking turns, each path measured for
+/// `THROUGHPUT_FOR` in total, then the throughput table. `shared`: the callers share one client
+/// (gRPC: concurrent streams on its connection) instead of one client each.
+pub async fn throughput<C: Caller>(paths: &mut [Path], what: &str, shared: bool) {
+    for p in paths.iter_mut() {
+        p.cpu = Duration::ZERO;
+    }
+    for _ in 0..ROUNDS {
+        for p in paths.iter_mut() {
+            let cpu = p.proxy.map(cpu_time);
+            let (calls, secs, all) =
+                throughput_round::<C>(p.addr, THROUGHPUT_FOR / ROUNDS as u32, shared).await;
+            p.calls += calls;
+            p.all_calls += all;
+            p.busy += secs;
+            if let (Some(pid), Some(before)) = (p.proxy, cpu) {
+                p.cpu += cpu_time(pid).saturating_sub(before);
+            }
+        }
+    }
+    let rps = |p: &Path| p.calls as f64 / p.busy.as_secs_f64();
+    let direct_rps = rps(&paths[0]);
+    println!("\n{CONCURRENCY} {what}, {THROUGHPUT_FOR:?} per path ({ROUNDS} rounds taking turns)");
+    println!("| path | calls/s | vs direct | proxy CPU per call |");
+    println!("|---|---|---|---|");
+    for p in paths.iter() {
+        let cpu = match p.proxy {
+            Some(_) => format!("{:.1} us", us(p.cpu) / p.all_calls.max(1) as f64),
+            None => String::new(),
+        };
+        println!(
+            "| {} | {:.0} | {:.2}x | {cpu} |",
+            p.name,
+            rps(p),
+            rps(p) / direct_rps
+        );
+    }
+}
+
+/// Calls completed while measured, the time measured, and every call of the round (warm-up and
+/// wind-down too: the proxy's CPU is read around the whole round).
+async fn throughput_round<C: Caller>(
+    addr: SocketAddr,
+    measure: Duration,
+    shared: bool,
+) -> (u64, Duration, u64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let one = Arc::new(C::connect(addr));
+    let mut tasks = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let (stop, done) = (stop.clone(), done.clone());
+        let client = if shared {
+            one.clone()
+        } else {
+            Arc::new(C::connect(addr))
+        };
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                client.call().await;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = done.load(Ordering::Relaxed);
+    let t = Instant::now();
+    tokio::time::sleep(measure).await;
+    let calls = done.load(Ordering::Relaxed) - start;
+    let elapsed = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    (calls, elapsed, done.load(Ordering::Relaxed))
+}
+
+/// A process killed when dropped.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn wait_listening(addr: SocketAddr) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < until, "{addr} never listened");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// `program` (an example function) on a free port, listening.
+pub fn start_function(program: &str) -> (Killed, SocketAddr) {
+    let port = free_port();
+    let c = Command::new(program)
+        .env("PORT", port.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listening(addr);
+    (Killed(c), addr)
+}
+
+/// How haproxy proxies.
+#[derive(Clone, Copy)]
+pub enum HaproxyMode {
+    /// TCP mode: bytes relayed.
+    Tcp,
+    /// HTTP mode with HTTP/2 (h2c) to the caller and to the backend: the reference L7 gRPC proxy.
+    H2,
+}
+
+/// haproxy with two threads in front of `backend`; `None` when it is not installed. (Its
+/// `busy-polling` is left out: it spins on both CPUs all the time, which starves the other
+/// paths measured in the same run.)
+pub fn start_haproxy(backend: SocketAddr, mode: HaproxyMode) -> Option<(Killed, SocketAddr)> {
+    let port = free_port();
+    let cfg = std::env::temp_dir().join(format!(
+        "fnmesh-bench-haproxy-{}-{port}.cfg",
+        std::process::id()
+    ));
+    let (mode, bind, server) = match mode {
+        HaproxyMode::Tcp => ("tcp", "", ""),
+        HaproxyMode::H2 => ("http", " proto h2", " proto h2"),
+    };
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 4096\n  nbthread 2\ndefaults\n  mode {mode}\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend fe\n  bind 127.0.0.1:{port}{bind}\n  default_backend be\nbackend be\n  server echo {backend}{server}\n"
+        ),
+    )
+    .ok()?;
+    let child = Command::new("haproxy")
+        .arg("-f")
+        .arg(&cfg)
+        .arg("-db")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listening(addr);
+    Some((Killed(child), addr))
+}
+
+/// `machine: N cores; model`, the first line of every benchmark's output.
+pub fn print_machine() {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    println!(
+        "machine: {} cores; {model}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+}

@@ -1,0 +1,68 @@
+//! fnmesh's gRPC proxy benchmark, measured in one run with a real volo-grpc client and the
+//! example gRPC function: unary calls direct to the function, through fnmesh (and through fnmesh
+//! with busy polling off), and through haproxy in HTTP mode with h2 on both sides, the reference
+//! L7 gRPC proxy.
+//!
+//! Run: `cargo run --release -p fnmesh-tests --bin bench-grpc` (haproxy from Debian's package
+//! when installed). It prints figures; it asserts nothing.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+
+use fnmesh_tests::{
+    bench::{
+        print_machine, sequential, start_function, start_haproxy, throughput, Caller, HaproxyMode,
+        Path,
+    },
+    proto::proto_gen::echo::{EchoClient, EchoClientBuilder, EchoRequest},
+    sidecar::{grpc_echo_fn, grpc_echo_function, Sidecar},
+};
+
+struct Grpc(EchoClient);
+
+impl Caller for Grpc {
+    fn connect(addr: SocketAddr) -> Self {
+        Grpc(EchoClientBuilder::new("echo").address(addr).build())
+    }
+    async fn call(&self) {
+        let r = self
+            .0
+            .unary_echo(EchoRequest {
+                message: "benchmark".into(),
+                sleep_ms: 0,
+            })
+            .await
+            .expect("call");
+        assert_eq!(r.get_ref().message.as_str(), "benchmark");
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    print_machine();
+    let (_direct, direct) = start_function(&grpc_echo_fn());
+    let warm = grpc_echo_function(
+        "echo",
+        "min = 1\nmax = 1\nconcurrency = 1024\nidle = \"10m\"",
+        "",
+    );
+    let sc = Sidecar::start(&warm);
+    let sleepy = Sidecar::start_with("busy_poll = \"0s\"", &warm);
+    let haproxy = start_haproxy(direct, HaproxyMode::H2);
+    let mut paths = vec![
+        Path::new("direct", direct, None),
+        Path::new("fnmesh", sc.addr, Some(sc.child.id())),
+        Path::new(
+            "fnmesh, busy_poll = 0s",
+            sleepy.addr,
+            Some(sleepy.child.id()),
+        ),
+    ];
+    if let Some((h, a)) = &haproxy {
+        paths.push(Path::new("haproxy (http, h2)", *a, Some(h.0.id())));
+    } else {
+        println!("haproxy not installed (apt-get install haproxy): its row is skipped");
+    }
+    sequential::<Grpc>(&mut paths, "unary calls, one client").await;
+    throughput::<Grpc>(&mut paths, "concurrent unary streams on one client", true).await;
+}
