@@ -131,7 +131,10 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
         async move { Ok::<_, Infallible>(handle(&shared, req).await) }
     });
     let mut builder = server::Builder::new(TokioExecutor::new());
-    builder.max_concurrent_streams(Some(4096));
+    // The instance's headers go back as they came: no `date` of our own.
+    builder
+        .max_concurrent_streams(Some(4096))
+        .auto_date_header(false);
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let mut goaway = false;
@@ -359,7 +362,7 @@ async fn proxy(
     };
     let Some(pool) = shared.function(service) else {
         if service == health::SERVICE {
-            return health::answer(shared, method, req.into_body()).await;
+            return Box::pin(health::answer(shared, method, req.into_body())).await;
         }
         return Err(CallError::new(
             Kind::NoRoute,
@@ -397,13 +400,23 @@ async fn proxy(
     let lease = match pool.try_acquire()? {
         Some(lease) => lease,
         None => match deadline {
-            Some(d) => tokio::time::timeout_at(d, pool.acquire())
+            // Boxed, like the other slow paths: what they hold does not weigh on every stream's
+            // future (hyper moves it into a task per stream).
+            Some(d) => tokio::time::timeout_at(d, Box::pin(pool.acquire()))
                 .await
                 .map_err(|_| timed_out("while queued (the call was never forwarded)"))??,
-            None => pool.acquire().await?,
+            None => Box::pin(pool.acquire()).await?,
         },
     };
-    let mut sender = match upstream(&lease.instance).await {
+    let cached = lock(lease.instance.h2())
+        .as_ref()
+        .filter(|s| !s.is_closed())
+        .cloned();
+    let connected = match cached {
+        Some(s) => Ok(s),
+        None => Box::pin(upstream(&lease.instance)).await,
+    };
+    let mut sender = match connected {
         Ok(s) => s,
         Err(e) => {
             lease.evict();
@@ -450,12 +463,9 @@ async fn proxy(
     ))
 }
 
-/// This worker's HTTP/2 connection to `instance`, opened (on the readiness probe's connection
-/// when it is still unused) if there is none or it has closed.
+/// A new HTTP/2 connection to `instance` for this worker (on the readiness probe's connection
+/// when it is still unused), kept for the worker's next streams.
 async fn upstream(instance: &Instance) -> Result<Upstream, String> {
-    if let Some(s) = lock(instance.h2()).as_ref().filter(|s| !s.is_closed()) {
-        return Ok(s.clone());
-    }
     let stream = match instance.pooled() {
         Some(conn) => conn.stream,
         None => {

@@ -127,6 +127,13 @@ async fn unknown_services_and_methods_are_unimplemented_and_start_nothing() {
         "{e:?}"
     );
     assert_eq!(thrift_only.stat("tonly", "processes"), 0);
+    // Unknown service next to a gRPC function.
+    let e = raw_unary(sc.addr, "/nope.Nope/Call").await;
+    assert_eq!(e.0, "12", "{e:?}");
+    assert!(e.1.contains("no function for service nope.Nope"), "{e:?}");
+    // Not a gRPC path at all.
+    let e = raw_unary(sc.addr, "/favicon.ico").await;
+    assert_eq!(e.0, "12", "{e:?}");
     // Unknown method: not in the proto IDL.
     let e = raw_unary(sc.addr, "/echo.Echo/Nope").await;
     assert_eq!(e.0, "12", "{e:?}");
