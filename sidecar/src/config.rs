@@ -103,10 +103,21 @@ impl Default for ScaleConfig {
 }
 
 /// Governance for a function or one of its methods.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PolicyConfig {
     /// Bounds the whole call, queueing included; the caller's shorter deadline wins.
     pub timeout: Option<Duration>,
+    /// Calls admitted per second, with bursts (token bucket); past it calls are answered
+    /// `overloaded` without touching an instance.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// `rate_limit = { rps, burst }`: `rps` calls per second on average, up to `burst` at once
+/// (default: one second's worth, at least 1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub rps: f64,
+    pub burst: u32,
 }
 
 /// Why a configuration is refused.
@@ -204,10 +215,10 @@ struct RawFunction {
 struct RawPolicy {
     #[serde(default, deserialize_with = "opt_duration")]
     timeout: Option<Duration>,
+    rate_limit: Option<Spanned<toml::Value>>,
     // Enforced by a later release; refused until then rather than silently ignored.
     retry: Option<Spanned<toml::Value>>,
     circuit_breaker: Option<Spanned<toml::Value>>,
-    rate_limit: Option<Spanned<toml::Value>>,
     idempotent: Option<Spanned<bool>>,
 }
 
@@ -439,7 +450,6 @@ fn policy(cx: &Ctx<'_>, p: &Spanned<RawPolicy>, key: &str) -> Result<PolicyConfi
             "circuit_breaker",
             r.circuit_breaker.as_ref().map(|v| v.span().start),
         ),
-        ("rate_limit", r.rate_limit.as_ref().map(|v| v.span().start)),
         ("idempotent", r.idempotent.as_ref().map(|v| v.span().start)),
     ];
     for (name, at) in later {
@@ -447,7 +457,7 @@ fn policy(cx: &Ctx<'_>, p: &Spanned<RawPolicy>, key: &str) -> Result<PolicyConfi
             return cx.invalid(
                 at,
                 format!("{key}.{name}"),
-                "not supported yet: this release enforces only `timeout`",
+                "not supported yet: this release enforces `timeout` and `rate_limit`",
             );
         }
     }
@@ -458,7 +468,50 @@ fn policy(cx: &Ctx<'_>, p: &Spanned<RawPolicy>, key: &str) -> Result<PolicyConfi
             "must be greater than zero",
         );
     }
-    Ok(PolicyConfig { timeout: r.timeout })
+    let rate_limit = match &r.rate_limit {
+        Some(v) => Some(rate_limit(cx, v, &format!("{key}.rate_limit"))?),
+        None => None,
+    };
+    Ok(PolicyConfig {
+        timeout: r.timeout,
+        rate_limit,
+    })
+}
+
+/// `{ rps = N, burst = M }`: rps a positive number, burst a positive integer.
+fn rate_limit(cx: &Ctx<'_>, v: &Spanned<toml::Value>, key: &str) -> Result<RateLimit, ConfigError> {
+    let at = v.span().start;
+    let Some(t) = v.get_ref().as_table() else {
+        return cx.invalid(at, key, "must be a table: { rps = 100, burst = 10 }");
+    };
+    if let Some(other) = t.keys().find(|k| !matches!(k.as_str(), "rps" | "burst")) {
+        return cx.invalid(at, key, format!("unknown key {other:?} (rps, burst)"));
+    }
+    let rps = match t.get("rps") {
+        Some(toml::Value::Integer(n)) => *n as f64,
+        Some(toml::Value::Float(x)) => *x,
+        Some(_) => return cx.invalid(at, format!("{key}.rps"), "must be a number"),
+        None => return cx.invalid(at, format!("{key}.rps"), "is required"),
+    };
+    if !(rps.is_finite() && rps > 0.0 && rps <= 1e9) {
+        return cx.invalid(
+            at,
+            format!("{key}.rps"),
+            format!("{rps} is not between 0 (excluded) and 1e9"),
+        );
+    }
+    let burst = match t.get("burst") {
+        Some(toml::Value::Integer(n)) if (1..=i64::from(u32::MAX)).contains(n) => *n as u32,
+        Some(_) => {
+            return cx.invalid(
+                at,
+                format!("{key}.burst"),
+                "must be a whole number of calls, at least 1",
+            )
+        }
+        None => rps.ceil().clamp(1.0, f64::from(u32::MAX)) as u32,
+    };
+    Ok(RateLimit { rps, burst })
 }
 
 fn function(
@@ -610,6 +663,9 @@ impl FunctionConfig {
         if let Some(m) = self.methods_policy.get(method) {
             if m.timeout.is_some() {
                 p.timeout = m.timeout;
+            }
+            if m.rate_limit.is_some() {
+                p.rate_limit = m.rate_limit;
             }
         }
         p

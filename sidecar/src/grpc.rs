@@ -376,6 +376,7 @@ async fn proxy(
             format!("function {} has no method {method}", f.name),
         ));
     }
+    pool.limits.admit(&f.name, method)?;
     let caller = req
         .headers()
         .get("grpc-timeout")

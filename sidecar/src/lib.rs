@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod limit;
 pub mod pool;
 pub mod run;
 pub mod runtime;

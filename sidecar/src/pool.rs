@@ -160,6 +160,8 @@ pub struct Snapshot {
 
 pub struct Pool {
     pub function: Arc<FunctionConfig>,
+    /// The function's rate limits, checked before a call queues or touches an instance.
+    pub limits: crate::limit::Limits,
     grace: Duration,
     watchdog: Arc<Watchdog>,
     state: Mutex<State>,
@@ -222,6 +224,7 @@ impl Pool {
         workers: usize,
     ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
+            limits: crate::limit::Limits::new(&function),
             function,
             grace,
             watchdog,

@@ -448,6 +448,7 @@ fn route(shared: &Shared, frame: &mut Frame) -> Result<(usize, Option<Duration>)
             format!("function {} has no method {method}", pool.function.name),
         ));
     }
+    pool.limits.admit(&pool.function.name, method)?;
     Ok((index, budget(pool, method, frame)))
 }
 

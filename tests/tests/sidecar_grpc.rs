@@ -366,6 +366,49 @@ async fn sigterm_sends_goaway_and_lets_in_flight_streams_finish() {
     );
 }
 
+/// A per-method rate limit answers RESOURCE_EXHAUSTED past its rate while another method of the
+/// same function is untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_limited_method_is_resource_exhausted_while_another_is_untouched() {
+    let sc = Sidecar::start(&format!(
+        "{}[function.method.UnaryEcho]\nrate_limit = {{ rps = 20, burst = 5 }}\n",
+        grpc_echo_function("echo", "min = 1", "")
+    ));
+    let client = client!(sc.addr);
+    let t = Instant::now();
+    let (mut ok, mut refused, mut streams) = (0, 0, 0);
+    while t.elapsed() < Duration::from_secs(1) {
+        match client.unary_echo(req("u", 0)).await {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                assert!(
+                    e.message().contains("method UnaryEcho: rate limit"),
+                    "{e:?}"
+                );
+                refused += 1;
+            }
+        }
+        let mut s = client
+            .server_streaming_echo(req("s", 0))
+            .await
+            .expect("the other method is not limited")
+            .into_inner();
+        while let Some(m) = s.next().await {
+            m.expect("stream message");
+        }
+        streams += 1;
+    }
+    assert!(
+        (22..=28).contains(&ok),
+        "{ok} admitted in 1 s ({refused} refused)"
+    );
+    assert!(
+        refused > 20 && streams == ok + refused,
+        "{refused} refused, {streams} streams"
+    );
+}
+
 // ---- Python grpcio, an independent client --------------------------------------------------------
 
 fn grpcio(port: u16, args: &[&str]) -> Vec<String> {

@@ -93,6 +93,51 @@ async fn a_volo_call_starts_an_instance_from_zero_and_idle_stops_it() {
     eprintln!("cold start through fnmesh: {cold:?}");
 }
 
+/// `rate_limit` admits a burst, then its rate, and answers `overloaded` past it without touching
+/// the instance.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_limit_answers_overloaded_past_its_rate() {
+    let sc = Sidecar::start(&echo_function(
+        "echo",
+        "min = 1",
+        "rate_limit = { rps = 20, burst = 5 }",
+    ));
+    let t = Instant::now();
+    let (mut ok, mut refused) = (0, 0);
+    while t.elapsed() < Duration::from_secs(1) {
+        match echo(sc.addr, "limited", None, 5000).await {
+            Ok(_) => ok += 1,
+            Err((kind, message)) => {
+                assert_eq!(kind, ApplicationExceptionKind::INTERNAL_ERROR);
+                assert!(
+                    message.contains("overloaded") && message.contains("rate limit of 20 calls/s"),
+                    "{message}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    // 5 at once, then 20 per second.
+    assert!(
+        (22..=28).contains(&ok),
+        "{ok} admitted in 1 s ({refused} refused)"
+    );
+    assert!(refused > 50, "callers kept trying: {refused} refused");
+    let (_, count) = sc_count(&sc).await;
+    assert_eq!(count, ok as u64, "refused calls never reached the instance");
+}
+
+/// The instance's count of echo calls before this one (the `__count__` hook) and the instance.
+/// The hook is a call too: behind a rate limit it is retried until admitted.
+async fn sc_count(sc: &Sidecar) -> (String, u64) {
+    loop {
+        if let Ok((n, instance)) = echo(sc.addr, "__count__", None, 5000).await {
+            return (instance, n.parse().unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Busy polling (`sidecar.busy_poll`) spins only for its window after an event: a sidecar whose
 /// callers went quiet goes back to sleep instead of spinning on.
 #[tokio::test(flavor = "multi_thread")]

@@ -79,6 +79,76 @@ fn the_documented_file_parses_into_typed_values() {
     assert_eq!(f.policy_for("Echo").timeout, Some(Duration::from_secs(5)));
     assert!(f.has_method("Echo") && f.has_method("Ping") && !f.has_method("Nope"));
     assert!(f.is_oneway("Ping") && !f.is_oneway("Echo"));
+    assert_eq!(f.policy_for("Echo").rate_limit, None);
+}
+
+#[test]
+fn rate_limits_parse_per_function_and_per_method() {
+    let c = parse(
+        &GOOD
+            .replacen(
+                "timeout = \"1s\"\n",
+                "timeout = \"1s\"\nrate_limit = { rps = 2.5 }\n",
+                1,
+            )
+            .replacen(
+                "timeout = \"5s\"",
+                "rate_limit = { rps = 100, burst = 7 }",
+                1,
+            ),
+    )
+    .unwrap();
+    let f = &c.functions[0];
+    assert_eq!(
+        f.policy_for("Ping").rate_limit,
+        Some(RateLimit { rps: 2.5, burst: 3 }),
+        "burst defaults to one second's worth"
+    );
+    assert_eq!(
+        f.policy_for("Echo").rate_limit,
+        Some(RateLimit {
+            rps: 100.0,
+            burst: 7
+        }),
+        "the method's own"
+    );
+    assert_eq!(
+        f.policy_for("Echo").timeout,
+        Some(Duration::from_secs(1)),
+        "inherited"
+    );
+    for (bad, needles) in [
+        (
+            "rate_limit = { rps = 0 }",
+            &["policy.rate_limit.rps", "not between"][..],
+        ),
+        (
+            "rate_limit = { rps = \"fast\" }",
+            &["policy.rate_limit.rps", "a number"],
+        ),
+        (
+            "rate_limit = { burst = 3 }",
+            &["policy.rate_limit.rps", "required"],
+        ),
+        (
+            "rate_limit = { rps = 5, burst = 0 }",
+            &["policy.rate_limit.burst", "at least 1"],
+        ),
+        (
+            "rate_limit = { rps = 5, brust = 2 }",
+            &["policy.rate_limit", "unknown key \"brust\""],
+        ),
+        ("rate_limit = 5", &["policy.rate_limit", "must be a table"]),
+    ] {
+        let text = err(&GOOD.replacen(
+            "timeout = \"1s\"\n",
+            &format!("timeout = \"1s\"\n{bad}\n"),
+            1,
+        ));
+        for n in needles.iter().chain(&["fnmesh.toml:28"]) {
+            assert!(text.contains(n), "{bad}: {text:?} should contain {n:?}");
+        }
+    }
 }
 
 #[test]
