@@ -209,11 +209,24 @@ pub async fn serve(
             let deadline = budget.map(|b| Instant::now() + b);
             let pool = &shared.functions[index];
             let mut answer = (!oneway).then(|| Answer::of(&frame));
-            let request = frame.into_buf();
-            let ticket = answer.as_mut().map(|a| {
-                a.head = request.first_ref().clone();
-                next + pending.len() as u64
-            });
+            // A TTHeader call with a deadline is kept as a frame until it is forwarded, when its
+            // RPCTimeout (key 12) is set to what is left of the budget.
+            let request = match deadline {
+                Some(_) if frame.ttheader().is_some() => {
+                    if let Some(a) = answer.as_mut() {
+                        a.head = Bytes::copy_from_slice(&frame.head()[..a.name.end]);
+                    }
+                    Outgoing::Timed(frame)
+                }
+                _ => {
+                    let request = frame.into_buf();
+                    if let Some(a) = answer.as_mut() {
+                        a.head = request.first_ref().clone();
+                    }
+                    Outgoing::Ready(request)
+                }
+            };
+            let ticket = answer.as_ref().map(|_| next + pending.len() as u64);
             let call = async move { (ticket, call(shared, pool, request, oneway, deadline).await) };
             // Only a call with a deadline can be stopped (which costs an allocation).
             let (call, abort) = match (ticket, deadline) {
@@ -350,10 +363,35 @@ fn expire(shared: &Shared, pending: &mut VecDeque<Pending>) -> Option<Instant> {
 }
 
 /// One routed call: wait for a slot (starting an instance if none is ready), forward.
+/// A request on its way to an instance.
+enum Outgoing {
+    /// The bytes as received.
+    Ready(Reply),
+    /// A TTHeader frame whose RPCTimeout is set to the call's remaining budget at forwarding.
+    Timed(Frame),
+}
+
+/// The frame's bytes with TTHeader key 12 (RPCTimeout, decimal milliseconds) set to what is left
+/// until `deadline` (at least 1 ms), so the instance can stop work its caller has given up on.
+/// Rewritten in place when the number keeps its length.
+fn with_remaining_budget(mut frame: Frame, deadline: Instant) -> Result<Reply, CallError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
+    frame
+        .set_int_key(RPC_TIMEOUT, ms.to_string().as_bytes())
+        .map_err(|e| {
+            CallError::new(Kind::BadRequest, format!("cannot set the RPC timeout: {e}"))
+        })?;
+    Ok(frame.into_buf())
+}
+
+/// TTHeader int key RPCTimeout.
+const RPC_TIMEOUT: u16 = 12;
+
 async fn call(
     shared: &Shared,
     pool: &Arc<Pool>,
-    request: Reply,
+    request: Outgoing,
     oneway: bool,
     deadline: Option<Instant>,
 ) -> Result<Option<Reply>, CallError> {
@@ -374,6 +412,11 @@ async fn call(
             }
             lease
         }
+    };
+    let request = match (request, deadline) {
+        (Outgoing::Timed(frame), Some(d)) => with_remaining_budget(frame, d)?,
+        (Outgoing::Timed(frame), None) => frame.into_buf(),
+        (Outgoing::Ready(bytes), _) => bytes,
     };
     let result = forward(&lease.instance, name, request, oneway, shared.limits).await;
     if let Err(Failure::Instance(_)) = &result {

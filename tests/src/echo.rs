@@ -15,6 +15,48 @@ use crate::gen::volo_gen::echo::{
 /// Echo calls this process has received (the `__count__` hook reads it).
 static CALLS: AtomicU64 = AtomicU64::new(0);
 
+/// The RPC timeout (TTHeader key 12, in ms; 0 when absent) of the latest request this process
+/// received, recorded by [`SeenTimeout`] (the `__timeout__` hook reads it).
+static SEEN_TIMEOUT_MS: AtomicU64 = AtomicU64::new(0);
+
+/// A Volo layer that records each request's RPC timeout, as the server decoded it.
+#[derive(Clone, Copy, Default)]
+pub struct SeenTimeout;
+
+impl<S> volo::Layer<S> for SeenTimeout {
+    type Service = SeenTimeoutService<S>;
+    fn layer(self, inner: S) -> Self::Service {
+        SeenTimeoutService(inner)
+    }
+}
+
+#[derive(Clone)]
+pub struct SeenTimeoutService<S>(S);
+
+impl<S, Req> volo::Service<volo_thrift::context::ServerContext, Req> for SeenTimeoutService<S>
+where
+    S: volo::Service<volo_thrift::context::ServerContext, Req> + Send + Sync,
+    Req: Send,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+
+    async fn call(
+        &self,
+        cx: &mut volo_thrift::context::ServerContext,
+        req: Req,
+    ) -> Result<Self::Response, Self::Error> {
+        use volo::context::Context;
+        let ms = cx
+            .rpc_info()
+            .config()
+            .rpc_timeout()
+            .map_or(0, |d| d.as_millis() as u64);
+        SEEN_TIMEOUT_MS.store(ms, Ordering::SeqCst);
+        self.0.call(cx, req).await
+    }
+}
+
 /// Replies with the request's message and the instance it ran on (`FNMESH_INSTANCE`), after
 /// sleeping `sleep_ms` if asked.
 #[derive(Clone, Default)]
@@ -41,6 +83,13 @@ impl EchoService for EchoHandler {
         }
         // Introspection hook for tests: how many echo calls came before this one.
         let earlier = CALLS.fetch_add(1, Ordering::SeqCst);
+        // Introspection hook for tests: the RPC timeout this call arrived with (ms, 0 if none).
+        if req.message == "__timeout__" {
+            return Ok(MaybeException::Ok(EchoResponse {
+                message: SEEN_TIMEOUT_MS.load(Ordering::SeqCst).to_string().into(),
+                instance: self.instance.clone(),
+            }));
+        }
         if req.message == "__count__" {
             return Ok(MaybeException::Ok(EchoResponse {
                 message: earlier.to_string().into(),

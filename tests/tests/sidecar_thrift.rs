@@ -11,7 +11,7 @@ use bytes::{BufMut, BytesMut};
 use fnmesh_codec::{FrameDecoder, Limits, MessageType, Protocol, TTHeaderBuilder};
 use fnmesh_tests::{
     gen::volo_gen::echo::{EchoRequest, EchoServiceClientBuilder},
-    sidecar::{alive, echo_function, Sidecar},
+    sidecar::{alive, echo_fn, echo_function, Sidecar},
 };
 use pilota::thrift::ApplicationExceptionKind;
 use volo_thrift::ClientError;
@@ -91,6 +91,57 @@ async fn a_volo_call_starts_an_instance_from_zero_and_idle_stops_it() {
     // And it scales from zero again.
     assert_eq!(echo(sc.addr, "again", None, 5000).await.unwrap().0, "again");
     eprintln!("cold start through fnmesh: {cold:?}");
+}
+
+/// The instance is told the remaining budget in TTHeader key 12: less than the caller's RPC
+/// timeout, or the policy's timeout when the caller set none (the key is then added).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_instance_sees_the_remaining_budget_in_the_rpc_timeout() {
+    let sc = Sidecar::start(&echo_function("echo", "min = 1", ""));
+    let seen: u64 = echo(sc.addr, "__timeout__", None, 5000)
+        .await
+        .unwrap()
+        .0
+        .parse()
+        .unwrap();
+    assert!(
+        (4000..5000).contains(&seen),
+        "instance saw {seen} ms of the caller's 5000"
+    );
+
+    let sc = Sidecar::start(&echo_function("echo", "min = 1", "timeout = \"800ms\""));
+    let seen: u64 = echo(sc.addr, "__timeout__", None, 5000)
+        .await
+        .unwrap()
+        .0
+        .parse()
+        .unwrap();
+    assert!(
+        (600..800).contains(&seen),
+        "instance saw {seen} ms of the policy's 800"
+    );
+    // Time spent queued for a cold start (at least 300 ms here) is taken off too.
+    let slow_start = echo_function("echo", "min = 0", "").replace(
+        &format!("command = [\"{}\"]", echo_fn()),
+        &format!(
+            "command = [\"/bin/sh\", \"-c\", \"sleep 0.3; exec {}\"]",
+            echo_fn()
+        ),
+    );
+    let sc = Sidecar::start(&slow_start);
+    let t = Instant::now();
+    let seen: u64 = echo(sc.addr, "__timeout__", None, 3000)
+        .await
+        .unwrap()
+        .0
+        .parse()
+        .unwrap();
+    let cold = t.elapsed().as_millis() as u64;
+    assert!(cold >= 300, "{cold}");
+    assert!(
+        seen <= 3000 - 300 && seen + cold >= 2990,
+        "saw {seen} ms after a {cold} ms cold start"
+    );
 }
 
 /// `rate_limit` admits a burst, then its rate, and answers `overloaded` past it without touching

@@ -3,7 +3,10 @@
 //! instances apart.
 #![forbid(unsafe_code)]
 
-use fnmesh_tests::{echo::EchoHandler, gen::volo_gen::echo::EchoServiceServer};
+use fnmesh_tests::{
+    echo::{EchoHandler, SeenTimeout},
+    gen::volo_gen::echo::EchoServiceServer,
+};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -15,6 +18,7 @@ async fn main() {
         .await
         .unwrap_or_else(|e| panic!("echo-fn: cannot listen on 127.0.0.1:{port}: {e}"));
     let server = EchoServiceServer::new(EchoHandler::from_env())
+        .layer_front(SeenTimeout)
         .run(volo::net::incoming::DefaultIncoming::from(listener));
     if let Err(e) = server.await {
         eprintln!("echo-fn: {e}");
