@@ -24,7 +24,7 @@ pub use frame::{Frame, FrameDecoder, Transport};
 pub use limits::Limits;
 pub use message::{MessageHeader, MessageType, Protocol};
 pub use reply::{encode_exception, ExceptionType, ReplyTarget, FNMESH_ERROR_KEY};
-pub use skip::skip_struct;
+pub use skip::{exception_type, skip_struct};
 pub use ttheader::{
     info, int_key, str_key, IntKvs, StrKvs, TTHeader, TTHeaderBuilder, TTHEADER_MAGIC,
 };

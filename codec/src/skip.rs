@@ -24,6 +24,56 @@ pub fn skip_struct(
     }
 }
 
+/// The `type` (field 2, an i32) of the TApplicationException struct at the start of `buf`, or
+/// `None` when the struct has no such field or is not well formed. Other fields are skipped
+/// within `limits`.
+pub fn exception_type(buf: &[u8], protocol: Protocol, limits: &Limits) -> Option<i32> {
+    let mut cur = Cursor::new(buf, 0);
+    match protocol {
+        Protocol::Binary => {
+            let b = Binary { limits };
+            loop {
+                let ty = cur.u8().ok()?;
+                if ty == 0 {
+                    return None;
+                }
+                let id = cur.u16().ok()?;
+                if id == 2 && ty == 8 {
+                    return Some(cur.u32().ok()? as i32);
+                }
+                b.skip_value(&mut cur, ty, 1).ok()?;
+            }
+        }
+        Protocol::Compact => {
+            let c = Compact { limits };
+            let mut last: i64 = 0;
+            loop {
+                let header = cur.u8().ok()?;
+                if header == 0 {
+                    return None;
+                }
+                let ty = header & 0x0f;
+                let id = match header >> 4 {
+                    0 => {
+                        let z = cur.varint(3, "compact field id").ok()?;
+                        ((z >> 1) as i64) ^ -((z & 1) as i64)
+                    }
+                    delta => last + i64::from(delta),
+                };
+                last = id;
+                if id == 2 && ty == 5 {
+                    let z = cur.varint(5, "compact i32").ok()?;
+                    return Some((((z >> 1) as i64) ^ -((z & 1) as i64)) as i32);
+                }
+                match ty {
+                    1 | 2 => {}
+                    _ => c.skip_value(&mut cur, ty, 1).ok()?,
+                }
+            }
+        }
+    }
+}
+
 pub(crate) fn walk_struct(
     buf: &[u8],
     start: usize,

@@ -474,6 +474,7 @@ fn a_hundred_thousand_mutations_of_real_frames_never_panic() {
                 "x",
                 Some("bad-request"),
             );
+            let _ = fnmesh_codec::exception_type(f.payload(), f.protocol(), &Limits::default());
             let _ = f.set_seqid(rng.next() as i32);
             let _ = f.set_int_key(int_key::RPC_TIMEOUT, b"123456");
             let _ = f.strip_service_prefix();

@@ -6,8 +6,8 @@ mod common;
 use bytes::BytesMut;
 use common::*;
 use fnmesh_codec::{
-    encode_exception, ExceptionType, Frame, FrameDecoder, Limits, MessageType, Protocol,
-    ReplyTarget, TTHeaderBuilder, Transport, FNMESH_ERROR_KEY,
+    encode_exception, exception_type, ExceptionType, Frame, FrameDecoder, Limits, MessageType,
+    Protocol, ReplyTarget, TTHeaderBuilder, Transport, FNMESH_ERROR_KEY,
 };
 use proptest::prelude::*;
 
@@ -252,6 +252,12 @@ proptest! {
         prop_assert_eq!(r.name(), n.as_str());
         prop_assert_eq!(r.seqid(), seqid);
         prop_assert_eq!(read_app_exception(p, r.payload()), (message.clone(), ty as i32));
+        prop_assert_eq!(exception_type(r.payload(), p, &Limits::default()), Some(ty as i32));
+        // Every truncation: an answer or None, never a panic or a wrong type.
+        for cut in 0..r.payload().len() {
+            let got = exception_type(&r.payload()[..cut], p, &Limits::default());
+            prop_assert!(got.is_none() || got == Some(ty as i32));
+        }
         if let Some(tt) = r.ttheader() {
             prop_assert_eq!(tt.seqid, h.seqid);
             prop_assert_eq!(tt.inner_framed, h.inner_framed);

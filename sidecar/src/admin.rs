@@ -66,14 +66,29 @@ fn functions_json(admin: &Admin) -> String {
         .iter()
         .map(|p| {
             let s = p.snapshot();
+            // Method names are IDL identifiers: no escaping needed either.
+            let breakers: Vec<String> = p
+                .breakers
+                .states()
+                .iter()
+                .map(|(m, st)| {
+                    let st = match st {
+                        crate::breaker::State::Closed => "closed",
+                        crate::breaker::State::Open => "open",
+                        crate::breaker::State::HalfOpen => "half-open",
+                    };
+                    format!("\"{m}\":\"{st}\"")
+                })
+                .collect();
             format!(
-                "{{\"name\":\"{}\",\"ready\":{},\"starting\":{},\"queued\":{},\"in_flight\":{},\"processes\":{}}}",
+                "{{\"name\":\"{}\",\"ready\":{},\"starting\":{},\"queued\":{},\"in_flight\":{},\"processes\":{},\"breakers\":{{{}}}}}",
                 p.function.name,
                 s.ready,
                 s.starting,
                 s.queued,
                 s.in_flight,
-                p.live_processes()
+                p.live_processes(),
+                breakers.join(",")
             )
         })
         .collect();

@@ -110,6 +110,30 @@ pub struct PolicyConfig {
     /// Calls admitted per second, with bursts (token bucket); past it calls are answered
     /// `overloaded` without touching an instance.
     pub rate_limit: Option<RateLimit>,
+    /// Per method: fail fast with `circuit-open` while the method keeps failing.
+    pub circuit_breaker: Option<CircuitBreaker>,
+}
+
+/// `circuit_breaker = { window, min_requests, failure_ratio, open }`: opens when, over the last
+/// `window`, at least `min_requests` calls ended and at least `failure_ratio` of them failed;
+/// stays open for `open`, then lets trial calls through and closes on their success.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CircuitBreaker {
+    pub window: Duration,
+    pub min_requests: u32,
+    pub failure_ratio: f64,
+    pub open: Duration,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        CircuitBreaker {
+            window: Duration::from_secs(10),
+            min_requests: 20,
+            failure_ratio: 0.5,
+            open: Duration::from_secs(5),
+        }
+    }
 }
 
 /// `rate_limit = { rps, burst }`: `rps` calls per second on average, up to `burst` at once
@@ -216,9 +240,9 @@ struct RawPolicy {
     #[serde(default, deserialize_with = "opt_duration")]
     timeout: Option<Duration>,
     rate_limit: Option<Spanned<toml::Value>>,
+    circuit_breaker: Option<Spanned<toml::Value>>,
     // Enforced by a later release; refused until then rather than silently ignored.
     retry: Option<Spanned<toml::Value>>,
-    circuit_breaker: Option<Spanned<toml::Value>>,
     idempotent: Option<Spanned<bool>>,
 }
 
@@ -446,10 +470,6 @@ fn policy(cx: &Ctx<'_>, p: &Spanned<RawPolicy>, key: &str) -> Result<PolicyConfi
     let r = p.get_ref();
     let later = [
         ("retry", r.retry.as_ref().map(|v| v.span().start)),
-        (
-            "circuit_breaker",
-            r.circuit_breaker.as_ref().map(|v| v.span().start),
-        ),
         ("idempotent", r.idempotent.as_ref().map(|v| v.span().start)),
     ];
     for (name, at) in later {
@@ -457,7 +477,7 @@ fn policy(cx: &Ctx<'_>, p: &Spanned<RawPolicy>, key: &str) -> Result<PolicyConfi
             return cx.invalid(
                 at,
                 format!("{key}.{name}"),
-                "not supported yet: this release enforces `timeout` and `rate_limit`",
+                "not supported yet: this release enforces `timeout`, `rate_limit` and `circuit_breaker`",
             );
         }
     }
@@ -472,10 +492,61 @@ fn policy(cx: &Ctx<'_>, p: &Spanned<RawPolicy>, key: &str) -> Result<PolicyConfi
         Some(v) => Some(rate_limit(cx, v, &format!("{key}.rate_limit"))?),
         None => None,
     };
+    let circuit_breaker = match &r.circuit_breaker {
+        Some(v) => Some(circuit_breaker(cx, v, &format!("{key}.circuit_breaker"))?),
+        None => None,
+    };
     Ok(PolicyConfig {
         timeout: r.timeout,
         rate_limit,
+        circuit_breaker,
     })
+}
+
+/// `{ window = "10s", min_requests = 20, failure_ratio = 0.5, open = "5s" }`, each optional.
+fn circuit_breaker(
+    cx: &Ctx<'_>,
+    v: &Spanned<toml::Value>,
+    key: &str,
+) -> Result<CircuitBreaker, ConfigError> {
+    let at = v.span().start;
+    let Some(t) = v.get_ref().as_table() else {
+        return cx.invalid(
+            at,
+            key,
+            "must be a table: { window = \"10s\", min_requests = 20, failure_ratio = 0.5, open = \"5s\" }",
+        );
+    };
+    let mut b = CircuitBreaker::default();
+    for (k, value) in t {
+        let sub = format!("{key}.{k}");
+        let duration = || match value.as_str().map(parse_duration) {
+            Some(Ok(d)) if !d.is_zero() => Ok(d),
+            Some(Ok(_)) => cx.invalid(at, &sub, "must be greater than zero"),
+            Some(Err(e)) => cx.invalid(at, &sub, e),
+            None => cx.invalid(at, &sub, "must be a duration such as \"10s\""),
+        };
+        match k.as_str() {
+            "window" => b.window = duration()?,
+            "open" => b.open = duration()?,
+            "min_requests" => match value.as_integer() {
+                Some(n) if (1..=i64::from(u32::MAX)).contains(&n) => b.min_requests = n as u32,
+                _ => return cx.invalid(at, &sub, "must be a whole number, at least 1"),
+            },
+            "failure_ratio" => match value.as_float().or(value.as_integer().map(|n| n as f64)) {
+                Some(r) if r > 0.0 && r <= 1.0 => b.failure_ratio = r,
+                _ => return cx.invalid(at, &sub, "must be a number in (0, 1]"),
+            },
+            other => {
+                return cx.invalid(
+                    at,
+                    key,
+                    format!("unknown key {other:?} (window, min_requests, failure_ratio, open)"),
+                )
+            }
+        }
+    }
+    Ok(b)
 }
 
 /// `{ rps = N, burst = M }`: rps a positive number, burst a positive integer.
@@ -666,6 +737,9 @@ impl FunctionConfig {
             }
             if m.rate_limit.is_some() {
                 p.rate_limit = m.rate_limit;
+            }
+            if m.circuit_breaker.is_some() {
+                p.circuit_breaker = m.circuit_breaker;
             }
         }
         p

@@ -9,6 +9,7 @@ pub enum Kind {
     BadRequest,
     TooLarge,
     Overloaded,
+    CircuitOpen,
     Unavailable,
     Timeout,
 }
@@ -21,6 +22,7 @@ impl Kind {
             Kind::BadRequest => "bad-request",
             Kind::TooLarge => "too-large",
             Kind::Overloaded => "overloaded",
+            Kind::CircuitOpen => "circuit-open",
             Kind::Unavailable => "unavailable",
             Kind::Timeout => "timeout",
         }
@@ -30,7 +32,9 @@ impl Kind {
         match self {
             Kind::NoRoute => ExceptionType::UnknownMethod,
             Kind::BadRequest | Kind::TooLarge => ExceptionType::ProtocolError,
-            Kind::Overloaded | Kind::Unavailable | Kind::Timeout => ExceptionType::InternalError,
+            Kind::Overloaded | Kind::CircuitOpen | Kind::Unavailable | Kind::Timeout => {
+                ExceptionType::InternalError
+            }
         }
     }
 }

@@ -166,6 +166,7 @@ pub enum ProxyBody {
         deadline: Option<Pin<Box<Sleep>>>,
         budget: Duration,
         function: Arc<str>,
+        verdict: Option<Verdict>,
         _lease: Lease,
         _active: Active,
     },
@@ -201,10 +202,14 @@ impl Body for ProxyBody {
                 deadline,
                 budget,
                 function,
+                verdict,
                 ..
             } => {
                 if let Some(sleep) = deadline {
                     if sleep.as_mut().poll(cx).is_ready() {
+                        if let Some(v) = verdict.as_mut() {
+                            v.record(true);
+                        }
                         let e = CallError::new(
                             Kind::Timeout,
                             format!("function {function}: deadline of {budget:?} passed"),
@@ -214,7 +219,22 @@ impl Body for ProxyBody {
                         return Poll::Ready(Some(Ok(Frame::trailers(status_headers(&e)))));
                     }
                 }
-                Pin::new(body).poll_frame(cx)
+                let frame = Pin::new(body).poll_frame(cx);
+                if let Some(v) = verdict.as_mut() {
+                    match &frame {
+                        Poll::Ready(Some(Ok(f))) => {
+                            if let Some(t) = f.trailers_ref() {
+                                v.record(crate::breaker::grpc_status_is_failure(
+                                    t.get("grpc-status").map(HeaderValue::as_bytes),
+                                ));
+                            }
+                        }
+                        // An error, or an end without a status.
+                        Poll::Ready(_) => v.record(true),
+                        Poll::Pending => {}
+                    }
+                }
+                frame
             }
             ProxyBody::Local { message, trailers } => Poll::Ready(
                 message
@@ -265,11 +285,11 @@ impl Drop for Active {
 /// The gRPC status of each kind of error fnmesh makes (DESIGN.md's table).
 fn grpc_status(kind: Kind) -> u16 {
     match kind {
-        Kind::NoRoute => 12,                    // UNIMPLEMENTED
-        Kind::BadRequest => 13,                 // INTERNAL
-        Kind::TooLarge | Kind::Overloaded => 8, // RESOURCE_EXHAUSTED
-        Kind::Unavailable => 14,                // UNAVAILABLE
-        Kind::Timeout => 4,                     // DEADLINE_EXCEEDED
+        Kind::NoRoute => 12,                         // UNIMPLEMENTED
+        Kind::BadRequest => 13,                      // INTERNAL
+        Kind::TooLarge | Kind::Overloaded => 8,      // RESOURCE_EXHAUSTED
+        Kind::Unavailable | Kind::CircuitOpen => 14, // UNAVAILABLE
+        Kind::Timeout => 4,                          // DEADLINE_EXCEEDED
     }
 }
 
@@ -349,10 +369,7 @@ pub fn format_grpc_timeout(d: Duration) -> String {
     }
 }
 
-async fn proxy(
-    shared: &Shared,
-    mut req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, CallError> {
+async fn proxy(shared: &Shared, req: Request<Incoming>) -> Result<Response<ProxyBody>, CallError> {
     let path = req.uri().path().to_owned();
     let Some((service, method)) = service_method(&path) else {
         return Err(CallError::new(
@@ -387,6 +404,30 @@ async fn proxy(
         (p, c) => p.or(c),
     };
     let deadline = budget.map(|b| Instant::now() + b);
+    let mut verdict = pool
+        .breakers
+        .admit(&f.name, method)?
+        .map(|_| Verdict::new(pool.clone(), method, deadline));
+    let result = forward(shared, pool, req, budget, deadline, &mut verdict).await;
+    if let (Err(e), Some(v)) = (&result, verdict.as_mut()) {
+        v.record(crate::breaker::is_failure(e.kind));
+    }
+    result
+}
+
+/// An admitted stream on its way to an instance: a slot (queueing for a cold start), this
+/// worker's connection to the instance, the request with the remaining budget, the response.
+/// The breaker's `verdict` goes with the response body when there is one.
+async fn forward(
+    shared: &Shared,
+    pool: &Arc<Pool>,
+    req: Request<Incoming>,
+    budget: Option<Duration>,
+    deadline: Option<Instant>,
+    verdict: &mut Option<Verdict>,
+) -> Result<Response<ProxyBody>, CallError> {
+    let mut req = req;
+    let f = &pool.function;
     let timed_out = |what: &str| {
         CallError::new(
             Kind::Timeout,
@@ -451,6 +492,17 @@ async fn proxy(
     })?;
     crate::workers::busy();
     let (parts, body) = response.into_parts();
+    let mut verdict = verdict.take();
+    if let Some(v) = verdict.as_mut() {
+        if parts.status != http::StatusCode::OK {
+            v.record(true);
+        } else if body.is_end_stream() {
+            // Trailers-only: the status is in the headers.
+            v.record(crate::breaker::grpc_status_is_failure(
+                parts.headers.get("grpc-status").map(HeaderValue::as_bytes),
+            ));
+        }
+    }
     Ok(Response::from_parts(
         parts,
         ProxyBody::Upstream {
@@ -458,10 +510,50 @@ async fn proxy(
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             budget: budget.unwrap_or_default(),
             function: f.name.as_str().into(),
+            verdict,
             _lease: lease,
             _active: active,
         },
     ))
+}
+
+/// A stream's outcome for its method's breaker, recorded once: from the instance's
+/// `grpc-status` (`breaker.rs` says which count as failures), or from fnmesh's own error; a
+/// stream dropped unfinished after its deadline counts as a failure, one whose caller went away
+/// before it does not.
+pub struct Verdict {
+    pool: Arc<Pool>,
+    method: Box<str>,
+    deadline: Option<Instant>,
+    recorded: bool,
+}
+
+impl Verdict {
+    fn new(pool: Arc<Pool>, method: &str, deadline: Option<Instant>) -> Verdict {
+        Verdict {
+            pool,
+            method: method.into(),
+            deadline,
+            recorded: false,
+        }
+    }
+
+    fn record(&mut self, failed: bool) {
+        if !self.recorded {
+            if let Some(b) = self.pool.breakers.get(&self.method) {
+                b.record(failed);
+            }
+            self.recorded = true;
+        }
+    }
+}
+
+impl Drop for Verdict {
+    fn drop(&mut self) {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            self.record(true);
+        }
+    }
 }
 
 /// A new HTTP/2 connection to `instance` for this worker (on the readiness probe's connection

@@ -162,6 +162,8 @@ pub struct Pool {
     pub function: Arc<FunctionConfig>,
     /// The function's rate limits, checked before a call queues or touches an instance.
     pub limits: crate::limit::Limits,
+    /// The function's circuit breakers (per method), gated on the request path, moved by a task.
+    pub breakers: crate::breaker::Breakers,
     grace: Duration,
     watchdog: Arc<Watchdog>,
     state: Mutex<State>,
@@ -225,6 +227,7 @@ impl Pool {
     ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             limits: crate::limit::Limits::new(&function),
+            breakers: crate::breaker::Breakers::new(&function),
             function,
             grace,
             watchdog,
@@ -242,6 +245,9 @@ impl Pool {
             }
         }
         tokio::spawn(Pool::reap_idle(Arc::downgrade(&pool)));
+        if let Some(every) = pool.breakers.tick_every() {
+            tokio::spawn(Pool::tick_breakers(Arc::downgrade(&pool), every));
+        }
         pool
     }
 
@@ -526,6 +532,15 @@ impl Pool {
     }
 
     /// Stops instances idle for `scale.idle`, down to `scale.min`.
+    /// Moves the breakers' gates, off the request path, until the pool is gone.
+    async fn tick_breakers(pool: std::sync::Weak<Pool>, every: Duration) {
+        loop {
+            sleep(every).await;
+            let Some(pool) = pool.upgrade() else { return };
+            pool.breakers.tick(Instant::now());
+        }
+    }
+
     async fn reap_idle(pool: std::sync::Weak<Pool>) {
         loop {
             let period = match pool.upgrade() {

@@ -26,6 +26,7 @@ use tokio::{
 };
 
 use crate::{
+    breaker::{self, Breaker},
     error::{CallError, Kind},
     pool::{Instance, Pool},
 };
@@ -195,7 +196,7 @@ pub async fn serve(
                 reading = false;
                 break;
             }
-            let (index, budget) = match route(shared, &mut frame) {
+            let (index, budget, breaker) = match route(shared, &mut frame) {
                 Ok(routed) => routed,
                 Err(e) => {
                     if oneway {
@@ -227,7 +228,12 @@ pub async fn serve(
                 }
             };
             let ticket = answer.as_ref().map(|_| next + pending.len() as u64);
-            let call = async move { (ticket, call(shared, pool, request, oneway, deadline).await) };
+            let call = async move {
+                (
+                    ticket,
+                    call(shared, pool, request, oneway, deadline, breaker).await,
+                )
+            };
             // Only a call with a deadline can be stopped (which costs an allocation).
             let (call, abort) = match (ticket, deadline) {
                 (Some(_), Some(_)) => {
@@ -394,8 +400,58 @@ async fn call(
     request: Outgoing,
     oneway: bool,
     deadline: Option<Instant>,
+    breaker: Option<&Breaker>,
 ) -> Result<Option<Reply>, CallError> {
     let _active = Active::new(&shared.active);
+    let mut outcome = Outcome {
+        breaker,
+        deadline,
+        recorded: false,
+    };
+    let result = exchange(shared, pool, request, oneway, deadline, breaker.is_some()).await;
+    outcome.record(match &result {
+        Ok(Some((_, failed))) => *failed,
+        Ok(None) => false,
+        Err(e) => breaker::is_failure(e.kind),
+    });
+    result.map(|r| r.map(|(reply, _)| reply))
+}
+
+/// Counts a call's outcome in its method's breaker; a call stopped at its deadline (dropped
+/// unfinished after it) counts as a failure, one whose caller went away does not.
+struct Outcome<'a> {
+    breaker: Option<&'a Breaker>,
+    deadline: Option<Instant>,
+    recorded: bool,
+}
+
+impl Outcome<'_> {
+    fn record(&mut self, failed: bool) {
+        if let Some(b) = self.breaker {
+            b.record(failed);
+        }
+        self.recorded = true;
+    }
+}
+
+impl Drop for Outcome<'_> {
+    fn drop(&mut self) {
+        if !self.recorded && self.deadline.is_some_and(|d| Instant::now() >= d) {
+            self.record(true);
+        }
+    }
+}
+
+/// Waits for a slot (starting an instance if none is ready) and forwards; with `classify`, the
+/// reply is read far enough to tell whether it is a failure (for the breaker).
+async fn exchange(
+    shared: &Shared,
+    pool: &Arc<Pool>,
+    request: Outgoing,
+    oneway: bool,
+    deadline: Option<Instant>,
+    classify: bool,
+) -> Result<Option<(Reply, bool)>, CallError> {
     let name = &pool.function.name;
     let lease = match pool.try_acquire()? {
         Some(lease) => lease,
@@ -418,7 +474,15 @@ async fn call(
         (Outgoing::Timed(frame), None) => frame.into_buf(),
         (Outgoing::Ready(bytes), _) => bytes,
     };
-    let result = forward(&lease.instance, name, request, oneway, shared.limits).await;
+    let result = forward(
+        &lease.instance,
+        name,
+        request,
+        oneway,
+        shared.limits,
+        classify,
+    )
+    .await;
     if let Err(Failure::Instance(_)) = &result {
         lease.evict();
     }
@@ -442,7 +506,10 @@ fn budget(pool: &Pool, method: &str, frame: &Frame) -> Option<Duration> {
 /// DESIGN.md "Thrift routing": ToService, then `isn`, then a `Service:` name prefix (stripped),
 /// then the only Thrift function. A method the IDL lacks is refused without starting anything.
 /// Gives the function's index and the call's time budget.
-fn route(shared: &Shared, frame: &mut Frame) -> Result<(usize, Option<Duration>), CallError> {
+fn route<'s>(
+    shared: &'s Shared,
+    frame: &mut Frame,
+) -> Result<(usize, Option<Duration>, Option<&'s Breaker>), CallError> {
     let by_name = |n: &[u8]| {
         shared
             .functions
@@ -492,7 +559,8 @@ fn route(shared: &Shared, frame: &mut Frame) -> Result<(usize, Option<Duration>)
         ));
     }
     pool.limits.admit(&pool.function.name, method)?;
-    Ok((index, budget(pool, method, frame)))
+    let breaker = pool.breakers.admit(&pool.function.name, method)?;
+    Ok((index, budget(pool, method, frame), breaker))
 }
 
 /// The service an unroutable call asked for, for its error: the last routing rule that named one
@@ -511,6 +579,20 @@ fn asked_service(frame: &Frame) -> String {
 
 /// How a forward failed: the instance is broken (refused, closed without replying), or only this
 /// exchange went wrong.
+/// Whether an instance's reply counts as a failure (`breaker.rs`): an EXCEPTION message whose
+/// TApplicationException is UNKNOWN or INTERNAL_ERROR, or that cannot be read. Only calls whose
+/// method has a breaker pay for reading the reply's headers.
+fn reply_failed(reply: Bytes, limits: Limits) -> bool {
+    let mut buf = BytesMut::from(reply);
+    match FrameDecoder::new(limits).decode(&mut buf) {
+        Ok(Some(f)) if f.kind() == MessageType::Exception => breaker::thrift_exception_is_failure(
+            fnmesh_codec::exception_type(f.payload(), f.protocol(), &limits),
+        ),
+        Ok(Some(_)) => false,
+        _ => true,
+    }
+}
+
 enum Failure {
     Instance(CallError),
     Call(CallError),
@@ -532,7 +614,8 @@ async fn forward(
     mut out: Reply,
     oneway: bool,
     limits: Limits,
-) -> Result<Option<Reply>, Failure> {
+    classify: bool,
+) -> Result<Option<(Reply, bool)>, Failure> {
     let unavailable = |what: String| {
         CallError::new(
             Kind::Unavailable,
@@ -559,7 +642,8 @@ async fn forward(
         match decoder.split(&mut conn.buf) {
             Ok(Some(reply)) => {
                 instance.recycle(conn);
-                return Ok(Some(reply.freeze().chain(Bytes::new())));
+                let failed = classify && reply_failed(reply.clone().freeze(), limits);
+                return Ok(Some((reply.freeze().chain(Bytes::new()), failed)));
             }
             Ok(None) => {}
             Err(e) => return Err(Failure::Call(unavailable(format!("malformed reply: {e}")))),

@@ -8,9 +8,11 @@ use std::{
 use pilota::FastStr;
 use volo_thrift::{MaybeException, ServerError};
 
-use crate::gen::volo_gen::echo::{
-    EchoRequest, EchoResponse, EchoService, EchoServiceEchoException,
+use crate::gen::volo_gen::{
+    base::FunctionError,
+    echo::{EchoRequest, EchoResponse, EchoService, EchoServiceEchoException},
 };
+use pilota::thrift::ApplicationExceptionKind;
 
 /// Echo calls this process has received (the `__count__` hook reads it).
 static CALLS: AtomicU64 = AtomicU64::new(0);
@@ -83,6 +85,24 @@ impl EchoService for EchoHandler {
         }
         // Introspection hook for tests: how many echo calls came before this one.
         let earlier = CALLS.fetch_add(1, Ordering::SeqCst);
+        // Fault hooks for tests: a TApplicationException INTERNAL_ERROR (a failure), or the
+        // IDL's declared exception (a business outcome).
+        if req.message == "__fail__" {
+            return Err(ServerError::Application(
+                pilota::thrift::ApplicationException::new(
+                    ApplicationExceptionKind::INTERNAL_ERROR,
+                    "the function failed (__fail__)",
+                ),
+            ));
+        }
+        if req.message == "__business__" {
+            return Ok(MaybeException::Exception(EchoServiceEchoException::Err(
+                FunctionError {
+                    code: 42,
+                    reason: "declared business error".into(),
+                },
+            )));
+        }
         // Introspection hook for tests: the RPC timeout this call arrived with (ms, 0 if none).
         if req.message == "__timeout__" {
             return Ok(MaybeException::Ok(EchoResponse {

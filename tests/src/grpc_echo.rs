@@ -15,6 +15,9 @@ use crate::proto::proto_gen::echo::{Echo, EchoRequest, EchoResponse};
 /// `__cancelled__` hook reads it).
 static CANCELLED: AtomicU64 = AtomicU64::new(0);
 
+/// UnaryEcho calls this process has received (the `__count__` hook reads it).
+static UNARY: AtomicU64 = AtomicU64::new(0);
+
 /// Counts a server stream as cancelled if it is dropped before its end.
 struct Unfinished(bool);
 
@@ -29,7 +32,8 @@ impl Drop for Unfinished {
 /// Replies with the request's message(s) and the instance it ran on (`FNMESH_INSTANCE`). Hooks:
 /// `sleep_ms` sleeps first; message `__crash__` exits the process; `__status__ N text` answers
 /// gRPC status N with message `text`; `__cancelled__` answers how many server streams were
-/// cancelled by their callers so far. Server streaming: `__bulk__ N` sends N messages of 1 MiB.
+/// cancelled by their callers so far; `__count__` how many UnaryEcho calls came before (not
+/// counting itself). Server streaming: `__bulk__ N` sends N messages of 1 MiB.
 /// Request metadata `x-echo` comes back as response
 /// metadata `x-echo`, and the request's `grpc-timeout` as `x-grpc-timeout`.
 #[derive(Clone, Default)]
@@ -47,6 +51,12 @@ impl GrpcEcho {
     async fn reply(&self, req: EchoRequest) -> Result<EchoResponse, Status> {
         if req.message == "__crash__" {
             std::process::exit(3);
+        }
+        if req.message == "__count__" {
+            return Ok(EchoResponse {
+                message: UNARY.load(Ordering::SeqCst).to_string().into(),
+                instance: self.instance.clone(),
+            });
         }
         if req.message == "__cancelled__" {
             return Ok(EchoResponse {
@@ -86,6 +96,9 @@ impl Echo for GrpcEcho {
         &self,
         req: Request<EchoRequest>,
     ) -> Result<Response<EchoResponse>, Status> {
+        if req.get_ref().message != "__count__" {
+            UNARY.fetch_add(1, Ordering::SeqCst);
+        }
         let reply = self.reply(req.get_ref().clone()).await?;
         Ok(with_echoed_metadata(&req, reply))
     }

@@ -409,6 +409,74 @@ async fn a_rate_limited_method_is_resource_exhausted_while_another_is_untouched(
     );
 }
 
+/// A method whose calls keep failing (INTERNAL from the function) opens its breaker: later calls
+/// fail fast with UNAVAILABLE `circuit-open` and the instance receives none of them, while another
+/// method of the same function keeps working; after `open`, a trial call that succeeds closes it.
+/// Business statuses (NOT_FOUND) never open it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_method_opens_its_breaker_while_a_healthy_one_keeps_working() {
+    let sc = Sidecar::start(&format!(
+        "{}[function.method.UnaryEcho]\ncircuit_breaker = {{ window = \"5s\", min_requests = 6, failure_ratio = 0.5, open = \"1s\" }}\n",
+        grpc_echo_function("echo", "min = 1\nmax = 1", "")
+    ));
+    let client = client!(sc.addr);
+    let count = || async {
+        let mut s = client
+            .server_streaming_echo(req("__count__", 0))
+            .await
+            .expect("count")
+            .into_inner();
+        s.next().await.unwrap().unwrap().message.to_string()
+    };
+    // Business outcomes: 20 NOT_FOUND, still closed.
+    for _ in 0..20 {
+        let e = client
+            .unary_echo(req("__status__ 5 no such thing", 0))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(unary(sc.addr, "still fine").await.unwrap().0, "still fine");
+    // Failures: INTERNAL from the function, 30 of the 51 calls in the window.
+    for _ in 0..30 {
+        let e = client
+            .unary_echo(req("__status__ 13 boom", 0))
+            .await
+            .unwrap_err();
+        assert_eq!((e.code(), e.message()), (Code::Internal, "boom"));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = count().await;
+    for _ in 0..20 {
+        let e = client.unary_echo(req("refused", 0)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(e.message().contains("circuit breaker open"), "{e:?}");
+    }
+    assert_eq!(
+        count().await,
+        before,
+        "the instance received none of the refused calls"
+    );
+    // The healthy method is untouched.
+    let mut s = client
+        .server_streaming_echo(req("ok", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.next().await.unwrap().unwrap().message.as_str(), "ok #0");
+    // After `open`: trial calls, and a success closes it.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(unary(sc.addr, "trial").await.unwrap().0, "trial");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..10 {
+        assert_eq!(
+            unary(sc.addr, &format!("closed {i}")).await.unwrap().0,
+            format!("closed {i}")
+        );
+    }
+}
+
 // ---- Python grpcio, an independent client --------------------------------------------------------
 
 fn grpcio(port: u16, args: &[&str]) -> Vec<String> {

@@ -144,6 +144,59 @@ async fn the_instance_sees_the_remaining_budget_in_the_rpc_timeout() {
     );
 }
 
+/// A method whose calls keep failing (TApplicationException INTERNAL_ERROR from the function)
+/// opens its breaker: later calls get `circuit-open` without reaching the instance. Declared
+/// exceptions are business outcomes and never open it.
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_calls_open_the_breaker_and_business_errors_do_not() {
+    let sc = Sidecar::start(&echo_function(
+        "echo",
+        "min = 1\nmax = 1",
+        "circuit_breaker = { window = \"5s\", min_requests = 6, failure_ratio = 0.5, open = \"2s\" }",
+    ));
+    let client = client!(sc.addr, "echo", 5000);
+    for _ in 0..20 {
+        match client.echo(req("__business__", None)).await {
+            Ok(volo_thrift::MaybeException::Exception(_)) => {}
+            _ => panic!("the declared exception"),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(echo(sc.addr, "fine", None, 5000).await.unwrap().0, "fine");
+    // Failures: 30 of the 51 calls in the window.
+    for _ in 0..30 {
+        let (kind, message) = echo(sc.addr, "__fail__", None, 5000).await.unwrap_err();
+        assert_eq!(kind, ApplicationExceptionKind::INTERNAL_ERROR);
+        assert!(message.contains("__fail__"), "{message}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, admin) = sc.admin_get("/admin/functions");
+    assert!(
+        admin.contains("\"Echo\":\"open\",\"Ping\":\"closed\""),
+        "{admin}"
+    );
+    for _ in 0..10 {
+        let (kind, message) = echo(sc.addr, "refused", None, 5000).await.unwrap_err();
+        assert_eq!(kind, ApplicationExceptionKind::INTERNAL_ERROR);
+        assert!(
+            message.contains("circuit-open") && message.contains("method Echo"),
+            "{message}"
+        );
+    }
+    // After `open`, a trial call goes through (and closes it): the instance had received the 51
+    // calls before the breaker opened and none of the 10 refused.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(
+        echo(sc.addr, "__count__", None, 5000).await.unwrap().0,
+        "51"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        echo(sc.addr, "closed", None, 5000).await.unwrap().0,
+        "closed"
+    );
+}
+
 /// `rate_limit` admits a burst, then its rate, and answers `overloaded` past it without touching
 /// the instance.
 #[tokio::test(flavor = "multi_thread")]

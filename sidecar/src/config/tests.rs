@@ -83,6 +83,80 @@ fn the_documented_file_parses_into_typed_values() {
 }
 
 #[test]
+fn circuit_breakers_parse_with_defaults_and_per_method() {
+    let c = parse(
+        &GOOD
+            .replacen(
+                "timeout = \"1s\"\n",
+                "timeout = \"1s\"\ncircuit_breaker = { min_requests = 4 }\n",
+                1,
+            )
+            .replacen(
+                "timeout = \"5s\"",
+                "circuit_breaker = { window = \"2s\", failure_ratio = 0.25, open = \"300ms\" }",
+                1,
+            ),
+    )
+    .unwrap();
+    let f = &c.functions[0];
+    assert_eq!(
+        f.policy_for("Ping").circuit_breaker,
+        Some(CircuitBreaker {
+            min_requests: 4,
+            ..CircuitBreaker::default()
+        })
+    );
+    assert_eq!(
+        f.policy_for("Echo").circuit_breaker,
+        Some(CircuitBreaker {
+            window: Duration::from_secs(2),
+            min_requests: 20,
+            failure_ratio: 0.25,
+            open: Duration::from_millis(300),
+        })
+    );
+    for (bad, needles) in [
+        (
+            "circuit_breaker = { window = \"0s\" }",
+            &["circuit_breaker.window", "greater than zero"][..],
+        ),
+        (
+            "circuit_breaker = { open = 5 }",
+            &["circuit_breaker.open", "a duration"],
+        ),
+        (
+            "circuit_breaker = { open = \"5 days\" }",
+            &["circuit_breaker.open", "bad duration"],
+        ),
+        (
+            "circuit_breaker = { min_requests = 0 }",
+            &["circuit_breaker.min_requests", "at least 1"],
+        ),
+        (
+            "circuit_breaker = { failure_ratio = 1.5 }",
+            &["circuit_breaker.failure_ratio", "(0, 1]"],
+        ),
+        (
+            "circuit_breaker = { ratio = 0.5 }",
+            &["circuit_breaker", "unknown key \"ratio\""],
+        ),
+        (
+            "circuit_breaker = true",
+            &["circuit_breaker", "must be a table"],
+        ),
+    ] {
+        let text = err(&GOOD.replacen(
+            "timeout = \"1s\"\n",
+            &format!("timeout = \"1s\"\n{bad}\n"),
+            1,
+        ));
+        for n in needles.iter().chain(&["fnmesh.toml:28"]) {
+            assert!(text.contains(n), "{bad}: {text:?} should contain {n:?}");
+        }
+    }
+}
+
+#[test]
 fn rate_limits_parse_per_function_and_per_method() {
     let c = parse(
         &GOOD
