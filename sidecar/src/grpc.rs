@@ -167,7 +167,7 @@ pub enum ProxyBody {
         budget: Duration,
         function: Arc<str>,
         verdict: Option<Verdict>,
-        _lease: Lease,
+        lease: Lease,
         _active: Active,
     },
     Local {
@@ -203,12 +203,14 @@ impl Body for ProxyBody {
                 budget,
                 function,
                 verdict,
+                lease,
                 ..
             } => {
                 if let Some(sleep) = deadline {
                     if sleep.as_mut().poll(cx).is_ready() {
                         if let Some(v) = verdict.as_mut() {
                             v.record(true);
+                            lease.outcome(true);
                         }
                         let e = CallError::new(
                             Kind::Timeout,
@@ -221,17 +223,19 @@ impl Body for ProxyBody {
                 }
                 let frame = Pin::new(body).poll_frame(cx);
                 if let Some(v) = verdict.as_mut() {
-                    match &frame {
-                        Poll::Ready(Some(Ok(f))) => {
-                            if let Some(t) = f.trailers_ref() {
-                                v.record(crate::breaker::grpc_status_is_failure(
-                                    t.get("grpc-status").map(HeaderValue::as_bytes),
-                                ));
-                            }
-                        }
+                    let failed = match &frame {
+                        Poll::Ready(Some(Ok(f))) => f.trailers_ref().map(|t| {
+                            crate::breaker::grpc_status_is_failure(
+                                t.get("grpc-status").map(HeaderValue::as_bytes),
+                            )
+                        }),
                         // An error, or an end without a status.
-                        Poll::Ready(_) => v.record(true),
-                        Poll::Pending => {}
+                        Poll::Ready(_) => Some(true),
+                        Poll::Pending => None,
+                    };
+                    if let Some(failed) = failed {
+                        v.record(failed);
+                        lease.outcome(failed);
                     }
                 }
                 frame
@@ -404,10 +408,10 @@ async fn proxy(shared: &Shared, req: Request<Incoming>) -> Result<Response<Proxy
         (p, c) => p.or(c),
     };
     let deadline = budget.map(|b| Instant::now() + b);
-    let mut verdict = pool
-        .breakers
-        .admit(&f.name, method)?
-        .map(|_| Verdict::new(pool.clone(), method, deadline));
+    pool.breakers.admit(&f.name, method)?;
+    // Outcomes are read when the function has breakers (also for instance ejection).
+    let mut verdict =
+        (!pool.breakers.is_empty()).then(|| Verdict::new(pool.clone(), method, deadline));
     let result = forward(shared, pool, req, budget, deadline, &mut verdict).await;
     if let (Err(e), Some(v)) = (&result, verdict.as_mut()) {
         v.record(crate::breaker::is_failure(e.kind));
@@ -450,6 +454,8 @@ async fn forward(
             None => Box::pin(pool.acquire()).await?,
         },
     };
+    let mut lease = lease;
+    lease.set_deadline(deadline);
     let cached = lock(lease.instance.h2())
         .as_ref()
         .filter(|s| !s.is_closed())
@@ -485,6 +491,7 @@ async fn forward(
         None => send.await,
     };
     let response = response.map_err(|e| {
+        lease.outcome(true);
         CallError::new(
             Kind::Unavailable,
             format!("function {} instance {}: {e}", f.name, lease.instance.id),
@@ -494,13 +501,19 @@ async fn forward(
     let (parts, body) = response.into_parts();
     let mut verdict = verdict.take();
     if let Some(v) = verdict.as_mut() {
-        if parts.status != http::StatusCode::OK {
-            v.record(true);
+        let failed = if parts.status != http::StatusCode::OK {
+            Some(true)
         } else if body.is_end_stream() {
             // Trailers-only: the status is in the headers.
-            v.record(crate::breaker::grpc_status_is_failure(
+            Some(crate::breaker::grpc_status_is_failure(
                 parts.headers.get("grpc-status").map(HeaderValue::as_bytes),
-            ));
+            ))
+        } else {
+            None
+        };
+        if let Some(failed) = failed {
+            v.record(failed);
+            lease.outcome(failed);
         }
     }
     Ok(Response::from_parts(
@@ -511,7 +524,7 @@ async fn forward(
             budget: budget.unwrap_or_default(),
             function: f.name.as_str().into(),
             verdict,
-            _lease: lease,
+            lease,
             _active: active,
         },
     ))

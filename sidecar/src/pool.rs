@@ -135,6 +135,41 @@ struct Slot {
     instance: Arc<Instance>,
     in_flight: usize,
     last_used: Instant,
+    /// Failed calls in a row (`breaker.rs` decides what failed).
+    failures: u32,
+    /// Times ejected since its last success, and until when it is out of balancing.
+    ejections: u32,
+    ejected_until: Option<Instant>,
+}
+
+impl Slot {
+    fn new(instance: Arc<Instance>) -> Slot {
+        Slot {
+            instance,
+            in_flight: 0,
+            last_used: Instant::now(),
+            failures: 0,
+            ejections: 0,
+            ejected_until: None,
+        }
+    }
+
+    fn ejected(&self, now: Option<Instant>) -> bool {
+        match (self.ejected_until, now) {
+            (Some(until), Some(now)) => now < until,
+            _ => false,
+        }
+    }
+}
+
+/// Failed calls in a row that eject an instance from balancing.
+pub const EJECT_AFTER: u32 = 5;
+
+/// How long an instance is ejected: 1 s the first time, doubling each time it is ejected again
+/// without a success in between, up to 30 s.
+fn ejection(times: u32) -> Duration {
+    (Duration::from_secs(1) * 2u32.saturating_pow(times.saturating_sub(1)))
+        .min(Duration::from_secs(30))
 }
 
 type Grant = Result<Arc<Instance>, CallError>;
@@ -181,9 +216,39 @@ pub struct Pool {
 pub struct Lease {
     pool: Arc<Pool>,
     pub instance: Arc<Instance>,
+    /// The call's outcome on this instance, if known.
+    outcome: std::sync::atomic::AtomicU8,
+    /// The call's deadline: a lease dropped unfinished after it is a failed call (a hung
+    /// instance), one dropped before it is not (the caller went away).
+    deadline: Option<Instant>,
 }
 
+const OUTCOME_UNKNOWN: u8 = 0;
+const OUTCOME_OK: u8 = 1;
+const OUTCOME_FAILED: u8 = 2;
+
 impl Lease {
+    fn new(pool: Arc<Pool>, instance: Arc<Instance>) -> Lease {
+        Lease {
+            pool,
+            instance,
+            outcome: std::sync::atomic::AtomicU8::new(OUTCOME_UNKNOWN),
+            deadline: None,
+        }
+    }
+
+    /// Sets the call's deadline (see [`Lease::outcome`]).
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+    }
+
+    /// Records how the call went on this instance, counted when the lease is released: failed
+    /// calls in a row eject the instance from balancing for a while.
+    pub fn outcome(&self, failed: bool) {
+        let v = if failed { OUTCOME_FAILED } else { OUTCOME_OK };
+        self.outcome.store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Takes this lease's instance out of balancing and stops it: it refused a connection or
     /// closed one without replying, so it has crashed or is crashing. Calls after this one start
     /// or use another instance instead of racing the crash's reaping.
@@ -197,7 +262,15 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.pool.release(&self.instance);
+        let outcome = match self.outcome.load(std::sync::atomic::Ordering::Relaxed) {
+            OUTCOME_OK => Some(false),
+            OUTCOME_FAILED => Some(true),
+            _ => self
+                .deadline
+                .is_some_and(|d| Instant::now() >= d)
+                .then_some(true),
+        };
+        self.pool.release(&self.instance, outcome);
     }
 }
 
@@ -212,7 +285,7 @@ impl Drop for Waiting {
     fn drop(&mut self) {
         self.rx.close();
         if let Ok(Ok(instance)) = self.rx.try_recv() {
-            self.pool.release(&instance);
+            self.pool.release(&instance, None);
         }
     }
 }
@@ -268,12 +341,8 @@ impl Pool {
         if st.draining {
             return Err(self.draining_error());
         }
-        Ok(
-            Self::take_slot(&mut st, self.function.scale.concurrency).map(|instance| Lease {
-                pool: self.clone(),
-                instance,
-            }),
-        )
+        Ok(Self::take_slot(&mut st, self.function.scale.concurrency)
+            .map(|instance| Lease::new(self.clone(), instance)))
     }
 
     fn draining_error(&self) -> CallError {
@@ -293,10 +362,7 @@ impl Pool {
                 return Err(self.draining_error());
             }
             if let Some(instance) = Self::take_slot(&mut st, self.function.scale.concurrency) {
-                return Ok(Lease {
-                    pool: self.clone(),
-                    instance,
-                });
+                return Ok(Lease::new(self.clone(), instance));
             }
             if st.waiters.len() >= self.function.scale.queue {
                 // Callers that gave up still hold places; free them first.
@@ -329,10 +395,7 @@ impl Pool {
         match (&mut waiting.rx).await {
             Ok(Ok(instance)) => {
                 // Ours now: the Waiting guard must not give it back.
-                let lease = Lease {
-                    pool: self.clone(),
-                    instance,
-                };
+                let lease = Lease::new(self.clone(), instance);
                 std::mem::forget(waiting);
                 Ok(lease)
             }
@@ -346,11 +409,18 @@ impl Pool {
 
     /// The least-loaded ready instance with room, its in-flight count raised.
     fn take_slot(st: &mut State, concurrency: usize) -> Option<Arc<Instance>> {
+        // The clock is read only while some instance is ejected.
+        let now = st
+            .ready
+            .iter()
+            .any(|s| s.ejected_until.is_some())
+            .then(Instant::now);
         let slot = st
             .ready
             .iter_mut()
-            .filter(|s| s.in_flight < concurrency)
+            .filter(|s| s.in_flight < concurrency && !s.ejected(now))
             .min_by_key(|s| s.in_flight)?;
+        slot.ejected_until = None;
         slot.in_flight += 1;
         Some(slot.instance.clone())
     }
@@ -361,10 +431,18 @@ impl Pool {
         let s = &self.function.scale;
         let demand: usize = st.ready.iter().map(|x| x.in_flight).sum::<usize>() + st.waiters.len();
         let wanted = demand.div_ceil(s.concurrency).min(s.max);
-        wanted.saturating_sub(st.ready.len() + st.starting)
+        // Ejected instances take no calls, but still count against `max`.
+        let now = st
+            .ready
+            .iter()
+            .any(|x| x.ejected_until.is_some())
+            .then(Instant::now);
+        let serving = st.ready.iter().filter(|x| !x.ejected(now)).count();
+        let room = s.max.saturating_sub(st.ready.len() + st.starting);
+        wanted.saturating_sub(serving + st.starting).min(room)
     }
 
-    fn release(&self, instance: &Arc<Instance>) {
+    fn release(self: &Arc<Pool>, instance: &Arc<Instance>, failed: Option<bool>) {
         let mut st = lock(&self.state);
         let Some(slot) = st
             .ready
@@ -374,7 +452,68 @@ impl Pool {
             return; // the instance has gone (crashed or stopped)
         };
         slot.in_flight -= 1;
-        slot.last_used = Instant::now();
+        let now = Instant::now();
+        slot.last_used = now;
+        match failed {
+            Some(false) => {
+                slot.failures = 0;
+                slot.ejections = 0;
+            }
+            Some(true) => {
+                slot.failures += 1;
+                let due = slot.failures >= EJECT_AFTER && !slot.ejected(Some(now));
+                // Never the last instance serving when no replacement can start: failing
+                // calls then still beat no calls (the method's breaker is there for that).
+                let others = st
+                    .ready
+                    .iter()
+                    .filter(|x| !Arc::ptr_eq(&x.instance, instance) && !x.ejected(Some(now)))
+                    .count();
+                let room = self.function.scale.max > st.ready.len() + st.starting;
+                let Some(slot) = st
+                    .ready
+                    .iter_mut()
+                    .find(|s| Arc::ptr_eq(&s.instance, instance))
+                else {
+                    return;
+                };
+                if due && others == 0 && !room {
+                    slot.failures = 0;
+                } else if due {
+                    slot.failures = 0;
+                    slot.ejections += 1;
+                    let period = ejection(slot.ejections);
+                    slot.ejected_until = Some(now + period);
+                    tracing::warn!(
+                        function = %self.function.name,
+                        instance = slot.instance.id,
+                        ?period,
+                        "instance ejected from balancing after {EJECT_AFTER} failed calls in a row"
+                    );
+                    // Calls queued meanwhile get it back when the period ends (or a
+                    // replacement, started below when `max` allows).
+                    let pool = Arc::downgrade(self);
+                    self.control.spawn(async move {
+                        sleep(period).await;
+                        if let Some(pool) = pool.upgrade() {
+                            let mut st = lock(&pool.state);
+                            pool.dispatch(&mut st);
+                        }
+                    });
+                    let starts = self.starts_needed(&st);
+                    if starts > 0 {
+                        st.starting += starts;
+                        let delay = backoff(st.failures);
+                        drop(st);
+                        for _ in 0..starts {
+                            self.spawn_start(delay);
+                        }
+                        return;
+                    }
+                }
+            }
+            None => {}
+        }
         self.dispatch(&mut st);
     }
 
@@ -458,11 +597,7 @@ impl Pool {
         let mut st = lock(&self.state);
         st.starting -= 1;
         st.failures = 0;
-        st.ready.push(Slot {
-            instance: instance.clone(),
-            in_flight: 0,
-            last_used: Instant::now(),
-        });
+        st.ready.push(Slot::new(instance.clone()));
         self.dispatch(&mut st);
         if st.draining {
             instance.stop();
@@ -601,4 +736,16 @@ fn backoff(failures: u32) -> Duration {
         return Duration::ZERO;
     }
     Duration::from_millis(25u64.saturating_mul(1 << failures.min(8))).min(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ejections_grow_from_one_second_to_thirty() {
+        let got: Vec<u64> = (1..=8).map(|n| ejection(n).as_secs()).collect();
+        assert_eq!(got, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(ejection(u32::MAX), Duration::from_secs(30));
+    }
 }

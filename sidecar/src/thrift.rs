@@ -408,7 +408,9 @@ async fn call(
         deadline,
         recorded: false,
     };
-    let result = exchange(shared, pool, request, oneway, deadline, breaker.is_some()).await;
+    // Replies are read for failures when the function has breakers (also for instance ejection).
+    let classify = !pool.breakers.is_empty();
+    let result = exchange(shared, pool, request, oneway, deadline, classify).await;
     outcome.record(match &result {
         Ok(Some((_, failed))) => *failed,
         Ok(None) => false,
@@ -474,6 +476,8 @@ async fn exchange(
         (Outgoing::Timed(frame), None) => frame.into_buf(),
         (Outgoing::Ready(bytes), _) => bytes,
     };
+    let mut lease = lease;
+    lease.set_deadline(deadline);
     let result = forward(
         &lease.instance,
         name,
@@ -483,8 +487,11 @@ async fn exchange(
         classify,
     )
     .await;
-    if let Err(Failure::Instance(_)) = &result {
-        lease.evict();
+    match &result {
+        Err(Failure::Instance(_)) => lease.evict(),
+        Err(Failure::Call(e)) => lease.outcome(breaker::is_failure(e.kind)),
+        Ok(Some((_, failed))) if classify => lease.outcome(*failed),
+        Ok(_) => lease.outcome(false),
     }
     result.map_err(Failure::into_error)
 }

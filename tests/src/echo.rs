@@ -95,6 +95,17 @@ impl EchoService for EchoHandler {
                 ),
             ));
         }
+        // The same, only on instance N (`__fail_on__ N`): one sick instance among healthy ones.
+        if let Some(n) = req.message.strip_prefix("__fail_on__ ") {
+            if self.instance.as_deref() == Some(n) {
+                return Err(ServerError::Application(
+                    pilota::thrift::ApplicationException::new(
+                        ApplicationExceptionKind::INTERNAL_ERROR,
+                        format!("instance {n} failed (__fail_on__)"),
+                    ),
+                ));
+            }
+        }
         if req.message == "__business__" {
             return Ok(MaybeException::Exception(EchoServiceEchoException::Err(
                 FunctionError {

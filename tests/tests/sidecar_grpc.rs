@@ -439,12 +439,18 @@ async fn a_failing_method_opens_its_breaker_while_a_healthy_one_keeps_working() 
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(unary(sc.addr, "still fine").await.unwrap().0, "still fine");
     // Failures: INTERNAL from the function, 30 of the 51 calls in the window.
-    for _ in 0..30 {
+    // (The breaker may open before the last of them: its task looks every 250 ms.)
+    for i in 0..30 {
         let e = client
             .unary_echo(req("__status__ 13 boom", 0))
             .await
             .unwrap_err();
-        assert_eq!((e.code(), e.message()), (Code::Internal, "boom"));
+        if e.code() != Code::Internal {
+            assert!(
+                i >= 20 && e.message().contains("circuit breaker open"),
+                "{i}: {e:?}"
+            );
+        }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = count().await;

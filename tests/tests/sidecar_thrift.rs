@@ -164,10 +164,19 @@ async fn failing_calls_open_the_breaker_and_business_errors_do_not() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(echo(sc.addr, "fine", None, 5000).await.unwrap().0, "fine");
     // Failures: 30 of the 51 calls in the window.
-    for _ in 0..30 {
+    // (The breaker may open before the last of them: its task looks every 250 ms.)
+    let mut reached = 0;
+    for i in 0..30 {
         let (kind, message) = echo(sc.addr, "__fail__", None, 5000).await.unwrap_err();
         assert_eq!(kind, ApplicationExceptionKind::INTERNAL_ERROR);
-        assert!(message.contains("__fail__"), "{message}");
+        if message.contains("__fail__") {
+            reached += 1;
+        } else {
+            assert!(
+                i >= 20 && message.contains("circuit-open"),
+                "{i}: {message}"
+            );
+        }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (_, admin) = sc.admin_get("/admin/functions");
@@ -183,17 +192,58 @@ async fn failing_calls_open_the_breaker_and_business_errors_do_not() {
             "{message}"
         );
     }
-    // After `open`, a trial call goes through (and closes it): the instance had received the 51
-    // calls before the breaker opened and none of the 10 refused.
+    // After `open`, a trial call goes through (and closes it): the instance had received the
+    // calls before the breaker opened and none of those refused.
     tokio::time::sleep(Duration::from_millis(2200)).await;
     assert_eq!(
         echo(sc.addr, "__count__", None, 5000).await.unwrap().0,
-        "51"
+        (21 + reached).to_string()
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         echo(sc.addr, "closed", None, 5000).await.unwrap().0,
         "closed"
+    );
+}
+
+/// An instance whose calls fail 5 times in a row is ejected from balancing (1 s the first time)
+/// while the healthy one takes the calls; then it is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_instance_is_ejected_while_a_healthy_one_serves() {
+    let sc = Sidecar::start(&echo_function(
+        "echo",
+        "min = 2\nmax = 2",
+        "circuit_breaker = { min_requests = 1000 }",
+    ));
+    assert!(sc.wait_for(Duration::from_secs(5), |s| s.stat("echo", "ready") == 2));
+    // Sequential calls go to the first of two idle instances: that one is made to fail.
+    let (_, sick) = echo(sc.addr, "who", None, 5000).await.unwrap();
+    let fail = format!("__fail_on__ {sick}");
+    for _ in 0..5 {
+        let (kind, message) = echo(sc.addr, &fail, None, 5000).await.unwrap_err();
+        assert_eq!(kind, ApplicationExceptionKind::INTERNAL_ERROR);
+        assert!(
+            message.contains(&format!("instance {sick} failed")),
+            "{message}"
+        );
+    }
+    for i in 0..10 {
+        let (m, served_by) = echo(sc.addr, &fail, None, 5000)
+            .await
+            .unwrap_or_else(|e| panic!("call {i} after the ejection: {e:?}"));
+        assert_eq!(m, fail);
+        assert_ne!(served_by, sick, "the ejected instance takes no calls");
+    }
+    assert_eq!(
+        sc.stat("echo", "processes"),
+        2,
+        "max is respected: no replacement"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        echo(sc.addr, "who", None, 5000).await.unwrap().1,
+        sick,
+        "back after 1 s"
     );
 }
 
