@@ -112,6 +112,24 @@ pub struct PolicyConfig {
     pub rate_limit: Option<RateLimit>,
     /// Per method: fail fast with `circuit-open` while the method keeps failing.
     pub circuit_breaker: Option<CircuitBreaker>,
+    /// Tries a call again on another instance when it failed in a way `retry.on` names.
+    pub retry: Option<Retry>,
+    /// The method may safely run twice: only then do `unavailable` and `timeout` retry.
+    pub idempotent: Option<bool>,
+}
+
+/// `retry = { attempts = 2, backoff = "10ms", on = ["connect"] }`: `attempts` tries in all
+/// (the first included), `backoff` doubling between them with jitter (0.5x to 1.5x).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Retry {
+    pub attempts: u32,
+    pub backoff: Duration,
+    /// The call never reached an instance (connect refused, write failed): always safe.
+    pub on_connect: bool,
+    /// The instance failed after receiving it (crashed, closed, malformed reply): idempotent only.
+    pub on_unavailable: bool,
+    /// An attempt ran out of its share of the budget: idempotent only.
+    pub on_timeout: bool,
 }
 
 /// `circuit_breaker = { window, min_requests, failure_ratio, open }`: opens when, over the last
@@ -241,7 +259,6 @@ struct RawPolicy {
     timeout: Option<Duration>,
     rate_limit: Option<Spanned<toml::Value>>,
     circuit_breaker: Option<Spanned<toml::Value>>,
-    // Enforced by a later release; refused until then rather than silently ignored.
     retry: Option<Spanned<toml::Value>>,
     idempotent: Option<Spanned<bool>>,
 }
@@ -468,19 +485,6 @@ impl Config {
 
 fn policy(cx: &Ctx<'_>, p: &Spanned<RawPolicy>, key: &str) -> Result<PolicyConfig, ConfigError> {
     let r = p.get_ref();
-    let later = [
-        ("retry", r.retry.as_ref().map(|v| v.span().start)),
-        ("idempotent", r.idempotent.as_ref().map(|v| v.span().start)),
-    ];
-    for (name, at) in later {
-        if let Some(at) = at {
-            return cx.invalid(
-                at,
-                format!("{key}.{name}"),
-                "not supported yet: this release enforces `timeout`, `rate_limit` and `circuit_breaker`",
-            );
-        }
-    }
     if r.timeout == Some(Duration::ZERO) {
         return cx.invalid(
             p.span().start,
@@ -496,11 +500,91 @@ fn policy(cx: &Ctx<'_>, p: &Spanned<RawPolicy>, key: &str) -> Result<PolicyConfi
         Some(v) => Some(circuit_breaker(cx, v, &format!("{key}.circuit_breaker"))?),
         None => None,
     };
+    let retry = match &r.retry {
+        Some(v) => Some(retry(cx, v, &format!("{key}.retry"))?),
+        None => None,
+    };
     Ok(PolicyConfig {
         timeout: r.timeout,
         rate_limit,
         circuit_breaker,
+        retry,
+        idempotent: r.idempotent.as_ref().map(|b| *b.get_ref()),
     })
+}
+
+/// `{ attempts = 2, backoff = "10ms", on = ["connect"] }`; attempts 1-10, each key optional.
+fn retry(cx: &Ctx<'_>, v: &Spanned<toml::Value>, key: &str) -> Result<Retry, ConfigError> {
+    let at = v.span().start;
+    let Some(t) = v.get_ref().as_table() else {
+        return cx.invalid(
+            at,
+            key,
+            "must be a table: { attempts = 2, backoff = \"10ms\", on = [\"connect\"] }",
+        );
+    };
+    let mut r = Retry {
+        attempts: 2,
+        backoff: Duration::from_millis(10),
+        on_connect: true,
+        on_unavailable: false,
+        on_timeout: false,
+    };
+    for (k, value) in t {
+        let sub = format!("{key}.{k}");
+        match k.as_str() {
+            "attempts" => match value.as_integer() {
+                Some(n) if (1..=10).contains(&n) => r.attempts = n as u32,
+                _ => {
+                    return cx.invalid(
+                        at,
+                        &sub,
+                        "must be a whole number from 1 to 10 (tries in all)",
+                    )
+                }
+            },
+            "backoff" => match value.as_str().map(parse_duration) {
+                Some(Ok(d)) if d <= Duration::from_secs(10) => r.backoff = d,
+                Some(Ok(_)) => return cx.invalid(at, &sub, "must be at most 10s"),
+                Some(Err(e)) => return cx.invalid(at, &sub, e),
+                None => return cx.invalid(at, &sub, "must be a duration such as \"10ms\""),
+            },
+            "on" => {
+                let Some(list) = value.as_array() else {
+                    return cx.invalid(
+                        at,
+                        &sub,
+                        "must be a list of \"connect\", \"unavailable\", \"timeout\"",
+                    );
+                };
+                (r.on_connect, r.on_unavailable, r.on_timeout) = (false, false, false);
+                for item in list {
+                    match item.as_str() {
+                        Some("connect") => r.on_connect = true,
+                        Some("unavailable") => r.on_unavailable = true,
+                        Some("timeout") => r.on_timeout = true,
+                        _ => {
+                            return cx.invalid(
+                                at,
+                                &sub,
+                                format!(
+                                "{item} is not one of \"connect\", \"unavailable\", \"timeout\""
+                            ),
+                            )
+                        }
+                    }
+                }
+            }
+            other => {
+                return cx.invalid(
+                    at,
+                    key,
+                    format!("unknown key {other:?} (attempts, backoff, on)"),
+                )
+            }
+        }
+    }
+    Ok(r)
 }
 
 /// `{ window = "10s", min_requests = 20, failure_ratio = 0.5, open = "5s" }`, each optional.
@@ -692,6 +776,24 @@ fn function(
         }
         methods_policy.insert(m.clone(), policy(cx, p, &key(&format!("method.{m}")))?);
     }
+    // Retries of gRPC streams (whose bodies would have to be kept for a second attempt) are
+    // not there yet: refused, never silently ignored.
+    if protocol == Protocol::Grpc {
+        let retried = r.policy.iter().map(|p| (key("policy"), p)).chain(
+            r.method
+                .iter()
+                .map(|(m, p)| (key(&format!("method.{m}")), p)),
+        );
+        for (k, p) in retried {
+            if let Some(v) = &p.get_ref().retry {
+                return cx.invalid(
+                    v.span().start,
+                    format!("{k}.retry"),
+                    "not supported yet for gRPC functions (Thrift only in this release)",
+                );
+            }
+        }
+    }
     Ok(FunctionConfig {
         name,
         protocol,
@@ -740,6 +842,12 @@ impl FunctionConfig {
             }
             if m.circuit_breaker.is_some() {
                 p.circuit_breaker = m.circuit_breaker;
+            }
+            if m.retry.is_some() {
+                p.retry = m.retry;
+            }
+            if m.idempotent.is_some() {
+                p.idempotent = m.idempotent;
             }
         }
         p

@@ -10,6 +10,7 @@ pub mod error;
 pub mod grpc;
 pub mod limit;
 pub mod pool;
+pub mod retry;
 pub mod run;
 pub mod runtime;
 pub mod thrift;

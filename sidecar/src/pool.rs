@@ -199,6 +199,8 @@ pub struct Pool {
     pub limits: crate::limit::Limits,
     /// The function's circuit breakers (per method), gated on the request path, moved by a task.
     pub breakers: crate::breaker::Breakers,
+    /// Limits the function's retries to a fifth of its calls (plus a floor).
+    pub retry_budget: crate::retry::Budget,
     grace: Duration,
     watchdog: Arc<Watchdog>,
     state: Mutex<State>,
@@ -301,6 +303,7 @@ impl Pool {
         let pool = Arc::new(Pool {
             limits: crate::limit::Limits::new(&function),
             breakers: crate::breaker::Breakers::new(&function),
+            retry_budget: crate::retry::Budget::default(),
             function,
             grace,
             watchdog,
@@ -343,6 +346,33 @@ impl Pool {
         }
         Ok(Self::take_slot(&mut st, self.function.scale.concurrency)
             .map(|instance| Lease::new(self.clone(), instance)))
+    }
+
+    /// As [`Pool::try_acquire`], preferring an instance other than `avoid` (a retry).
+    pub fn try_acquire_other(self: &Arc<Pool>, avoid: u64) -> Result<Option<Lease>, CallError> {
+        let mut st = lock(&self.state);
+        if st.draining {
+            return Err(self.draining_error());
+        }
+        let concurrency = self.function.scale.concurrency;
+        let now = st
+            .ready
+            .iter()
+            .any(|s| s.ejected_until.is_some())
+            .then(Instant::now);
+        let other = st
+            .ready
+            .iter_mut()
+            .filter(|s| s.instance.id != avoid && s.in_flight < concurrency && !s.ejected(now))
+            .min_by_key(|s| s.in_flight);
+        if let Some(slot) = other {
+            slot.in_flight += 1;
+            return Ok(Some(Lease::new(self.clone(), slot.instance.clone())));
+        }
+        Ok(
+            Self::take_slot(&mut st, concurrency)
+                .map(|instance| Lease::new(self.clone(), instance)),
+        )
     }
 
     fn draining_error(&self) -> CallError {

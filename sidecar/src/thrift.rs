@@ -27,7 +27,9 @@ use tokio::{
 
 use crate::{
     breaker::{self, Breaker},
+    config::Retry,
     error::{CallError, Kind},
+    pool::Lease,
     pool::{Instance, Pool},
 };
 
@@ -196,7 +198,7 @@ pub async fn serve(
                 reading = false;
                 break;
             }
-            let (index, budget, breaker) = match route(shared, &mut frame) {
+            let (index, budget, breaker, retry) = match route(shared, &mut frame) {
                 Ok(routed) => routed,
                 Err(e) => {
                     if oneway {
@@ -231,7 +233,7 @@ pub async fn serve(
             let call = async move {
                 (
                     ticket,
-                    call(shared, pool, request, oneway, deadline, breaker).await,
+                    call(shared, pool, request, oneway, deadline, breaker, retry).await,
                 )
             };
             // Only a call with a deadline can be stopped (which costs an allocation).
@@ -401,6 +403,7 @@ async fn call(
     oneway: bool,
     deadline: Option<Instant>,
     breaker: Option<&Breaker>,
+    retry: Option<(Retry, bool)>,
 ) -> Result<Option<Reply>, CallError> {
     let _active = Active::new(&shared.active);
     let mut outcome = Outcome {
@@ -410,7 +413,7 @@ async fn call(
     };
     // Replies are read for failures when the function has breakers (also for instance ejection).
     let classify = !pool.breakers.is_empty();
-    let result = exchange(shared, pool, request, oneway, deadline, classify).await;
+    let result = exchange(shared, pool, request, oneway, deadline, classify, retry).await;
     outcome.record(match &result {
         Ok(Some((_, failed))) => *failed,
         Ok(None) => false,
@@ -445,7 +448,11 @@ impl Drop for Outcome<'_> {
 }
 
 /// Waits for a slot (starting an instance if none is ready) and forwards; with `classify`, the
-/// reply is read far enough to tell whether it is a failure (for the breaker).
+/// reply is read far enough to tell whether it is a failure (for the breaker). Under a `retry`
+/// policy a failed attempt is tried again, on another instance when there is one, after a
+/// jittered backoff, within the deadline and the function's retry budget: when the call never
+/// reached an instance, and (idempotent methods only) when the instance failed or the attempt
+/// ran out of its share of the budget.
 async fn exchange(
     shared: &Shared,
     pool: &Arc<Pool>,
@@ -453,6 +460,7 @@ async fn exchange(
     oneway: bool,
     deadline: Option<Instant>,
     classify: bool,
+    retry: Option<(Retry, bool)>,
 ) -> Result<Option<(Reply, bool)>, CallError> {
     let name = &pool.function.name;
     let lease = match pool.try_acquire()? {
@@ -476,24 +484,154 @@ async fn exchange(
         (Outgoing::Timed(frame), None) => frame.into_buf(),
         (Outgoing::Ready(bytes), _) => bytes,
     };
-    let mut lease = lease;
+    let Some((policy, idempotent)) = retry.filter(|(r, _)| r.attempts > 1) else {
+        return attempt(
+            shared, pool, lease, request, oneway, deadline, classify, None,
+        )
+        .await
+        .map_err(|(e, _)| e);
+    };
+    // Boxed: the retrying path's state does not weigh on every call's future.
+    Box::pin(retrying(
+        shared, pool, lease, request, oneway, deadline, classify, policy, idempotent,
+    ))
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn retrying(
+    shared: &Shared,
+    pool: &Arc<Pool>,
+    mut lease: Lease,
+    request: Reply,
+    oneway: bool,
+    deadline: Option<Instant>,
+    classify: bool,
+    policy: Retry,
+    idempotent: bool,
+) -> Result<Option<(Reply, bool)>, CallError> {
+    pool.retry_budget.deposit();
+    let name = &pool.function.name;
+    let mut tries = 1;
+    loop {
+        let left = policy.attempts - tries + 1;
+        // With `timeout` retries, each attempt gets an even share of what is left.
+        let share = match (deadline, policy.on_timeout && idempotent) {
+            (Some(d), true) => Some(d.saturating_duration_since(Instant::now()) / left),
+            _ => None,
+        };
+        let bytes = request
+            .first_ref()
+            .clone()
+            .chain(request.last_ref().clone());
+        let instance = lease.instance.id;
+        let failed = match attempt(
+            shared, pool, lease, bytes, oneway, deadline, classify, share,
+        )
+        .await
+        {
+            Err((e, class)) => (e, class),
+            Ok(reply) => return Ok(reply),
+        };
+        let (e, class) = failed;
+        let retryable = match class {
+            Class::Connect => policy.on_connect,
+            Class::Instance => policy.on_unavailable && idempotent,
+            Class::Timeout => policy.on_timeout && idempotent,
+            Class::Final => false,
+        };
+        if !retryable || tries >= policy.attempts {
+            return Err(e);
+        }
+        let wait = crate::retry::backoff(
+            policy.backoff,
+            tries,
+            instance ^ u64::from(tries) ^ Instant::now().elapsed().subsec_nanos() as u64,
+        );
+        if deadline.is_some_and(|d| Instant::now() + wait >= d) || !pool.retry_budget.withdraw() {
+            return Err(e);
+        }
+        tracing::debug!(function = %name, instance, error = %e, "retrying");
+        tokio::time::sleep(wait).await;
+        tries += 1;
+        lease = match pool.try_acquire_other(instance)? {
+            Some(lease) => lease,
+            None => Box::pin(pool.acquire()).await?,
+        };
+    }
+}
+
+/// How an attempt failed, for the retry decision.
+enum Class {
+    Connect,
+    Instance,
+    Timeout,
+    Final,
+}
+
+/// One attempt on the leased instance; `share` bounds it when set (a `timeout` retry policy).
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    shared: &Shared,
+    pool: &Arc<Pool>,
+    mut lease: Lease,
+    request: Reply,
+    oneway: bool,
+    deadline: Option<Instant>,
+    classify: bool,
+    share: Option<Duration>,
+) -> Result<Option<(Reply, bool)>, (CallError, Class)> {
+    let name = &pool.function.name;
     lease.set_deadline(deadline);
-    let result = forward(
+    let exchange = forward(
         &lease.instance,
         name,
         request,
         oneway,
         shared.limits,
         classify,
-    )
-    .await;
-    match &result {
-        Err(Failure::Instance(_)) => lease.evict(),
-        Err(Failure::Call(e)) => lease.outcome(breaker::is_failure(e.kind)),
-        Ok(Some((_, failed))) if classify => lease.outcome(*failed),
-        Ok(_) => lease.outcome(false),
+    );
+    let result = match share {
+        None => exchange.await,
+        Some(share) => match tokio::time::timeout(share, exchange).await {
+            Ok(result) => result,
+            Err(_) => {
+                lease.outcome(true);
+                return Err((
+                    CallError::new(
+                        Kind::Timeout,
+                        format!(
+                            "function {name} instance {}: no reply within {share:?} (this attempt's share of the deadline)",
+                            lease.instance.id
+                        ),
+                    ),
+                    Class::Timeout,
+                ));
+            }
+        },
+    };
+    match result {
+        Err(Failure::Connect(e)) => {
+            lease.evict();
+            Err((e, Class::Connect))
+        }
+        Err(Failure::Instance(e)) => {
+            lease.evict();
+            Err((e, Class::Instance))
+        }
+        Err(Failure::Call(e)) => {
+            lease.outcome(breaker::is_failure(e.kind));
+            Err((e, Class::Final))
+        }
+        Ok(Some((reply, failed))) => {
+            lease.outcome(classify && failed);
+            Ok(Some((reply, failed)))
+        }
+        Ok(None) => {
+            lease.outcome(false);
+            Ok(None)
+        }
     }
-    result.map_err(Failure::into_error)
 }
 
 /// The call's time budget: the policy's timeout, or the caller's RPCTimeout when shorter.
@@ -510,13 +648,19 @@ fn budget(pool: &Pool, method: &str, frame: &Frame) -> Option<Duration> {
     }
 }
 
+/// A routed call: its function, time budget, breaker, and retry policy (with whether the
+/// method is idempotent).
+type Routed<'s> = (
+    usize,
+    Option<Duration>,
+    Option<&'s Breaker>,
+    Option<(Retry, bool)>,
+);
+
 /// DESIGN.md "Thrift routing": ToService, then `isn`, then a `Service:` name prefix (stripped),
 /// then the only Thrift function. A method the IDL lacks is refused without starting anything.
 /// Gives the function's index and the call's time budget.
-fn route<'s>(
-    shared: &'s Shared,
-    frame: &mut Frame,
-) -> Result<(usize, Option<Duration>, Option<&'s Breaker>), CallError> {
+fn route<'s>(shared: &'s Shared, frame: &mut Frame) -> Result<Routed<'s>, CallError> {
     let by_name = |n: &[u8]| {
         shared
             .functions
@@ -567,7 +711,11 @@ fn route<'s>(
     }
     pool.limits.admit(&pool.function.name, method)?;
     let breaker = pool.breakers.admit(&pool.function.name, method)?;
-    Ok((index, budget(pool, method, frame), breaker))
+    let policy = pool.function.policy_for(method);
+    let retry = policy
+        .retry
+        .map(|r| (r, policy.idempotent.unwrap_or(false)));
+    Ok((index, budget(pool, method, frame), breaker, retry))
 }
 
 /// The service an unroutable call asked for, for its error: the last routing rule that named one
@@ -601,16 +749,23 @@ fn reply_failed(reply: Bytes, limits: Limits) -> bool {
 }
 
 enum Failure {
+    /// The call never reached the instance (which is refusing connections): safe to retry.
+    Connect(CallError),
+    /// The instance broke after it got the call (closed, reset): it may have run it.
     Instance(CallError),
+    /// The exchange itself went wrong (a malformed reply).
     Call(CallError),
 }
 
-impl Failure {
-    fn into_error(self) -> CallError {
-        match self {
-            Failure::Instance(e) | Failure::Call(e) => e,
-        }
+/// Whether an idle pooled connection was closed by the instance: its reactor reported it
+/// readable while no call was on it. Costs no system call unless it was.
+fn is_stale(stream: &TcpStream) -> bool {
+    use futures_util::FutureExt;
+    if stream.readable().now_or_never().is_none() {
+        return false;
     }
+    let mut probe = [0u8; 1];
+    !matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// Writes the request to an instance connection as received and reads one reply frame, which
@@ -629,17 +784,25 @@ async fn forward(
             format!("function {function} instance {}: {what}", instance.id),
         )
     };
-    let mut conn = match instance.pooled() {
-        Some(conn) => conn,
-        // Boxed: the rare path's state does not weigh on every call's future.
-        None => Box::pin(instance.connect())
-            .await
-            .map_err(|e| Failure::Instance(unavailable(format!("connect refused: {e}"))))?,
+    let mut conn = loop {
+        match instance.pooled() {
+            // A pooled connection the instance has closed (its reactor saw it readable while
+            // idle) is dropped before anything is written to it.
+            Some(conn) if is_stale(&conn.stream) => continue,
+            Some(conn) => break conn,
+            // Boxed: the rare path's state does not weigh on every call's future.
+            None => {
+                break Box::pin(instance.connect())
+                    .await
+                    .map_err(|e| Failure::Connect(unavailable(format!("connect refused: {e}"))))?
+            }
+        }
     };
+    // A failed write means the instance cannot have the whole frame: it never ran the call.
     conn.stream
         .write_all_buf(&mut out)
         .await
-        .map_err(|e| Failure::Instance(unavailable(format!("write failed: {e}"))))?;
+        .map_err(|e| Failure::Connect(unavailable(format!("write failed: {e}"))))?;
     if oneway {
         instance.recycle(conn);
         return Ok(None);

@@ -83,6 +83,13 @@ impl EchoService for EchoHandler {
         if req.message == "__crash__" {
             std::process::exit(3);
         }
+        // Fault hook for tests: only instance N dies mid-call (`__crash_on__ N`); elsewhere it
+        // is an ordinary (counted) echo.
+        if let Some(n) = req.message.strip_prefix("__crash_on__ ") {
+            if self.instance.as_deref() == Some(n) {
+                std::process::exit(3);
+            }
+        }
         // Introspection hook for tests: how many echo calls came before this one.
         let earlier = CALLS.fetch_add(1, Ordering::SeqCst);
         // Fault hooks for tests: a TApplicationException INTERNAL_ERROR (a failure), or the

@@ -247,6 +247,96 @@ async fn a_failing_instance_is_ejected_while_a_healthy_one_serves() {
     );
 }
 
+fn parent(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    rest.split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The pid of the echo-fn process serving instance `instance` of `sc` (found by its
+/// environment, under its shell under the sidecar; other tests run sidecars of their own).
+fn echo_fn_pid(sc: &Sidecar, instance: &str) -> u32 {
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let wanted = format!("FNMESH_INSTANCE={instance}");
+        if comm.trim() == "echo-fn"
+            && env.split(|b| *b == 0).any(|kv| kv == wanted.as_bytes())
+            && parent(parent(pid)) == sc.child.id()
+        {
+            return pid;
+        }
+    }
+    panic!("no echo-fn for instance {instance}");
+}
+
+/// Two instances, each an echo-fn under a shell that outlives it (so a killed echo-fn leaves
+/// its instance in balancing, refusing connections), with `policy`.
+fn two_instances(policy: &str, method: &str) -> Sidecar {
+    let table = echo_function("echo", "min = 2\nmax = 2", policy).replace(
+        &format!("command = [\"{}\"]", echo_fn()),
+        &format!(
+            "command = [\"/bin/sh\", \"-c\", \"{}; sleep 60\"]",
+            echo_fn()
+        ),
+    );
+    let sc = Sidecar::start(&format!("{table}{method}"));
+    assert!(sc.wait_for(Duration::from_secs(5), |s| s.stat("echo", "ready") == 2));
+    sc
+}
+
+/// A call whose instance refuses it (its process is gone) is retried on the other instance.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_that_never_reached_its_instance_is_retried_on_another() {
+    let sc = two_instances("retry = { attempts = 2, backoff = \"1ms\" }", "");
+    // Sequential calls go to the first of two idle instances: that one goes away.
+    let (_, first) = echo(sc.addr, "who", None, 5000).await.unwrap();
+    let ok = std::process::Command::new("kill")
+        .args(["-9", &echo_fn_pid(&sc, &first).to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (message, served_by) = echo(sc.addr, "retried", None, 5000)
+        .await
+        .expect("retried on the other instance");
+    assert_eq!(message, "retried");
+    assert_ne!(served_by, first);
+}
+
+/// A call the instance may have run (it crashed holding it) is never sent again unless its
+/// method is idempotent; then it is, to the other instance.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_idempotent_calls_are_retried_after_the_instance_got_them() {
+    let retry = "retry = { attempts = 3, backoff = \"1ms\", on = [\"connect\", \"unavailable\"] }";
+    let sc = two_instances(retry, "");
+    let (_, first) = echo(sc.addr, "who", None, 5000).await.unwrap();
+    let (kind, message) = echo(sc.addr, &format!("__crash_on__ {first}"), None, 5000)
+        .await
+        .unwrap_err();
+    assert_eq!(kind, ApplicationExceptionKind::INTERNAL_ERROR);
+    assert!(message.contains("unavailable"), "{message}");
+    let (count, other) = echo(sc.addr, "__count__", None, 5000).await.unwrap();
+    assert_ne!(other, first);
+    assert_eq!(count, "0", "the other instance never got the crashing call");
+
+    let sc = two_instances(retry, "[function.method.Echo]\nidempotent = true\n");
+    let (_, first) = echo(sc.addr, "who", None, 5000).await.unwrap();
+    let crash = format!("__crash_on__ {first}");
+    let (message, served_by) = echo(sc.addr, &crash, None, 5000)
+        .await
+        .expect("an idempotent call is retried");
+    assert_eq!(message, crash);
+    assert_ne!(served_by, first);
+}
+
 /// `rate_limit` admits a burst, then its rate, and answers `overloaded` past it without touching
 /// the instance.
 #[tokio::test(flavor = "multi_thread")]

@@ -157,6 +157,53 @@ fn circuit_breakers_parse_with_defaults_and_per_method() {
 }
 
 #[test]
+fn retries_parse_with_defaults_and_idempotence_per_method() {
+    let c = parse(
+        &GOOD
+            .replacen(
+                "timeout = \"1s\"\n",
+                "timeout = \"1s\"\nretry = { attempts = 3, on = [\"connect\", \"timeout\"] }\n",
+                1,
+            )
+            .replacen("timeout = \"5s\"", "idempotent = true", 1),
+    )
+    .unwrap();
+    let f = &c.functions[0];
+    let want = Retry {
+        attempts: 3,
+        backoff: Duration::from_millis(10),
+        on_connect: true,
+        on_unavailable: false,
+        on_timeout: true,
+    };
+    assert_eq!(f.policy_for("Echo").retry, Some(want));
+    assert_eq!(f.policy_for("Echo").idempotent, Some(true));
+    assert_eq!(f.policy_for("Ping").idempotent, None);
+    let c =
+        parse(&GOOD.replacen("timeout = \"1s\"\n", "timeout = \"1s\"\nretry = {}\n", 1)).unwrap();
+    assert_eq!(
+        c.functions[0].policy.retry,
+        Some(Retry {
+            attempts: 2,
+            on_timeout: false,
+            ..want
+        }),
+        "defaults: 2 attempts, 10ms, on connect"
+    );
+    // gRPC functions refuse retries for now.
+    let grpc = GOOD
+        .replacen("protocol = \"thrift\"", "protocol = \"grpc\"", 1)
+        .replacen("idl/thrift/echo.thrift", "idl/proto/echo.proto", 1)
+        .replacen("[function.method.Echo]", "[function.method.UnaryEcho]", 1)
+        .replacen("timeout = \"5s\"", "retry = { attempts = 2 }", 1);
+    let text = err(&grpc);
+    assert!(
+        text.contains("method.UnaryEcho.retry") && text.contains("not supported yet for gRPC"),
+        "{text}"
+    );
+}
+
+#[test]
 fn rate_limits_parse_per_function_and_per_method() {
     let c = parse(
         &GOOD
@@ -249,8 +296,22 @@ fn errors_name_the_key_and_the_line() {
         ),
         (
             "timeout = \"1s\"\n\n[function.method",
-            "timeout = \"1s\"\nretry = { attempts = 2 }\n\n[function.method",
-            &["fnmesh.toml:28", "policy.retry", "not supported yet"],
+            "timeout = \"1s\"\nretry = { attempts = 20 }\n\n[function.method",
+            &["fnmesh.toml:28", "policy.retry.attempts", "from 1 to 10"],
+        ),
+        (
+            "timeout = \"1s\"\n\n[function.method",
+            "timeout = \"1s\"\nretry = { on = [\"always\"] }\n\n[function.method",
+            &[
+                "fnmesh.toml:28",
+                "policy.retry.on",
+                "\"always\" is not one of",
+            ],
+        ),
+        (
+            "timeout = \"1s\"\n\n[function.method",
+            "timeout = \"1s\"\nidempotent = \"yes\"\n\n[function.method",
+            &["idempotent", "line 28"],
         ),
         (
             "/bin/true",

@@ -1,0 +1,116 @@
+//! Retries: how long to wait before the next attempt, and the budget that keeps retries from
+//! multiplying a failing function's load.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use crate::{config::RateLimit, limit::Bucket};
+
+/// The wait before attempt `attempt + 1` (the first retry follows attempt 1): `base` doubling
+/// per retry, times a jitter factor in [0.5, 1.5) drawn from `seed`.
+pub fn backoff(base: Duration, attempt: u32, seed: u64) -> Duration {
+    let doubled = base.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)));
+    // splitmix64: enough randomness for spreading retries, no dependency.
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    let jitter = 0.5 + (z >> 11) as f64 / (1u64 << 53) as f64;
+    doubled.mul_f64(jitter)
+}
+
+/// Retries may be at most 20% of a function's calls, plus a floor of 10 per second so that a
+/// function with little traffic can still retry: each call deposits a fifth of a retry (up to
+/// 10 saved), each retry takes one, and when none is saved the floor's own bucket may pay.
+#[derive(Debug)]
+pub struct Budget {
+    /// Saved retries, in thousandths.
+    saved: AtomicU64,
+    floor: Bucket,
+}
+
+const MILLI: u64 = 1000;
+const PER_CALL: u64 = MILLI / 5;
+const MAX_SAVED: u64 = 10 * MILLI;
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            saved: AtomicU64::new(0),
+            floor: Bucket::new(RateLimit {
+                rps: 10.0,
+                burst: 10,
+            }),
+        }
+    }
+}
+
+impl Budget {
+    /// A call was made (retries excluded).
+    pub fn deposit(&self) {
+        let _ = self
+            .saved
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                (s < MAX_SAVED).then(|| (s + PER_CALL).min(MAX_SAVED))
+            });
+    }
+
+    /// Takes one retry from the budget, if it allows one.
+    pub fn withdraw(&self) -> bool {
+        self.saved
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                s.checked_sub(MILLI)
+            })
+            .is_ok()
+            || self.floor.try_take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_its_jitter_bounds() {
+        let base = Duration::from_millis(10);
+        for attempt in 1..=5 {
+            let center = base * 2u32.pow(attempt - 1);
+            let waits: Vec<Duration> = (0..1000).map(|s| backoff(base, attempt, s)).collect();
+            assert!(waits
+                .iter()
+                .all(|w| *w >= center / 2 && *w < center * 3 / 2));
+            // Spread over the range, not stuck at one value.
+            let (lo, hi) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
+            assert!(
+                *lo < center * 6 / 10 && *hi > center * 14 / 10,
+                "{lo:?}..{hi:?}"
+            );
+        }
+        assert_eq!(backoff(Duration::ZERO, 3, 7), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_are_a_fifth_of_calls_plus_a_floor() {
+        let b = Budget::default();
+        // The floor: 10 at once with no calls made.
+        assert_eq!((0..100).filter(|_| b.withdraw()).count(), 10);
+        // Then, within the same instant, a fifth of the calls.
+        for _ in 0..100 {
+            b.deposit();
+        }
+        assert_eq!(
+            (0..100).filter(|_| b.withdraw()).count(),
+            10,
+            "capped at 10 saved"
+        );
+        for _ in 0..20 {
+            b.deposit();
+        }
+        assert_eq!((0..100).filter(|_| b.withdraw()).count(), 4);
+        // The floor refills at 10 per second.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!((0..100).filter(|_| b.withdraw()).count(), 10);
+    }
+}
