@@ -174,6 +174,14 @@ fn ejection(times: u32) -> Duration {
 
 type Grant = Result<Arc<Instance>, CallError>;
 
+/// The clock for ejection checks: read only while some instance is ejected.
+fn ejection_clock(ready: &[Slot]) -> Option<Instant> {
+    ready
+        .iter()
+        .any(|s| s.ejected_until.is_some())
+        .then(Instant::now)
+}
+
 #[derive(Default)]
 struct State {
     ready: Vec<Slot>,
@@ -355,24 +363,9 @@ impl Pool {
             return Err(self.draining_error());
         }
         let concurrency = self.function.scale.concurrency;
-        let now = st
-            .ready
-            .iter()
-            .any(|s| s.ejected_until.is_some())
-            .then(Instant::now);
-        let other = st
-            .ready
-            .iter_mut()
-            .filter(|s| s.instance.id != avoid && s.in_flight < concurrency && !s.ejected(now))
-            .min_by_key(|s| s.in_flight);
-        if let Some(slot) = other {
-            slot.in_flight += 1;
-            return Ok(Some(Lease::new(self.clone(), slot.instance.clone())));
-        }
-        Ok(
-            Self::take_slot(&mut st, concurrency)
-                .map(|instance| Lease::new(self.clone(), instance)),
-        )
+        Ok(Self::take_slot_avoiding(&mut st, concurrency, Some(avoid))
+            .or_else(|| Self::take_slot(&mut st, concurrency))
+            .map(|instance| Lease::new(self.clone(), instance)))
     }
 
     fn draining_error(&self) -> CallError {
@@ -439,16 +432,22 @@ impl Pool {
 
     /// The least-loaded ready instance with room, its in-flight count raised.
     fn take_slot(st: &mut State, concurrency: usize) -> Option<Arc<Instance>> {
-        // The clock is read only while some instance is ejected.
-        let now = st
-            .ready
-            .iter()
-            .any(|s| s.ejected_until.is_some())
-            .then(Instant::now);
+        Self::take_slot_avoiding(st, concurrency, None)
+    }
+
+    /// As [`Pool::take_slot`], never on instance `avoid`.
+    fn take_slot_avoiding(
+        st: &mut State,
+        concurrency: usize,
+        avoid: Option<u64>,
+    ) -> Option<Arc<Instance>> {
+        let now = ejection_clock(&st.ready);
         let slot = st
             .ready
             .iter_mut()
-            .filter(|s| s.in_flight < concurrency && !s.ejected(now))
+            .filter(|s| {
+                s.in_flight < concurrency && !s.ejected(now) && Some(s.instance.id) != avoid
+            })
             .min_by_key(|s| s.in_flight)?;
         slot.ejected_until = None;
         slot.in_flight += 1;
@@ -462,11 +461,7 @@ impl Pool {
         let demand: usize = st.ready.iter().map(|x| x.in_flight).sum::<usize>() + st.waiters.len();
         let wanted = demand.div_ceil(s.concurrency).min(s.max);
         // Ejected instances take no calls, but still count against `max`.
-        let now = st
-            .ready
-            .iter()
-            .any(|x| x.ejected_until.is_some())
-            .then(Instant::now);
+        let now = ejection_clock(&st.ready);
         let serving = st.ready.iter().filter(|x| !x.ejected(now)).count();
         let room = s.max.saturating_sub(st.ready.len() + st.starting);
         wanted.saturating_sub(serving + st.starting).min(room)

@@ -484,80 +484,143 @@ async fn exchange(
         (Outgoing::Timed(frame), None) => frame.into_buf(),
         (Outgoing::Ready(bytes), _) => bytes,
     };
+    let attempts = Attempts {
+        shared,
+        pool,
+        oneway,
+        deadline,
+        classify,
+    };
     let Some((policy, idempotent)) = retry.filter(|(r, _)| r.attempts > 1) else {
-        return attempt(
-            shared, pool, lease, request, oneway, deadline, classify, None,
-        )
-        .await
-        .map_err(|(e, _)| e);
+        return attempts.one(lease, request, None).await.map_err(|(e, _)| e);
     };
     // Boxed: the retrying path's state does not weigh on every call's future.
-    Box::pin(retrying(
-        shared, pool, lease, request, oneway, deadline, classify, policy, idempotent,
-    ))
-    .await
+    Box::pin(attempts.retrying(lease, request, policy, idempotent)).await
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn retrying(
-    shared: &Shared,
-    pool: &Arc<Pool>,
-    mut lease: Lease,
-    request: Reply,
+/// What every attempt of one call shares.
+struct Attempts<'a> {
+    shared: &'a Shared,
+    pool: &'a Arc<Pool>,
     oneway: bool,
     deadline: Option<Instant>,
     classify: bool,
-    policy: Retry,
-    idempotent: bool,
-) -> Result<Option<(Reply, bool)>, CallError> {
-    pool.retry_budget.deposit();
-    let name = &pool.function.name;
-    let mut tries = 1;
-    loop {
-        let left = policy.attempts - tries + 1;
-        // With `timeout` retries, each attempt gets an even share of what is left.
-        let share = match (deadline, policy.on_timeout && idempotent) {
-            (Some(d), true) => Some(d.saturating_duration_since(Instant::now()) / left),
-            _ => None,
-        };
-        let bytes = request
-            .first_ref()
-            .clone()
-            .chain(request.last_ref().clone());
-        let instance = lease.instance.id;
-        let failed = match attempt(
-            shared, pool, lease, bytes, oneway, deadline, classify, share,
-        )
-        .await
-        {
-            Err((e, class)) => (e, class),
-            Ok(reply) => return Ok(reply),
-        };
-        let (e, class) = failed;
-        let retryable = match class {
-            Class::Connect => policy.on_connect,
-            Class::Instance => policy.on_unavailable && idempotent,
-            Class::Timeout => policy.on_timeout && idempotent,
-            Class::Final => false,
-        };
-        if !retryable || tries >= policy.attempts {
-            return Err(e);
+}
+
+impl Attempts<'_> {
+    async fn retrying(
+        &self,
+        mut lease: Lease,
+        request: Reply,
+        policy: Retry,
+        idempotent: bool,
+    ) -> Result<Option<(Reply, bool)>, CallError> {
+        let pool = self.pool;
+        pool.retry_budget.deposit();
+        let mut tries = 1;
+        loop {
+            let left = policy.attempts - tries + 1;
+            // With `timeout` retries, each attempt gets an even share of what is left.
+            let share = match (self.deadline, policy.on_timeout && idempotent) {
+                (Some(d), true) => Some(d.saturating_duration_since(Instant::now()) / left),
+                _ => None,
+            };
+            let bytes = request
+                .first_ref()
+                .clone()
+                .chain(request.last_ref().clone());
+            let instance = lease.instance.id;
+            let (e, class) = match self.one(lease, bytes, share).await {
+                Err(failed) => failed,
+                Ok(reply) => return Ok(reply),
+            };
+            let retryable = match class {
+                Class::Connect => policy.on_connect,
+                Class::Instance => policy.on_unavailable && idempotent,
+                Class::Timeout => policy.on_timeout && idempotent,
+                Class::Final => false,
+            };
+            if !retryable || tries >= policy.attempts {
+                return Err(e);
+            }
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::from(d.subsec_nanos()));
+            let wait = crate::retry::backoff(policy.backoff, tries, seed ^ instance);
+            if self.deadline.is_some_and(|d| Instant::now() + wait >= d)
+                || !pool.retry_budget.withdraw()
+            {
+                return Err(e);
+            }
+            tracing::debug!(function = %pool.function.name, instance, error = %e, "retrying");
+            tokio::time::sleep(wait).await;
+            tries += 1;
+            lease = match pool.try_acquire_other(instance)? {
+                Some(lease) => lease,
+                None => Box::pin(pool.acquire()).await?,
+            };
         }
-        let wait = crate::retry::backoff(
-            policy.backoff,
-            tries,
-            instance ^ u64::from(tries) ^ Instant::now().elapsed().subsec_nanos() as u64,
+    }
+
+    /// One attempt on the leased instance; `share` bounds it when set (a `timeout` retry
+    /// policy).
+    async fn one(
+        &self,
+        mut lease: Lease,
+        request: Reply,
+        share: Option<Duration>,
+    ) -> Result<Option<(Reply, bool)>, (CallError, Class)> {
+        let name = &self.pool.function.name;
+        lease.set_deadline(self.deadline);
+        let exchange = forward(
+            &lease.instance,
+            name,
+            request,
+            self.oneway,
+            self.shared.limits,
+            self.classify,
         );
-        if deadline.is_some_and(|d| Instant::now() + wait >= d) || !pool.retry_budget.withdraw() {
-            return Err(e);
-        }
-        tracing::debug!(function = %name, instance, error = %e, "retrying");
-        tokio::time::sleep(wait).await;
-        tries += 1;
-        lease = match pool.try_acquire_other(instance)? {
-            Some(lease) => lease,
-            None => Box::pin(pool.acquire()).await?,
+        let result = match share {
+            None => exchange.await,
+            Some(share) => match tokio::time::timeout(share, exchange).await {
+                Ok(result) => result,
+                Err(_) => {
+                    lease.outcome(true);
+                    return Err((
+                        CallError::new(
+                            Kind::Timeout,
+                            format!(
+                                "function {name} instance {}: no reply within {share:?} (this attempt's share of the deadline)",
+                                lease.instance.id
+                            ),
+                        ),
+                        Class::Timeout,
+                    ));
+                }
+            },
         };
+        match result {
+            Err(Failure::Connect(e)) => {
+                lease.evict();
+                Err((e, Class::Connect))
+            }
+            Err(Failure::Instance(e)) => {
+                lease.evict();
+                Err((e, Class::Instance))
+            }
+            Err(Failure::Call(e)) => {
+                lease.outcome(breaker::is_failure(e.kind));
+                Err((e, Class::Final))
+            }
+            Ok(Some((reply, failed))) => {
+                lease.outcome(self.classify && failed);
+                Ok(Some((reply, failed)))
+            }
+            Ok(None) => {
+                lease.outcome(false);
+                Ok(None)
+            }
+        }
     }
 }
 
@@ -567,71 +630,6 @@ enum Class {
     Instance,
     Timeout,
     Final,
-}
-
-/// One attempt on the leased instance; `share` bounds it when set (a `timeout` retry policy).
-#[allow(clippy::too_many_arguments)]
-async fn attempt(
-    shared: &Shared,
-    pool: &Arc<Pool>,
-    mut lease: Lease,
-    request: Reply,
-    oneway: bool,
-    deadline: Option<Instant>,
-    classify: bool,
-    share: Option<Duration>,
-) -> Result<Option<(Reply, bool)>, (CallError, Class)> {
-    let name = &pool.function.name;
-    lease.set_deadline(deadline);
-    let exchange = forward(
-        &lease.instance,
-        name,
-        request,
-        oneway,
-        shared.limits,
-        classify,
-    );
-    let result = match share {
-        None => exchange.await,
-        Some(share) => match tokio::time::timeout(share, exchange).await {
-            Ok(result) => result,
-            Err(_) => {
-                lease.outcome(true);
-                return Err((
-                    CallError::new(
-                        Kind::Timeout,
-                        format!(
-                            "function {name} instance {}: no reply within {share:?} (this attempt's share of the deadline)",
-                            lease.instance.id
-                        ),
-                    ),
-                    Class::Timeout,
-                ));
-            }
-        },
-    };
-    match result {
-        Err(Failure::Connect(e)) => {
-            lease.evict();
-            Err((e, Class::Connect))
-        }
-        Err(Failure::Instance(e)) => {
-            lease.evict();
-            Err((e, Class::Instance))
-        }
-        Err(Failure::Call(e)) => {
-            lease.outcome(breaker::is_failure(e.kind));
-            Err((e, Class::Final))
-        }
-        Ok(Some((reply, failed))) => {
-            lease.outcome(classify && failed);
-            Ok(Some((reply, failed)))
-        }
-        Ok(None) => {
-            lease.outcome(false);
-            Ok(None)
-        }
-    }
 }
 
 /// The call's time budget: the policy's timeout, or the caller's RPCTimeout when shorter.

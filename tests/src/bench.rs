@@ -66,6 +66,31 @@ impl Path {
     }
 }
 
+/// The paths both proxy benchmarks measure: direct, fnmesh, fnmesh with busy polling off, and
+/// haproxy (`haproxy_name`) when it is installed.
+pub fn proxy_paths(
+    direct: SocketAddr,
+    fnmesh: &crate::sidecar::Sidecar,
+    sleepy: &crate::sidecar::Sidecar,
+    haproxy: Option<&(Killed, SocketAddr)>,
+    haproxy_name: &'static str,
+) -> Vec<Path> {
+    let mut paths = vec![
+        Path::new("direct", direct, None),
+        Path::new("fnmesh", fnmesh.addr, Some(fnmesh.child.id())),
+        Path::new(
+            "fnmesh, busy_poll = 0s",
+            sleepy.addr,
+            Some(sleepy.child.id()),
+        ),
+    ];
+    match haproxy {
+        Some((h, a)) => paths.push(Path::new(haproxy_name, *a, Some(h.0.id()))),
+        None => println!("haproxy not installed (apt-get install haproxy): its row is skipped"),
+    }
+    paths
+}
+
 /// Sequential calls on one client per path, in rounds taking turns, then the latency table
 /// (the first path is the direct one the others are compared with).
 pub async fn sequential<C: Caller>(paths: &mut [Path], what: &str) {

@@ -93,49 +93,45 @@ async fn a_volo_call_starts_an_instance_from_zero_and_idle_stops_it() {
     eprintln!("cold start through fnmesh: {cold:?}");
 }
 
+/// An echo function table whose command is `script` under /bin/sh instead of echo-fn itself.
+fn under_shell(table: &str, script: &str) -> String {
+    table.replace(
+        &format!("command = [\"{}\"]", echo_fn()),
+        &format!("command = [\"/bin/sh\", \"-c\", \"{script}\"]"),
+    )
+}
+
+/// The RPC timeout (ms) the instance saw on a call with the caller's `timeout_ms`.
+async fn seen_timeout(addr: SocketAddr, timeout_ms: u64) -> u64 {
+    let (ms, _) = echo(addr, "__timeout__", None, timeout_ms).await.unwrap();
+    ms.parse().unwrap()
+}
+
 /// The instance is told the remaining budget in TTHeader key 12: less than the caller's RPC
 /// timeout, or the policy's timeout when the caller set none (the key is then added).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_instance_sees_the_remaining_budget_in_the_rpc_timeout() {
     let sc = Sidecar::start(&echo_function("echo", "min = 1", ""));
-    let seen: u64 = echo(sc.addr, "__timeout__", None, 5000)
-        .await
-        .unwrap()
-        .0
-        .parse()
-        .unwrap();
+    let seen = seen_timeout(sc.addr, 5000).await;
     assert!(
         (4000..5000).contains(&seen),
         "instance saw {seen} ms of the caller's 5000"
     );
 
     let sc = Sidecar::start(&echo_function("echo", "min = 1", "timeout = \"800ms\""));
-    let seen: u64 = echo(sc.addr, "__timeout__", None, 5000)
-        .await
-        .unwrap()
-        .0
-        .parse()
-        .unwrap();
+    let seen = seen_timeout(sc.addr, 5000).await;
     assert!(
         (600..800).contains(&seen),
         "instance saw {seen} ms of the policy's 800"
     );
     // Time spent queued for a cold start (at least 300 ms here) is taken off too.
-    let slow_start = echo_function("echo", "min = 0", "").replace(
-        &format!("command = [\"{}\"]", echo_fn()),
-        &format!(
-            "command = [\"/bin/sh\", \"-c\", \"sleep 0.3; exec {}\"]",
-            echo_fn()
-        ),
+    let slow_start = under_shell(
+        &echo_function("echo", "min = 0", ""),
+        &format!("sleep 0.3; exec {}", echo_fn()),
     );
     let sc = Sidecar::start(&slow_start);
     let t = Instant::now();
-    let seen: u64 = echo(sc.addr, "__timeout__", None, 3000)
-        .await
-        .unwrap()
-        .0
-        .parse()
-        .unwrap();
+    let seen = seen_timeout(sc.addr, 3000).await;
     let cold = t.elapsed().as_millis() as u64;
     assert!(cold >= 300, "{cold}");
     assert!(
@@ -279,12 +275,9 @@ fn echo_fn_pid(sc: &Sidecar, instance: &str) -> u32 {
 /// Two instances, each an echo-fn under a shell that outlives it (so a killed echo-fn leaves
 /// its instance in balancing, refusing connections), with `policy`.
 fn two_instances(policy: &str, method: &str) -> Sidecar {
-    let table = echo_function("echo", "min = 2\nmax = 2", policy).replace(
-        &format!("command = [\"{}\"]", echo_fn()),
-        &format!(
-            "command = [\"/bin/sh\", \"-c\", \"{}; sleep 60\"]",
-            echo_fn()
-        ),
+    let table = under_shell(
+        &echo_function("echo", "min = 2\nmax = 2", policy),
+        &format!("{}; sleep 60", echo_fn()),
     );
     let sc = Sidecar::start(&format!("{table}{method}"));
     assert!(sc.wait_for(Duration::from_secs(5), |s| s.stat("echo", "ready") == 2));

@@ -82,6 +82,19 @@ fn the_documented_file_parses_into_typed_values() {
     assert_eq!(f.policy_for("Echo").rate_limit, None);
 }
 
+/// A line added to the function's `[function.policy]` (line 28) is refused with an error that
+/// holds every needle and the line.
+fn assert_policy_refused(line: &str, needles: &[&str]) {
+    let text = err(&GOOD.replacen(
+        "timeout = \"1s\"\n",
+        &format!("timeout = \"1s\"\n{line}\n"),
+        1,
+    ));
+    for n in needles.iter().chain(&["fnmesh.toml:28"]) {
+        assert!(text.contains(n), "{line}: {text:?} should contain {n:?}");
+    }
+}
+
 #[test]
 fn circuit_breakers_parse_with_defaults_and_per_method() {
     let c = parse(
@@ -145,14 +158,7 @@ fn circuit_breakers_parse_with_defaults_and_per_method() {
             &["circuit_breaker", "must be a table"],
         ),
     ] {
-        let text = err(&GOOD.replacen(
-            "timeout = \"1s\"\n",
-            &format!("timeout = \"1s\"\n{bad}\n"),
-            1,
-        ));
-        for n in needles.iter().chain(&["fnmesh.toml:28"]) {
-            assert!(text.contains(n), "{bad}: {text:?} should contain {n:?}");
-        }
+        assert_policy_refused(bad, needles);
     }
 }
 
@@ -261,14 +267,7 @@ fn rate_limits_parse_per_function_and_per_method() {
         ),
         ("rate_limit = 5", &["policy.rate_limit", "must be a table"]),
     ] {
-        let text = err(&GOOD.replacen(
-            "timeout = \"1s\"\n",
-            &format!("timeout = \"1s\"\n{bad}\n"),
-            1,
-        ));
-        for n in needles.iter().chain(&["fnmesh.toml:28"]) {
-            assert!(text.contains(n), "{bad}: {text:?} should contain {n:?}");
-        }
+        assert_policy_refused(bad, needles);
     }
 }
 

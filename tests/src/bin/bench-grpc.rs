@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 
 use fnmesh_tests::{
     bench::{
-        print_machine, sequential, start_function, start_haproxy, throughput, Caller, HaproxyMode,
-        Path,
+        print_machine, proxy_paths, sequential, start_function, start_haproxy, throughput, Caller,
+        HaproxyMode,
     },
     proto::proto_gen::echo::{EchoClient, EchoClientBuilder, EchoRequest},
     sidecar::{grpc_echo_fn, grpc_echo_function, Sidecar},
@@ -49,20 +49,7 @@ async fn main() {
     let sc = Sidecar::start(&warm);
     let sleepy = Sidecar::start_with("busy_poll = \"0s\"", &warm);
     let haproxy = start_haproxy(direct, HaproxyMode::H2);
-    let mut paths = vec![
-        Path::new("direct", direct, None),
-        Path::new("fnmesh", sc.addr, Some(sc.child.id())),
-        Path::new(
-            "fnmesh, busy_poll = 0s",
-            sleepy.addr,
-            Some(sleepy.child.id()),
-        ),
-    ];
-    if let Some((h, a)) = &haproxy {
-        paths.push(Path::new("haproxy (http, h2)", *a, Some(h.0.id())));
-    } else {
-        println!("haproxy not installed (apt-get install haproxy): its row is skipped");
-    }
+    let mut paths = proxy_paths(direct, &sc, &sleepy, haproxy.as_ref(), "haproxy (http, h2)");
     sequential::<Grpc>(&mut paths, "unary calls, one client").await;
     throughput::<Grpc>(&mut paths, "concurrent unary streams on one client", true).await;
 }

@@ -15,8 +15,8 @@ use std::{
 
 use fnmesh_tests::{
     bench::{
-        pct, print_machine, rss_kb, sequential, start_function, start_haproxy, throughput, us,
-        Caller, HaproxyMode, Killed, Path,
+        pct, print_machine, proxy_paths, rss_kb, sequential, start_function, start_haproxy,
+        throughput, us, Caller, HaproxyMode, Killed,
     },
     gen::volo_gen::echo::{EchoRequest, EchoServiceClient, EchoServiceClientBuilder},
     sidecar::{echo_fn, echo_function, free_port, Sidecar},
@@ -77,20 +77,7 @@ async fn main() {
     let sc = Sidecar::start(&warm);
     let sleepy = Sidecar::start_with("busy_poll = \"0s\"", &warm);
     let haproxy = start_haproxy(direct, HaproxyMode::Tcp);
-    let mut paths = vec![
-        Path::new("direct", direct, None),
-        Path::new("fnmesh", sc.addr, Some(sc.child.id())),
-        Path::new(
-            "fnmesh, busy_poll = 0s",
-            sleepy.addr,
-            Some(sleepy.child.id()),
-        ),
-    ];
-    if let Some((h, a)) = &haproxy {
-        paths.push(Path::new("haproxy (tcp)", *a, Some(h.0.id())));
-    } else {
-        println!("haproxy not installed (apt-get install haproxy): its row is skipped");
-    }
+    let mut paths = proxy_paths(direct, &sc, &sleepy, haproxy.as_ref(), "haproxy (tcp)");
     sequential::<Thrift>(&mut paths, "calls on one connection").await;
     throughput::<Thrift>(&mut paths, "concurrent callers", false).await;
     drop(sc);
