@@ -279,3 +279,25 @@ pub fn cpu_time(pid: u32) -> Duration {
     let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
     Duration::from_millis(ticks * 10)
 }
+
+/// Runs `tests/python/{script}` with `args` and gives its output lines; panics with its stderr
+/// when it fails. (`tests/run.sh` installs the PyPI packages the scripts import.)
+pub fn python(script: &str, args: &[&str]) -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script);
+    let out = Command::new("python3")
+        .arg(&path)
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}

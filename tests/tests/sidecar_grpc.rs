@@ -486,22 +486,11 @@ async fn a_failing_method_opens_its_breaker_while_a_healthy_one_keeps_working() 
 // ---- Python grpcio, an independent client --------------------------------------------------------
 
 fn grpcio(port: u16, args: &[&str]) -> Vec<String> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/grpc_echo_client.py");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .arg(port.to_string())
-        .args(args)
-        .output()
-        .expect("python3 runs (tests/run.sh installs PyPI grpcio)");
-    assert!(
-        out.status.success(),
-        "grpcio client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    let port = port.to_string();
+    let all: Vec<&str> = std::iter::once(port.as_str())
+        .chain(args.iter().copied())
+        .collect();
+    fnmesh_tests::sidecar::python("grpc_echo_client.py", &all)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -742,23 +742,12 @@ fn assert_closed_after_protocol_error(addr: SocketAddr, bytes: &[u8]) {
 // ---- Apache Thrift's Python client --------------------------------------------------------------
 
 fn python_client(port: u16, args: &[&str]) -> Vec<String> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/thrift_echo_client.py");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .arg(port.to_string())
-        .arg("py")
-        .args(args)
-        .output()
-        .expect("python3 runs (tests/run.sh installs PyPI thrift)");
-    assert!(
-        out.status.success(),
-        "python client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    let port = port.to_string();
+    let all: Vec<&str> = [port.as_str(), "py"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    fnmesh_tests::sidecar::python("thrift_echo_client.py", &all)
 }
 
 #[test]
