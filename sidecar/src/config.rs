@@ -776,20 +776,23 @@ fn function(
         }
         methods_policy.insert(m.clone(), policy(cx, p, &key(&format!("method.{m}")))?);
     }
-    // Retries of gRPC streams (whose bodies would have to be kept for a second attempt) are
-    // not there yet: refused, never silently ignored.
+    // gRPC retries only what never reached an instance: retrying after the instance got the
+    // stream would need its body kept for a second attempt. Refused, never silently ignored.
     if protocol == Protocol::Grpc {
-        let retried = r.policy.iter().map(|p| (key("policy"), p)).chain(
+        let policies = std::iter::once((key("policy"), &policy_cfg, r.policy.as_ref())).chain(
             r.method
                 .iter()
-                .map(|(m, p)| (key(&format!("method.{m}")), p)),
+                .map(|(m, p)| (key(&format!("method.{m}")), &methods_policy[m], Some(p))),
         );
-        for (k, p) in retried {
-            if let Some(v) = &p.get_ref().retry {
+        for (k, p, raw) in policies {
+            if p.retry.is_some_and(|r| r.on_unavailable || r.on_timeout) {
+                let at = raw
+                    .and_then(|raw| raw.get_ref().retry.as_ref())
+                    .map_or(0, |v| v.span().start);
                 return cx.invalid(
-                    v.span().start,
-                    format!("{k}.retry"),
-                    "not supported yet for gRPC functions (Thrift only in this release)",
+                    at,
+                    format!("{k}.retry.on"),
+                    "only \"connect\" is supported for gRPC functions in this release",
                 );
             }
         }

@@ -412,7 +412,7 @@ async fn proxy(shared: &Shared, req: Request<Incoming>) -> Result<Response<Proxy
     // Outcomes are read when the function has breakers (also for instance ejection).
     let mut verdict =
         (!pool.breakers.is_empty()).then(|| Verdict::new(pool.clone(), method, deadline));
-    let result = forward(shared, pool, req, budget, deadline, &mut verdict).await;
+    let result = forward(shared, pool, method, req, budget, deadline, &mut verdict).await;
     if let (Err(e), Some(v)) = (&result, verdict.as_mut()) {
         v.record(crate::breaker::is_failure(e.kind));
     }
@@ -422,9 +422,11 @@ async fn proxy(shared: &Shared, req: Request<Incoming>) -> Result<Response<Proxy
 /// An admitted stream on its way to an instance: a slot (queueing for a cold start), this
 /// worker's connection to the instance, the request with the remaining budget, the response.
 /// The breaker's `verdict` goes with the response body when there is one.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     shared: &Shared,
     pool: &Arc<Pool>,
+    method: &str,
     req: Request<Incoming>,
     budget: Option<Duration>,
     deadline: Option<Instant>,
@@ -443,36 +445,59 @@ async fn forward(
         )
     };
     let active = Active::new(&shared.active);
-    let lease = match pool.try_acquire()? {
-        Some(lease) => lease,
-        None => match deadline {
+    let acquire = || async {
+        match deadline {
             // Boxed, like the other slow paths: what they hold does not weigh on every stream's
             // future (hyper moves it into a task per stream).
             Some(d) => tokio::time::timeout_at(d, Box::pin(pool.acquire()))
                 .await
-                .map_err(|_| timed_out("while queued (the call was never forwarded)"))??,
-            None => Box::pin(pool.acquire()).await?,
-        },
-    };
-    let mut lease = lease;
-    lease.set_deadline(deadline);
-    let cached = lock(lease.instance.h2())
-        .as_ref()
-        .filter(|s| !s.is_closed())
-        .cloned();
-    let connected = match cached {
-        Some(s) => Ok(s),
-        None => Box::pin(upstream(&lease.instance)).await,
-    };
-    let mut sender = match connected {
-        Ok(s) => s,
-        Err(e) => {
-            lease.evict();
-            return Err(CallError::new(
-                Kind::Unavailable,
-                format!("function {} instance {}: {e}", f.name, lease.instance.id),
-            ));
+                .map_err(|_| timed_out("while queued (the call was never forwarded)"))?,
+            None => Box::pin(pool.acquire()).await,
         }
+    };
+    // Only what never reached an instance is retried for gRPC (its connection was refused or
+    // lost before the stream was opened): the request body has not been read yet.
+    let retry = f
+        .policy_for(method)
+        .retry
+        .filter(|r| r.attempts > 1 && r.on_connect);
+    if retry.is_some() {
+        pool.retry_budget.deposit();
+    }
+    let mut tries = 1;
+    let mut lease = match pool.try_acquire()? {
+        Some(lease) => lease,
+        None => acquire().await?,
+    };
+    let mut sender = loop {
+        lease.set_deadline(deadline);
+        let e = match connect(&lease.instance).await {
+            Ok(sender) => break sender,
+            Err(e) => e,
+        };
+        lease.evict();
+        let instance = lease.instance.id;
+        let e = CallError::new(
+            Kind::Unavailable,
+            format!("function {} instance {instance}: {e}", f.name),
+        );
+        let Some(r) = retry.filter(|r| tries < r.attempts) else {
+            return Err(e);
+        };
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::from(d.subsec_nanos()));
+        let wait = crate::retry::backoff(r.backoff, tries, seed ^ instance);
+        if deadline.is_some_and(|d| Instant::now() + wait >= d) || !pool.retry_budget.withdraw() {
+            return Err(e);
+        }
+        tracing::debug!(function = %f.name, instance, error = %e, "retrying on another instance");
+        tokio::time::sleep(wait).await;
+        tries += 1;
+        lease = match pool.try_acquire_other(instance)? {
+            Some(lease) => lease,
+            None => acquire().await?,
+        };
     };
     if let Some(d) = deadline {
         let left = d.saturating_duration_since(Instant::now());
@@ -567,6 +592,24 @@ impl Drop for Verdict {
             self.record(true);
         }
     }
+}
+
+/// This worker's HTTP/2 connection to `instance`, ready for a stream: the shared one, or a new
+/// one when there is none or it has closed.
+async fn connect(instance: &Instance) -> Result<Upstream, String> {
+    let cached = lock(instance.h2())
+        .as_ref()
+        .filter(|s| !s.is_closed())
+        .cloned();
+    let mut sender = match cached {
+        Some(s) => s,
+        None => Box::pin(upstream(instance)).await?,
+    };
+    if let Err(e) = sender.ready().await {
+        lock(instance.h2()).take();
+        return Err(format!("connection lost: {e}"));
+    }
+    Ok(sender)
 }
 
 /// A new HTTP/2 connection to `instance` for this worker (on the readiness probe's connection

@@ -301,3 +301,41 @@ pub fn python(script: &str, args: &[&str]) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+fn parent(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    rest.split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The pid of the `comm` process serving instance `instance` of `sc`, started under a shell
+/// (see [`under_shell`]): found by its environment and its ancestry (other tests run sidecars
+/// with the same instance numbers).
+pub fn instance_pid(sc: &Sidecar, comm: &str, instance: &str) -> u32 {
+    let wanted = format!("FNMESH_INSTANCE={instance}");
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if name.trim() == comm
+            && env.split(|b| *b == 0).any(|kv| kv == wanted.as_bytes())
+            && parent(parent(pid)) == sc.child.id()
+        {
+            return pid;
+        }
+    }
+    panic!("no {comm} for instance {instance}");
+}
+
+/// A function table whose command `[program]` becomes `script` under /bin/sh.
+pub fn under_shell(program: &str, table: &str, script: &str) -> String {
+    table.replace(
+        &format!("command = [\"{program}\"]"),
+        &format!("command = [\"/bin/sh\", \"-c\", \"{script}\"]"),
+    )
+}

@@ -5,7 +5,9 @@ use std::{net::SocketAddr, time::Duration};
 
 use fnmesh_tests::{
     proto::proto_gen::echo::{EchoClientBuilder, EchoRequest},
-    sidecar::{echo_function, grpc_echo_function, Sidecar},
+    sidecar::{
+        echo_function, grpc_echo_fn, grpc_echo_function, instance_pid, under_shell, Sidecar,
+    },
 };
 use futures_util::StreamExt;
 use tokio::time::Instant;
@@ -480,6 +482,46 @@ async fn a_failing_method_opens_its_breaker_while_a_healthy_one_keeps_working() 
             unary(sc.addr, &format!("closed {i}")).await.unwrap().0,
             format!("closed {i}")
         );
+    }
+}
+
+/// A stream whose instance's process is gone (the connection is refused or lost before the
+/// stream opens) is retried on the other instance; without `retry` it is UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_that_never_reached_its_instance_is_retried_on_another() {
+    for retry in [true, false] {
+        let policy = if retry {
+            "retry = { attempts = 2, backoff = \"1ms\" }"
+        } else {
+            ""
+        };
+        let table = under_shell(
+            &grpc_echo_fn(),
+            &grpc_echo_function("echo", "min = 2\nmax = 2", policy),
+            &format!("{}; sleep 60", grpc_echo_fn()),
+        );
+        let sc = Sidecar::start(&table);
+        assert!(sc.wait_for(Duration::from_secs(5), |s| s.stat("echo", "ready") == 2));
+        // Sequential calls go to the first of two idle instances: that one goes away.
+        let (_, first) = unary(sc.addr, "who").await.unwrap();
+        let killed = std::process::Command::new("kill")
+            .args(["-9", &instance_pid(&sc, "grpc-echo-fn", &first).to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(killed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match unary(sc.addr, "retried").await {
+            Ok((message, served_by)) => {
+                assert!(retry, "succeeded without a retry policy");
+                assert_eq!(message, "retried");
+                assert_ne!(served_by, first);
+            }
+            Err(e) => {
+                assert!(!retry, "{e:?}");
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+            }
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use bytes::{BufMut, BytesMut};
 use fnmesh_codec::{FrameDecoder, Limits, MessageType, Protocol, TTHeaderBuilder};
 use fnmesh_tests::{
     gen::volo_gen::echo::{EchoRequest, EchoServiceClientBuilder},
-    sidecar::{alive, echo_fn, echo_function, Sidecar},
+    sidecar::{alive, echo_fn, echo_function, instance_pid, under_shell, Sidecar},
 };
 use pilota::thrift::ApplicationExceptionKind;
 use volo_thrift::ClientError;
@@ -93,14 +93,6 @@ async fn a_volo_call_starts_an_instance_from_zero_and_idle_stops_it() {
     eprintln!("cold start through fnmesh: {cold:?}");
 }
 
-/// An echo function table whose command is `script` under /bin/sh instead of echo-fn itself.
-fn under_shell(table: &str, script: &str) -> String {
-    table.replace(
-        &format!("command = [\"{}\"]", echo_fn()),
-        &format!("command = [\"/bin/sh\", \"-c\", \"{script}\"]"),
-    )
-}
-
 /// The RPC timeout (ms) the instance saw on a call with the caller's `timeout_ms`.
 async fn seen_timeout(addr: SocketAddr, timeout_ms: u64) -> u64 {
     let (ms, _) = echo(addr, "__timeout__", None, timeout_ms).await.unwrap();
@@ -126,6 +118,7 @@ async fn the_instance_sees_the_remaining_budget_in_the_rpc_timeout() {
     );
     // Time spent queued for a cold start (at least 300 ms here) is taken off too.
     let slow_start = under_shell(
+        &echo_fn(),
         &echo_function("echo", "min = 0", ""),
         &format!("sleep 0.3; exec {}", echo_fn()),
     );
@@ -243,39 +236,11 @@ async fn a_failing_instance_is_ejected_while_a_healthy_one_serves() {
     );
 }
 
-fn parent(pid: u32) -> u32 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    rest.split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0)
-}
-
-/// The pid of the echo-fn process serving instance `instance` of `sc` (found by its
-/// environment, under its shell under the sidecar; other tests run sidecars of their own).
-fn echo_fn_pid(sc: &Sidecar, instance: &str) -> u32 {
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        let wanted = format!("FNMESH_INSTANCE={instance}");
-        if comm.trim() == "echo-fn"
-            && env.split(|b| *b == 0).any(|kv| kv == wanted.as_bytes())
-            && parent(parent(pid)) == sc.child.id()
-        {
-            return pid;
-        }
-    }
-    panic!("no echo-fn for instance {instance}");
-}
-
 /// Two instances, each an echo-fn under a shell that outlives it (so a killed echo-fn leaves
 /// its instance in balancing, refusing connections), with `policy`.
 fn two_instances(policy: &str, method: &str) -> Sidecar {
     let table = under_shell(
+        &echo_fn(),
         &echo_function("echo", "min = 2\nmax = 2", policy),
         &format!("{}; sleep 60", echo_fn()),
     );
@@ -291,7 +256,7 @@ async fn a_call_that_never_reached_its_instance_is_retried_on_another() {
     // Sequential calls go to the first of two idle instances: that one goes away.
     let (_, first) = echo(sc.addr, "who", None, 5000).await.unwrap();
     let ok = std::process::Command::new("kill")
-        .args(["-9", &echo_fn_pid(&sc, &first).to_string()])
+        .args(["-9", &instance_pid(&sc, "echo-fn", &first).to_string()])
         .status()
         .unwrap()
         .success();
