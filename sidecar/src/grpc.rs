@@ -481,16 +481,12 @@ async fn forward(
             Kind::Unavailable,
             format!("function {} instance {instance}: {e}", f.name),
         );
-        let Some(r) = retry.filter(|r| tries < r.attempts) else {
+        let wait = retry.and_then(|r| {
+            crate::retry::next_wait(&r, tries, instance, deadline, &pool.retry_budget)
+        });
+        let Some(wait) = wait else {
             return Err(e);
         };
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::from(d.subsec_nanos()));
-        let wait = crate::retry::backoff(r.backoff, tries, seed ^ instance);
-        if deadline.is_some_and(|d| Instant::now() + wait >= d) || !pool.retry_budget.withdraw() {
-            return Err(e);
-        }
         tracing::debug!(function = %f.name, instance, error = %e, "retrying on another instance");
         tokio::time::sleep(wait).await;
         tries += 1;

@@ -6,7 +6,35 @@ use std::{
     time::Duration,
 };
 
-use crate::{config::RateLimit, limit::Bucket};
+use tokio::time::Instant;
+
+use crate::{
+    config::{RateLimit, Retry},
+    limit::Bucket,
+};
+
+/// The wait before retrying a call whose attempt `tries` on `instance` failed, or `None` when it
+/// may not be retried: the attempts are spent, the wait would reach the deadline, or the
+/// function's budget has no retry left.
+pub fn next_wait(
+    policy: &Retry,
+    tries: u32,
+    instance: u64,
+    deadline: Option<Instant>,
+    budget: &Budget,
+) -> Option<Duration> {
+    if tries >= policy.attempts {
+        return None;
+    }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()));
+    let wait = backoff(policy.backoff, tries, seed ^ instance);
+    if deadline.is_some_and(|d| Instant::now() + wait >= d) || !budget.withdraw() {
+        return None;
+    }
+    Some(wait)
+}
 
 /// The wait before attempt `attempt + 1` (the first retry follows attempt 1): `base` doubling
 /// per retry, times a jitter factor in [0.5, 1.5) drawn from `seed`.

@@ -540,18 +540,20 @@ impl Attempts<'_> {
                 Class::Timeout => policy.on_timeout && idempotent,
                 Class::Final => false,
             };
-            if !retryable || tries >= policy.attempts {
+            let wait = retryable
+                .then(|| {
+                    crate::retry::next_wait(
+                        &policy,
+                        tries,
+                        instance,
+                        self.deadline,
+                        &pool.retry_budget,
+                    )
+                })
+                .flatten();
+            let Some(wait) = wait else {
                 return Err(e);
-            }
-            let seed = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| u64::from(d.subsec_nanos()));
-            let wait = crate::retry::backoff(policy.backoff, tries, seed ^ instance);
-            if self.deadline.is_some_and(|d| Instant::now() + wait >= d)
-                || !pool.retry_budget.withdraw()
-            {
-                return Err(e);
-            }
+            };
             tracing::debug!(function = %pool.function.name, instance, error = %e, "retrying");
             tokio::time::sleep(wait).await;
             tries += 1;

@@ -332,6 +332,16 @@ pub fn instance_pid(sc: &Sidecar, comm: &str, instance: &str) -> u32 {
     panic!("no {comm} for instance {instance}");
 }
 
+/// Kills (SIGKILL) the `comm` process serving instance `instance` of `sc`, leaving its shell.
+pub fn kill_instance(sc: &Sidecar, comm: &str, instance: &str) {
+    let ok = Command::new("kill")
+        .args(["-9", &instance_pid(sc, comm, instance).to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -9 {comm} of instance {instance}");
+}
+
 /// A function table whose command `[program]` becomes `script` under /bin/sh.
 pub fn under_shell(program: &str, table: &str, script: &str) -> String {
     table.replace(

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 use fnmesh_tests::{
     proto::proto_gen::echo::{EchoClientBuilder, EchoRequest},
     sidecar::{
-        echo_function, grpc_echo_fn, grpc_echo_function, instance_pid, under_shell, Sidecar,
+        echo_function, grpc_echo_fn, grpc_echo_function, kill_instance, under_shell, Sidecar,
     },
 };
 use futures_util::StreamExt;
@@ -504,12 +504,7 @@ async fn a_stream_that_never_reached_its_instance_is_retried_on_another() {
         assert!(sc.wait_for(Duration::from_secs(5), |s| s.stat("echo", "ready") == 2));
         // Sequential calls go to the first of two idle instances: that one goes away.
         let (_, first) = unary(sc.addr, "who").await.unwrap();
-        let killed = std::process::Command::new("kill")
-            .args(["-9", &instance_pid(&sc, "grpc-echo-fn", &first).to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(killed);
+        kill_instance(&sc, "grpc-echo-fn", &first);
         tokio::time::sleep(Duration::from_millis(100)).await;
         match unary(sc.addr, "retried").await {
             Ok((message, served_by)) => {

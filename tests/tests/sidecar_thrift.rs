@@ -11,7 +11,7 @@ use bytes::{BufMut, BytesMut};
 use fnmesh_codec::{FrameDecoder, Limits, MessageType, Protocol, TTHeaderBuilder};
 use fnmesh_tests::{
     gen::volo_gen::echo::{EchoRequest, EchoServiceClientBuilder},
-    sidecar::{alive, echo_fn, echo_function, instance_pid, under_shell, Sidecar},
+    sidecar::{alive, echo_fn, echo_function, kill_instance, under_shell, Sidecar},
 };
 use pilota::thrift::ApplicationExceptionKind;
 use volo_thrift::ClientError;
@@ -255,12 +255,7 @@ async fn a_call_that_never_reached_its_instance_is_retried_on_another() {
     let sc = two_instances("retry = { attempts = 2, backoff = \"1ms\" }", "");
     // Sequential calls go to the first of two idle instances: that one goes away.
     let (_, first) = echo(sc.addr, "who", None, 5000).await.unwrap();
-    let ok = std::process::Command::new("kill")
-        .args(["-9", &instance_pid(&sc, "echo-fn", &first).to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    kill_instance(&sc, "echo-fn", &first);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (message, served_by) = echo(sc.addr, "retried", None, 5000)
         .await
