@@ -520,6 +520,39 @@ async fn a_stream_that_never_reached_its_instance_is_retried_on_another() {
     }
 }
 
+/// Garbage after the HTTP/2 preface, or a preface cut short, closes only that connection: the
+/// sidecar keeps serving everyone else.
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_http2_closes_only_its_own_connection() {
+    use std::io::{Read, Write};
+    let sc = Sidecar::start(&grpc_echo_function("echo", "min = 1", ""));
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut garbage = preface.to_vec();
+    garbage.extend((0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
+    let mut cut = preface.to_vec();
+    cut.extend_from_slice(&[0, 0, 18, 4]); // a SETTINGS frame header, then nothing
+                                           // Garbage: the sidecar closes on its own. A cut preface: it closes once the caller has.
+    for (bytes, half_close) in [(garbage, false), (cut, true)] {
+        let mut s = std::net::TcpStream::connect(sc.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let call = tokio::spawn(unary(sc.addr, "meanwhile"));
+        s.write_all(&bytes).unwrap();
+        if half_close {
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)
+            .expect("the sidecar closes the connection (within the read timeout)");
+        assert!(
+            rest.len() < 4096,
+            "the sidecar answered {} bytes",
+            rest.len()
+        );
+        assert_eq!(call.await.unwrap().unwrap().0, "meanwhile");
+    }
+    assert_eq!(unary(sc.addr, "after").await.unwrap().0, "after");
+}
+
 // ---- Python grpcio, an independent client --------------------------------------------------------
 
 fn grpcio(port: u16, args: &[&str]) -> Vec<String> {
