@@ -513,16 +513,38 @@ fn policy(cx: &Ctx<'_>, p: &Spanned<RawPolicy>, key: &str) -> Result<PolicyConfi
     })
 }
 
-/// `{ attempts = 2, backoff = "10ms", on = ["connect"] }`; attempts 1-10, each key optional.
-fn retry(cx: &Ctx<'_>, v: &Spanned<toml::Value>, key: &str) -> Result<Retry, ConfigError> {
+/// A policy key's inline table (`{ ... }`, shaped like `example`) holding only `keys`, and where
+/// it starts (for the line in errors).
+fn policy_table<'v>(
+    cx: &Ctx<'_>,
+    v: &'v Spanned<toml::Value>,
+    key: &str,
+    keys: &[&str],
+    example: &str,
+) -> Result<(&'v toml::Table, usize), ConfigError> {
     let at = v.span().start;
     let Some(t) = v.get_ref().as_table() else {
+        return cx.invalid(at, key, format!("must be a table: {example}"));
+    };
+    if let Some(other) = t.keys().find(|k| !keys.contains(&k.as_str())) {
         return cx.invalid(
             at,
             key,
-            "must be a table: { attempts = 2, backoff = \"10ms\", on = [\"connect\"] }",
+            format!("unknown key {other:?} ({})", keys.join(", ")),
         );
-    };
+    }
+    Ok((t, at))
+}
+
+/// `{ attempts = 2, backoff = "10ms", on = ["connect"] }`; attempts 1-10, each key optional.
+fn retry(cx: &Ctx<'_>, v: &Spanned<toml::Value>, key: &str) -> Result<Retry, ConfigError> {
+    let (t, at) = policy_table(
+        cx,
+        v,
+        key,
+        &["attempts", "backoff", "on"],
+        "{ attempts = 2, backoff = \"10ms\", on = [\"connect\"] }",
+    )?;
     let mut r = Retry {
         attempts: 2,
         backoff: Duration::from_millis(10),
@@ -575,13 +597,8 @@ fn retry(cx: &Ctx<'_>, v: &Spanned<toml::Value>, key: &str) -> Result<Retry, Con
                     }
                 }
             }
-            other => {
-                return cx.invalid(
-                    at,
-                    key,
-                    format!("unknown key {other:?} (attempts, backoff, on)"),
-                )
-            }
+            // `policy_table` let no other key through.
+            _ => {}
         }
     }
     Ok(r)
@@ -593,14 +610,13 @@ fn circuit_breaker(
     v: &Spanned<toml::Value>,
     key: &str,
 ) -> Result<CircuitBreaker, ConfigError> {
-    let at = v.span().start;
-    let Some(t) = v.get_ref().as_table() else {
-        return cx.invalid(
-            at,
-            key,
-            "must be a table: { window = \"10s\", min_requests = 20, failure_ratio = 0.5, open = \"5s\" }",
-        );
-    };
+    let (t, at) = policy_table(
+        cx,
+        v,
+        key,
+        &["window", "min_requests", "failure_ratio", "open"],
+        "{ window = \"10s\", min_requests = 20, failure_ratio = 0.5, open = \"5s\" }",
+    )?;
     let mut b = CircuitBreaker::default();
     for (k, value) in t {
         let sub = format!("{key}.{k}");
@@ -621,13 +637,8 @@ fn circuit_breaker(
                 Some(r) if r > 0.0 && r <= 1.0 => b.failure_ratio = r,
                 _ => return cx.invalid(at, &sub, "must be a number in (0, 1]"),
             },
-            other => {
-                return cx.invalid(
-                    at,
-                    key,
-                    format!("unknown key {other:?} (window, min_requests, failure_ratio, open)"),
-                )
-            }
+            // `policy_table` let no other key through.
+            _ => {}
         }
     }
     Ok(b)
@@ -635,13 +646,7 @@ fn circuit_breaker(
 
 /// `{ rps = N, burst = M }`: rps a positive number, burst a positive integer.
 fn rate_limit(cx: &Ctx<'_>, v: &Spanned<toml::Value>, key: &str) -> Result<RateLimit, ConfigError> {
-    let at = v.span().start;
-    let Some(t) = v.get_ref().as_table() else {
-        return cx.invalid(at, key, "must be a table: { rps = 100, burst = 10 }");
-    };
-    if let Some(other) = t.keys().find(|k| !matches!(k.as_str(), "rps" | "burst")) {
-        return cx.invalid(at, key, format!("unknown key {other:?} (rps, burst)"));
-    }
+    let (t, at) = policy_table(cx, v, key, &["rps", "burst"], "{ rps = 100, burst = 10 }")?;
     let rps = match t.get("rps") {
         Some(toml::Value::Integer(n)) => *n as f64,
         Some(toml::Value::Float(x)) => *x,
