@@ -66,6 +66,30 @@ fn spawn_to_accept() -> Duration {
     d
 }
 
+/// Spawn-to-first-reply time of the function binary alone, called directly: the same probing,
+/// then one call from a fresh Volo client. This includes what the function still does after it
+/// starts listening and its slow first call, which fnmesh's first reply also waits for.
+async fn spawn_to_first_reply() -> Duration {
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let t = Instant::now();
+    let c = Command::new(echo_fn())
+        .env("PORT", port.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    while std::net::TcpStream::connect(addr).is_err() {
+        std::thread::sleep(Duration::from_micros(20));
+    }
+    client!(addr)
+        .echo(request())
+        .await
+        .expect("first direct call");
+    let d = t.elapsed();
+    drop(Killed(c));
+    d
+}
+
 #[tokio::main]
 async fn main() {
     let echo_fn_table = |scale: &str| echo_function("echo", scale, "");
@@ -90,18 +114,21 @@ async fn main() {
     let client = client!(sc.addr);
     let mut cold = Vec::new();
     let mut spawn = Vec::new();
+    let mut first = Vec::new();
     for _ in 0..20 {
         assert!(sc.wait_for(Duration::from_secs(5), |s| s.stat("echo", "processes") == 0));
         let t = Instant::now();
         client.echo(request()).await.expect("cold call");
         cold.push(t.elapsed());
         spawn.push(spawn_to_accept());
+        first.push(spawn_to_first_reply().await);
     }
     drop(client);
     drop(sc);
     cold.sort();
     spawn.sort();
-    let (c50, s50) = (pct(&cold, 0.5), pct(&spawn, 0.5));
+    first.sort();
+    let (c50, s50, f50) = (pct(&cold, 0.5), pct(&spawn, 0.5), pct(&first, 0.5));
     println!("\ncold start, 20 trials");
     println!("| measure | p50 | min | max |");
     println!("|---|---|---|---|");
@@ -120,6 +147,16 @@ async fn main() {
     println!(
         "| fnmesh's share (difference of p50s) | {:.2} ms | | |",
         (us(c50) - us(s50)) / 1e3
+    );
+    println!(
+        "| echo-fn spawn-to-first-reply alone, direct client | {:.2} ms | {:.2} ms | {:.2} ms |",
+        us(f50) / 1e3,
+        us(first[0]) / 1e3,
+        us(first[19]) / 1e3
+    );
+    println!(
+        "| fnmesh's share against the function's own first reply (difference of p50s) | {:.2} ms | | |",
+        (us(c50) - us(f50)) / 1e3
     );
 
     // Memory: 100 functions configured, none started.
