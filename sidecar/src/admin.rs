@@ -1,5 +1,6 @@
-//! The admin listener: `/healthz`, `/readyz` and `/admin/functions` (JSON), over plain HTTP/1.1.
-//! It answers one small GET per connection; nothing here is on the RPC path.
+//! The admin listener: `/healthz`, `/readyz` and `/admin/functions` (JSON), and
+//! `POST /admin/reload` (what `fnmesh reload` sends), over plain HTTP/1.1. It answers one small
+//! request per connection; nothing here is on the RPC path.
 
 use std::sync::{
     atomic::{AtomicBool, Ordering},
@@ -12,10 +13,10 @@ use tokio::{
     time::{timeout, Duration},
 };
 
-use crate::pool::Pool;
+use crate::mesh::Mesh;
 
 pub struct Admin {
-    pub pools: Vec<Arc<Pool>>,
+    pub mesh: Arc<Mesh>,
     pub draining: AtomicBool,
 }
 
@@ -39,14 +40,23 @@ async fn answer(mut sock: TcpStream, admin: &Admin) -> std::io::Result<()> {
         req.extend_from_slice(&chunk[..n]);
     }
     let line = String::from_utf8_lossy(&req);
-    let path = line.split_whitespace().nth(1).unwrap_or("/");
+    let mut words = line.split_whitespace();
+    let verb = words.next().unwrap_or("GET");
+    let path = words.next().unwrap_or("/");
     let draining = admin.draining.load(Ordering::SeqCst);
-    let (status, body) = match path {
-        "/healthz" => ("200 OK", "ok\n".to_owned()),
-        "/readyz" if draining => ("503 Service Unavailable", "draining\n".to_owned()),
-        "/readyz" => ("200 OK", "ready\n".to_owned()),
-        "/admin/functions" => ("200 OK", functions_json(admin)),
-        _ => ("404 Not Found", "not found\n".to_owned()),
+    let (status, body) = match (verb, path) {
+        ("POST", "/admin/reload") => match crate::run::reload(&admin.mesh, "POST /admin/reload") {
+            Ok(changes) => ("200 OK", format!("reloaded: {changes}\n")),
+            Err(e) => (
+                "422 Unprocessable Entity",
+                format!("reload refused, the old policy stays: {e}\n"),
+            ),
+        },
+        (_, "/admin/reload") => (
+            "405 Method Not Allowed",
+            "POST to reload the policy file\n".to_owned(),
+        ),
+        (_, path) => get(path, draining, admin),
     };
     let head =
         format!(
@@ -59,15 +69,27 @@ async fn answer(mut sock: TcpStream, admin: &Admin) -> std::io::Result<()> {
     sock.shutdown().await
 }
 
+fn get(path: &str, draining: bool, admin: &Admin) -> (&'static str, String) {
+    match path {
+        "/healthz" => ("200 OK", "ok\n".to_owned()),
+        "/readyz" if draining => ("503 Service Unavailable", "draining\n".to_owned()),
+        "/readyz" => ("200 OK", "ready\n".to_owned()),
+        "/admin/functions" => ("200 OK", functions_json(admin)),
+        _ => ("404 Not Found", "not found\n".to_owned()),
+    }
+}
+
 fn functions_json(admin: &Admin) -> String {
     // Function names are restricted to [A-Za-z0-9._-] by the config, so they need no escaping.
     let items: Vec<String> = admin
-        .pools
+        .mesh
+        .pools()
         .iter()
         .map(|p| {
             let s = p.snapshot();
             // Method names are IDL identifiers: no escaping needed either.
-            let breakers: Vec<String> = p
+            let policy = p.policy();
+            let breakers: Vec<String> = policy
                 .breakers
                 .states()
                 .iter()
@@ -82,7 +104,7 @@ fn functions_json(admin: &Admin) -> String {
                 .collect();
             format!(
                 "{{\"name\":\"{}\",\"ready\":{},\"starting\":{},\"queued\":{},\"in_flight\":{},\"processes\":{},\"breakers\":{{{}}}}}",
-                p.function.name,
+                p.name,
                 s.ready,
                 s.starting,
                 s.queued,

@@ -10,7 +10,7 @@ use std::{
     collections::{HashMap, VecDeque},
     sync::{
         atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering},
-        Mutex,
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -182,8 +182,8 @@ impl Breaker {
 /// until called).
 #[derive(Debug, Default)]
 pub struct Breakers {
-    methods: HashMap<String, Breaker>,
-    function: Option<Breaker>,
+    methods: HashMap<String, Arc<Breaker>>,
+    function: Option<Arc<Breaker>>,
 }
 
 impl Breakers {
@@ -193,11 +193,14 @@ impl Breakers {
             Some(methods) => {
                 for m in methods {
                     if let Some(cfg) = f.policy_for(&m.name).circuit_breaker {
-                        b.methods.insert(m.name.clone(), Breaker::new(cfg));
+                        b.methods
+                            .insert(m.name.clone(), Arc::new(Breaker::new(cfg)));
                     }
                 }
             }
-            None => b.function = f.policy.circuit_breaker.map(Breaker::new),
+            None => {
+                b.function = f.policy.circuit_breaker.map(|c| Arc::new(Breaker::new(c)));
+            }
         }
         b
     }
@@ -207,7 +210,7 @@ impl Breakers {
     }
 
     /// The breaker a call of `method` goes through, if any.
-    pub fn get(&self, method: &str) -> Option<&Breaker> {
+    pub fn get(&self, method: &str) -> Option<&Arc<Breaker>> {
         if self.methods.is_empty() {
             return self.function.as_ref();
         }
@@ -216,12 +219,12 @@ impl Breakers {
 
     /// Admits a call of `method`, or answers `circuit-open`; gives the breaker to record its
     /// outcome in.
-    pub fn admit(&self, function: &str, method: &str) -> Result<Option<&Breaker>, CallError> {
+    pub fn admit(&self, function: &str, method: &str) -> Result<Option<Arc<Breaker>>, CallError> {
         let Some(b) = self.get(method) else {
             return Ok(None);
         };
         if b.admit() {
-            return Ok(Some(b));
+            return Ok(Some(b.clone()));
         }
         Err(CallError::new(
             Kind::CircuitOpen,
@@ -236,7 +239,7 @@ impl Breakers {
         self.methods
             .values()
             .chain(&self.function)
-            .map(Breaker::tick_every)
+            .map(|b| b.tick_every())
             .min()
     }
 

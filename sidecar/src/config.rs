@@ -39,7 +39,7 @@ pub enum Protocol {
     Grpc,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FunctionConfig {
     pub name: String,
     pub protocol: Protocol,

@@ -30,15 +30,16 @@ use tokio::{
 };
 
 use crate::{
+    config::FunctionConfig,
     error::{CallError, Kind},
     lock,
-    pool::{Instance, Lease, Pool},
+    pool::{Instance, Lease, Policy, Pool, Route},
 };
 
 /// What every gRPC connection shares.
 pub struct Shared {
-    /// The gRPC functions.
-    pub functions: Vec<Arc<Pool>>,
+    /// The gRPC functions; a reload swaps the table.
+    pub functions: arc_swap::ArcSwap<Vec<Route>>,
     /// Streams between routing and the end of their response, for draining.
     pub active: Arc<AtomicUsize>,
     /// Set when the sidecar drains: connections get GOAWAY, health turns NOT_SERVING.
@@ -50,9 +51,9 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(functions: Vec<Arc<Pool>>) -> Shared {
+    pub fn new(functions: Vec<Route>) -> Shared {
         Shared {
-            functions,
+            functions: arc_swap::ArcSwap::from_pointee(functions),
             active: Arc::new(AtomicUsize::new(0)),
             draining: watch::Sender::new(false),
             connections: Arc::new(AtomicUsize::new(0)),
@@ -60,10 +61,12 @@ impl Shared {
     }
 
     /// The function serving `service` (its IDL service, or its name without an IDL).
-    fn function(&self, service: &str) -> Option<&Arc<Pool>> {
+    fn function(&self, service: &str) -> Option<Arc<Pool>> {
         self.functions
+            .load()
             .iter()
-            .find(|p| p.function.service.as_deref().unwrap_or(&p.function.name) == service)
+            .find(|r| r.service.as_deref().unwrap_or(&r.pool.name) == service)
+            .map(|r| r.pool.clone())
     }
 }
 
@@ -390,14 +393,16 @@ async fn proxy(shared: &Shared, req: Request<Incoming>) -> Result<Response<Proxy
             format!("no function for service {service}"),
         ));
     };
-    let f = &pool.function;
+    // The function's policy as this stream found it; a reload applies to later streams.
+    let policy: Arc<Policy> = Arc::clone(&pool.policy());
+    let f = &policy.function;
     if !f.has_method(method) {
         return Err(CallError::new(
             Kind::NoRoute,
             format!("function {} has no method {method}", f.name),
         ));
     }
-    pool.limits.admit(&f.name, method)?;
+    policy.limits.admit(&f.name, method)?;
     let caller = req
         .headers()
         .get("grpc-timeout")
@@ -408,11 +413,20 @@ async fn proxy(shared: &Shared, req: Request<Incoming>) -> Result<Response<Proxy
         (p, c) => p.or(c),
     };
     let deadline = budget.map(|b| Instant::now() + b);
-    pool.breakers.admit(&f.name, method)?;
+    let breaker = policy.breakers.admit(&f.name, method)?;
     // Outcomes are read when the function has breakers (also for instance ejection).
-    let mut verdict =
-        (!pool.breakers.is_empty()).then(|| Verdict::new(pool.clone(), method, deadline));
-    let result = forward(shared, pool, method, req, budget, deadline, &mut verdict).await;
+    let mut verdict = (!policy.breakers.is_empty()).then(|| Verdict::new(breaker, deadline));
+    let result = forward(
+        shared,
+        &pool,
+        f,
+        method,
+        req,
+        budget,
+        deadline,
+        &mut verdict,
+    )
+    .await;
     if let (Err(e), Some(v)) = (&result, verdict.as_mut()) {
         v.record(crate::breaker::is_failure(e.kind));
     }
@@ -426,6 +440,7 @@ async fn proxy(shared: &Shared, req: Request<Incoming>) -> Result<Response<Proxy
 async fn forward(
     shared: &Shared,
     pool: &Arc<Pool>,
+    f: &FunctionConfig,
     method: &str,
     req: Request<Incoming>,
     budget: Option<Duration>,
@@ -433,7 +448,6 @@ async fn forward(
     verdict: &mut Option<Verdict>,
 ) -> Result<Response<ProxyBody>, CallError> {
     let mut req = req;
-    let f = &pool.function;
     let timed_out = |what: &str| {
         CallError::new(
             Kind::Timeout,
@@ -556,17 +570,15 @@ async fn forward(
 /// stream dropped unfinished after its deadline counts as a failure, one whose caller went away
 /// before it does not.
 pub struct Verdict {
-    pool: Arc<Pool>,
-    method: Box<str>,
+    breaker: Option<Arc<crate::breaker::Breaker>>,
     deadline: Option<Instant>,
     recorded: bool,
 }
 
 impl Verdict {
-    fn new(pool: Arc<Pool>, method: &str, deadline: Option<Instant>) -> Verdict {
+    fn new(breaker: Option<Arc<crate::breaker::Breaker>>, deadline: Option<Instant>) -> Verdict {
         Verdict {
-            pool,
-            method: method.into(),
+            breaker,
             deadline,
             recorded: false,
         }
@@ -574,7 +586,7 @@ impl Verdict {
 
     fn record(&mut self, failed: bool) {
         if !self.recorded {
-            if let Some(b) = self.pool.breakers.get(&self.method) {
+            if let Some(b) = &self.breaker {
                 b.record(failed);
             }
             self.recorded = true;

@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod limit;
+pub mod mesh;
 pub mod pool;
 pub mod retry;
 pub mod run;

@@ -201,12 +201,56 @@ pub struct Snapshot {
     pub in_flight: usize,
 }
 
-pub struct Pool {
+/// A routing table's entry: a function's pool and the IDL service callers name it by.
+pub struct Route {
+    pub pool: Arc<Pool>,
+    pub service: Option<String>,
+}
+
+/// What a function's calls follow: its configuration and the state its policy keeps. A reload
+/// swaps it whole; a call keeps the one it was routed with.
+pub struct Policy {
     pub function: Arc<FunctionConfig>,
     /// The function's rate limits, checked before a call queues or touches an instance.
-    pub limits: crate::limit::Limits,
+    pub limits: Arc<crate::limit::Limits>,
     /// The function's circuit breakers (per method), gated on the request path, moved by a task.
-    pub breakers: crate::breaker::Breakers,
+    pub breakers: Arc<crate::breaker::Breakers>,
+}
+
+impl Policy {
+    fn new(function: Arc<FunctionConfig>) -> Policy {
+        Policy {
+            limits: Arc::new(crate::limit::Limits::new(&function)),
+            breakers: Arc::new(crate::breaker::Breakers::new(&function)),
+            function,
+        }
+    }
+
+    /// `function`'s policy after a reload: the rate limiters and breakers (and their state) carry
+    /// over when nothing they depend on changed.
+    fn next(&self, function: Arc<FunctionConfig>) -> Policy {
+        let (a, b) = (&*self.function, &*function);
+        let names = |f: &FunctionConfig| {
+            f.methods
+                .as_ref()
+                .map(|ms| ms.iter().map(|m| m.name.clone()).collect::<Vec<_>>())
+        };
+        if a.policy == b.policy && a.methods_policy == b.methods_policy && names(a) == names(b) {
+            Policy {
+                function,
+                limits: self.limits.clone(),
+                breakers: self.breakers.clone(),
+            }
+        } else {
+            Policy::new(function)
+        }
+    }
+}
+
+pub struct Pool {
+    /// The function's name: fixed for the pool's life.
+    pub name: String,
+    policy: arc_swap::ArcSwap<Policy>,
     /// Limits the function's retries to a fifth of its calls (plus a floor).
     pub retry_budget: crate::retry::Budget,
     grace: Duration,
@@ -264,7 +308,7 @@ impl Lease {
     /// or use another instance instead of racing the crash's reaping.
     pub fn evict(&self) {
         if self.pool.remove(&self.instance) {
-            tracing::warn!(function = %self.pool.function.name, instance = self.instance.id, "instance evicted after a failed call");
+            tracing::warn!(function = %self.pool.name, instance = self.instance.id, "instance evicted after a failed call");
             self.instance.stop();
         }
     }
@@ -309,10 +353,9 @@ impl Pool {
         workers: usize,
     ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
-            limits: crate::limit::Limits::new(&function),
-            breakers: crate::breaker::Breakers::new(&function),
+            name: function.name.clone(),
+            policy: arc_swap::ArcSwap::from_pointee(Policy::new(function)),
             retry_budget: crate::retry::Budget::default(),
-            function,
             grace,
             watchdog,
             state: Mutex::new(State::default()),
@@ -321,18 +364,54 @@ impl Pool {
             workers,
             control: tokio::runtime::Handle::current(),
         });
-        let min = pool.function.scale.min;
-        if min > 0 {
-            lock(&pool.state).starting += min;
-            for _ in 0..min {
-                pool.spawn_start(Duration::ZERO);
-            }
-        }
+        pool.start_to_min();
         tokio::spawn(Pool::reap_idle(Arc::downgrade(&pool)));
-        if let Some(every) = pool.breakers.tick_every() {
-            tokio::spawn(Pool::tick_breakers(Arc::downgrade(&pool), every));
-        }
+        pool.tick_breakers();
         pool
+    }
+
+    /// The function's scaling settings now.
+    fn scale(&self) -> crate::config::ScaleConfig {
+        self.policy.load().function.scale
+    }
+
+    /// What calls of this function follow now.
+    pub fn policy(&self) -> arc_swap::Guard<Arc<Policy>> {
+        self.policy.load()
+    }
+
+    /// Applies a reloaded configuration of this function (same command, environment and
+    /// protocol) to the calls that follow: calls in flight keep what they were routed with, and
+    /// instances keep running. A raised `min`, `max` or `concurrency` serves waiting calls at once.
+    pub fn reconfigure(self: &Arc<Pool>, function: Arc<FunctionConfig>) {
+        let old = self.policy.load_full();
+        let next = old.next(function);
+        let new_breakers = !Arc::ptr_eq(&old.breakers, &next.breakers);
+        self.policy.store(Arc::new(next));
+        if new_breakers {
+            self.tick_breakers();
+        }
+        let mut st = lock(&self.state);
+        self.dispatch(&mut st);
+        drop(st);
+        self.start_to_min();
+    }
+
+    /// Starts instances until `min` are ready or starting, and as many as waiting calls need.
+    fn start_to_min(self: &Arc<Pool>) {
+        let mut st = lock(&self.state);
+        if st.draining {
+            return;
+        }
+        let min = self.scale().min;
+        let need = min
+            .saturating_sub(st.ready.len() + st.starting)
+            .max(self.starts_needed(&st));
+        st.starting += need;
+        drop(st);
+        for _ in 0..need {
+            self.spawn_start(Duration::ZERO);
+        }
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -352,7 +431,7 @@ impl Pool {
         if st.draining {
             return Err(self.draining_error());
         }
-        Ok(Self::take_slot(&mut st, self.function.scale.concurrency)
+        Ok(Self::take_slot(&mut st, self.scale().concurrency)
             .map(|instance| Lease::new(self.clone(), instance)))
     }
 
@@ -362,7 +441,7 @@ impl Pool {
         if st.draining {
             return Err(self.draining_error());
         }
-        let concurrency = self.function.scale.concurrency;
+        let concurrency = self.scale().concurrency;
         Ok(Self::take_slot_avoiding(&mut st, concurrency, Some(avoid))
             .or_else(|| Self::take_slot(&mut st, concurrency))
             .map(|instance| Lease::new(self.clone(), instance)))
@@ -371,27 +450,27 @@ impl Pool {
     fn draining_error(&self) -> CallError {
         CallError::new(
             Kind::Unavailable,
-            format!("function {} is draining", self.function.name),
+            format!("function {} is draining", self.name),
         )
     }
 
     /// A slot on a ready instance: at once if one has room, else after waiting in the queue
     /// (starting instances as the queue needs).
     pub async fn acquire(self: &Arc<Pool>) -> Result<Lease, CallError> {
-        let name = &self.function.name;
+        let name = &self.name;
         let rx = {
             let mut st = lock(&self.state);
             if st.draining {
                 return Err(self.draining_error());
             }
-            if let Some(instance) = Self::take_slot(&mut st, self.function.scale.concurrency) {
+            if let Some(instance) = Self::take_slot(&mut st, self.scale().concurrency) {
                 return Ok(Lease::new(self.clone(), instance));
             }
-            if st.waiters.len() >= self.function.scale.queue {
+            if st.waiters.len() >= self.scale().queue {
                 // Callers that gave up still hold places; free them first.
                 st.waiters.retain(|tx| !tx.is_closed());
             }
-            if st.waiters.len() >= self.function.scale.queue {
+            if st.waiters.len() >= self.scale().queue {
                 return Err(CallError::new(
                     Kind::Overloaded,
                     format!(
@@ -457,7 +536,7 @@ impl Pool {
     /// Instances to start so that ready + starting can serve everything in flight and queued,
     /// within `max`.
     fn starts_needed(&self, st: &State) -> usize {
-        let s = &self.function.scale;
+        let s = self.scale();
         let demand: usize = st.ready.iter().map(|x| x.in_flight).sum::<usize>() + st.waiters.len();
         let wanted = demand.div_ceil(s.concurrency).min(s.max);
         // Ejected instances take no calls, but still count against `max`.
@@ -494,7 +573,7 @@ impl Pool {
                     .iter()
                     .filter(|x| !Arc::ptr_eq(&x.instance, instance) && !x.ejected(Some(now)))
                     .count();
-                let room = self.function.scale.max > st.ready.len() + st.starting;
+                let room = self.scale().max > st.ready.len() + st.starting;
                 let Some(slot) = st
                     .ready
                     .iter_mut()
@@ -510,7 +589,7 @@ impl Pool {
                     let period = ejection(slot.ejections);
                     slot.ejected_until = Some(now + period);
                     tracing::warn!(
-                        function = %self.function.name,
+                        function = %self.name,
                         instance = slot.instance.id,
                         ?period,
                         "instance ejected from balancing after {EJECT_AFTER} failed calls in a row"
@@ -544,7 +623,7 @@ impl Pool {
 
     /// Hands free slots to waiting calls, oldest first.
     fn dispatch(&self, st: &mut State) {
-        let concurrency = self.function.scale.concurrency;
+        let concurrency = self.scale().concurrency;
         while !st.waiters.is_empty() {
             let Some(instance) = Self::take_slot(st, concurrency) else {
                 return;
@@ -603,12 +682,13 @@ impl Pool {
                     let _ = ready_tx.send(instance);
                 }
             };
-            match runtime::start(&pool.function, id, &pool.watchdog, on_ready).await {
+            let function = pool.policy().function.clone();
+            match runtime::start(&function, id, &pool.watchdog, on_ready).await {
                 Ok(process) => {
                     // `on_ready` has run: the instance is in the ready set.
                     let Ok(instance) = ready_rx.await else { return };
                     pool.live.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    tracing::info!(function = %pool.function.name, instance = id, addr = %process.addr, "instance started");
+                    tracing::info!(function = %pool.name, instance = id, addr = %process.addr, "instance started");
                     Pool::monitor(pool, instance, process, stop_rx).await;
                 }
                 Err(e) => pool.start_failed(id, e),
@@ -630,7 +710,7 @@ impl Pool {
     }
 
     fn start_failed(self: &Arc<Pool>, id: u64, e: runtime::StartError) {
-        let name = &self.function.name;
+        let name = &self.name;
         tracing::warn!(function = %name, instance = id, error = %e, "instance failed to start");
         let mut st = lock(&self.state);
         st.starting -= 1;
@@ -654,13 +734,13 @@ impl Pool {
         let runtime::Process { mut child, pid, .. } = process;
         tokio::select! {
             status = child.wait() => {
-                let name = &self.function.name;
+                let name = &self.name;
                 tracing::warn!(function = %name, instance = instance.id, status = ?status, "instance exited");
                 self.remove(&instance);
                 let mut st = lock(&self.state);
                 st.failures = st.failures.saturating_add(1);
                 // Replace it if the minimum or waiting calls need it, after a growing backoff.
-                let need = (self.function.scale.min.saturating_sub(st.ready.len() + st.starting)).max(self.starts_needed(&st));
+                let need = (self.scale().min.saturating_sub(st.ready.len() + st.starting)).max(self.starts_needed(&st));
                 st.starting += need;
                 let delay = backoff(st.failures);
                 drop(st);
@@ -670,7 +750,7 @@ impl Pool {
             }
             _ = stop_rx => {
                 runtime::stop(child, pid, self.grace).await;
-                tracing::info!(function = %self.function.name, instance = instance.id, "instance stopped");
+                tracing::info!(function = %self.name, instance = instance.id, "instance stopped");
             }
         }
         self.watchdog.forget(pid);
@@ -692,26 +772,38 @@ impl Pool {
     }
 
     /// Stops instances idle for `scale.idle`, down to `scale.min`.
-    /// Moves the breakers' gates, off the request path, until the pool is gone.
-    async fn tick_breakers(pool: std::sync::Weak<Pool>, every: Duration) {
-        loop {
-            sleep(every).await;
-            let Some(pool) = pool.upgrade() else { return };
-            pool.breakers.tick(Instant::now());
-        }
+    /// Moves the current breakers' gates, off the request path, until the pool is gone or a
+    /// reload replaces them.
+    fn tick_breakers(self: &Arc<Pool>) {
+        let breakers = self.policy().breakers.clone();
+        let Some(every) = breakers.tick_every() else {
+            return;
+        };
+        let pool = Arc::downgrade(self);
+        self.control.spawn(async move {
+            loop {
+                sleep(every).await;
+                let Some(pool) = pool.upgrade() else { return };
+                if !Arc::ptr_eq(&pool.policy().breakers, &breakers) {
+                    return;
+                }
+                breakers.tick(Instant::now());
+            }
+        });
     }
 
     async fn reap_idle(pool: std::sync::Weak<Pool>) {
         loop {
             let period = match pool.upgrade() {
-                Some(p) => (p.function.scale.idle / 4)
-                    .clamp(Duration::from_millis(10), Duration::from_secs(1)),
+                Some(p) => {
+                    (p.scale().idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+                }
                 None => return,
             };
             sleep(period).await;
             let Some(p) = pool.upgrade() else { return };
-            let idle = p.function.scale.idle;
-            let min = p.function.scale.min;
+            let idle = p.scale().idle;
+            let min = p.scale().min;
             let stopping: Vec<Arc<Instance>> =
                 {
                     let mut st = lock(&p.state);
@@ -728,10 +820,15 @@ impl Pool {
                     out
                 };
             for instance in stopping {
-                tracing::info!(function = %p.function.name, instance = instance.id, "stopping idle instance");
+                tracing::info!(function = %p.name, instance = instance.id, "stopping idle instance");
                 instance.stop();
             }
         }
+    }
+
+    /// Whether [`Pool::shutdown`] has run.
+    pub fn is_shut_down(&self) -> bool {
+        lock(&self.state).draining
     }
 
     /// Refuses new calls and stops every instance (in-flight calls have been drained by then).
@@ -739,7 +836,7 @@ impl Pool {
         let instances: Vec<Arc<Instance>> = {
             let mut st = lock(&self.state);
             st.draining = true;
-            let name = &self.function.name;
+            let name = &self.name;
             Self::fail_waiters(
                 &mut st,
                 &CallError::new(

@@ -2,6 +2,7 @@
 //! drains: stop accepting, let in-flight calls finish within `drain_timeout`, stop instances.
 
 use std::{
+    path::PathBuf,
     process::ExitCode,
     sync::{atomic::Ordering, Arc},
     time::Duration,
@@ -17,19 +18,13 @@ use tokio::{
 };
 
 use crate::{
-    admin,
-    config::{Config, Protocol},
-    grpc,
-    pool::Pool,
-    thrift,
-    watchdog::Watchdog,
-    workers::Workers,
+    admin, config::Config, grpc, mesh::Mesh, thrift, watchdog::Watchdog, workers::Workers,
 };
 
 /// How long a new connection may take to send enough bytes to tell its protocol.
 const DETECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub fn main(config: Config, json_logs: bool) -> ExitCode {
+pub fn main(path: PathBuf, config: Config, json_logs: bool) -> ExitCode {
     init_logs(json_logs);
     // The control runtime: accept, admin, signals and instance processes. Connections are
     // served by the worker threads (`workers.rs`).
@@ -43,7 +38,7 @@ pub fn main(config: Config, json_logs: bool) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(serve(config)) {
+    match rt.block_on(serve(path, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -66,7 +61,7 @@ fn init_logs(json: bool) {
     }
 }
 
-async fn serve(config: Config) -> Result<(), String> {
+async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
     let listener = TcpListener::bind(config.sidecar.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.sidecar.listen))?;
@@ -77,59 +72,36 @@ async fn serve(config: Config) -> Result<(), String> {
     let grace = config.sidecar.drain_timeout;
     let watchdog =
         Arc::new(Watchdog::start().map_err(|e| format!("cannot start the watchdog: {e}"))?);
-    let pools: Vec<Arc<Pool>> = config
-        .functions
-        .iter()
-        .map(|f| {
-            Pool::new(
-                Arc::new(f.clone()),
-                grace,
-                watchdog.clone(),
-                config.sidecar.workers,
-            )
-        })
-        .collect();
+    let sidecar = config.sidecar.clone();
+    let mesh = Arc::new(Mesh::new(path, config, limits, watchdog));
     let admin = Arc::new(admin::Admin {
-        pools: pools.clone(),
+        mesh: mesh.clone(),
         draining: false.into(),
     });
-    if let Some(addr) = config.sidecar.admin {
+    if let Some(addr) = sidecar.admin {
         let l = TcpListener::bind(addr)
             .await
             .map_err(|e| format!("cannot listen on admin address {addr}: {e}"))?;
         tokio::spawn(admin::serve(l, admin.clone()));
     }
-    let of = |protocol| {
-        pools
-            .iter()
-            .filter(|p| p.function.protocol == protocol)
-            .cloned()
-            .collect::<Vec<_>>()
-    };
-    let shared = Arc::new(thrift::Shared {
-        functions: of(Protocol::Thrift),
-        limits,
-        active: 0.into(),
-    });
-    let grpc_shared = Arc::new(grpc::Shared::new(of(Protocol::Grpc)));
+    let (shared, grpc_shared) = (mesh.thrift.clone(), mesh.grpc.clone());
     let workers = {
         let (shared, grpc_shared) = (shared.clone(), grpc_shared.clone());
-        Workers::start(
-            config.sidecar.workers,
-            config.sidecar.busy_poll,
-            move |sock| connection(sock, shared.clone(), grpc_shared.clone()),
-        )
+        Workers::start(sidecar.workers, sidecar.busy_poll, move |sock| {
+            connection(sock, shared.clone(), grpc_shared.clone())
+        })
         .map_err(|e| format!("cannot start the worker threads: {e}"))?
     };
     tracing::info!(
-        listen = %config.sidecar.listen,
-        functions = pools.len(),
+        listen = %sidecar.listen,
+        functions = mesh.pools().len(),
         workers = workers.len(),
         "fnmesh serving"
     );
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -138,6 +110,7 @@ async fn serve(config: Config) -> Result<(), String> {
             },
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = hup.recv() => { let _ = reload(&mesh, "SIGHUP"); }
         }
     }
 
@@ -157,6 +130,7 @@ async fn serve(config: Config) -> Result<(), String> {
     while active() > 0 && Instant::now() < until {
         sleep(Duration::from_millis(5)).await;
     }
+    let pools = mesh.drain();
     for p in &pools {
         p.shutdown();
     }
@@ -169,6 +143,21 @@ async fn serve(config: Config) -> Result<(), String> {
     let _ = timeout(grace + Duration::from_secs(1), reap).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reloads the policy file (SIGHUP, or `POST /admin/reload` from `fnmesh reload`), logging what
+/// changed or why the file was refused.
+pub fn reload(mesh: &Mesh, asked_by: &str) -> Result<String, String> {
+    match mesh.reload() {
+        Ok(changes) => {
+            tracing::info!(%asked_by, "policy reloaded: {changes}");
+            Ok(changes.to_string())
+        }
+        Err(e) => {
+            tracing::error!(%asked_by, "policy reload refused, the old policy stays: {e}");
+            Err(e)
+        }
+    }
 }
 
 /// Reads until the protocol is known (one bounded, timed read phase), then hands the connection

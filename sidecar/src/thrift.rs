@@ -27,17 +27,18 @@ use tokio::{
 
 use crate::{
     breaker::{self, Breaker},
-    config::Retry,
+    config::{FunctionConfig, Retry},
     error::{CallError, Kind},
     pool::Lease,
-    pool::{Instance, Pool},
+    pool::{Instance, Pool, Route},
 };
 
 type Reply = Chain<Bytes, Bytes>;
 
 /// What every Thrift connection shares.
 pub struct Shared {
-    pub functions: Vec<Arc<Pool>>,
+    /// The Thrift functions; a reload swaps the table.
+    pub functions: arc_swap::ArcSwap<Vec<Route>>,
     pub limits: Limits,
     /// Calls between decode and reply, for draining.
     pub active: AtomicUsize,
@@ -125,7 +126,7 @@ struct Pending {
     reply: Option<Reply>,
     /// While the call runs: when it times out, its budget and function (for the message), what
     /// its error reply needs, and how to stop it.
-    deadline: Option<(Instant, Duration, usize)>,
+    deadline: Option<(Instant, Duration, Arc<Pool>)>,
     answer: Option<Answer>,
     abort: Option<AbortHandle>,
 }
@@ -198,7 +199,7 @@ pub async fn serve(
                 reading = false;
                 break;
             }
-            let (index, budget, breaker, retry) = match route(shared, &mut frame) {
+            let routed = match route(shared, &mut frame) {
                 Ok(routed) => routed,
                 Err(e) => {
                     if oneway {
@@ -209,8 +210,9 @@ pub async fn serve(
                     continue;
                 }
             };
+            let budget = routed.budget;
             let deadline = budget.map(|b| Instant::now() + b);
-            let pool = &shared.functions[index];
+            let timed = deadline.map(|_| routed.pool.clone());
             let mut answer = (!oneway).then(|| Answer::of(&frame));
             // A TTHeader call with a deadline is kept as a frame until it is forwarded, when its
             // RPCTimeout (key 12) is set to what is left of the budget.
@@ -233,7 +235,7 @@ pub async fn serve(
             let call = async move {
                 (
                     ticket,
-                    call(shared, pool, request, oneway, deadline, breaker, retry).await,
+                    call(shared, routed, request, oneway, deadline).await,
                 )
             };
             // Only a call with a deadline can be stopped (which costs an allocation).
@@ -249,14 +251,14 @@ pub async fn serve(
             };
             calls.push(call);
             let Some(answer) = answer else { continue };
-            if let (Some(at), Some(b), Some(abort)) = (deadline, budget, abort) {
+            if let (Some(at), Some(b), Some(abort), Some(pool)) = (deadline, budget, abort, timed) {
                 if armed.is_none_or(|a| at < a) {
                     timer.as_mut().reset(at);
                     armed = Some(at);
                 }
                 pending.push_back(Pending {
                     reply: None,
-                    deadline: Some((at, b, index)),
+                    deadline: Some((at, b, pool)),
                     answer: Some(answer),
                     abort: Some(abort),
                 });
@@ -314,7 +316,7 @@ pub async fn serve(
                 }
             }
             () = &mut timer, if armed.is_some() => {
-                armed = expire(shared, &mut pending);
+                armed = expire(&mut pending);
                 if let Some(at) = armed {
                     timer.as_mut().reset(at);
                 }
@@ -343,13 +345,14 @@ pub async fn serve(
 /// Answers `timeout` to every call whose deadline has passed and stops it (a call waiting in a
 /// queue is never forwarded; an instance's late reply is dropped). Returns the earliest deadline
 /// still ahead.
-fn expire(shared: &Shared, pending: &mut VecDeque<Pending>) -> Option<Instant> {
+fn expire(pending: &mut VecDeque<Pending>) -> Option<Instant> {
     let now = Instant::now();
     let mut earliest: Option<Instant> = None;
     for p in pending.iter_mut() {
-        let Some((at, budget, index)) = p.deadline else {
+        let Some((at, budget, pool)) = &p.deadline else {
             continue;
         };
+        let (at, budget) = (*at, *budget);
         if at > now {
             earliest = Some(earliest.map_or(at, |e| e.min(at)));
             continue;
@@ -361,7 +364,7 @@ fn expire(shared: &Shared, pending: &mut VecDeque<Pending>) -> Option<Instant> {
             Kind::Timeout,
             format!(
                 "function {}: deadline of {budget:?} passed (queueing included)",
-                shared.functions[index].function.name
+                pool.name
             ),
         );
         p.reply = Some(p.answer.take().map_or_else(empty, |a| a.reply(&e)));
@@ -398,22 +401,25 @@ const RPC_TIMEOUT: u16 = 12;
 
 async fn call(
     shared: &Shared,
-    pool: &Arc<Pool>,
+    routed: Routed,
     request: Outgoing,
     oneway: bool,
     deadline: Option<Instant>,
-    breaker: Option<&Breaker>,
-    retry: Option<(Retry, bool)>,
 ) -> Result<Option<Reply>, CallError> {
     let _active = Active::new(&shared.active);
+    let Routed {
+        pool,
+        breaker,
+        classify,
+        retry,
+        ..
+    } = routed;
     let mut outcome = Outcome {
         breaker,
         deadline,
         recorded: false,
     };
-    // Replies are read for failures when the function has breakers (also for instance ejection).
-    let classify = !pool.breakers.is_empty();
-    let result = exchange(shared, pool, request, oneway, deadline, classify, retry).await;
+    let result = exchange(shared, &pool, request, oneway, deadline, classify, retry).await;
     outcome.record(match &result {
         Ok(Some((_, failed))) => *failed,
         Ok(None) => false,
@@ -424,22 +430,22 @@ async fn call(
 
 /// Counts a call's outcome in its method's breaker; a call stopped at its deadline (dropped
 /// unfinished after it) counts as a failure, one whose caller went away does not.
-struct Outcome<'a> {
-    breaker: Option<&'a Breaker>,
+struct Outcome {
+    breaker: Option<Arc<Breaker>>,
     deadline: Option<Instant>,
     recorded: bool,
 }
 
-impl Outcome<'_> {
+impl Outcome {
     fn record(&mut self, failed: bool) {
-        if let Some(b) = self.breaker {
+        if let Some(b) = &self.breaker {
             b.record(failed);
         }
         self.recorded = true;
     }
 }
 
-impl Drop for Outcome<'_> {
+impl Drop for Outcome {
     fn drop(&mut self) {
         if !self.recorded && self.deadline.is_some_and(|d| Instant::now() >= d) {
             self.record(true);
@@ -462,7 +468,7 @@ async fn exchange(
     classify: bool,
     retry: Option<(Retry, bool)>,
 ) -> Result<Option<(Reply, bool)>, CallError> {
-    let name = &pool.function.name;
+    let name = &pool.name;
     let lease = match pool.try_acquire()? {
         Some(lease) => lease,
         None => {
@@ -554,7 +560,7 @@ impl Attempts<'_> {
             let Some(wait) = wait else {
                 return Err(e);
             };
-            tracing::debug!(function = %pool.function.name, instance, error = %e, "retrying");
+            tracing::debug!(function = %pool.name, instance, error = %e, "retrying");
             tokio::time::sleep(wait).await;
             tries += 1;
             lease = match pool.try_acquire_other(instance)? {
@@ -572,7 +578,7 @@ impl Attempts<'_> {
         request: Reply,
         share: Option<Duration>,
     ) -> Result<Option<(Reply, bool)>, (CallError, Class)> {
-        let name = &self.pool.function.name;
+        let name = &self.pool.name;
         lease.set_deadline(self.deadline);
         let exchange = forward(
             &lease.instance,
@@ -635,8 +641,8 @@ enum Class {
 }
 
 /// The call's time budget: the policy's timeout, or the caller's RPCTimeout when shorter.
-fn budget(pool: &Pool, method: &str, frame: &Frame) -> Option<Duration> {
-    let policy = pool.function.policy_for(method).timeout;
+fn budget(f: &FunctionConfig, method: &str, frame: &Frame) -> Option<Duration> {
+    let policy = f.policy_for(method).timeout;
     let caller = frame
         .ttheader()
         .and_then(|h| h.rpc_timeout_ms(frame.head()))
@@ -648,30 +654,29 @@ fn budget(pool: &Pool, method: &str, frame: &Frame) -> Option<Duration> {
     }
 }
 
-/// A routed call: its function, time budget, breaker, and retry policy (with whether the
-/// method is idempotent).
-type Routed<'s> = (
-    usize,
-    Option<Duration>,
-    Option<&'s Breaker>,
-    Option<(Retry, bool)>,
-);
+/// A routed call: its function, time budget, breaker, whether replies are read for failures,
+/// and retry policy (with whether the method is idempotent), as the function's policy was when
+/// the call arrived.
+struct Routed {
+    pool: Arc<Pool>,
+    budget: Option<Duration>,
+    breaker: Option<Arc<Breaker>>,
+    /// Replies are read for failures when the function has breakers (also for instance
+    /// ejection).
+    classify: bool,
+    retry: Option<(Retry, bool)>,
+}
 
 /// DESIGN.md "Thrift routing": ToService, then `isn`, then a `Service:` name prefix (stripped),
 /// then the only Thrift function. A method the IDL lacks is refused without starting anything.
 /// Gives the function's index and the call's time budget.
-fn route<'s>(shared: &'s Shared, frame: &mut Frame) -> Result<Routed<'s>, CallError> {
-    let by_name = |n: &[u8]| {
-        shared
-            .functions
-            .iter()
-            .position(|p| p.function.name.as_bytes() == n)
-    };
+fn route(shared: &Shared, frame: &mut Frame) -> Result<Routed, CallError> {
+    let table = shared.functions.load();
+    let by_name = |n: &[u8]| table.iter().position(|r| r.pool.name.as_bytes() == n);
     let by_service = |s: &[u8]| {
-        shared
-            .functions
+        table
             .iter()
-            .position(|p| p.function.service.as_deref().map(str::as_bytes) == Some(s))
+            .position(|r| r.service.as_deref().map(str::as_bytes) == Some(s))
     };
     let mut found = None;
     if let Some(h) = frame.ttheader() {
@@ -691,7 +696,7 @@ fn route<'s>(shared: &'s Shared, frame: &mut Frame) -> Result<Routed<'s>, CallEr
             }
         }
     }
-    if found.is_none() && shared.functions.len() == 1 {
+    if found.is_none() && table.len() == 1 {
         found = Some(0);
     }
     let Some(index) = found else {
@@ -701,21 +706,29 @@ fn route<'s>(shared: &'s Shared, frame: &mut Frame) -> Result<Routed<'s>, CallEr
             format!("no function for service {asked}"),
         ));
     };
-    let pool = &shared.functions[index];
+    let pool = &table[index].pool;
+    let current = pool.policy();
+    let f = &current.function;
     let method = frame.name();
-    if !pool.function.has_method(method) {
+    if !f.has_method(method) {
         return Err(CallError::new(
             Kind::NoRoute,
-            format!("function {} has no method {method}", pool.function.name),
+            format!("function {} has no method {method}", pool.name),
         ));
     }
-    pool.limits.admit(&pool.function.name, method)?;
-    let breaker = pool.breakers.admit(&pool.function.name, method)?;
-    let policy = pool.function.policy_for(method);
+    current.limits.admit(&pool.name, method)?;
+    let breaker = current.breakers.admit(&pool.name, method)?;
+    let policy = f.policy_for(method);
     let retry = policy
         .retry
         .map(|r| (r, policy.idempotent.unwrap_or(false)));
-    Ok((index, budget(pool, method, frame), breaker, retry))
+    Ok(Routed {
+        pool: pool.clone(),
+        budget: budget(f, method, frame),
+        breaker,
+        classify: !current.breakers.is_empty(),
+        retry,
+    })
 }
 
 /// The service an unroutable call asked for, for its error: the last routing rule that named one

@@ -55,6 +55,8 @@ pub struct Sidecar {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     dir: PathBuf,
+    /// The policy file's `[sidecar]` section.
+    head: String,
 }
 
 impl Sidecar {
@@ -82,11 +84,11 @@ impl Sidecar {
         let dir =
             std::env::temp_dir().join(format!("fnmesh-e2e-{}-{}", std::process::id(), addr.port()));
         std::fs::create_dir_all(&dir).unwrap();
-        let config = format!(
-            "[sidecar]\nlisten = \"{addr}\"\nadmin = \"{admin}\"\ndrain_timeout = \"3s\"\n{sidecar}\n\n{functions}"
+        let head = format!(
+            "[sidecar]\nlisten = \"{addr}\"\nadmin = \"{admin}\"\ndrain_timeout = \"3s\"\n{sidecar}\n\n"
         );
         let path = dir.join("fnmesh.toml");
-        std::fs::write(&path, config).unwrap();
+        std::fs::write(&path, format!("{head}{functions}")).unwrap();
         let child = Command::new(fnmesh_bin())
             .args(["run", "-c"])
             .arg(&path)
@@ -102,6 +104,7 @@ impl Sidecar {
             addr,
             admin,
             dir,
+            head,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(addr).is_err() || TcpStream::connect(admin).is_err() {
@@ -115,6 +118,46 @@ impl Sidecar {
             std::thread::sleep(Duration::from_millis(5));
         }
         Ok(s)
+    }
+
+    /// The policy file the sidecar was started with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("fnmesh.toml")
+    }
+
+    /// Rewrites the policy file with the same `[sidecar]` section and these `[[function]]`
+    /// tables (then reload it with [`Sidecar::reload`] or SIGHUP).
+    pub fn rewrite(&self, functions: &str) {
+        std::fs::write(self.config_path(), format!("{}{functions}", self.head)).unwrap();
+    }
+
+    /// Runs `fnmesh reload -c FILE`: whether it succeeded, and what it printed.
+    pub fn reload(&self) -> (bool, String) {
+        let out = Command::new(fnmesh_bin())
+            .args(["reload", "-c"])
+            .arg(self.config_path())
+            .output()
+            .expect("fnmesh reload runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    /// POST to an admin path; returns whether it answered 200, and the body.
+    pub fn admin_post(&self, path: &str) -> (bool, String) {
+        let mut s = TcpStream::connect(self.admin).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        (head.starts_with("HTTP/1.1 200"), body.to_owned())
     }
 
     /// GET an admin path; returns (status line, body).

@@ -630,3 +630,49 @@ async fn health_checks_answer_serving_at_zero_and_not_serving_while_draining() {
         "fnmesh exits cleanly after draining: {status}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_applies_a_new_timeout_to_later_streams_and_spares_the_one_in_flight() {
+    let sc = Sidecar::start(&grpc_echo_function("echo", "min = 1", ""));
+    let client = client!(sc.addr);
+    let first = client
+        .unary_echo(req("warm", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    // Routed before the reload, without a deadline: it must finish.
+    let in_flight = tokio::spawn({
+        let client = client.clone();
+        async move { client.unary_echo(req("in flight", 700)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    sc.rewrite(&grpc_echo_function(
+        "echo",
+        "min = 1",
+        "timeout = \"200ms\"",
+    ));
+    sc.signal("HUP");
+    // The same client (and connection) sees the new deadline once the reload has run.
+    let until = Instant::now() + Duration::from_secs(5);
+    let e = loop {
+        match client.unary_echo(req("slow", 400)).await {
+            Err(e) => break e,
+            Ok(_) => assert!(Instant::now() < until, "SIGHUP did not reload"),
+        }
+    };
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(e.message().contains("200ms"), "{e:?}");
+    let r = in_flight
+        .await
+        .unwrap()
+        .expect("the stream in flight finished");
+    assert_eq!(r.into_inner().message.as_str(), "in flight");
+    // The instance kept running.
+    let last = client
+        .unary_echo(req("after", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(last.instance, first.instance);
+    assert_eq!(sc.stat("echo", "processes"), 1);
+}

@@ -891,3 +891,150 @@ async fn a_queued_call_whose_deadline_passes_is_answered_timeout_and_never_forwa
         "echo calls the instance received before this one"
     );
 }
+
+/// Sends one call on an open connection and reads its reply.
+fn exchange_on(s: &mut TcpStream, bytes: &[u8]) -> fnmesh_codec::Frame {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut buf = BytesMut::new();
+    let mut d = FrameDecoder::new(Limits::default());
+    loop {
+        if let Some(f) = d.decode(&mut buf).unwrap() {
+            return f;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).expect("a reply on the same connection");
+        assert!(n > 0, "the sidecar closed the connection");
+        buf.put_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reloaded_shorter_timeout_applies_to_the_next_call_on_the_same_connection() {
+    let scale = "max = 1\nidle = \"1m\"";
+    let sc = Sidecar::start(&echo_function("echo", scale, "timeout = \"5s\""));
+    let (_, instance) = echo(sc.addr, "warm", None, 5000).await.unwrap();
+    let mut conn = TcpStream::connect(sc.addr).unwrap();
+    let f = exchange_on(&mut conn, &framed_echo(1, "before", 300));
+    assert_eq!(f.kind(), MessageType::Reply, "300 ms fits the 5 s timeout");
+
+    sc.rewrite(&echo_function("echo", scale, "timeout = \"100ms\""));
+    let (ok, said) = sc.reload();
+    assert!(ok, "{said}");
+    assert!(said.contains("updated: echo"), "{said}");
+
+    // The same connection, the next call: the new timeout applies.
+    let started = Instant::now();
+    let f = exchange_on(&mut conn, &framed_echo(2, "after", 300));
+    assert_exception(&f, 6, "100ms", None); // INTERNAL_ERROR, the deadline in the text
+    assert!(started.elapsed() < Duration::from_millis(280));
+    let f = exchange_on(&mut conn, &framed_echo(3, "quick", 0));
+    assert_eq!(f.kind(), MessageType::Reply);
+    // The instance kept running through the reload.
+    let (_, after) = echo(sc.addr, "same instance", None, 5000).await.unwrap();
+    assert_eq!(after, instance);
+
+    // SIGHUP reloads too: back to 5 s.
+    sc.rewrite(&echo_function("echo", scale, "timeout = \"5s\""));
+    sc.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seqid = 4;
+    loop {
+        let f = exchange_on(&mut conn, &framed_echo(seqid, "after HUP", 300));
+        if f.kind() == MessageType::Reply {
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        seqid += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_reload_is_refused_and_the_old_policy_keeps_serving() {
+    let table = echo_function("echo", "max = 1", "timeout = \"150ms\"");
+    let sc = Sidecar::start(&table);
+    echo(sc.addr, "warm", None, 5000).await.unwrap();
+    std::fs::write(
+        sc.config_path(),
+        std::fs::read_to_string(sc.config_path())
+            .unwrap()
+            .replace("max = 1", "max = 1\nmin = 5"),
+    )
+    .unwrap();
+    let (ok, said) = sc.reload();
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("fnmesh.toml:") && said.contains("scale.min: min (5) is greater than max"),
+        "{said}"
+    );
+    // The sidecar was asked too (SIGHUP reads the same file): it refuses and keeps serving.
+    sc.signal("HUP");
+    let (ok, said) = sc.admin_post("/admin/reload");
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("refused") && said.contains("scale.min"),
+        "{said}"
+    );
+    assert_eq!(sc.admin_get("/readyz").0, "HTTP/1.1 200 OK");
+    // The old policy: 150 ms, not a later one.
+    assert_eq!(echo(sc.addr, "ok", None, 5000).await.unwrap().0, "ok");
+    let (_, message) = echo(sc.addr, "slow", Some(1000), 5000).await.unwrap_err();
+    assert!(message.contains("150ms"), "{message}");
+    assert_eq!(sc.stat("echo", "processes"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_drains_a_removed_function_and_serves_an_added_one() {
+    // Without an IDL and with services of their own, so that only `echo` serves EchoService.
+    let plain = |name: &str, service: &str| {
+        format!(
+            "[[function]]\nname = \"{name}\"\nprotocol = \"thrift\"\nservice = \"{service}\"\ncommand = [\"{}\"]\n\n",
+            echo_fn()
+        )
+    };
+    let keep = plain("other", "OtherService");
+    let sc = Sidecar::start(&format!(
+        "{}{keep}",
+        echo_function("echo", "max = 1\nidle = \"1m\"", "")
+    ));
+    echo(sc.addr, "warm", None, 5000).await.unwrap();
+    let in_flight = tokio::spawn(echo(sc.addr, "in flight", Some(800), 5000));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    sc.rewrite(&format!("{keep}{}", plain("fresh", "FreshService")));
+    let (ok, said) = sc.reload();
+    assert!(ok, "{said}");
+    assert!(
+        said.contains("added: fresh") && said.contains("removed: echo"),
+        "{said}"
+    );
+    // New calls no longer reach the removed function...
+    let (kind, message) = echo(sc.addr, "late", None, 5000).await.unwrap_err();
+    assert_eq!(kind, ApplicationExceptionKind::UNKNOWN_METHOD, "{message}");
+    assert!(
+        message.contains("no function for service EchoService"),
+        "{message}"
+    );
+    // ...while its call in flight finishes, then its instance stops.
+    let (message, _) = in_flight.await.unwrap().unwrap();
+    assert_eq!(message, "in flight");
+    let gone = || {
+        sc.children().iter().all(|pid| {
+            !std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|e| e.split(|b| *b == 0).any(|kv| kv == b"FNMESH_FUNCTION=echo"))
+        })
+    };
+    assert!(
+        sc.wait_for(Duration::from_secs(5), |_| gone()),
+        "the removed function's instance still runs"
+    );
+    // The added function serves, from zero.
+    let fresh = client!(sc.addr, "fresh", 5000);
+    let reply = fresh.echo(req("hello", None)).await.unwrap();
+    match reply {
+        volo_thrift::MaybeException::Ok(r) => assert_eq!(r.message.as_str(), "hello"),
+        volo_thrift::MaybeException::Exception(e) => panic!("{e:?}"),
+    }
+    assert_eq!(sc.stat("fresh", "processes"), 1);
+    assert!(!sc.admin_get("/admin/functions").1.contains("\"echo\""));
+}

@@ -1,0 +1,376 @@
+//! The functions a running sidecar serves, and live reloads of its policy file (SIGHUP,
+//! `POST /admin/reload`, `fnmesh reload`). A valid new file applies to calls that arrive after
+//! it; connections and calls in flight are untouched. An invalid one is refused, logged, and the
+//! old policy stays.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::time::{sleep, Instant};
+
+use crate::{
+    config::{Config, FunctionConfig, Protocol, SidecarConfig},
+    grpc, lock,
+    pool::{Pool, Route},
+    thrift,
+    watchdog::Watchdog,
+};
+
+pub struct Mesh {
+    /// The file `fnmesh run` was started with: a reload reads it again.
+    path: PathBuf,
+    /// What is in force; also serializes reloads.
+    state: Mutex<State>,
+    pub thrift: Arc<thrift::Shared>,
+    pub grpc: Arc<grpc::Shared>,
+    watchdog: Arc<Watchdog>,
+}
+
+struct State {
+    config: Config,
+    /// One pool per function, in the file's order.
+    pools: Vec<Arc<Pool>>,
+    /// Pools of functions a reload removed or replaced, until their instances are gone.
+    retired: Vec<Arc<Pool>>,
+    draining: bool,
+}
+
+/// What a reload did, function by function.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub added: Vec<String>,
+    /// Same command, environment and protocol: the new policy and scale apply to new calls,
+    /// instances keep running.
+    pub updated: Vec<String>,
+    /// A new command, environment or protocol: new instances serve new calls, the old ones drain.
+    pub restarted: Vec<String>,
+    pub removed: Vec<String>,
+    /// `[sidecar]` keys that changed but only apply at the next start.
+    pub need_restart: Vec<&'static str>,
+}
+
+impl std::fmt::Display for Changes {
+    fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        for (what, names) in [
+            ("added", &self.added),
+            ("updated", &self.updated),
+            ("restarted", &self.restarted),
+            ("removed", &self.removed),
+        ] {
+            if !names.is_empty() {
+                parts.push(format!("{what}: {}", names.join(", ")));
+            }
+        }
+        if parts.is_empty() {
+            parts.push("no function changed".into());
+        }
+        if !self.need_restart.is_empty() {
+            parts.push(format!(
+                "not applied until restart: sidecar.{}",
+                self.need_restart.join(", sidecar.")
+            ));
+        }
+        write!(out, "{}", parts.join("; "))
+    }
+}
+
+/// Whether instances started for `a` can serve `b` (otherwise new ones must be started).
+fn same_instances(a: &FunctionConfig, b: &FunctionConfig) -> bool {
+    a.command == b.command && a.env == b.env && a.protocol == b.protocol
+}
+
+/// The `[sidecar]` keys that differ; none of them applies to a running sidecar.
+fn sidecar_changes(a: &SidecarConfig, b: &SidecarConfig) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut check = |changed: bool, key| {
+        if changed {
+            out.push(key);
+        }
+    };
+    check(a.listen != b.listen, "listen");
+    check(a.admin != b.admin, "admin");
+    check(a.advertise != b.advertise, "advertise");
+    check(a.drain_timeout != b.drain_timeout, "drain_timeout");
+    check(a.max_frame_size != b.max_frame_size, "max_frame_size");
+    check(a.workers != b.workers, "workers");
+    check(a.busy_poll != b.busy_poll, "busy_poll");
+    out
+}
+
+impl Mesh {
+    /// Pools for `config`'s functions and the routing tables; call it inside the control
+    /// runtime (instances are started and watched there).
+    pub fn new(
+        path: PathBuf,
+        config: Config,
+        thrift_limits: fnmesh_codec::Limits,
+        watchdog: Arc<Watchdog>,
+    ) -> Mesh {
+        let pools: Vec<Arc<Pool>> = config
+            .functions
+            .iter()
+            .map(|f| new_pool(&config, f.clone(), &watchdog))
+            .collect();
+        let (thrift_routes, grpc_routes) = routes(&pools);
+        let thrift = Arc::new(thrift::Shared {
+            functions: arc_swap::ArcSwap::from_pointee(thrift_routes),
+            limits: thrift_limits,
+            active: 0.into(),
+        });
+        let grpc = Arc::new(grpc::Shared::new(grpc_routes));
+        Mesh {
+            path,
+            state: Mutex::new(State {
+                config,
+                pools,
+                retired: Vec::new(),
+                draining: false,
+            }),
+            thrift,
+            grpc,
+            watchdog,
+        }
+    }
+
+    /// The functions served now.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        lock(&self.state).pools.clone()
+    }
+
+    /// Reads the policy file again and applies it; on an error nothing changes.
+    pub fn reload(&self) -> Result<Changes, String> {
+        let mut st = lock(&self.state);
+        if st.draining {
+            return Err("the sidecar is draining".into());
+        }
+        let config = Config::load(&self.path).map_err(|e| e.to_string())?;
+        let mut changes = Changes {
+            need_restart: sidecar_changes(&st.config.sidecar, &config.sidecar),
+            ..Changes::default()
+        };
+        // Pools keep the settings they were made with for `[sidecar]` keys (grace, workers).
+        let base = st.config.clone();
+        let mut pools = Vec::with_capacity(config.functions.len());
+        let mut old: Vec<Arc<Pool>> = std::mem::take(&mut st.pools);
+        for f in &config.functions {
+            let existing = old
+                .iter()
+                .position(|p| p.name == f.name)
+                .map(|i| old.remove(i));
+            let pool = match existing {
+                Some(pool) if same_instances(&pool.policy().function, f) => {
+                    if *pool.policy().function != *f {
+                        pool.reconfigure(Arc::new(f.clone()));
+                        changes.updated.push(f.name.clone());
+                    }
+                    pool
+                }
+                Some(pool) => {
+                    changes.restarted.push(f.name.clone());
+                    st.retired.push(pool.clone());
+                    self.retire(pool, base.sidecar.drain_timeout);
+                    new_pool(&base, f.clone(), &self.watchdog)
+                }
+                None => {
+                    changes.added.push(f.name.clone());
+                    new_pool(&base, f.clone(), &self.watchdog)
+                }
+            };
+            pools.push(pool);
+        }
+        for pool in old {
+            changes.removed.push(pool.name.clone());
+            st.retired.push(pool.clone());
+            self.retire(pool, base.sidecar.drain_timeout);
+        }
+        let (thrift_routes, grpc_routes) = routes(&pools);
+        self.thrift.functions.store(Arc::new(thrift_routes));
+        self.grpc.functions.store(Arc::new(grpc_routes));
+        st.pools = pools;
+        st.retired
+            .retain(|p| p.live_processes() > 0 || !p.is_shut_down());
+        st.config = Config {
+            sidecar: base.sidecar,
+            functions: config.functions,
+        };
+        Ok(changes)
+    }
+
+    /// A pool no longer routed to: calls already on it finish (and queued ones get their slot)
+    /// within `grace`, then its instances stop.
+    fn retire(&self, pool: Arc<Pool>, grace: Duration) {
+        tokio::spawn(async move {
+            let until = Instant::now() + grace;
+            while Instant::now() < until {
+                let s = pool.snapshot();
+                if s.in_flight == 0 && s.queued == 0 {
+                    break;
+                }
+                sleep(Duration::from_millis(5)).await;
+            }
+            tracing::info!(function = %pool.name, "stopping the instances of a function the policy no longer routes to");
+            pool.shutdown();
+        });
+    }
+
+    /// Every pool with instances, serving or retired, for the final drain; no reload after this.
+    pub fn drain(&self) -> Vec<Arc<Pool>> {
+        let mut st = lock(&self.state);
+        st.draining = true;
+        st.pools.iter().chain(&st.retired).cloned().collect()
+    }
+}
+
+fn new_pool(config: &Config, f: FunctionConfig, watchdog: &Arc<Watchdog>) -> Arc<Pool> {
+    Pool::new(
+        Arc::new(f),
+        config.sidecar.drain_timeout,
+        watchdog.clone(),
+        config.sidecar.workers,
+    )
+}
+
+/// The Thrift and the gRPC routing tables.
+fn routes(pools: &[Arc<Pool>]) -> (Vec<Route>, Vec<Route>) {
+    let (mut thrift, mut grpc) = (Vec::new(), Vec::new());
+    for pool in pools {
+        let f = pool.policy().function.clone();
+        let route = Route {
+            pool: pool.clone(),
+            service: f.service.clone(),
+        };
+        match f.protocol {
+            Protocol::Thrift => thrift.push(route),
+            Protocol::Grpc => grpc.push(route),
+        }
+    }
+    (thrift, grpc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn function(name: &str, protocol: &str, command: &str, policy: &str) -> String {
+        format!(
+            "[[function]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\ncommand = [\"{command}\"]\n\n[function.policy]\n{policy}\n\n"
+        )
+    }
+
+    fn write(path: &std::path::Path, listen: &str, functions: &[String]) {
+        let text = format!("[sidecar]\nlisten = \"{listen}\"\n\n{}", functions.concat());
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn names(routes: &[Route]) -> Vec<&str> {
+        routes.iter().map(|r| r.pool.name.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_reload_updates_restarts_adds_and_removes_and_a_bad_file_changes_nothing() {
+        let dir = std::env::temp_dir().join(format!("fnmesh-mesh-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("fnmesh.toml");
+        let breaker = "circuit_breaker = { window = \"10s\", min_requests = 5, failure_ratio = 0.5, open = \"1s\" }";
+        write(
+            &path,
+            "127.0.0.1:1",
+            &[
+                function("a", "thrift", "/bin/true", breaker),
+                function("b", "grpc", "/bin/true", ""),
+                function("c", "thrift", "/bin/true", ""),
+            ],
+        );
+        let config = Config::load(&path).unwrap();
+        let mesh = Mesh::new(
+            path.clone(),
+            config,
+            fnmesh_codec::Limits::default(),
+            Arc::new(Watchdog::disabled()),
+        );
+        let a = mesh.pools()[0].clone();
+        let b = mesh.pools()[1].clone();
+        let c = mesh.pools()[2].clone();
+        let breakers = a.policy().breakers.clone();
+
+        // a: scale only (its breakers and their state carry over); b: a new command; c gone;
+        // d new; a [sidecar] key that needs a restart.
+        let scaled = function("a", "thrift", "/bin/true", breaker).replace(
+            "[function.policy]",
+            "[function.scale]\nmax = 3\n\n[function.policy]",
+        );
+        write(
+            &path,
+            "127.0.0.1:2",
+            &[
+                scaled.clone(),
+                function("b", "grpc", "/bin/false", ""),
+                function("d", "thrift", "/bin/true", ""),
+            ],
+        );
+        let changes = mesh.reload().unwrap();
+        assert_eq!(
+            changes,
+            Changes {
+                added: vec!["d".into()],
+                updated: vec!["a".into()],
+                restarted: vec!["b".into()],
+                removed: vec!["c".into()],
+                need_restart: vec!["listen", "advertise"],
+            }
+        );
+        assert_eq!(
+            changes.to_string(),
+            "added: d; updated: a; restarted: b; removed: c; not applied until restart: sidecar.listen, sidecar.advertise"
+        );
+        assert_eq!(names(&mesh.thrift.functions.load()), ["a", "d"]);
+        assert_eq!(names(&mesh.grpc.functions.load()), ["b"]);
+        assert!(Arc::ptr_eq(&mesh.thrift.functions.load()[0].pool, &a));
+        assert!(!Arc::ptr_eq(&mesh.grpc.functions.load()[0].pool, &b));
+        assert_eq!(a.policy().function.scale.max, 3);
+        assert!(Arc::ptr_eq(&a.policy().breakers, &breakers));
+        // The replaced and the removed pools drain (nothing in flight here), then stop.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(b.is_shut_down() && c.is_shut_down());
+        assert!(!a.is_shut_down());
+
+        // A policy change rebuilds the breakers; the same file again changes nothing.
+        write(
+            &path,
+            "127.0.0.1:2",
+            &[
+                function("a", "thrift", "/bin/true", "timeout = \"1s\""),
+                function("b", "grpc", "/bin/false", ""),
+                function("d", "thrift", "/bin/true", ""),
+            ],
+        );
+        assert_eq!(mesh.reload().unwrap().updated, ["a"]);
+        assert!(!Arc::ptr_eq(&a.policy().breakers, &breakers));
+        assert!(a.policy().breakers.is_empty());
+        assert_eq!(
+            a.policy().function.policy.timeout,
+            Some(Duration::from_secs(1))
+        );
+        // (The running sidecar still listens where it started: that stays reported.)
+        assert_eq!(
+            mesh.reload().unwrap().to_string(),
+            "no function changed; not applied until restart: sidecar.listen, sidecar.advertise"
+        );
+
+        // An invalid file: refused, naming the key and line; nothing changes.
+        std::fs::write(&path, "[sidecar]\nlisten = \"127.0.0.1:2\"\nbogus = 1\n").unwrap();
+        let e = mesh.reload().unwrap_err();
+        assert!(e.contains("line 3") && e.contains("bogus"), "{e}");
+        assert_eq!(names(&mesh.thrift.functions.load()), ["a", "d"]);
+        assert_eq!(mesh.pools().len(), 3);
+
+        // No reload once draining; retired pools whose instances are gone are forgotten.
+        assert_eq!(mesh.drain().len(), 3);
+        assert!(mesh.reload().unwrap_err().contains("draining"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
