@@ -781,27 +781,6 @@ fn function(
         }
         methods_policy.insert(m.clone(), policy(cx, p, &key(&format!("method.{m}")))?);
     }
-    // gRPC retries only what never reached an instance: retrying after the instance got the
-    // stream would need its body kept for a second attempt. Refused, never silently ignored.
-    if protocol == Protocol::Grpc {
-        let policies = std::iter::once((key("policy"), &policy_cfg, r.policy.as_ref())).chain(
-            r.method
-                .iter()
-                .map(|(m, p)| (key(&format!("method.{m}")), &methods_policy[m], Some(p))),
-        );
-        for (k, p, raw) in policies {
-            if p.retry.is_some_and(|r| r.on_unavailable || r.on_timeout) {
-                let at = raw
-                    .and_then(|raw| raw.get_ref().retry.as_ref())
-                    .map_or(0, |v| v.span().start);
-                return cx.invalid(
-                    at,
-                    format!("{k}.retry.on"),
-                    "only \"connect\" is supported for gRPC functions in this release",
-                );
-            }
-        }
-    }
     Ok(FunctionConfig {
         name,
         protocol,
@@ -866,6 +845,13 @@ impl FunctionConfig {
         self.methods
             .as_ref()
             .is_none_or(|ms| ms.iter().any(|m| m.name == method))
+    }
+
+    /// Whether the IDL declares `method` client streaming (unknown without an IDL).
+    pub fn is_client_streaming(&self, method: &str) -> Option<bool> {
+        self.methods
+            .as_ref()
+            .map(|ms| ms.iter().any(|m| m.name == method && m.client_streaming))
     }
 
     pub fn is_oneway(&self, method: &str) -> bool {

@@ -71,7 +71,117 @@ impl Shared {
 }
 
 /// An HTTP/2 connection to an instance, shared by many streams; one per instance and worker.
-pub type Upstream = SendRequest<Incoming>;
+pub type Upstream = SendRequest<RequestBody>;
+
+/// A request body on its way to an instance: the caller's, streamed through; or, for a call that
+/// may be sent again (an idempotent method with a retry policy), its bytes read in full, or as
+/// much as was read before it proved too large to keep, then the rest.
+pub enum RequestBody {
+    Caller(Incoming),
+    Replay {
+        data: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+    },
+    Partial {
+        data: Option<Bytes>,
+        rest: Incoming,
+    },
+}
+
+/// The most of a request kept for sending it again; a larger one is retried only when it never
+/// reached an instance.
+const REPLAY_LIMIT: usize = 1 << 20;
+
+impl RequestBody {
+    /// Reads the caller's request for sending it again: in full when it ends within
+    /// [`REPLAY_LIMIT`].
+    async fn read(mut body: Incoming) -> Result<RequestBody, CallError> {
+        let mut data = BytesMut::new();
+        let mut trailers = None;
+        loop {
+            let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+            let frame = match frame {
+                None => break,
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => {
+                    return Err(CallError::new(
+                        Kind::BadRequest,
+                        format!("reading the request: {e}"),
+                    ))
+                }
+            };
+            match frame.into_data() {
+                Ok(d) => {
+                    data.extend_from_slice(&d);
+                    if data.len() > REPLAY_LIMIT {
+                        return Ok(RequestBody::Partial {
+                            data: Some(data.freeze()),
+                            rest: body,
+                        });
+                    }
+                }
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        Ok(RequestBody::Replay {
+            data: (!data.is_empty()).then(|| data.freeze()),
+            trailers,
+        })
+    }
+
+    /// The same request again, when it was read in full.
+    fn again(&self) -> Option<RequestBody> {
+        match self {
+            RequestBody::Replay { data, trailers } => Some(RequestBody::Replay {
+                data: data.clone(),
+                trailers: trailers.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Caller(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Replay { data, trailers } => Poll::Ready(
+                data.take()
+                    .map(Frame::data)
+                    .or_else(|| trailers.take().map(Frame::trailers))
+                    .map(Ok),
+            ),
+            RequestBody::Partial { data, rest } => match data.take() {
+                Some(d) => Poll::Ready(Some(Ok(Frame::data(d)))),
+                None => Pin::new(rest).poll_frame(cx),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Caller(body) => body.is_end_stream(),
+            RequestBody::Replay { data, trailers } => data.is_none() && trailers.is_none(),
+            RequestBody::Partial { data, rest } => data.is_none() && rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Caller(body) => body.size_hint(),
+            RequestBody::Replay { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            RequestBody::Partial { .. } => SizeHint::default(),
+        }
+    }
+}
 
 /// The caller's connection, with the bytes read while detecting the protocol put back in front.
 struct Prefixed {
@@ -436,6 +546,13 @@ async fn proxy(shared: &Shared, req: Request<Incoming>) -> Result<Response<Proxy
 /// An admitted stream on its way to an instance: a slot (queueing for a cold start), this
 /// worker's connection to the instance, the request with the remaining budget, the response.
 /// The breaker's `verdict` goes with the response body when there is one.
+///
+/// Under a retry policy, a stream that never reached an instance is tried again on another
+/// (`on = ["connect"]`). For an idempotent method whose request was read in full (not client
+/// streaming, at most [`REPLAY_LIMIT`]), so is one whose instance failed before its response
+/// headers (`unavailable`: the connection was lost, or the instance answered a trailers-only
+/// UNAVAILABLE) or that ran past its even share of the deadline (`timeout`). Once response
+/// headers that start a stream have arrived, the call is never sent again.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     shared: &Shared,
@@ -447,7 +564,6 @@ async fn forward(
     deadline: Option<Instant>,
     verdict: &mut Option<Verdict>,
 ) -> Result<Response<ProxyBody>, CallError> {
-    let mut req = req;
     let timed_out = |what: &str| {
         CallError::new(
             Kind::Timeout,
@@ -459,6 +575,182 @@ async fn forward(
         )
     };
     let active = Active::new(&shared.active);
+    let policy = f.policy_for(method);
+    let retry = policy.retry.filter(|r| r.attempts > 1);
+    if retry.is_some() {
+        pool.retry_budget.deposit();
+    }
+    let replay = retry.filter(|r| {
+        policy.idempotent.unwrap_or(false)
+            && (r.on_unavailable || r.on_timeout)
+            && f.is_client_streaming(method) != Some(true)
+    });
+    let (parts, body) = req.into_parts();
+    let mut body = match (replay, deadline) {
+        (None, _) => RequestBody::Caller(body),
+        (Some(_), Some(d)) => tokio::time::timeout_at(d, Box::pin(RequestBody::read(body)))
+            .await
+            .map_err(|_| timed_out("while the request was read"))??,
+        (Some(_), None) => Box::pin(RequestBody::read(body)).await?,
+    };
+    let mut parts = Some(parts);
+    let mut tries = 1;
+    let mut avoid = None;
+    loop {
+        let (lease, mut sender) =
+            reach(pool, f, retry, &mut tries, avoid, deadline, &timed_out).await?;
+        let left = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(timed_out("before the call was forwarded"));
+                }
+                Some(left)
+            }
+            None => None,
+        };
+        // A copy for the next attempt, when there can be one.
+        let again = replay
+            .filter(|r| tries < r.attempts)
+            .and_then(|_| body.again());
+        let share = match (left, replay, &again) {
+            (Some(left), Some(r), Some(_)) if r.on_timeout => Some(left / (r.attempts - tries + 1)),
+            _ => None,
+        };
+        let retrying = again.is_some();
+        let this = std::mem::replace(
+            &mut body,
+            again.unwrap_or(RequestBody::Replay {
+                data: None,
+                trailers: None,
+            }),
+        );
+        let mut req = match parts.take() {
+            Some(p) if retrying => {
+                let r = rebuild(&p, this);
+                parts = Some(p);
+                r
+            }
+            Some(p) => Request::from_parts(p, this),
+            None => {
+                return Err(CallError::new(
+                    Kind::Unavailable,
+                    format!("function {}: no attempt left", f.name),
+                ))
+            }
+        };
+        if let Some(left) = left {
+            if let Ok(v) = HeaderValue::from_str(&format_grpc_timeout(left)) {
+                req.headers_mut().insert("grpc-timeout", v);
+            }
+        }
+        let send = sender.send_request(req);
+        let until = match (deadline, share) {
+            (Some(d), Some(s)) => Some((Instant::now() + s).min(d)),
+            (d, _) => d,
+        };
+        let response = match until {
+            Some(u) => tokio::time::timeout_at(u, send).await.ok(),
+            None => Some(send.await),
+        };
+        let instance = lease.instance.id;
+        let (e, retryable) = match response {
+            None if deadline.is_some_and(|d| Instant::now() >= d) => {
+                return Err(timed_out("waiting for the instance's response"));
+            }
+            None => {
+                lease.outcome(true);
+                let e = CallError::new(
+                    Kind::Timeout,
+                    format!(
+                        "function {} instance {instance}: no response within {:?} (this attempt's share of the deadline)",
+                        f.name,
+                        share.unwrap_or_default()
+                    ),
+                );
+                (e, replay.is_some_and(|r| r.on_timeout))
+            }
+            Some(Err(e)) => {
+                lease.outcome(true);
+                let e = CallError::new(
+                    Kind::Unavailable,
+                    format!("function {} instance {instance}: {e}", f.name),
+                );
+                (e, replay.is_some_and(|r| r.on_unavailable))
+            }
+            Some(Ok(response)) => {
+                let unavailable = retrying
+                    && replay.is_some_and(|r| r.on_unavailable)
+                    && response.body().is_end_stream()
+                    && response
+                        .headers()
+                        .get("grpc-status")
+                        .map(HeaderValue::as_bytes)
+                        == Some(b"14");
+                let wait = unavailable
+                    .then(|| next_retry(replay, tries, instance, deadline, pool))
+                    .flatten();
+                let Some(wait) = wait else {
+                    return Ok(respond(
+                        response, lease, verdict, deadline, budget, f, active,
+                    ));
+                };
+                lease.outcome(true);
+                drop(lease);
+                tracing::debug!(function = %f.name, instance, "instance answered UNAVAILABLE; retrying on another instance");
+                tokio::time::sleep(wait).await;
+                tries += 1;
+                avoid = Some(instance);
+                continue;
+            }
+        };
+        let wait = (retrying && retryable)
+            .then(|| next_retry(replay, tries, instance, deadline, pool))
+            .flatten();
+        let Some(wait) = wait else {
+            return Err(e);
+        };
+        drop(lease);
+        tracing::debug!(function = %f.name, instance, error = %e, "retrying on another instance");
+        tokio::time::sleep(wait).await;
+        tries += 1;
+        avoid = Some(instance);
+    }
+}
+
+/// The wait before the next attempt under `retry` (`retry.rs`), if it may be made.
+fn next_retry(
+    retry: Option<crate::config::Retry>,
+    tries: u32,
+    instance: u64,
+    deadline: Option<Instant>,
+    pool: &Pool,
+) -> Option<Duration> {
+    retry.and_then(|r| crate::retry::next_wait(&r, tries, instance, deadline, &pool.retry_budget))
+}
+
+/// The request again, with a copy of its body, for another attempt.
+fn rebuild(parts: &http::request::Parts, body: RequestBody) -> Request<RequestBody> {
+    let mut r = Request::new(body);
+    *r.method_mut() = parts.method.clone();
+    *r.uri_mut() = parts.uri.clone();
+    *r.version_mut() = parts.version;
+    *r.headers_mut() = parts.headers.clone();
+    r
+}
+
+/// A slot on an instance (not `avoid` when another has room) and this worker's connection to
+/// it. A connection refused or lost before the stream opened evicts the instance and, under
+/// `retry` with `on = ["connect"]`, is tried again on another; `tries` counts the attempts.
+async fn reach(
+    pool: &Arc<Pool>,
+    f: &FunctionConfig,
+    retry: Option<crate::config::Retry>,
+    tries: &mut u32,
+    avoid: Option<u64>,
+    deadline: Option<Instant>,
+    timed_out: &impl Fn(&str) -> CallError,
+) -> Result<(Lease, Upstream), CallError> {
     let acquire = || async {
         match deadline {
             // Boxed, like the other slow paths: what they hold does not weigh on every stream's
@@ -469,24 +761,19 @@ async fn forward(
             None => Box::pin(pool.acquire()).await,
         }
     };
-    // Only what never reached an instance is retried for gRPC (its connection was refused or
-    // lost before the stream was opened): the request body has not been read yet.
-    let retry = f
-        .policy_for(method)
-        .retry
-        .filter(|r| r.attempts > 1 && r.on_connect);
-    if retry.is_some() {
-        pool.retry_budget.deposit();
-    }
-    let mut tries = 1;
-    let mut lease = match pool.try_acquire()? {
+    let on_connect = retry.filter(|r| r.on_connect);
+    let free = match avoid {
+        Some(a) => pool.try_acquire_other(a)?,
+        None => pool.try_acquire()?,
+    };
+    let mut lease = match free {
         Some(lease) => lease,
         None => acquire().await?,
     };
-    let mut sender = loop {
+    loop {
         lease.set_deadline(deadline);
         let e = match connect(&lease.instance).await {
-            Ok(sender) => break sender,
+            Ok(sender) => return Ok((lease, sender)),
             Err(e) => e,
         };
         lease.evict();
@@ -495,43 +782,30 @@ async fn forward(
             Kind::Unavailable,
             format!("function {} instance {instance}: {e}", f.name),
         );
-        let wait = retry.and_then(|r| {
-            crate::retry::next_wait(&r, tries, instance, deadline, &pool.retry_budget)
-        });
-        let Some(wait) = wait else {
+        let Some(wait) = next_retry(on_connect, *tries, instance, deadline, pool) else {
             return Err(e);
         };
         tracing::debug!(function = %f.name, instance, error = %e, "retrying on another instance");
         tokio::time::sleep(wait).await;
-        tries += 1;
+        *tries += 1;
         lease = match pool.try_acquire_other(instance)? {
             Some(lease) => lease,
             None => acquire().await?,
         };
-    };
-    if let Some(d) = deadline {
-        let left = d.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(timed_out("before the call was forwarded"));
-        }
-        if let Ok(v) = HeaderValue::from_str(&format_grpc_timeout(left)) {
-            req.headers_mut().insert("grpc-timeout", v);
-        }
     }
-    let send = sender.send_request(req);
-    let response = match deadline {
-        Some(d) => tokio::time::timeout_at(d, send)
-            .await
-            .map_err(|_| timed_out("waiting for the instance's response"))?,
-        None => send.await,
-    };
-    let response = response.map_err(|e| {
-        lease.outcome(true);
-        CallError::new(
-            Kind::Unavailable,
-            format!("function {} instance {}: {e}", f.name, lease.instance.id),
-        )
-    })?;
+}
+
+/// The instance's response, streamed back: its outcome is read for the breaker when it is
+/// already known (a trailers-only status), else from the body's trailers.
+fn respond(
+    response: Response<Incoming>,
+    lease: Lease,
+    verdict: &mut Option<Verdict>,
+    deadline: Option<Instant>,
+    budget: Option<Duration>,
+    f: &FunctionConfig,
+    active: Active,
+) -> Response<ProxyBody> {
     crate::workers::busy();
     let (parts, body) = response.into_parts();
     let mut verdict = verdict.take();
@@ -551,7 +825,7 @@ async fn forward(
             lease.outcome(failed);
         }
     }
-    Ok(Response::from_parts(
+    Response::from_parts(
         parts,
         ProxyBody::Upstream {
             body,
@@ -562,7 +836,7 @@ async fn forward(
             lease,
             _active: active,
         },
-    ))
+    )
 }
 
 /// A stream's outcome for its method's breaker, recorded once: from the instance's

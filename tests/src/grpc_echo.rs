@@ -33,7 +33,9 @@ impl Drop for Unfinished {
 /// `sleep_ms` sleeps first; message `__crash__` exits the process; `__status__ N text` answers
 /// gRPC status N with message `text`; `__cancelled__` answers how many server streams were
 /// cancelled by their callers so far; `__count__` how many UnaryEcho calls came before (not
-/// counting itself). Server streaming: `__bulk__ N` sends N messages of 1 MiB.
+/// counting itself). `__crash_on__ N`, `__unavailable_on__ N` and `__slow_on__ N` exit, answer
+/// UNAVAILABLE, or sleep 2 s when this is instance N, and otherwise reply normally.
+/// Server streaming: `__bulk__ N` sends N messages of 1 MiB.
 /// Request metadata `x-echo` comes back as response
 /// metadata `x-echo`, and the request's `grpc-timeout` as `x-grpc-timeout`.
 #[derive(Clone, Default)]
@@ -51,6 +53,20 @@ impl GrpcEcho {
     async fn reply(&self, req: EchoRequest) -> Result<EchoResponse, Status> {
         if req.message == "__crash__" {
             std::process::exit(3);
+        }
+        let on_this = |hook: &str| {
+            req.message
+                .strip_prefix(hook)
+                .is_some_and(|n| n == self.instance.as_str())
+        };
+        if on_this("__crash_on__ ") {
+            std::process::exit(3);
+        }
+        if on_this("__unavailable_on__ ") {
+            return Err(Status::new(Code::Unavailable, "unavailable on purpose"));
+        }
+        if on_this("__slow_on__ ") {
+            tokio::time::sleep(Duration::from_secs(2)).await;
         }
         if req.message == "__count__" {
             return Ok(EchoResponse {

@@ -676,3 +676,69 @@ async fn sighup_applies_a_new_timeout_to_later_streams_and_spares_the_one_in_fli
     assert_eq!(last.instance, first.instance);
     assert_eq!(sc.stat("echo", "processes"), 1);
 }
+
+/// Two warm instances of the gRPC echo function under a shell (so one can be killed alone).
+fn two_grpc_instances(policy: &str, method: &str) -> Sidecar {
+    let table = under_shell(
+        &grpc_echo_fn(),
+        &grpc_echo_function("echo", "min = 2\nmax = 2", policy),
+        &format!("{}; sleep 60", grpc_echo_fn()),
+    );
+    let sc = Sidecar::start(&format!("{table}{method}"));
+    assert!(sc.wait_for(Duration::from_secs(5), |s| s.stat("echo", "ready") == 2));
+    sc
+}
+
+/// A stream its instance got and failed on (crashed holding it, answered UNAVAILABLE, or ran
+/// past its share of the deadline) is sent again, to the other instance, only when its method
+/// is idempotent.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_idempotent_streams_are_retried_after_the_instance_got_them() {
+    let retry = "timeout = \"1s\"\nretry = { attempts = 2, backoff = \"1ms\", on = [\"connect\", \"unavailable\", \"timeout\"] }";
+    for idempotent in [false, true] {
+        let method = if idempotent {
+            "[function.method.UnaryEcho]\nidempotent = true\n"
+        } else {
+            ""
+        };
+        let sc = two_grpc_instances(retry, method);
+        // Sequential calls go to the first of two idle instances.
+        let (_, first) = unary(sc.addr, "who").await.unwrap();
+        for hook in ["__unavailable_on__", "__slow_on__", "__crash_on__"] {
+            let message = format!("{hook} {first}");
+            let t = Instant::now();
+            let got = unary(sc.addr, &message).await;
+            let took = t.elapsed();
+            match got {
+                Ok((echoed, served_by)) => {
+                    assert!(idempotent, "{hook}: retried though not idempotent");
+                    assert_eq!(echoed, message);
+                    assert_ne!(served_by, first, "{hook}");
+                    assert!(took < Duration::from_millis(1000), "{hook}: {took:?}");
+                }
+                Err(e) => {
+                    assert!(!idempotent, "{hook}: {e:?}");
+                    let want = match hook {
+                        "__slow_on__" => Code::DeadlineExceeded,
+                        _ => Code::Unavailable,
+                    };
+                    assert_eq!(e.code(), want, "{hook}: {e:?}");
+                    if hook == "__unavailable_on__" {
+                        // The instance's own answer, passed through.
+                        assert_eq!(e.message(), "unavailable on purpose");
+                    }
+                }
+            }
+        }
+        // Not idempotent: the other instance never saw the calls that failed on the first.
+        // (Instances 1 and 2 started first; the crashed one's replacement is 3.)
+        if !idempotent {
+            let (count, other) = unary(sc.addr, "__count__").await.unwrap();
+            assert!(
+                other != first && ["1", "2"].contains(&other.as_str()),
+                "{other}"
+            );
+            assert_eq!(count, "0");
+        }
+    }
+}
