@@ -27,6 +27,39 @@ if ! python3 -c "import grpc, grpc_health.v1.health_pb2" >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-health-checking
 fi
 
+# Debian packages: etcd (a real etcd for the discovery tests), and protoc with the well-known
+# protos (etcd-client, behind fnmesh's `etcd` feature, generates its gRPC code at build time).
+missing=()
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "== installing Debian ${missing[*]}"
+    sudo_="" ; [ "$(id -u)" -eq 0 ] || sudo_="sudo"
+    $sudo_ apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Consul 1.8.7: Debian bullseye's package (bookworm has none), fetched through a scratch apt
+# source list without touching the system's sources, and unpacked under target/tools.
+consul_dir=target/tools/consul
+if [ ! -x "$consul_dir/usr/bin/consul" ]; then
+    echo "== fetching Consul 1.8.7 (Debian bullseye's consul package)"
+    scratch=$(mktemp -d)
+    mkdir -p "$scratch/lists/partial" "$scratch/cache/archives/partial"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bullseye main" \
+        > "$scratch/sources.list"
+    apt_opts=(-o "Dir::Etc::SourceList=$scratch/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
+        -o "Dir::State::Lists=$scratch/lists" -o "Dir::Cache=$scratch/cache" -o "Debug::NoLocking=1"
+        -o "APT::Sandbox::User=root")
+    apt-get "${apt_opts[@]}" update -qq
+    (cd "$scratch" && apt-get "${apt_opts[@]}" download consul=1.8.7* >/dev/null)
+    mkdir -p "$consul_dir"
+    dpkg-deb -x "$scratch"/consul_*.deb "$consul_dir"
+    rm -rf "$scratch"
+fi
+"$consul_dir/usr/bin/consul" version | head -1
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

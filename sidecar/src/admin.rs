@@ -73,7 +73,14 @@ fn get(path: &str, draining: bool, admin: &Admin) -> (&'static str, String) {
     match path {
         "/healthz" => ("200 OK", "ok\n".to_owned()),
         "/readyz" if draining => ("503 Service Unavailable", "draining\n".to_owned()),
-        "/readyz" => ("200 OK", "ready\n".to_owned()),
+        "/readyz" => (
+            "200 OK",
+            match admin.mesh.registry_health() {
+                // A registry outage is reported, but the sidecar serves: still ready.
+                Some((name, health)) => format!("ready\nregistry {name}: {health}\n"),
+                None => "ready\n".to_owned(),
+            },
+        ),
         "/admin/functions" => ("200 OK", functions_json(admin)),
         _ => ("404 Not Found", "not found\n".to_owned()),
     }

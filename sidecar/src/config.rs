@@ -15,7 +15,38 @@ use toml::Spanned;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub sidecar: SidecarConfig,
+    pub discovery: DiscoveryConfig,
     pub functions: Vec<FunctionConfig>,
+}
+
+/// `[discovery]`: where the sidecar registers its functions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveryConfig {
+    pub backend: DiscoveryBackend,
+    /// A registration's time to live: renewed every third of it (Consul TTL check, etcd lease).
+    pub ttl: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiscoveryBackend {
+    /// Registered in the process only: nothing external needed.
+    None,
+    /// A Consul agent at `address` (`http://host:port`).
+    Consul { address: String },
+    /// An etcd cluster at `endpoints`, keys under `prefix`.
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+    },
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            backend: DiscoveryBackend::None,
+            ttl: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -223,14 +254,10 @@ fn default_frame() -> usize {
 #[serde(deny_unknown_fields)]
 struct RawDiscovery {
     backend: Spanned<String>,
-    #[allow(dead_code)]
-    address: Option<String>,
-    #[allow(dead_code)]
-    endpoints: Option<Vec<String>>,
-    #[allow(dead_code)]
-    prefix: Option<String>,
+    address: Option<Spanned<String>>,
+    endpoints: Option<Spanned<Vec<String>>>,
+    prefix: Option<Spanned<String>>,
     #[serde(default, deserialize_with = "opt_duration")]
-    #[allow(dead_code)]
     ttl: Option<Duration>,
 }
 
@@ -350,6 +377,127 @@ fn size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
 
 // ---- Loading and validation ------------------------------------------------------------------
 
+/// `[discovery]`, checked: a known backend with an `http://` address, keys only for it.
+fn discovery(cx: &Ctx<'_>, d: &Spanned<RawDiscovery>) -> Result<DiscoveryConfig, ConfigError> {
+    let raw = d.get_ref();
+    let backend = &raw.backend;
+    let ttl = raw.ttl.unwrap_or(Duration::from_secs(10));
+    if ttl < Duration::from_secs(2) {
+        return cx.invalid(
+            d.span().start,
+            "discovery.ttl",
+            "must be at least 2s (etcd grants no shorter lease)",
+        );
+    }
+    let http = |v: &Spanned<String>, key: &str| -> Result<String, ConfigError> {
+        let s = v.get_ref();
+        match s.strip_prefix("http://") {
+            Some(rest)
+                if !rest.trim_end_matches('/').is_empty()
+                    && !rest.trim_end_matches('/').contains('/') =>
+            {
+                Ok(s.clone())
+            }
+            _ => cx.invalid(
+                v.span().start,
+                key,
+                format!("{s:?} is not http://host:port"),
+            ),
+        }
+    };
+    let not_for = |name: &str, present: bool, at: usize, key: &str| -> Result<(), ConfigError> {
+        match present {
+            true => cx.invalid(at, key, format!("does not apply to backend \"{name}\"")),
+            false => Ok(()),
+        }
+    };
+    let at = |o: Option<usize>| o.unwrap_or(d.span().start);
+    let backend = match backend.get_ref().as_str() {
+        "none" => {
+            not_for(
+                "none",
+                raw.address.is_some(),
+                at(raw.address.as_ref().map(|a| a.span().start)),
+                "discovery.address",
+            )?;
+            not_for(
+                "none",
+                raw.endpoints.is_some(),
+                at(raw.endpoints.as_ref().map(|a| a.span().start)),
+                "discovery.endpoints",
+            )?;
+            not_for(
+                "none",
+                raw.prefix.is_some(),
+                at(raw.prefix.as_ref().map(|a| a.span().start)),
+                "discovery.prefix",
+            )?;
+            DiscoveryBackend::None
+        }
+        "consul" => {
+            not_for(
+                "consul",
+                raw.endpoints.is_some(),
+                at(raw.endpoints.as_ref().map(|a| a.span().start)),
+                "discovery.endpoints",
+            )?;
+            not_for(
+                "consul",
+                raw.prefix.is_some(),
+                at(raw.prefix.as_ref().map(|a| a.span().start)),
+                "discovery.prefix",
+            )?;
+            let address = match &raw.address {
+                Some(a) => http(a, "discovery.address")?,
+                None => "http://127.0.0.1:8500".to_owned(),
+            };
+            DiscoveryBackend::Consul { address }
+        }
+        "etcd" => {
+            not_for(
+                "etcd",
+                raw.address.is_some(),
+                at(raw.address.as_ref().map(|a| a.span().start)),
+                "discovery.address",
+            )?;
+            if !cfg!(feature = "etcd") {
+                return cx.invalid(
+                    backend.span().start,
+                    "discovery.backend",
+                    "this fnmesh was built without etcd support (cargo build --features etcd)",
+                );
+            }
+            let endpoints = match &raw.endpoints {
+                Some(list) if list.get_ref().is_empty() => {
+                    return cx.invalid(list.span().start, "discovery.endpoints", "is empty")
+                }
+                Some(list) => {
+                    let mut out = Vec::new();
+                    for e in list.get_ref() {
+                        let spanned = Spanned::new(list.span(), e.clone());
+                        out.push(http(&spanned, "discovery.endpoints")?);
+                    }
+                    out
+                }
+                None => vec!["http://127.0.0.1:2379".to_owned()],
+            };
+            let prefix = raw
+                .prefix
+                .as_ref()
+                .map_or("kitex/registry-etcd".to_owned(), |p| p.get_ref().clone());
+            DiscoveryBackend::Etcd { endpoints, prefix }
+        }
+        other => {
+            return cx.invalid(
+                backend.span().start,
+                "discovery.backend",
+                format!("{other:?} is not one of none, consul, etcd"),
+            )
+        }
+    };
+    Ok(DiscoveryConfig { backend, ttl })
+}
+
 struct Ctx<'a> {
     path: &'a str,
     text: &'a str,
@@ -422,29 +570,10 @@ impl Config {
                 "must be at least 64 bytes",
             );
         }
-        if let Some(d) = &raw.discovery {
-            let backend = &d.get_ref().backend;
-            match backend.get_ref().as_str() {
-                "none" => {}
-                "consul" | "etcd" => {
-                    return cx.invalid(
-                        backend.span().start,
-                        "discovery.backend",
-                        format!(
-                            "{:?} is not supported yet (only \"none\" in this release)",
-                            backend.get_ref()
-                        ),
-                    )
-                }
-                other => {
-                    return cx.invalid(
-                        backend.span().start,
-                        "discovery.backend",
-                        format!("{other:?} is not one of none, consul, etcd"),
-                    )
-                }
-            }
-        }
+        let discovery = match &raw.discovery {
+            Some(d) => discovery(&cx, d)?,
+            None => DiscoveryConfig::default(),
+        };
         let mut functions: Vec<FunctionConfig> = Vec::new();
         for f in &raw.function {
             let fc = function(&cx, f, base)?;
@@ -469,6 +598,7 @@ impl Config {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
         Ok(Config {
+            discovery,
             sidecar: SidecarConfig {
                 listen,
                 admin,

@@ -239,6 +239,8 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
     let io = TokioIo::new(Prefixed { head, sock });
     let _open = Active::new(&shared.connections);
     let mut draining = shared.draining.subscribe();
+    // A connection opened while the sidecar already drains gets its GOAWAY at once.
+    draining.mark_changed();
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(handle(&shared, req).await) }

@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use fnmesh_discovery::{Backend, Health, Registrar, Registration};
 use tokio::time::{sleep, Instant};
 
 use crate::{
@@ -27,6 +28,9 @@ pub struct Mesh {
     pub thrift: Arc<thrift::Shared>,
     pub grpc: Arc<grpc::Shared>,
     watchdog: Arc<Watchdog>,
+    /// Keeps the functions registered in `[discovery]`'s registry (once started), and which
+    /// registry that is.
+    registrar: Mutex<Option<(&'static str, Registrar)>>,
 }
 
 struct State {
@@ -69,10 +73,15 @@ impl std::fmt::Display for Changes {
             parts.push("no function changed".into());
         }
         if !self.need_restart.is_empty() {
-            parts.push(format!(
-                "not applied until restart: sidecar.{}",
-                self.need_restart.join(", sidecar.")
-            ));
+            let keys: Vec<String> = self
+                .need_restart
+                .iter()
+                .map(|k| match *k {
+                    "discovery" => "[discovery]".to_owned(),
+                    k => format!("sidecar.{k}"),
+                })
+                .collect();
+            parts.push(format!("not applied until restart: {}", keys.join(", ")));
         }
         write!(out, "{}", parts.join("; "))
     }
@@ -133,6 +142,54 @@ impl Mesh {
             thrift,
             grpc,
             watchdog,
+            registrar: Mutex::new(None),
+        }
+    }
+
+    /// What the registry should hold: every function, at the advertised address.
+    fn registrations(pools: &[Arc<Pool>], advertise: std::net::SocketAddr) -> Vec<Registration> {
+        pools
+            .iter()
+            .map(|p| {
+                let f = p.policy().function.clone();
+                Registration {
+                    name: f.name.clone(),
+                    address: advertise,
+                    protocol: match f.protocol {
+                        Protocol::Thrift => "thrift",
+                        Protocol::Grpc => "grpc",
+                    }
+                    .to_owned(),
+                    idl_service: f.service.clone(),
+                    methods: f.methods.iter().flatten().map(|m| m.name.clone()).collect(),
+                    weight: fnmesh_discovery::DEFAULT_WEIGHT,
+                }
+            })
+            .collect()
+    }
+
+    /// Starts keeping every function registered in `backend` (once the listener is up); a
+    /// reload updates the registrations.
+    pub fn register(&self, backend: Backend) {
+        let st = lock(&self.state);
+        let wanted = Self::registrations(&st.pools, st.config.sidecar.advertise);
+        let name = backend.name();
+        let registrar = Registrar::start(backend, st.config.discovery.ttl, wanted);
+        *lock(&self.registrar) = Some((name, registrar));
+    }
+
+    /// The registry's name and how the registrations stand.
+    pub fn registry_health(&self) -> Option<(&'static str, Health)> {
+        lock(&self.registrar)
+            .as_ref()
+            .map(|(name, r)| (*name, r.health()))
+    }
+
+    /// Deregisters every function (waiting at most `within`): the first step of a drain.
+    pub async fn deregister(&self, within: Duration) {
+        let registrar = lock(&self.registrar).take();
+        if let Some((_, mut registrar)) = registrar {
+            registrar.leave(within).await;
         }
     }
 
@@ -148,8 +205,12 @@ impl Mesh {
             return Err("the sidecar is draining".into());
         }
         let config = Config::load(&self.path).map_err(|e| e.to_string())?;
+        let mut need_restart = sidecar_changes(&st.config.sidecar, &config.sidecar);
+        if st.config.discovery != config.discovery {
+            need_restart.push("discovery");
+        }
         let mut changes = Changes {
-            need_restart: sidecar_changes(&st.config.sidecar, &config.sidecar),
+            need_restart,
             ..Changes::default()
         };
         // Pools keep the settings they were made with for `[sidecar]` keys (grace, workers).
@@ -190,11 +251,15 @@ impl Mesh {
         let (thrift_routes, grpc_routes) = routes(&pools);
         self.thrift.functions.store(Arc::new(thrift_routes));
         self.grpc.functions.store(Arc::new(grpc_routes));
+        if let Some((_, registrar)) = lock(&self.registrar).as_ref() {
+            registrar.set(Self::registrations(&pools, base.sidecar.advertise));
+        }
         st.pools = pools;
         st.retired
             .retain(|p| p.live_processes() > 0 || !p.is_shut_down());
         st.config = Config {
             sidecar: base.sidecar,
+            discovery: base.discovery,
             functions: config.functions,
         };
         Ok(changes)

@@ -10,6 +10,7 @@ use std::{
 
 use bytes::BytesMut;
 use fnmesh_codec::{detect, Detected, Detection, Limits};
+use fnmesh_discovery::Backend;
 use tokio::{
     io::AsyncReadExt,
     net::{TcpListener, TcpStream},
@@ -18,8 +19,42 @@ use tokio::{
 };
 
 use crate::{
-    admin, config::Config, grpc, mesh::Mesh, thrift, watchdog::Watchdog, workers::Workers,
+    admin,
+    config::{Config, DiscoveryBackend},
+    grpc,
+    mesh::Mesh,
+    thrift,
+    watchdog::Watchdog,
+    workers::Workers,
 };
+
+/// How long deregistering may take when the sidecar drains.
+const DEREGISTER: Duration = Duration::from_secs(2);
+/// How long the listener stays open after deregistering, for callers whose registry view is a
+/// moment old.
+const PROPAGATION: Duration = Duration::from_secs(1);
+
+/// The registry `[discovery]` names. Nothing is sent yet: an unreachable registry is retried
+/// later and never stops the sidecar from serving.
+async fn registry(backend: &DiscoveryBackend) -> Result<Backend, String> {
+    Ok(match backend {
+        DiscoveryBackend::None => Backend::Embedded(Default::default()),
+        DiscoveryBackend::Consul { address } => Backend::Consul(
+            fnmesh_discovery::consul::Consul::new(address)
+                .map_err(|e| format!("discovery.address: {e}"))?,
+        ),
+        #[cfg(feature = "etcd")]
+        DiscoveryBackend::Etcd { endpoints, prefix } => Backend::Etcd(Box::new(
+            fnmesh_discovery::etcd::Etcd::new(endpoints, prefix)
+                .await
+                .map_err(|e| format!("discovery.endpoints: {e}"))?,
+        )),
+        #[cfg(not(feature = "etcd"))]
+        DiscoveryBackend::Etcd { .. } => {
+            return Err("this fnmesh was built without etcd support".into())
+        }
+    })
+}
 
 /// How long a new connection may take to send enough bytes to tell its protocol.
 const DETECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,6 +108,7 @@ async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
     let watchdog =
         Arc::new(Watchdog::start().map_err(|e| format!("cannot start the watchdog: {e}"))?);
     let sidecar = config.sidecar.clone();
+    let backend = registry(&config.discovery.backend).await?;
     let mesh = Arc::new(Mesh::new(path, config, limits, watchdog));
     let admin = Arc::new(admin::Admin {
         mesh: mesh.clone(),
@@ -99,6 +135,10 @@ async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
         "fnmesh serving"
     );
 
+    // The listener is up: callers may now find the functions.
+    let registry = backend.name();
+    mesh.register(backend);
+
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
@@ -114,10 +154,29 @@ async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
         }
     }
 
-    // Drain: no new connections; calls in flight get `drain_timeout` to finish.
-    drop(listener);
+    // Drain. First the sidecar says it is going: `/readyz` fails, gRPC health turns NOT_SERVING
+    // and HTTP/2 connections get GOAWAY, and the functions are deregistered; it keeps accepting
+    // meanwhile, and for a moment after, so that callers who resolved it just before are
+    // served. Then no new connections; calls in flight get `drain_timeout` to finish.
     admin.draining.store(true, Ordering::SeqCst);
     grpc_shared.draining.send_replace(true);
+    let leave = async {
+        mesh.deregister(DEREGISTER.min(grace)).await;
+        if registry != "none" {
+            sleep(PROPAGATION.min(grace / 2)).await;
+        }
+    };
+    tokio::pin!(leave);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((sock, _)) => workers.dispatch(sock),
+                Err(_) => sleep(Duration::from_millis(10)).await,
+            },
+            () = &mut leave => break,
+        }
+    }
+    drop(listener);
     // Thrift calls in flight, gRPC streams in flight, and HTTP/2 connections still open after
     // their GOAWAY (each closes once its streams are done and flushed).
     let active = || {

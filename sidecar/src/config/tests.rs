@@ -333,8 +333,35 @@ fn errors_name_the_key_and_the_line() {
         ),
         (
             "backend = \"none\"",
-            "backend = \"consul\"",
-            &["fnmesh.toml:9", "discovery.backend", "not supported yet"],
+            "backend = \"zookeeper\"",
+            &[
+                "fnmesh.toml:9",
+                "discovery.backend",
+                "not one of none, consul, etcd",
+            ],
+        ),
+        (
+            "backend = \"none\"",
+            "backend = \"consul\"\naddress = \"https://127.0.0.1:8500\"",
+            &[
+                "fnmesh.toml:10",
+                "discovery.address",
+                "is not http://host:port",
+            ],
+        ),
+        (
+            "backend = \"none\"",
+            "backend = \"consul\"\nprefix = \"x\"",
+            &[
+                "fnmesh.toml:10",
+                "discovery.prefix",
+                "does not apply to backend \"consul\"",
+            ],
+        ),
+        (
+            "backend = \"none\"",
+            "backend = \"consul\"\nttl = \"1s\"",
+            &["discovery.ttl", "at least 2s"],
         ),
         (
             "listen = \"127.0.0.1:8888\"",
@@ -399,4 +426,43 @@ fn durations_and_sizes() {
     assert_eq!(parse_size("4096").unwrap(), 4096);
     assert!(parse_size("5GiB").is_err());
     assert!(parse_size("-1").is_err());
+}
+
+#[test]
+fn discovery_backends_parse_with_their_defaults() {
+    let with = |table: &str| parse(&GOOD.replacen("backend = \"none\"", table, 1)).unwrap();
+    assert_eq!(parse(GOOD).unwrap().discovery, DiscoveryConfig::default());
+    assert_eq!(
+        with("backend = \"consul\"").discovery,
+        DiscoveryConfig {
+            backend: DiscoveryBackend::Consul {
+                address: "http://127.0.0.1:8500".into()
+            },
+            ttl: Duration::from_secs(10),
+        }
+    );
+    assert_eq!(
+        with("backend = \"consul\"\naddress = \"http://10.0.0.1:8500\"\nttl = \"3s\"").discovery,
+        DiscoveryConfig {
+            backend: DiscoveryBackend::Consul {
+                address: "http://10.0.0.1:8500".into()
+            },
+            ttl: Duration::from_secs(3),
+        }
+    );
+    let etcd = parse(&GOOD.replacen("backend = \"none\"", "backend = \"etcd\"", 1));
+    if cfg!(feature = "etcd") {
+        assert_eq!(
+            etcd.unwrap().discovery.backend,
+            DiscoveryBackend::Etcd {
+                endpoints: vec!["http://127.0.0.1:2379".into()],
+                prefix: "kitex/registry-etcd".into(),
+            }
+        );
+    } else {
+        assert!(etcd
+            .unwrap_err()
+            .to_string()
+            .contains("without etcd support"));
+    }
 }

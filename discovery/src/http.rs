@@ -1,0 +1,129 @@
+//! A thin HTTP/1.1 client over hyper for registry APIs: one request per connection (these are
+//! a few requests per TTL, not a data path), bounded by a timeout.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::Error;
+
+/// An HTTP server at `authority` (`host:port`).
+#[derive(Debug, Clone)]
+pub struct Http {
+    pub registry: &'static str,
+    pub authority: String,
+}
+
+/// A response: status, headers, body.
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Http {
+    /// `base` is `http://host:port` (a trailing `/` is fine); `https` is not supported.
+    pub fn new(registry: &'static str, base: &str) -> Result<Http, String> {
+        let rest = base
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("{base:?}: only http:// addresses are supported"))?;
+        let authority = rest.trim_end_matches('/');
+        if authority.is_empty() || authority.contains('/') {
+            return Err(format!("{base:?}: expected http://host:port"));
+        }
+        Ok(Http {
+            registry,
+            authority: authority.to_owned(),
+        })
+    }
+
+    fn unreachable(&self, detail: impl std::fmt::Display) -> Error {
+        Error::Unreachable {
+            registry: self.registry,
+            detail: format!("{}: {detail}", self.authority),
+        }
+    }
+
+    /// Sends one request and reads the whole answer within `within`.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        within: Duration,
+    ) -> Result<Answer, Error> {
+        tokio::time::timeout(within, self.exchange(method, path, body))
+            .await
+            .map_err(|_| self.unreachable(format!("no answer within {within:?}")))?
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Answer, Error> {
+        let stream = TcpStream::connect(&self.authority)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, &self.authority);
+        if body.is_some() {
+            req = req.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| Error::Refused {
+                registry: self.registry,
+                detail: format!("cannot build the request for {path}: {e}"),
+            })?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.unreachable(e))?
+            .to_bytes();
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_http_host_port() {
+        assert_eq!(
+            Http::new("consul", "http://127.0.0.1:8500/")
+                .unwrap()
+                .authority,
+            "127.0.0.1:8500"
+        );
+        assert!(Http::new("consul", "https://127.0.0.1:8500")
+            .unwrap_err()
+            .contains("only http://"));
+        assert!(Http::new("consul", "http://host:1/v1").is_err());
+    }
+}

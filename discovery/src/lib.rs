@@ -1,0 +1,171 @@
+//! Service discovery for fnmesh: each function registered as an ordinary RPC service in Consul or
+//! etcd (formats of DESIGN.md, readable by CloudWeGo's registries), kept alive while the sidecar
+//! runs, and resolved back into endpoints, also as a `volo::discovery::Discover` so a Volo client
+//! can call a function by name.
+#![forbid(unsafe_code)]
+
+use std::{collections::BTreeMap, future::Future, net::SocketAddr, time::Duration};
+
+use futures_util::Stream;
+
+pub mod consul;
+pub mod embedded;
+#[cfg(feature = "etcd")]
+pub mod etcd;
+mod http;
+mod registrar;
+mod volo_discover;
+
+pub use registrar::{Health, Registrar};
+pub use volo_discover::VoloDiscover;
+
+/// What one function's registration says: the service name callers resolve, the sidecar's
+/// address, and what the function speaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// The service name (the function's `name`).
+    pub name: String,
+    /// Where callers reach it (the sidecar's `advertise` address).
+    pub address: SocketAddr,
+    /// `thrift` or `grpc`.
+    pub protocol: String,
+    /// The IDL service (Thrift `isn` / gRPC `package.Service`), when known.
+    pub idl_service: Option<String>,
+    /// The IDL's methods, when known.
+    pub methods: Vec<String>,
+    pub weight: u32,
+}
+
+/// The weight a registration carries: Kitex's default.
+pub const DEFAULT_WEIGHT: u32 = 10;
+
+impl Registration {
+    /// `{name}:{host}:{port}`: the Consul service ID, unique per sidecar and function.
+    pub fn id(&self) -> String {
+        format!(
+            "{}:{}:{}",
+            self.name,
+            self.address.ip(),
+            self.address.port()
+        )
+    }
+
+    /// Tags as `k: v` pairs: `protocol`, and `idl_service` and `methods` when known.
+    pub fn tags(&self) -> BTreeMap<String, String> {
+        let mut tags = BTreeMap::new();
+        tags.insert("protocol".to_owned(), self.protocol.clone());
+        if let Some(s) = &self.idl_service {
+            tags.insert("idl_service".to_owned(), s.clone());
+        }
+        if !self.methods.is_empty() {
+            tags.insert("methods".to_owned(), self.methods.join(","));
+        }
+        tags
+    }
+}
+
+/// One endpoint of a service, as resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The registry could not be reached (or did not answer in time).
+    #[error("{registry} unreachable: {detail}")]
+    Unreachable {
+        registry: &'static str,
+        detail: String,
+    },
+    /// The registry answered, but refused or did not understand the request.
+    #[error("{registry} refused the request: {detail}")]
+    Refused {
+        registry: &'static str,
+        detail: String,
+    },
+    /// The registry no longer holds the registration (it restarted, or the lease or TTL ran
+    /// out): it must be registered again.
+    #[error("{registry} no longer holds the registration: {detail}")]
+    Lost {
+        registry: &'static str,
+        detail: String,
+    },
+}
+
+/// Registers a sidecar's functions and keeps them registered.
+pub trait Registry: Send + Sync + 'static {
+    /// Registers `r` (replacing an earlier registration of the same ID), with time-to-live
+    /// `ttl`: it disappears unless renewed.
+    fn register(
+        &self,
+        r: &Registration,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+    /// Renews `r`; [`Error::Lost`] when the registry no longer holds it.
+    fn renew(&self, r: &Registration) -> impl Future<Output = Result<(), Error>> + Send;
+    /// Removes `r`.
+    fn deregister(&self, r: &Registration) -> impl Future<Output = Result<(), Error>> + Send;
+}
+
+/// Resolves a service name into its endpoints, and follows them.
+pub trait Resolver: Send + Sync + 'static {
+    /// The endpoints of `name` now, then again after each change; an error while the registry
+    /// cannot be reached (the stream goes on, and yields endpoints again once it can).
+    fn resolve(
+        &self,
+        name: &str,
+    ) -> impl Stream<Item = Result<Vec<Endpoint>, Error>> + Send + 'static;
+}
+
+/// A registry chosen when the sidecar starts (`[discovery] backend`).
+#[derive(Clone)]
+pub enum Backend {
+    Embedded(embedded::Embedded),
+    Consul(consul::Consul),
+    #[cfg(feature = "etcd")]
+    Etcd(Box<etcd::Etcd>),
+}
+
+impl Backend {
+    /// The backend's name, for logs and `/readyz`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Embedded(_) => "none",
+            Backend::Consul(_) => "consul",
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(_) => "etcd",
+        }
+    }
+}
+
+impl Registry for Backend {
+    async fn register(&self, r: &Registration, ttl: Duration) -> Result<(), Error> {
+        match self {
+            Backend::Embedded(b) => b.register(r, ttl).await,
+            Backend::Consul(b) => b.register(r, ttl).await,
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(b) => b.register(r, ttl).await,
+        }
+    }
+
+    async fn renew(&self, r: &Registration) -> Result<(), Error> {
+        match self {
+            Backend::Embedded(b) => b.renew(r).await,
+            Backend::Consul(b) => b.renew(r).await,
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(b) => b.renew(r).await,
+        }
+    }
+
+    async fn deregister(&self, r: &Registration) -> Result<(), Error> {
+        match self {
+            Backend::Embedded(b) => b.deregister(r).await,
+            Backend::Consul(b) => b.deregister(r).await,
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(b) => b.deregister(r).await,
+        }
+    }
+}

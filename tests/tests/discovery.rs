@@ -1,0 +1,371 @@
+//! Discovery end to end: real Consul and etcd servers, real `fnmesh run` sidecars registering
+//! their functions, and real Volo clients finding them by name through fnmesh's resolvers.
+#![forbid(unsafe_code)]
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use fnmesh_discovery::{consul, etcd, Endpoint, Resolver, VoloDiscover};
+use fnmesh_tests::{
+    gen::volo_gen::echo::{EchoRequest, EchoServiceClientBuilder},
+    registries::{Consul, Etcd},
+    sidecar::{echo_function, free_port, grpc_echo_function, Sidecar},
+};
+use futures_util::{Stream, StreamExt};
+use serde_json::Value;
+use volo::loadbalance::random::WeightedRandomBalance;
+
+fn req(message: &str) -> EchoRequest {
+    EchoRequest {
+        message: message.to_owned().into(),
+        sleep_ms: None,
+        meta: None,
+    }
+}
+
+/// A sidecar serving the Thrift `echo` and the gRPC `gecho`, registered in `discovery`.
+fn sidecar(discovery: &str) -> Sidecar {
+    Sidecar::start(&format!(
+        "[discovery]\n{discovery}\n\n{}{}",
+        echo_function("echo", "", ""),
+        grpc_echo_function("gecho", "", "")
+    ))
+}
+
+fn consul_table(c: &Consul) -> String {
+    format!(
+        "backend = \"consul\"\naddress = \"{}\"\nttl = \"2s\"",
+        c.url()
+    )
+}
+
+fn etcd_table(e: &Etcd) -> String {
+    format!(
+        "backend = \"etcd\"\nendpoints = [\"{}\"]\nttl = \"2s\"",
+        e.url()
+    )
+}
+
+fn wait_until(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One call by service name, through fnmesh's resolver in a Volo client.
+async fn call_by_name<R: Resolver>(resolver: R) -> String {
+    let discover = VoloDiscover::new(resolver);
+    let client = EchoServiceClientBuilder::new("echo")
+        .load_balance(WeightedRandomBalance::with_discover(&discover))
+        .discover(discover)
+        .build();
+    match client.echo(req("by name")).await.expect("a call by name") {
+        volo_thrift::MaybeException::Ok(r) => r.message.to_string(),
+        volo_thrift::MaybeException::Exception(e) => panic!("{e:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_lists_each_function_and_a_volo_client_calls_it_by_name() {
+    let consul = Consul::start();
+    let sc = sidecar(&consul_table(&consul));
+    wait_until(Duration::from_secs(10), "both registered", || {
+        consul.passing("echo").len() == 1 && consul.passing("gecho").len() == 1
+    });
+    let id = format!("echo:127.0.0.1:{}", sc.addr.port());
+    let entry = &consul.passing("echo")[0];
+    let service = &entry["Service"];
+    assert_eq!(service["ID"], Value::from(id.clone()));
+    assert_eq!(service["Service"], "echo");
+    assert_eq!(service["Address"], "127.0.0.1");
+    assert_eq!(service["Port"], Value::from(sc.addr.port()));
+    let tags: Vec<&str> = service["Tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(
+        tags,
+        [
+            "idl_service:EchoService",
+            "methods:Echo,Ping",
+            "protocol:thrift"
+        ]
+    );
+    assert_eq!(service["Meta"]["protocol"], "thrift");
+    assert_eq!(service["Meta"]["idl_service"], "EchoService");
+    assert_eq!(service["Weights"]["Passing"], 10);
+    let check = entry["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["CheckID"] == format!("fnmesh:{id}"))
+        .expect("fnmesh's TTL check");
+    assert_eq!(check["Status"], "passing");
+    let gecho = &consul.passing("gecho")[0]["Service"];
+    assert_eq!(gecho["Meta"]["protocol"], "grpc");
+    assert_eq!(gecho["Meta"]["idl_service"], "echo.Echo");
+
+    assert_eq!(
+        call_by_name(consul::Consul::new(&consul.url()).unwrap()).await,
+        "by name"
+    );
+    let (status, body) = sc.admin_get("/readyz");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(body.contains("registry consul: registered"), "{body}");
+}
+
+async fn etcd_client(e: &Etcd) -> etcd_client::Client {
+    etcd_client::Client::connect([e.url()], None).await.unwrap()
+}
+
+/// The value under `key`, and its lease.
+async fn etcd_get(e: &Etcd, key: &str) -> Option<(Value, i64)> {
+    let got = etcd_client(e).await.get(key, None).await.ok()?;
+    let kv = got.kvs().first()?;
+    Some((serde_json::from_slice(kv.value()).ok()?, kv.lease()))
+}
+
+async fn wait_for_key(e: &Etcd, key: &str, within: Duration) -> (Value, i64) {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = etcd_get(e, key).await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{key} not there within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_holds_the_documented_key_and_a_volo_client_calls_it_by_name() {
+    let server = Etcd::start();
+    let sc = sidecar(&etcd_table(&server));
+    let key = format!("kitex/registry-etcd/echo/127.0.0.1:{}", sc.addr.port());
+    let (value, lease) = wait_for_key(&server, &key, Duration::from_secs(10)).await;
+    assert_eq!(
+        value,
+        serde_json::json!({
+            "network": "tcp",
+            "address": format!("127.0.0.1:{}", sc.addr.port()),
+            "weight": 10,
+            "tags": {"protocol": "thrift", "idl_service": "EchoService", "methods": "Echo,Ping"},
+        })
+    );
+    assert_ne!(lease, 0, "the key is attached to a lease");
+    let gecho = format!("kitex/registry-etcd/gecho/127.0.0.1:{}", sc.addr.port());
+    let (value, _) = wait_for_key(&server, &gecho, Duration::from_secs(5)).await;
+    assert_eq!(value["tags"]["protocol"], "grpc");
+
+    let resolver = etcd::Etcd::new(&[server.url()], "kitex/registry-etcd")
+        .await
+        .unwrap();
+    assert_eq!(call_by_name(resolver).await, "by name");
+
+    // A key that vanishes (deleted by hand) is put back within two TTLs.
+    etcd_client(&server)
+        .await
+        .delete(key.as_str(), None)
+        .await
+        .unwrap();
+    wait_for_key(&server, &key, Duration::from_secs(4)).await;
+    let (_, body) = sc.admin_get("/readyz");
+    assert!(body.contains("registry etcd: registered"), "{body}");
+}
+
+/// Waits until `stream` yields exactly the endpoints at `want`.
+async fn until_endpoints(
+    stream: &mut (impl Stream<Item = Result<Vec<Endpoint>, fnmesh_discovery::Error>> + Unpin),
+    want: &[SocketAddr],
+    within: Duration,
+) {
+    let got = tokio::time::timeout(within, async {
+        loop {
+            if let Some(Ok(list)) = stream.next().await {
+                let mut addrs: Vec<SocketAddr> = list.iter().map(|e| e.address).collect();
+                addrs.sort();
+                if addrs == want {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        got.is_ok(),
+        "the resolver did not yield {want:?} within {within:?}"
+    );
+}
+
+async fn two_sidecars_come_and_go<R: Resolver>(table: &str, resolver: R) {
+    let a = sidecar(table);
+    let b = sidecar(table);
+    let mut stream = Box::pin(resolver.resolve("echo"));
+    let mut both = vec![a.addr, b.addr];
+    both.sort();
+    until_endpoints(&mut stream, &both, Duration::from_secs(10)).await;
+
+    // SIGTERM: a leaves the registry while its listener still accepts.
+    a.signal("TERM");
+    until_endpoints(&mut stream, &[b.addr], Duration::from_secs(3)).await;
+    assert!(
+        TcpStream::connect(a.addr).is_ok(),
+        "a was deregistered only after its listener closed"
+    );
+
+    // SIGKILL: b is gone within its TTL (2 s) plus the registry's own expiry.
+    let killed = Instant::now();
+    let mut b = b;
+    b.child.kill().unwrap();
+    until_endpoints(&mut stream, &[], Duration::from_secs(6)).await;
+    println!(
+        "a SIGKILLed sidecar left the resolver after {:?}",
+        killed.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_two_sidecars_leave_on_sigterm_and_vanish_after_sigkill() {
+    let server = Consul::start();
+    two_sidecars_come_and_go(
+        &consul_table(&server),
+        consul::Consul::new(&server.url()).unwrap(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_two_sidecars_leave_on_sigterm_and_vanish_after_sigkill() {
+    let server = Etcd::start();
+    let resolver = etcd::Etcd::new(&[server.url()], "kitex/registry-etcd")
+        .await
+        .unwrap();
+    two_sidecars_come_and_go(&etcd_table(&server), resolver).await;
+}
+
+/// Calls `echo` on `addr` every 20 ms until told to stop; gives how many failed, of how many.
+fn keep_calling(
+    addr: SocketAddr,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<(usize, usize)>,
+) {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let client = EchoServiceClientBuilder::new("echo").address(addr).build();
+        let (mut failed, mut calls) = (0, 0);
+        while stopped.try_recv().is_err() {
+            calls += 1;
+            if client.echo(req("steady")).await.is_err() {
+                failed += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (failed, calls)
+    });
+    (stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registrations_come_back_after_consul_restarts_and_calls_never_fail() {
+    let mut server = Consul::start();
+    let sc = sidecar(&consul_table(&server));
+    wait_until(Duration::from_secs(10), "registered", || {
+        server.passing("echo").len() == 1
+    });
+    let (stop, calls) = keep_calling(sc.addr);
+    // A restarted dev agent forgets every service: the sidecar registers again.
+    server.restart();
+    let up = Instant::now();
+    wait_until(
+        Duration::from_secs(4),
+        "registered again within 2 x TTL",
+        || server.passing("echo").len() == 1 && server.passing("gecho").len() == 1,
+    );
+    println!(
+        "registered again {:?} after the agent was back",
+        up.elapsed()
+    );
+    stop.send(()).unwrap();
+    let (failed, made) = calls.await.unwrap();
+    assert!(made > 10, "{made} calls");
+    assert_eq!(failed, 0, "{failed} of {made} calls failed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registrations_come_back_after_etcd_restarts_and_calls_never_fail() {
+    let mut server = Etcd::start();
+    let sc = sidecar(&etcd_table(&server));
+    let key = format!("kitex/registry-etcd/echo/127.0.0.1:{}", sc.addr.port());
+    wait_for_key(&server, &key, Duration::from_secs(10)).await;
+    let (stop, calls) = keep_calling(sc.addr);
+    // Down for longer than the TTL: the lease may run out meanwhile.
+    server.stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, body) = sc.admin_get("/readyz");
+    assert!(body.contains("registry etcd: failing"), "{body}");
+    server.restart();
+    wait_for_key(&server, &key, Duration::from_secs(4)).await;
+    stop.send(()).unwrap();
+    let (failed, made) = calls.await.unwrap();
+    assert!(made > 10, "{made} calls");
+    assert_eq!(failed, 0, "{failed} of {made} calls failed");
+    // And the lease is kept alive again: the key outlives several TTLs.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(etcd_get(&server, &key).await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_registry_at_start_is_reported_and_registration_follows() {
+    let port = free_port();
+    let table =
+        format!("backend = \"consul\"\naddress = \"http://127.0.0.1:{port}\"\nttl = \"2s\"");
+    let sc = sidecar(&table);
+    // It serves regardless.
+    let client = EchoServiceClientBuilder::new("echo")
+        .address(sc.addr)
+        .build();
+    client
+        .echo(req("serving"))
+        .await
+        .expect("served while the registry is down");
+    wait_until(Duration::from_secs(5), "the outage reported", || {
+        sc.admin_get("/readyz")
+            .1
+            .contains("registry consul: failing")
+    });
+    assert_eq!(sc.admin_get("/readyz").0, "HTTP/1.1 200 OK");
+    let server = Consul::start_on(port);
+    wait_until(Duration::from_secs(5), "registered once reachable", || {
+        server.passing("echo").len() == 1
+    });
+    wait_until(Duration::from_secs(3), "reported registered", || {
+        sc.admin_get("/readyz")
+            .1
+            .contains("registry consul: registered")
+    });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_adds_and_removes_registrations() {
+    let server = Consul::start();
+    let discovery = format!("[discovery]\n{}\n\n", consul_table(&server));
+    let sc = Sidecar::start(&format!("{discovery}{}", echo_function("echo", "", "")));
+    wait_until(Duration::from_secs(10), "echo registered", || {
+        server.passing("echo").len() == 1
+    });
+    sc.rewrite(&format!("{discovery}{}", echo_function("fresh", "", "")));
+    let (ok, said) = sc.reload();
+    assert!(ok, "{said}");
+    wait_until(Duration::from_secs(5), "fresh in, echo out", || {
+        server.passing("fresh").len() == 1 && server.passing("echo").is_empty()
+    });
+}
