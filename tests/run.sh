@@ -62,7 +62,10 @@ fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+# Both builds are checked: the default one (no etcd, as the quickstart builds it) and the one
+# with the etcd backend, which the tests use.
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --workspace --all-targets --features fnmesh-tests/etcd -- -D warnings
 echo "== cargo test"
-cargo test --workspace
+cargo test --workspace --features fnmesh-tests/etcd

@@ -7,10 +7,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fnmesh_discovery::{consul, etcd, Endpoint, Resolver, VoloDiscover};
+#[cfg(feature = "etcd")]
+use fnmesh_discovery::etcd;
+use fnmesh_discovery::{consul, Endpoint, Resolver, VoloDiscover};
+#[cfg(feature = "etcd")]
+use fnmesh_tests::registries::Etcd;
 use fnmesh_tests::{
     gen::volo_gen::echo::{EchoRequest, EchoServiceClientBuilder},
-    registries::{Consul, Etcd},
+    registries::Consul,
     sidecar::{echo_function, free_port, grpc_echo_function, Sidecar},
 };
 use futures_util::{Stream, StreamExt};
@@ -41,6 +45,7 @@ fn consul_table(c: &Consul) -> String {
     )
 }
 
+#[cfg(feature = "etcd")]
 fn etcd_table(e: &Etcd) -> String {
     format!(
         "backend = \"etcd\"\nendpoints = [\"{}\"]\nttl = \"2s\"",
@@ -120,17 +125,20 @@ async fn consul_lists_each_function_and_a_volo_client_calls_it_by_name() {
     assert!(body.contains("registry consul: registered"), "{body}");
 }
 
+#[cfg(feature = "etcd")]
 async fn etcd_client(e: &Etcd) -> etcd_client::Client {
     etcd_client::Client::connect([e.url()], None).await.unwrap()
 }
 
 /// The value under `key`, and its lease.
+#[cfg(feature = "etcd")]
 async fn etcd_get(e: &Etcd, key: &str) -> Option<(Value, i64)> {
     let got = etcd_client(e).await.get(key, None).await.ok()?;
     let kv = got.kvs().first()?;
     Some((serde_json::from_slice(kv.value()).ok()?, kv.lease()))
 }
 
+#[cfg(feature = "etcd")]
 async fn wait_for_key(e: &Etcd, key: &str, within: Duration) -> (Value, i64) {
     let deadline = Instant::now() + within;
     loop {
@@ -145,6 +153,7 @@ async fn wait_for_key(e: &Etcd, key: &str, within: Duration) -> (Value, i64) {
     }
 }
 
+#[cfg(feature = "etcd")]
 #[tokio::test(flavor = "multi_thread")]
 async fn etcd_holds_the_documented_key_and_a_volo_client_calls_it_by_name() {
     let server = Etcd::start();
@@ -242,6 +251,7 @@ async fn consul_two_sidecars_leave_on_sigterm_and_vanish_after_sigkill() {
     .await;
 }
 
+#[cfg(feature = "etcd")]
 #[tokio::test(flavor = "multi_thread")]
 async fn etcd_two_sidecars_leave_on_sigterm_and_vanish_after_sigkill() {
     let server = Etcd::start();
@@ -300,6 +310,7 @@ async fn registrations_come_back_after_consul_restarts_and_calls_never_fail() {
     assert_eq!(failed, 0, "{failed} of {made} calls failed");
 }
 
+#[cfg(feature = "etcd")]
 #[tokio::test(flavor = "multi_thread")]
 async fn registrations_come_back_after_etcd_restarts_and_calls_never_fail() {
     let mut server = Etcd::start();
