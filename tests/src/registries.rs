@@ -33,6 +33,11 @@ pub struct Etcd {
 
 impl Etcd {
     pub fn start() -> Etcd {
+        Etcd::start_on(free_port())
+    }
+
+    /// A server whose clients connect to port `client`.
+    pub fn start_on(client: u16) -> Etcd {
         let dir = std::env::temp_dir().join(format!(
             "fnmesh-etcd-{}-{}",
             std::process::id(),
@@ -41,7 +46,7 @@ impl Etcd {
         let mut e = Etcd {
             child: None,
             dir,
-            client: free_port(),
+            client,
             peer: free_port(),
         };
         e.run();

@@ -334,13 +334,16 @@ async fn registrations_come_back_after_etcd_restarts_and_calls_never_fail() {
     assert!(etcd_get(&server, &key).await.is_some());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_unreachable_registry_at_start_is_reported_and_registration_follows() {
-    let port = free_port();
-    let table =
-        format!("backend = \"consul\"\naddress = \"http://127.0.0.1:{port}\"\nttl = \"2s\"");
+/// A sidecar whose registry (`backend`) is down at start: it serves, reports the outage, and
+/// registers once the registry is up; gives the sidecar.
+async fn down_at_start(backend: &str, port: u16) -> Sidecar {
+    let table = match backend {
+        "consul" => {
+            format!("backend = \"consul\"\naddress = \"http://127.0.0.1:{port}\"\nttl = \"2s\"")
+        }
+        _ => format!("backend = \"etcd\"\nendpoints = [\"http://127.0.0.1:{port}\"]\nttl = \"2s\""),
+    };
     let sc = sidecar(&table);
-    // It serves regardless.
     let client = EchoServiceClientBuilder::new("echo")
         .address(sc.addr)
         .build();
@@ -348,12 +351,18 @@ async fn an_unreachable_registry_at_start_is_reported_and_registration_follows()
         .echo(req("serving"))
         .await
         .expect("served while the registry is down");
-    wait_until(Duration::from_secs(5), "the outage reported", || {
-        sc.admin_get("/readyz")
-            .1
-            .contains("registry consul: failing")
+    let failing = format!("registry {backend}: failing");
+    wait_until(Duration::from_secs(10), "the outage reported", || {
+        sc.admin_get("/readyz").1.contains(&failing)
     });
     assert_eq!(sc.admin_get("/readyz").0, "HTTP/1.1 200 OK");
+    sc
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_consul_at_start_is_reported_and_registration_follows() {
+    let port = free_port();
+    let sc = down_at_start("consul", port).await;
     let server = Consul::start_on(port);
     wait_until(Duration::from_secs(5), "registered once reachable", || {
         server.passing("echo").len() == 1
@@ -362,6 +371,21 @@ async fn an_unreachable_registry_at_start_is_reported_and_registration_follows()
         sc.admin_get("/readyz")
             .1
             .contains("registry consul: registered")
+    });
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_etcd_at_start_is_reported_and_registration_follows() {
+    let port = free_port();
+    let sc = down_at_start("etcd", port).await;
+    let server = Etcd::start_on(port);
+    let key = format!("kitex/registry-etcd/echo/127.0.0.1:{}", sc.addr.port());
+    wait_for_key(&server, &key, Duration::from_secs(10)).await;
+    wait_until(Duration::from_secs(3), "reported registered", || {
+        sc.admin_get("/readyz")
+            .1
+            .contains("registry etcd: registered")
     });
 }
 
