@@ -574,6 +574,18 @@ impl Config {
             Some(d) => discovery(&cx, d)?,
             None => DiscoveryConfig::default(),
         };
+        // A registry must be given an address callers can reach.
+        if discovery.backend != DiscoveryBackend::None && advertise.ip().is_unspecified() {
+            let at = s
+                .advertise
+                .as_ref()
+                .map_or(s.listen.span().start, |a| a.span().start);
+            return cx.invalid(
+                at,
+                "sidecar.advertise",
+                format!("{advertise} cannot be registered: set an address callers can reach"),
+            );
+        }
         let mut functions: Vec<FunctionConfig> = Vec::new();
         for f in &raw.function {
             let fc = function(&cx, f, base)?;

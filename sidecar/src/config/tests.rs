@@ -466,3 +466,35 @@ fn discovery_backends_parse_with_their_defaults() {
             .contains("without etcd support"));
     }
 }
+
+#[test]
+fn a_registry_needs_an_address_callers_can_reach() {
+    let any = GOOD.replacen(
+        "listen = \"127.0.0.1:8888\"",
+        "listen = \"0.0.0.0:8888\"",
+        1,
+    );
+    assert!(
+        parse(&any).is_ok(),
+        "nothing is registered with backend none"
+    );
+    let e = err(&any.replacen("backend = \"none\"", "backend = \"consul\"", 1));
+    for want in [
+        "fnmesh.toml:3",
+        "sidecar.advertise",
+        "0.0.0.0:8888 cannot be registered",
+    ] {
+        assert!(e.contains(want), "{e}");
+    }
+    let advertised = any
+        .replacen("backend = \"none\"", "backend = \"consul\"", 1)
+        .replacen(
+            "listen = \"0.0.0.0:8888\"",
+            "listen = \"0.0.0.0:8888\"\nadvertise = \"10.0.0.7:8888\"",
+            1,
+        );
+    assert_eq!(
+        parse(&advertised).unwrap().sidecar.advertise,
+        "10.0.0.7:8888".parse().unwrap()
+    );
+}
