@@ -38,8 +38,10 @@ use crate::{
 
 /// What every gRPC connection shares.
 pub struct Shared {
-    /// The gRPC functions; a reload swaps the table.
-    pub functions: arc_swap::ArcSwap<Vec<Route>>,
+    /// The gRPC functions; a reload swaps the table (and bumps `reloads`).
+    pub functions: Arc<arc_swap::ArcSwap<Vec<Route>>>,
+    /// Counts reloads, for health `Watch` streams.
+    pub reloads: watch::Sender<u64>,
     /// Streams between routing and the end of their response, for draining.
     pub active: Arc<AtomicUsize>,
     /// Set when the sidecar drains: connections get GOAWAY, health turns NOT_SERVING.
@@ -53,7 +55,8 @@ pub struct Shared {
 impl Shared {
     pub fn new(functions: Vec<Route>) -> Shared {
         Shared {
-            functions: arc_swap::ArcSwap::from_pointee(functions),
+            functions: Arc::new(arc_swap::ArcSwap::from_pointee(functions)),
+            reloads: watch::Sender::new(0),
             active: Arc::new(AtomicUsize::new(0)),
             draining: watch::Sender::new(false),
             connections: Arc::new(AtomicUsize::new(0)),
@@ -970,7 +973,7 @@ mod health {
             h.remove("fnmesh-error");
             return Ok(r);
         }
-        let status = move |draining: bool| match (known, draining) {
+        let status = move |known: bool, draining: bool| match (known, draining) {
             (false, _) => SERVICE_UNKNOWN,
             (true, false) => SERVING,
             (true, true) => NOT_SERVING,
@@ -978,29 +981,49 @@ mod health {
         let mut ok = HeaderMap::new();
         ok.insert("grpc-status", HeaderValue::from(0u16));
         let body = if watch {
-            let rx = shared.draining.subscribe();
-            let frames = futures_util::stream::unfold(
-                (rx, None::<bool>, Some(ok)),
-                move |(mut rx, sent, trailers)| async move {
-                    let draining = *rx.borrow_and_update();
-                    if sent != Some(draining) {
-                        let frame = Frame::data(message(status(draining)));
-                        return Some((frame, (rx, Some(draining), trailers)));
+            // The status now, then again whenever draining starts or a reload adds or removes
+            // the service.
+            let routes = shared.functions.clone();
+            let serves = move || {
+                service.is_empty()
+                    || routes
+                        .load()
+                        .iter()
+                        .any(|r| r.service.as_deref().unwrap_or(&r.pool.name) == service)
+            };
+            let state = Watching {
+                draining: shared.draining.subscribe(),
+                reloads: shared.reloads.subscribe(),
+                sent: None,
+                trailers: Some(ok),
+            };
+            let frames = futures_util::stream::unfold(state, move |mut w| {
+                let serves = serves.clone();
+                async move {
+                    loop {
+                        let draining = *w.draining.borrow_and_update();
+                        w.reloads.borrow_and_update();
+                        let now = status(serves(), draining);
+                        if w.sent != Some(now) {
+                            w.sent = Some(now);
+                            return Some((Frame::data(message(now)), w));
+                        }
+                        if draining {
+                            // The sidecar is going away: the stream ends.
+                            let trailers = w.trailers.take()?;
+                            return Some((Frame::trailers(trailers), w));
+                        }
+                        tokio::select! {
+                            changed = w.draining.changed() => if changed.is_err() { return None },
+                            changed = w.reloads.changed() => if changed.is_err() { return None },
+                        }
                     }
-                    if !draining && rx.changed().await.is_ok() {
-                        let draining = *rx.borrow_and_update();
-                        let frame = Frame::data(message(status(draining)));
-                        return Some((frame, (rx, Some(draining), trailers)));
-                    }
-                    // Draining (or the sidecar is going away): the stream ends.
-                    let trailers = trailers?;
-                    Some((Frame::trailers(trailers), (rx, sent, None)))
-                },
-            );
+                }
+            });
             ProxyBody::Frames(Box::pin(frames))
         } else {
             ProxyBody::Local {
-                message: Some(message(status(*shared.draining.borrow()))),
+                message: Some(message(status(known, *shared.draining.borrow()))),
                 trailers: Some(ok),
             }
         };
@@ -1008,6 +1031,14 @@ mod health {
         r.headers_mut()
             .insert("content-type", HeaderValue::from_static("application/grpc"));
         Ok(r)
+    }
+
+    /// Where a health `Watch` stands.
+    struct Watching {
+        draining: watch::Receiver<bool>,
+        reloads: watch::Receiver<u64>,
+        sent: Option<u8>,
+        trailers: Option<HeaderMap>,
     }
 
     /// A HealthCheckResponse `{ status = 1 }` in a gRPC message frame.

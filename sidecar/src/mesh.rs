@@ -251,6 +251,7 @@ impl Mesh {
         let (thrift_routes, grpc_routes) = routes(&pools);
         self.thrift.functions.store(Arc::new(thrift_routes));
         self.grpc.functions.store(Arc::new(grpc_routes));
+        self.grpc.reloads.send_modify(|n| *n += 1);
         if let Some((_, registrar)) = lock(&self.registrar).as_ref() {
             registrar.set(Self::registrations(&pools, base.sidecar.advertise));
         }

@@ -742,3 +742,35 @@ async fn only_idempotent_streams_are_retried_after_the_instance_got_them() {
         }
     }
 }
+
+/// A health `Watch` follows reloads: SERVICE_UNKNOWN once its function is removed, SERVING again
+/// once it is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_health_watch_follows_reloads() {
+    let served = grpc_echo_function("echo", "", "");
+    let sc = Sidecar::start(&served);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/grpc_echo_client.py");
+    let mut watch = std::process::Command::new("python3")
+        .args([script, &sc.addr.port().to_string(), "watch", "echo.Echo"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(watch.stdout.take().unwrap());
+    let mut next = move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    };
+    assert_eq!(next(), "SERVING");
+    sc.rewrite(&echo_function("thrift-only", "", ""));
+    let (ok, said) = sc.reload();
+    assert!(ok, "{said}");
+    assert_eq!(next(), "SERVICE_UNKNOWN");
+    sc.rewrite(&served);
+    let (ok, said) = sc.reload();
+    assert!(ok, "{said}");
+    assert_eq!(next(), "SERVING");
+    let _ = watch.kill();
+    let _ = watch.wait();
+}
