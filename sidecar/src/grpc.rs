@@ -246,7 +246,10 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
     draining.mark_changed();
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+        // Boxed: hyper spawns a task per stream holding this future, and moving a small box
+        // into the task costs less than moving the whole future (about 3% of a call's
+        // instructions).
+        Box::pin(async move { Ok::<_, Infallible>(handle(&shared, req).await) })
     });
     let mut builder = server::Builder::new(TokioExecutor::new());
     // The instance's headers go back as they came: no `date` of our own.
