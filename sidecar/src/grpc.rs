@@ -76,19 +76,37 @@ impl Shared {
 /// An HTTP/2 connection to an instance, shared by many streams; one per instance and worker.
 pub type Upstream = SendRequest<RequestBody>;
 
+/// A body fnmesh holds in full: its data, then its trailers.
+#[derive(Clone, Default)]
+pub struct Held {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Held {
+    fn next(&mut self) -> Option<Frame<Bytes>> {
+        self.data
+            .take()
+            .map(Frame::data)
+            .or_else(|| self.trailers.take().map(Frame::trailers))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
 /// A request body on its way to an instance: the caller's, streamed through; or, for a call that
 /// may be sent again (an idempotent method with a retry policy), its bytes read in full, or as
 /// much as was read before it proved too large to keep, then the rest.
 pub enum RequestBody {
     Caller(Incoming),
-    Replay {
-        data: Option<Bytes>,
-        trailers: Option<HeaderMap>,
-    },
-    Partial {
-        data: Option<Bytes>,
-        rest: Incoming,
-    },
+    Replay(Held),
+    Partial { data: Option<Bytes>, rest: Incoming },
 }
 
 /// The most of a request kept for sending it again; a larger one is retried only when it never
@@ -126,19 +144,16 @@ impl RequestBody {
                 Err(frame) => trailers = frame.into_trailers().ok(),
             }
         }
-        Ok(RequestBody::Replay {
+        Ok(RequestBody::Replay(Held {
             data: (!data.is_empty()).then(|| data.freeze()),
             trailers,
-        })
+        }))
     }
 
     /// The same request again, when it was read in full.
     fn again(&self) -> Option<RequestBody> {
         match self {
-            RequestBody::Replay { data, trailers } => Some(RequestBody::Replay {
-                data: data.clone(),
-                trailers: trailers.clone(),
-            }),
+            RequestBody::Replay(held) => Some(RequestBody::Replay(held.clone())),
             _ => None,
         }
     }
@@ -154,12 +169,7 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             RequestBody::Caller(body) => Pin::new(body).poll_frame(cx),
-            RequestBody::Replay { data, trailers } => Poll::Ready(
-                data.take()
-                    .map(Frame::data)
-                    .or_else(|| trailers.take().map(Frame::trailers))
-                    .map(Ok),
-            ),
+            RequestBody::Replay(held) => Poll::Ready(held.next().map(Ok)),
             RequestBody::Partial { data, rest } => match data.take() {
                 Some(d) => Poll::Ready(Some(Ok(Frame::data(d)))),
                 None => Pin::new(rest).poll_frame(cx),
@@ -170,7 +180,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Caller(body) => body.is_end_stream(),
-            RequestBody::Replay { data, trailers } => data.is_none() && trailers.is_none(),
+            RequestBody::Replay(held) => held.is_end_stream(),
             RequestBody::Partial { data, rest } => data.is_none() && rest.is_end_stream(),
         }
     }
@@ -178,9 +188,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Caller(body) => body.size_hint(),
-            RequestBody::Replay { data, .. } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
+            RequestBody::Replay(held) => held.size_hint(),
             RequestBody::Partial { .. } => SizeHint::default(),
         }
     }
@@ -291,20 +299,14 @@ pub enum ProxyBody {
         lease: Lease,
         _active: Active,
     },
-    Local {
-        message: Option<Bytes>,
-        trailers: Option<HeaderMap>,
-    },
+    Local(Held),
     Frames(Pin<Box<dyn futures_util::Stream<Item = Frame<Bytes>> + Send>>),
 }
 
 impl ProxyBody {
     /// Nothing: the status went out in the headers (trailers-only).
     fn empty() -> ProxyBody {
-        ProxyBody::Local {
-            message: None,
-            trailers: None,
-        }
+        ProxyBody::Local(Held::default())
     }
 }
 
@@ -361,13 +363,7 @@ impl Body for ProxyBody {
                 }
                 frame
             }
-            ProxyBody::Local { message, trailers } => Poll::Ready(
-                message
-                    .take()
-                    .map(Frame::data)
-                    .or_else(|| trailers.take().map(Frame::trailers))
-                    .map(Ok),
-            ),
+            ProxyBody::Local(held) => Poll::Ready(held.next().map(Ok)),
             ProxyBody::Frames(frames) => frames.as_mut().poll_next(cx).map(|f| f.map(Ok)),
         }
     }
@@ -375,7 +371,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Upstream { body, .. } => body.is_end_stream(),
-            ProxyBody::Local { message, trailers } => message.is_none() && trailers.is_none(),
+            ProxyBody::Local(held) => held.is_end_stream(),
             ProxyBody::Frames(_) => false,
         }
     }
@@ -383,9 +379,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Upstream { body, .. } => body.size_hint(),
-            ProxyBody::Local { message, .. } => {
-                SizeHint::with_exact(message.as_ref().map_or(0, |m| m.len() as u64))
-            }
+            ProxyBody::Local(held) => held.size_hint(),
             ProxyBody::Frames(_) => SizeHint::default(),
         }
     }
@@ -628,10 +622,7 @@ async fn forward(
         let retrying = again.is_some();
         let this = std::mem::replace(
             &mut body,
-            again.unwrap_or(RequestBody::Replay {
-                data: None,
-                trailers: None,
-            }),
+            again.unwrap_or(RequestBody::Replay(Held::default())),
         );
         let mut req = match parts.take() {
             Some(p) if retrying => {
@@ -1025,10 +1016,10 @@ mod health {
             });
             ProxyBody::Frames(Box::pin(frames))
         } else {
-            ProxyBody::Local {
-                message: Some(message(status(known, *shared.draining.borrow()))),
+            ProxyBody::Local(Held {
+                data: Some(message(status(known, *shared.draining.borrow()))),
                 trailers: Some(ok),
-            }
+            })
         };
         let mut r = Response::new(body);
         r.headers_mut()
