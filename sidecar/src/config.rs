@@ -405,48 +405,32 @@ fn discovery(cx: &Ctx<'_>, d: &Spanned<RawDiscovery>) -> Result<DiscoveryConfig,
             ),
         }
     };
-    let not_for = |name: &str, present: bool, at: usize, key: &str| -> Result<(), ConfigError> {
-        match present {
-            true => cx.invalid(at, key, format!("does not apply to backend \"{name}\"")),
-            false => Ok(()),
-        }
+    // Which keys each backend takes: any other one set is an error.
+    let name = backend.get_ref().as_str();
+    let takes: &[&str] = match name {
+        "consul" => &["address"],
+        "etcd" => &["endpoints", "prefix"],
+        _ => &[],
     };
-    let at = |o: Option<usize>| o.unwrap_or(d.span().start);
-    let backend = match backend.get_ref().as_str() {
-        "none" => {
-            not_for(
-                "none",
-                raw.address.is_some(),
-                at(raw.address.as_ref().map(|a| a.span().start)),
-                "discovery.address",
-            )?;
-            not_for(
-                "none",
-                raw.endpoints.is_some(),
-                at(raw.endpoints.as_ref().map(|a| a.span().start)),
-                "discovery.endpoints",
-            )?;
-            not_for(
-                "none",
-                raw.prefix.is_some(),
-                at(raw.prefix.as_ref().map(|a| a.span().start)),
-                "discovery.prefix",
-            )?;
-            DiscoveryBackend::None
+    let set = [
+        ("address", raw.address.as_ref().map(|a| a.span().start)),
+        ("endpoints", raw.endpoints.as_ref().map(|e| e.span().start)),
+        ("prefix", raw.prefix.as_ref().map(|p| p.span().start)),
+    ];
+    if ["none", "consul", "etcd"].contains(&name) {
+        for (key, at) in set {
+            if let Some(at) = at.filter(|_| !takes.contains(&key)) {
+                return cx.invalid(
+                    at,
+                    format!("discovery.{key}"),
+                    format!("does not apply to backend \"{name}\""),
+                );
+            }
         }
+    }
+    let backend = match name {
+        "none" => DiscoveryBackend::None,
         "consul" => {
-            not_for(
-                "consul",
-                raw.endpoints.is_some(),
-                at(raw.endpoints.as_ref().map(|a| a.span().start)),
-                "discovery.endpoints",
-            )?;
-            not_for(
-                "consul",
-                raw.prefix.is_some(),
-                at(raw.prefix.as_ref().map(|a| a.span().start)),
-                "discovery.prefix",
-            )?;
             let address = match &raw.address {
                 Some(a) => http(a, "discovery.address")?,
                 None => "http://127.0.0.1:8500".to_owned(),
@@ -454,12 +438,6 @@ fn discovery(cx: &Ctx<'_>, d: &Spanned<RawDiscovery>) -> Result<DiscoveryConfig,
             DiscoveryBackend::Consul { address }
         }
         "etcd" => {
-            not_for(
-                "etcd",
-                raw.address.is_some(),
-                at(raw.address.as_ref().map(|a| a.span().start)),
-                "discovery.address",
-            )?;
             if !cfg!(feature = "etcd") {
                 return cx.invalid(
                     backend.span().start,
