@@ -119,14 +119,7 @@ mod tests {
     #[tokio::test]
     async fn registrations_resolve_and_follow_changes() {
         let e = Embedded::default();
-        let r = |port: u16| Registration {
-            name: "echo".into(),
-            address: ([127, 0, 0, 1], port).into(),
-            protocol: "thrift".into(),
-            idl_service: None,
-            methods: vec![],
-            weight: 10,
-        };
+        let r = |port: u16| Registration::local("echo", port);
         let mut s = Box::pin(e.resolve("echo"));
         assert_eq!(s.next().await.unwrap().unwrap(), vec![]);
         e.register(&r(1), Duration::from_secs(1)).await.unwrap();

@@ -36,6 +36,21 @@ pub struct Registration {
     pub weight: u32,
 }
 
+impl Registration {
+    /// A plain Thrift registration of `name` at 127.0.0.1:`port`, for tests.
+    #[cfg(test)]
+    pub(crate) fn local(name: &str, port: u16) -> Registration {
+        Registration {
+            name: name.into(),
+            address: ([127, 0, 0, 1], port).into(),
+            protocol: "thrift".into(),
+            idl_service: None,
+            methods: vec![],
+            weight: DEFAULT_WEIGHT,
+        }
+    }
+}
+
 /// The weight a registration carries: Kitex's default.
 pub const DEFAULT_WEIGHT: u32 = 10;
 

@@ -202,14 +202,7 @@ mod tests {
     use futures_util::StreamExt;
 
     fn registration(name: &str) -> Registration {
-        Registration {
-            name: name.into(),
-            address: ([127, 0, 0, 1], 8888).into(),
-            protocol: "thrift".into(),
-            idl_service: None,
-            methods: vec![],
-            weight: 10,
-        }
+        Registration::local(name, 8888)
     }
 
     /// An embedded registry that can be made unreachable, or forget everything.

@@ -152,14 +152,7 @@ mod tests {
     #[tokio::test]
     async fn discover_answers_and_changes_are_broadcast() {
         let registry = Embedded::default();
-        let r = |port: u16| Registration {
-            name: "echo".into(),
-            address: ([127, 0, 0, 1], port).into(),
-            protocol: "thrift".into(),
-            idl_service: None,
-            methods: vec![],
-            weight: 10,
-        };
+        let r = |port: u16| Registration::local("echo", port);
         registry
             .register(&r(1), Duration::from_secs(1))
             .await

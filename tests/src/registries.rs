@@ -11,6 +11,14 @@ use std::{
 
 use crate::sidecar::free_port;
 
+/// Kills (SIGKILL) and reaps a server process, if it runs.
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 /// Waits until `addr` accepts connections.
 fn wait_listening(addr: &str, what: &str, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -79,10 +87,7 @@ impl Etcd {
 
     /// Stops the server (SIGKILL): its data stays.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill(&mut self.child);
     }
 
     /// Starts it again on the same ports and data.
@@ -204,10 +209,7 @@ impl Consul {
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill(&mut self.child);
     }
 
     /// Starts the agent again on the same ports: it remembers nothing.
