@@ -20,6 +20,9 @@ use crate::{
     watchdog::Watchdog,
 };
 
+/// How long a retired pool waits before it checks for calls still on it.
+const RETIRE_SETTLE: Duration = Duration::from_millis(100);
+
 pub struct Mesh {
     /// The file `fnmesh run` was started with: a reload reads it again.
     path: PathBuf,
@@ -271,6 +274,9 @@ impl Mesh {
     fn retire(&self, pool: Arc<Pool>, grace: Duration) {
         tokio::spawn(async move {
             let until = Instant::now() + grace;
+            // A call routed just before the tables were swapped may not have taken its slot
+            // yet (it would find the pool shut): it gets a moment to.
+            sleep(RETIRE_SETTLE.min(grace)).await;
             while Instant::now() < until {
                 let s = pool.snapshot();
                 if s.in_flight == 0 && s.queued == 0 {
@@ -400,7 +406,7 @@ mod tests {
         assert_eq!(a.policy().function.scale.max, 3);
         assert!(Arc::ptr_eq(&a.policy().breakers, &breakers));
         // The replaced and the removed pools drain (nothing in flight here), then stop.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(RETIRE_SETTLE + Duration::from_millis(50)).await;
         assert!(b.is_shut_down() && c.is_shut_down());
         assert!(!a.is_shut_down());
 
