@@ -143,15 +143,17 @@ async fn keep<R: Registry>(
             Some(e) => Health::Failing(e.to_string()),
             None => Health::Registered,
         };
+        // Logged once when an outage starts and once when it ends, however its text varies.
         health.send_if_modified(|h| {
             if *h == now {
                 return false;
             }
+            let was_failing = matches!(h, Health::Failing(_));
             match &now {
-                Health::Failing(e) => {
+                Health::Failing(e) if !was_failing => {
                     tracing::warn!("service registry: {e}; the sidecar keeps serving, retrying every {RETRY:?}")
                 }
-                _ if matches!(h, Health::Failing(_)) => {
+                Health::Registered if was_failing => {
                     tracing::info!("service registry reachable again: every function is registered")
                 }
                 _ => {}
