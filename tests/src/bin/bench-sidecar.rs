@@ -132,31 +132,24 @@ async fn main() {
     println!("\ncold start, 20 trials");
     println!("| measure | p50 | min | max |");
     println!("|---|---|---|---|");
-    println!(
-        "| first reply through fnmesh from zero instances | {:.2} ms | {:.2} ms | {:.2} ms |",
-        us(c50) / 1e3,
-        us(cold[0]) / 1e3,
-        us(cold[19]) / 1e3
-    );
-    println!(
-        "| echo-fn spawn-to-accept alone | {:.2} ms | {:.2} ms | {:.2} ms |",
-        us(s50) / 1e3,
-        us(spawn[0]) / 1e3,
-        us(spawn[19]) / 1e3
-    );
-    println!(
-        "| fnmesh's share (difference of p50s) | {:.2} ms | | |",
-        (us(c50) - us(s50)) / 1e3
-    );
-    println!(
-        "| echo-fn spawn-to-first-reply alone, direct client | {:.2} ms | {:.2} ms | {:.2} ms |",
-        us(f50) / 1e3,
-        us(first[0]) / 1e3,
-        us(first[19]) / 1e3
-    );
-    println!(
-        "| fnmesh's share against the function's own first reply (difference of p50s) | {:.2} ms | | |",
-        (us(c50) - us(f50)) / 1e3
+    let ms = |d: Duration| us(d) / 1e3;
+    let spread = |what: &str, sorted: &[Duration]| {
+        let (p50, min, max) = (pct(sorted, 0.5), sorted[0], sorted[sorted.len() - 1]);
+        println!(
+            "| {what} | {:.2} ms | {:.2} ms | {:.2} ms |",
+            ms(p50),
+            ms(min),
+            ms(max)
+        );
+    };
+    let share = |what: &str, d: f64| println!("| {what} | {d:.2} ms | | |");
+    spread("first reply through fnmesh from zero instances", &cold);
+    spread("echo-fn spawn-to-accept alone", &spawn);
+    share("fnmesh's share (difference of p50s)", ms(c50) - ms(s50));
+    spread("echo-fn spawn-to-first-reply alone, direct client", &first);
+    share(
+        "fnmesh's share against the function's own first reply (difference of p50s)",
+        ms(c50) - ms(f50),
     );
 
     // Memory: 100 functions configured, none started.
