@@ -385,6 +385,21 @@ pub fn kill_instance(sc: &Sidecar, comm: &str, instance: &str) {
     assert!(ok, "kill -9 {comm} of instance {instance}");
 }
 
+/// A sidecar with two warm instances of function `echo`, from `table(scale)` (a table built
+/// with that `[function.scale]`). Each instance is `program` under a shell that outlives it, so
+/// a killed `program` leaves its instance in balancing, refusing connections. `extra` is
+/// appended to the file (per-method tables).
+pub fn two_instances(program: &str, table: impl Fn(&str) -> String, extra: &str) -> Sidecar {
+    let table = under_shell(
+        program,
+        &table("min = 2\nmax = 2"),
+        &format!("{program}; sleep 60"),
+    );
+    let sc = Sidecar::start(&format!("{table}{extra}"));
+    assert!(sc.wait_for(Duration::from_secs(5), |s| s.stat("echo", "ready") == 2));
+    sc
+}
+
 /// A function table whose command `[program]` becomes `script` under /bin/sh.
 pub fn under_shell(program: &str, table: &str, script: &str) -> String {
     table.replace(

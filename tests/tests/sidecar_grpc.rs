@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 use fnmesh_tests::{
     proto::proto_gen::echo::{EchoClientBuilder, EchoRequest},
     sidecar::{
-        echo_function, grpc_echo_fn, grpc_echo_function, kill_instance, under_shell, Sidecar,
+        echo_function, grpc_echo_fn, grpc_echo_function, kill_instance, two_instances, Sidecar,
     },
 };
 use futures_util::StreamExt;
@@ -495,13 +495,7 @@ async fn a_stream_that_never_reached_its_instance_is_retried_on_another() {
         } else {
             ""
         };
-        let table = under_shell(
-            &grpc_echo_fn(),
-            &grpc_echo_function("echo", "min = 2\nmax = 2", policy),
-            &format!("{}; sleep 60", grpc_echo_fn()),
-        );
-        let sc = Sidecar::start(&table);
-        assert!(sc.wait_for(Duration::from_secs(5), |s| s.stat("echo", "ready") == 2));
+        let sc = two_grpc_instances(policy, "");
         // Sequential calls go to the first of two idle instances: that one goes away.
         let (_, first) = unary(sc.addr, "who").await.unwrap();
         kill_instance(&sc, "grpc-echo-fn", &first);
@@ -677,16 +671,13 @@ async fn sighup_applies_a_new_timeout_to_later_streams_and_spares_the_one_in_fli
     assert_eq!(sc.stat("echo", "processes"), 1);
 }
 
-/// Two warm instances of the gRPC echo function under a shell (so one can be killed alone).
+/// Two warm grpc-echo-fn instances (`sidecar::two_instances`), with `policy`.
 fn two_grpc_instances(policy: &str, method: &str) -> Sidecar {
-    let table = under_shell(
+    two_instances(
         &grpc_echo_fn(),
-        &grpc_echo_function("echo", "min = 2\nmax = 2", policy),
-        &format!("{}; sleep 60", grpc_echo_fn()),
-    );
-    let sc = Sidecar::start(&format!("{table}{method}"));
-    assert!(sc.wait_for(Duration::from_secs(5), |s| s.stat("echo", "ready") == 2));
-    sc
+        |scale| grpc_echo_function("echo", scale, policy),
+        method,
+    )
 }
 
 /// A stream its instance got and failed on (crashed holding it, answered UNAVAILABLE, or ran

@@ -11,7 +11,7 @@ use bytes::{BufMut, BytesMut};
 use fnmesh_codec::{FrameDecoder, Limits, MessageType, Protocol, TTHeaderBuilder};
 use fnmesh_tests::{
     gen::volo_gen::echo::{EchoRequest, EchoServiceClientBuilder},
-    sidecar::{alive, echo_fn, echo_function, kill_instance, under_shell, Sidecar},
+    sidecar::{self, alive, echo_fn, echo_function, kill_instance, under_shell, Sidecar},
 };
 use pilota::thrift::ApplicationExceptionKind;
 use volo_thrift::ClientError;
@@ -236,17 +236,13 @@ async fn a_failing_instance_is_ejected_while_a_healthy_one_serves() {
     );
 }
 
-/// Two instances, each an echo-fn under a shell that outlives it (so a killed echo-fn leaves
-/// its instance in balancing, refusing connections), with `policy`.
+/// Two warm echo-fn instances (`sidecar::two_instances`), with `policy`.
 fn two_instances(policy: &str, method: &str) -> Sidecar {
-    let table = under_shell(
+    sidecar::two_instances(
         &echo_fn(),
-        &echo_function("echo", "min = 2\nmax = 2", policy),
-        &format!("{}; sleep 60", echo_fn()),
-    );
-    let sc = Sidecar::start(&format!("{table}{method}"));
-    assert!(sc.wait_for(Duration::from_secs(5), |s| s.stat("echo", "ready") == 2));
-    sc
+        |scale| echo_function("echo", scale, policy),
+        method,
+    )
 }
 
 /// A call whose instance refuses it (its process is gone) is retried on the other instance.
