@@ -8,11 +8,14 @@
 #![forbid(unsafe_code)]
 
 use std::{
+    io::{Read, Write},
     net::SocketAddr,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
+use bytes::{BufMut, BytesMut};
+use fnmesh_codec::{FrameDecoder, Limits, MessageHeader, MessageType, Protocol, TTHeaderBuilder};
 use fnmesh_tests::{
     bench::{
         pct, print_machine, proxy_paths, rss_kb, sequential, start_function, start_haproxy,
@@ -66,10 +69,32 @@ fn spawn_to_accept() -> Duration {
     d
 }
 
-/// Spawn-to-first-reply time of the function binary alone, called directly: the same probing,
-/// then one call from a fresh Volo client. This includes what the function still does after it
-/// starts listening and its slow first call, which fnmesh's first reply also waits for.
-async fn spawn_to_first_reply() -> Duration {
+/// The echo call a Volo client makes, as raw bytes: TTHeader around a framed binary message.
+fn raw_echo_call() -> Vec<u8> {
+    let mut m = BytesMut::new();
+    MessageHeader::encode(&mut m, Protocol::Binary, true, MessageType::Call, "Echo", 1);
+    // EchoRequest { 1: message = "benchmark" }
+    m.put_slice(&[0x0c, 0, 1, 0x0b, 0, 1, 0, 0, 0, 9]);
+    m.put_slice(b"benchmark");
+    m.put_slice(&[0, 0]);
+    let b = TTHeaderBuilder {
+        seqid: 1,
+        int_kvs: vec![(6, b"EchoService".as_slice()), (9, b"Echo".as_slice())],
+        inner_framed: true,
+        ..Default::default()
+    };
+    let mut out = BytesMut::new();
+    b.encode(&mut out, m.len()).unwrap();
+    out.put_slice(&m);
+    out.to_vec()
+}
+
+/// Spawn-to-first-reply time of the function binary alone, called the way fnmesh makes a new
+/// instance's first call: the same probing, then one call on the connection the probe opened
+/// (raw bytes, so no client's own first-call work is counted). This includes what the function
+/// still does after it starts listening and its first call, which fnmesh's first reply also
+/// waits for.
+fn spawn_to_first_reply(call: &[u8]) -> Duration {
     let port = free_port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let t = Instant::now();
@@ -78,13 +103,25 @@ async fn spawn_to_first_reply() -> Duration {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    while std::net::TcpStream::connect(addr).is_err() {
+    let mut conn = loop {
+        if let Ok(s) = std::net::TcpStream::connect(addr) {
+            break s;
+        }
         std::thread::sleep(Duration::from_micros(20));
+    };
+    conn.set_nodelay(true).unwrap();
+    conn.write_all(call).unwrap();
+    let mut buf = BytesMut::new();
+    let mut decoder = FrameDecoder::new(Limits::default());
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = conn.read(&mut chunk).expect("the first reply");
+        assert!(n > 0, "echo-fn closed the connection before replying");
+        buf.extend_from_slice(&chunk[..n]);
+        if decoder.decode(&mut buf).expect("a Thrift reply").is_some() {
+            break;
+        }
     }
-    client!(addr)
-        .echo(request())
-        .await
-        .expect("first direct call");
     let d = t.elapsed();
     drop(Killed(c));
     d
@@ -115,13 +152,14 @@ async fn main() {
     let mut cold = Vec::new();
     let mut spawn = Vec::new();
     let mut first = Vec::new();
+    let call = raw_echo_call();
     for _ in 0..20 {
         assert!(sc.wait_for(Duration::from_secs(5), |s| s.stat("echo", "processes") == 0));
         let t = Instant::now();
         client.echo(request()).await.expect("cold call");
         cold.push(t.elapsed());
         spawn.push(spawn_to_accept());
-        first.push(spawn_to_first_reply().await);
+        first.push(spawn_to_first_reply(&call));
     }
     drop(client);
     drop(sc);
@@ -146,7 +184,10 @@ async fn main() {
     spread("first reply through fnmesh from zero instances", &cold);
     spread("echo-fn spawn-to-accept alone", &spawn);
     share("fnmesh's share (difference of p50s)", ms(c50) - ms(s50));
-    spread("echo-fn spawn-to-first-reply alone, direct client", &first);
+    spread(
+        "echo-fn spawn-to-first-reply alone, first call on the probe's connection",
+        &first,
+    );
     share(
         "fnmesh's share against the function's own first reply (difference of p50s)",
         ms(c50) - ms(f50),
