@@ -1,16 +1,16 @@
 //! gRPC connections: HTTP/2 without TLS (h2c), served by hyper on the same listener as Thrift.
 //! Each stream is routed by its `:path` (`/package.Service/Method`) to the gRPC function whose
 //! service it names and forwarded to an instance over an HTTP/2 connection that many streams
-//! share. Request and response bodies stream through as hyper reads them (HTTP/2 flow control
-//! holds back a fast writer instead of buffering); messages, metadata and trailers are not
-//! touched. Only `grpc-timeout` is rewritten: to the call's remaining budget.
+//! share (driven with the h2 crate). Request and response bodies stream through as they are read
+//! (HTTP/2 flow control holds back a fast writer instead of buffering); messages, metadata and
+//! trailers are not touched. Only `grpc-timeout` is rewritten: to the call's remaining budget.
 
 use std::{
     convert::Infallible,
     future::Future,
     pin::Pin,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
     task::{Context, Poll},
@@ -18,9 +18,10 @@ use std::{
 };
 
 use bytes::{Buf, Bytes, BytesMut};
+use h2::{client::SendRequest, RecvStream, SendStream};
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use hyper::{body::Incoming, client::conn::http2::SendRequest, server::conn::http2 as server};
+use hyper::{body::Incoming, server::conn::http2 as server};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -74,7 +75,23 @@ impl Shared {
 }
 
 /// An HTTP/2 connection to an instance, shared by many streams; one per instance and worker.
-pub type Upstream = SendRequest<RequestBody>;
+/// It is driven with the h2 crate directly: hyper's client would add a channel to its connection
+/// task and a task per request body, and write a unary request's headers and message apart.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    send: SendRequest<Bytes>,
+    /// Set when the connection's task has ended.
+    closed: Arc<AtomicBool>,
+}
+
+impl Upstream {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// Errors of the bodies fnmesh sends back.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A body fnmesh holds in full: its data, then its trailers.
 #[derive(Clone, Default)]
@@ -159,15 +176,12 @@ impl RequestBody {
     }
 }
 
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
+impl RequestBody {
     fn poll_frame(
-        self: Pin<&mut Self>,
+        &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
+        match self {
             RequestBody::Caller(body) => Pin::new(body).poll_frame(cx),
             RequestBody::Replay(held) => Poll::Ready(held.next().map(Ok)),
             RequestBody::Partial { data, rest } => match data.take() {
@@ -184,12 +198,163 @@ impl Body for RequestBody {
             RequestBody::Partial { data, rest } => data.is_none() && rest.is_end_stream(),
         }
     }
+}
 
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            RequestBody::Caller(body) => body.size_hint(),
-            RequestBody::Replay(held) => held.size_hint(),
-            RequestBody::Partial { .. } => SizeHint::default(),
+/// Opens a stream on `upstream` (ready for one) and sends the request's body. A body fnmesh
+/// holds, or a caller's that has already ended (a unary request, as a rule), goes with the
+/// headers: h2 writes them together. A caller's still streaming is piped by a task of its own
+/// that waits for the instance's flow-control window; the returned guard stops that task when
+/// the call ends.
+async fn open(
+    mut upstream: SendRequest<Bytes>,
+    req: Request<RequestBody>,
+) -> Result<(h2::client::ResponseFuture, Option<Piping>), h2::Error> {
+    let (parts, mut body) = req.into_parts();
+    let head = Request::from_parts(parts, ());
+    if let RequestBody::Replay(held) = &mut body {
+        let (response, mut tx) = upstream.send_request(head, held.is_end_stream())?;
+        if let Some(data) = held.data.take() {
+            tx.send_data(data, held.trailers.is_none())?;
+        }
+        if let Some(trailers) = held.trailers.take() {
+            tx.send_trailers(trailers)?;
+        }
+        return Ok((response, None));
+    }
+    // What the caller has sent so far, without waiting for more: often the whole of a unary
+    // request (its message; maybe an empty frame that ends the stream).
+    let mut early = Vec::new();
+    let mut size = 0;
+    let ended = loop {
+        match std::future::poll_fn(|cx| Poll::Ready(body.poll_frame(cx))).await {
+            Poll::Ready(None) => break true,
+            Poll::Ready(Some(Ok(frame))) => {
+                size += frame.data_ref().map_or(0, Bytes::len);
+                early.push(Ok(frame));
+                if body.is_end_stream() {
+                    break true;
+                }
+                if size > EARLY_LIMIT {
+                    break false;
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                early.push(Err(e));
+                break false;
+            }
+            Poll::Pending => break false,
+        }
+    };
+    if !ended {
+        let (response, tx) = upstream.send_request(head, false)?;
+        let task = tokio::spawn(pipe(body, early, tx));
+        return Ok((response, Some(Piping(task.abort_handle()))));
+    }
+    let (response, mut tx) = upstream.send_request(head, early.is_empty())?;
+    let n = early.len();
+    for (i, frame) in early.into_iter().enumerate() {
+        let last = i + 1 == n;
+        let Ok(frame) = frame else { continue };
+        match frame.into_data() {
+            Ok(data) if data.is_empty() && !last => {}
+            Ok(data) => tx.send_data(data, last)?,
+            Err(frame) => match frame.into_trailers() {
+                Ok(trailers) => tx.send_trailers(trailers)?,
+                Err(_) if last => tx.send_data(Bytes::new(), true)?,
+                Err(_) => {}
+            },
+        }
+    }
+    Ok((response, None))
+}
+
+/// The most of a request sent with its headers, without waiting for the instance's window: the
+/// window HTTP/2 gives every stream at first.
+const EARLY_LIMIT: usize = 65_535;
+
+/// Stops a request body's pipe when the call it belongs to ends (its response is done or
+/// dropped): the instance's stream is reset then, if it is still open.
+pub struct Piping(tokio::task::AbortHandle);
+
+impl Drop for Piping {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends a caller's request body to the instance as it arrives, within the stream's
+/// flow-control window (a slow instance holds back the caller instead of filling memory).
+async fn pipe(
+    mut body: RequestBody,
+    early: Vec<Result<Frame<Bytes>, hyper::Error>>,
+    mut tx: SendStream<Bytes>,
+) {
+    let mut early = early.into_iter();
+    loop {
+        let frame = match early.next() {
+            Some(frame) => frame,
+            None => {
+                let step = std::future::poll_fn(|cx| {
+                    // The instance reset the stream (it has answered, or gave up): stop.
+                    if tx.poll_reset(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                    body.poll_frame(cx).map(Some)
+                })
+                .await;
+                match step {
+                    None => return,
+                    Some(None) => {
+                        let _ = tx.send_data(Bytes::new(), true);
+                        return;
+                    }
+                    Some(Some(frame)) => frame,
+                }
+            }
+        };
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(_) => {
+                // The caller's stream failed: the instance's is cancelled.
+                tx.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+        };
+        let mut data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = tx.send_trailers(trailers);
+                }
+                return;
+            }
+        };
+        let last = body.is_end_stream();
+        if data.is_empty() {
+            if last {
+                let _ = tx.send_data(data, true);
+                return;
+            }
+            continue;
+        }
+        loop {
+            tx.reserve_capacity(data.len());
+            let room = match std::future::poll_fn(|cx| tx.poll_capacity(cx)).await {
+                Some(Ok(n)) => n,
+                // The stream is closed or reset.
+                _ => return,
+            };
+            let chunk = data.split_to(room.min(data.len()));
+            let done = data.is_empty();
+            if tx.send_data(chunk, done && last).is_err() {
+                return;
+            }
+            if done {
+                break;
+            }
+        }
+        if last {
+            return;
         }
     }
 }
@@ -290,13 +455,15 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
 /// frames fnmesh makes (health `Watch`).
 pub enum ProxyBody {
     Upstream {
-        body: Incoming,
+        body: RecvStream,
         /// The call's deadline: past it the stream ends with DEADLINE_EXCEEDED trailers.
         deadline: Option<Pin<Box<Sleep>>>,
         budget: Duration,
         function: Arc<str>,
         verdict: Option<Verdict>,
         lease: Lease,
+        /// The request body's pipe, when it streams: it ends with the response.
+        _piping: Option<Piping>,
         _active: Active,
     },
     Local(Held),
@@ -310,14 +477,37 @@ impl ProxyBody {
     }
 }
 
+/// The instance's response body, frame by frame: its messages (their flow-control window
+/// released once handed on, so a slow caller holds back the instance), then its trailers.
+fn poll_upstream(
+    body: &mut RecvStream,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+    match body.poll_data(cx) {
+        Poll::Ready(Some(Ok(data))) => {
+            let _ = body.flow_control().release_capacity(data.len());
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+        Poll::Ready(None) => {}
+        Poll::Pending => return Poll::Pending,
+    }
+    match body.poll_trailers(cx) {
+        Poll::Ready(Ok(Some(trailers))) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+        Poll::Ready(Ok(None)) => Poll::Ready(None),
+        Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         match this {
             ProxyBody::Upstream {
@@ -344,7 +534,7 @@ impl Body for ProxyBody {
                         return Poll::Ready(Some(Ok(Frame::trailers(status_headers(&e)))));
                     }
                 }
-                let frame = Pin::new(body).poll_frame(cx);
+                let frame = poll_upstream(body, cx);
                 if let Some(v) = verdict.as_mut() {
                     let failed = match &frame {
                         Poll::Ready(Some(Ok(f))) => f.trailers_ref().map(|t| {
@@ -361,7 +551,7 @@ impl Body for ProxyBody {
                         lease.outcome(failed);
                     }
                 }
-                frame
+                frame.map(|f| f.map(|f| f.map_err(BoxError::from)))
             }
             ProxyBody::Local(held) => Poll::Ready(held.next().map(Ok)),
             ProxyBody::Frames(frames) => frames.as_mut().poll_next(cx).map(|f| f.map(Ok)),
@@ -378,7 +568,7 @@ impl Body for ProxyBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Upstream { .. } => SizeHint::default(),
             ProxyBody::Local(held) => held.size_hint(),
             ProxyBody::Frames(_) => SizeHint::default(),
         }
@@ -442,8 +632,9 @@ fn rescue(e: &CallError) -> Response<ProxyBody> {
     r
 }
 
+/// gRPC streams do not start the worker's busy polling (`workers.rs`): measured with
+/// `bench-grpc`, the spinning took CPU from the HTTP/2 peers and added latency (README).
 async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
-    crate::workers::busy();
     match proxy(shared, req).await {
         Ok(r) => r,
         Err(e) => rescue(&e),
@@ -599,7 +790,7 @@ async fn forward(
     let mut tries = 1;
     let mut avoid = None;
     loop {
-        let (lease, mut sender) =
+        let (lease, sender) =
             reach(pool, f, retry, &mut tries, avoid, deadline, &timed_out).await?;
         let left = match deadline {
             Some(d) => {
@@ -643,7 +834,11 @@ async fn forward(
                 req.headers_mut().insert("grpc-timeout", v);
             }
         }
-        let send = sender.send_request(req);
+        // Opening the stream is part of the attempt: a timeout drops its request pipe too.
+        let send = async move {
+            let (response, piping) = open(sender, req).await?;
+            Ok::<_, h2::Error>((response.await?, piping))
+        };
         let until = match (deadline, share) {
             (Some(d), Some(s)) => Some((Instant::now() + s).min(d)),
             (d, _) => d,
@@ -677,7 +872,7 @@ async fn forward(
                 );
                 (e, replay.is_some_and(|r| r.on_unavailable))
             }
-            Some(Ok(response)) => {
+            Some(Ok((response, piping))) => {
                 let unavailable = retrying
                     && replay.is_some_and(|r| r.on_unavailable)
                     && response.body().is_end_stream()
@@ -691,7 +886,7 @@ async fn forward(
                     .flatten();
                 let Some(wait) = wait else {
                     return Ok(respond(
-                        response, lease, verdict, deadline, budget, f, active,
+                        response, piping, lease, verdict, deadline, budget, f, active,
                     ));
                 };
                 lease.outcome(true);
@@ -749,7 +944,7 @@ async fn reach(
     avoid: Option<u64>,
     deadline: Option<Instant>,
     timed_out: &impl Fn(&str) -> CallError,
-) -> Result<(Lease, Upstream), CallError> {
+) -> Result<(Lease, SendRequest<Bytes>), CallError> {
     let acquire = || async {
         match deadline {
             // Boxed, like the other slow paths: what they hold does not weigh on every stream's
@@ -796,8 +991,10 @@ async fn reach(
 
 /// The instance's response, streamed back: its outcome is read for the breaker when it is
 /// already known (a trailers-only status), else from the body's trailers.
+#[allow(clippy::too_many_arguments)]
 fn respond(
-    response: Response<Incoming>,
+    response: Response<RecvStream>,
+    piping: Option<Piping>,
     lease: Lease,
     verdict: &mut Option<Verdict>,
     deadline: Option<Instant>,
@@ -805,7 +1002,6 @@ fn respond(
     f: &FunctionConfig,
     active: Active,
 ) -> Response<ProxyBody> {
-    crate::workers::busy();
     let (parts, body) = response.into_parts();
     let mut verdict = verdict.take();
     if let Some(v) = verdict.as_mut() {
@@ -833,6 +1029,7 @@ fn respond(
             function: f.name.as_str().into(),
             verdict,
             lease,
+            _piping: piping,
             _active: active,
         },
     )
@@ -877,20 +1074,22 @@ impl Drop for Verdict {
 
 /// This worker's HTTP/2 connection to `instance`, ready for a stream: the shared one, or a new
 /// one when there is none or it has closed.
-async fn connect(instance: &Instance) -> Result<Upstream, String> {
+async fn connect(instance: &Instance) -> Result<SendRequest<Bytes>, String> {
     let cached = lock(instance.h2())
         .as_ref()
         .filter(|s| !s.is_closed())
         .cloned();
-    let mut sender = match cached {
+    let upstream = match cached {
         Some(s) => s,
         None => Box::pin(upstream(instance)).await?,
     };
-    if let Err(e) = sender.ready().await {
-        lock(instance.h2()).take();
-        return Err(format!("connection lost: {e}"));
+    match upstream.send.ready().await {
+        Ok(send) => Ok(send),
+        Err(e) => {
+            lock(instance.h2()).take();
+            Err(format!("connection lost: {e}"))
+        }
     }
-    Ok(sender)
 }
 
 /// A new HTTP/2 connection to `instance` for this worker (on the readiness probe's connection
@@ -906,21 +1105,35 @@ async fn upstream(instance: &Instance) -> Result<Upstream, String> {
                 .stream
         }
     };
-    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .handshake(TokioIo::new(stream))
+    // The settings hyper's client would use: large windows (the spec's 64 KiB holds back a
+    // loopback), no server push.
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(2 << 20)
+        .initial_connection_window_size(5 << 20)
+        .max_header_list_size(16 << 10)
+        .max_send_buffer_size(1 << 20)
+        .max_local_error_reset_streams(Some(1024))
+        .enable_push(false)
+        .handshake::<_, Bytes>(stream)
         .await
         .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+    let closed = Arc::new(AtomicBool::new(false));
+    tokio::spawn({
+        let closed = closed.clone();
+        async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+            }
+            closed.store(true, Ordering::Release);
         }
     });
+    let upstream = Upstream { send, closed };
     let mut slot = lock(instance.h2());
     // Another stream may have connected meanwhile: keep the first, use ours for this stream.
     if slot.as_ref().is_none_or(|s| s.is_closed()) {
-        *slot = Some(sender.clone());
+        *slot = Some(upstream.clone());
     }
-    Ok(sender)
+    Ok(upstream)
 }
 
 /// `grpc.health.v1.Health`, answered by the sidecar for its gRPC functions' services (and `""`,

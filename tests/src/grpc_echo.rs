@@ -152,7 +152,8 @@ impl Echo for GrpcEcho {
         ))
     }
 
-    /// One reply: the messages received, joined with `,`.
+    /// One reply: the messages received (one over 1 KiB as `<N bytes>`), joined with `,`; each
+    /// is read after the previous one's `sleep_ms`.
     async fn client_streaming_echo(
         &self,
         req: Request<RecvStream<EchoRequest>>,
@@ -165,7 +166,15 @@ impl Echo for GrpcEcho {
         let mut stream = req.into_inner();
         let mut all = Vec::new();
         while let Some(m) = stream.next().await {
-            all.push(self.reply(m?).await?.message.to_string());
+            let m = m?;
+            // A large message is told by its size, so that a reply to many stays small.
+            let size = m.message.len();
+            let reply = self.reply(m).await?.message.to_string();
+            all.push(if size > 1024 {
+                format!("<{size} bytes>")
+            } else {
+                reply
+            });
         }
         Ok(with_echoed_metadata(
             &metadata_source,

@@ -1,7 +1,14 @@
 //! End-to-end: real volo-grpc clients call a real volo-grpc function through `fnmesh run`.
 #![forbid(unsafe_code)]
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use fnmesh_tests::{
     proto::proto_gen::echo::{EchoClientBuilder, EchoRequest},
@@ -345,6 +352,45 @@ async fn a_slow_reader_slows_the_instance_instead_of_growing_memory() {
         n += 1;
     }
     assert_eq!(n, 256, "every message arrived after the pause");
+}
+
+/// The other direction: an instance that stops reading holds back a client-streaming caller
+/// (flow control end to end) instead of the sidecar buffering what the caller sends.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_instance_holds_back_a_streaming_caller_instead_of_growing_memory() {
+    let sc = Sidecar::start(&grpc_echo_function("echo", "min = 1\nmax = 1", ""));
+    let client = client!(sc.addr);
+    unary(sc.addr, "warm").await.unwrap();
+    let before = sc.rss_kb();
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let big: String = "x".repeat(1 << 20);
+    // The instance sleeps 1.5 s after the first message before it reads the next; 64 MiB follow.
+    let out = futures_util::stream::iter(
+        std::iter::once(req("first", 1500)).chain((0..64).map(move |_| req(&big, 0))),
+    )
+    .inspect({
+        let pulled = pulled.clone();
+        move |_| {
+            pulled.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let call = tokio::spawn(async move { client.client_streaming_echo(out).await });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let held = sc.rss_kb().saturating_sub(before);
+    let sent = pulled.load(Ordering::SeqCst);
+    assert!(
+        held < 32 * 1024,
+        "the sidecar grew by {held} KiB while the instance paused"
+    );
+    assert!(
+        sent < 40,
+        "the caller was not held back: {sent} of 65 messages taken while the instance paused"
+    );
+    let reply = call.await.unwrap().expect("client stream").into_inner();
+    let parts: Vec<&str> = reply.message.split(',').collect();
+    assert_eq!(parts.len(), 65, "every message arrived after the pause");
+    assert_eq!(parts[0], "first");
+    assert!(parts[1..].iter().all(|p| *p == "<1048576 bytes>"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
