@@ -1,12 +1,11 @@
-//! gRPC connections: HTTP/2 without TLS (h2c), served by hyper on the same listener as Thrift.
-//! Each stream is routed by its `:path` (`/package.Service/Method`) to the gRPC function whose
-//! service it names and forwarded to an instance over an HTTP/2 connection that many streams
-//! share (driven with the h2 crate). Request and response bodies stream through as they are read
+//! gRPC connections: HTTP/2 without TLS (h2c), served with the h2 crate on the same listener as
+//! Thrift. Each stream is routed by its `:path` (`/package.Service/Method`) to the gRPC function
+//! whose service it names and forwarded to an instance over an HTTP/2 connection that many
+//! streams share. Request and response bodies stream through as they are read
 //! (HTTP/2 flow control holds back a fast writer instead of buffering); messages, metadata and
 //! trailers are not touched. Only `grpc-timeout` is rewritten: to the call's remaining budget.
 
 use std::{
-    convert::Infallible,
     future::Future,
     pin::Pin,
     sync::{
@@ -18,11 +17,9 @@ use std::{
 };
 
 use bytes::{Buf, Bytes, BytesMut};
-use h2::{client::SendRequest, RecvStream, SendStream};
+use h2::{client::SendRequest, server::SendResponse, RecvStream, SendStream};
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use hyper::{body::Incoming, server::conn::http2 as server};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
@@ -75,8 +72,8 @@ impl Shared {
 }
 
 /// An HTTP/2 connection to an instance, shared by many streams; one per instance and worker.
-/// It is driven with the h2 crate directly: hyper's client would add a channel to its connection
-/// task and a task per request body, and write a unary request's headers and message apart.
+/// It is driven with the h2 crate directly: hyper's client added a channel to its connection
+/// task and a task per request body, and wrote a unary request's headers and message apart.
 #[derive(Clone, Debug)]
 pub struct Upstream {
     send: SendRequest<Bytes>,
@@ -121,9 +118,9 @@ impl Held {
 /// may be sent again (an idempotent method with a retry policy), its bytes read in full, or as
 /// much as was read before it proved too large to keep, then the rest.
 pub enum RequestBody {
-    Caller(Incoming),
+    Caller(Caller),
     Replay(Held),
-    Partial { data: Option<Bytes>, rest: Incoming },
+    Partial { data: Option<Bytes>, rest: Caller },
 }
 
 /// The most of a request kept for sending it again; a larger one is retried only when it never
@@ -133,7 +130,7 @@ const REPLAY_LIMIT: usize = 1 << 20;
 impl RequestBody {
     /// Reads the caller's request for sending it again: in full when it ends within
     /// [`REPLAY_LIMIT`].
-    async fn read(mut body: Incoming) -> Result<RequestBody, CallError> {
+    async fn read(mut body: Caller) -> Result<RequestBody, CallError> {
         let mut data = BytesMut::new();
         let mut trailers = None;
         loop {
@@ -180,7 +177,7 @@ impl RequestBody {
     fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         match self {
             RequestBody::Caller(body) => Pin::new(body).poll_frame(cx),
             RequestBody::Replay(held) => Poll::Ready(held.next().map(Ok)),
@@ -286,7 +283,7 @@ impl Drop for Piping {
 /// flow-control window (a slow instance holds back the caller instead of filling memory).
 async fn pipe(
     mut body: RequestBody,
-    early: Vec<Result<Frame<Bytes>, hyper::Error>>,
+    early: Vec<Result<Frame<Bytes>, h2::Error>>,
     mut tx: SendStream<Bytes>,
 ) {
     let mut early = early.into_iter();
@@ -320,7 +317,7 @@ async fn pipe(
                 return;
             }
         };
-        let mut data = match frame.into_data() {
+        let data = match frame.into_data() {
             Ok(data) => data,
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
@@ -330,28 +327,11 @@ async fn pipe(
             }
         };
         let last = body.is_end_stream();
-        if data.is_empty() {
-            if last {
-                let _ = tx.send_data(data, true);
-                return;
-            }
+        if data.is_empty() && !last {
             continue;
         }
-        loop {
-            tx.reserve_capacity(data.len());
-            let room = match std::future::poll_fn(|cx| tx.poll_capacity(cx)).await {
-                Some(Ok(n)) => n,
-                // The stream is closed or reset.
-                _ => return,
-            };
-            let chunk = data.split_to(room.min(data.len()));
-            let done = data.is_empty();
-            if tx.send_data(chunk, done && last).is_err() {
-                return;
-            }
-            if done {
-                break;
-            }
+        if !send_within_window(&mut tx, data, last).await {
+            return;
         }
         if last {
             return;
@@ -407,46 +387,160 @@ impl AsyncWrite for Prefixed {
     }
 }
 
-/// Serves one HTTP/2 connection whose first bytes (`head`, the preface) were already read. When
-/// the sidecar drains, the connection gets GOAWAY: streams already open may finish (within
-/// `drain_timeout`), new ones go elsewhere.
+/// Serves one HTTP/2 connection whose first bytes (`head`, the preface) were already read, with
+/// the h2 crate: a task per stream. When the sidecar drains, the connection gets GOAWAY: streams
+/// already open may finish (within `drain_timeout`), new ones go elsewhere.
 pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
     let _ = sock.set_nodelay(true);
-    let io = TokioIo::new(Prefixed { head, sock });
     let _open = Active::new(&shared.connections);
     let mut draining = shared.draining.subscribe();
     // A connection opened while the sidecar already drains gets its GOAWAY at once.
     draining.mark_changed();
-    let service = hyper::service::service_fn(move |req| {
-        let shared = shared.clone();
-        // Boxed: hyper spawns a task per stream holding this future, and moving a small box
-        // into the task costs less than moving the whole future (about 3% of a call's
-        // instructions).
-        Box::pin(async move { Ok::<_, Infallible>(handle(&shared, req).await) })
-    });
-    let mut builder = server::Builder::new(TokioExecutor::new());
-    // The instance's headers go back as they came: no `date` of our own.
-    builder
-        .max_concurrent_streams(Some(4096))
-        .auto_date_header(false);
-    let conn = builder.serve_connection(io, service);
-    tokio::pin!(conn);
+    // hyper's server settings: 1 MiB windows, 16 KiB frames and header lists.
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(1 << 20)
+        .max_frame_size(16 << 10)
+        .max_header_list_size(16 << 10)
+        .max_send_buffer_size(400 << 10)
+        .max_local_error_reset_streams(Some(1024))
+        .max_concurrent_streams(4096)
+        .handshake::<_, Bytes>(Prefixed { head, sock });
+    let mut conn = match handshake.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::debug!(error = %e, "HTTP/2 handshake failed");
+            return;
+        }
+    };
     let mut goaway = false;
     loop {
         tokio::select! {
-            done = conn.as_mut() => {
-                if let Err(e) = done {
-                    tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+            accepted = conn.accept() => match accepted {
+                Some(Ok((req, respond))) => {
+                    let shared = shared.clone();
+                    // Boxed: moving a small box into the task costs less than moving the whole
+                    // future.
+                    tokio::spawn(Box::pin(async move {
+                        let response = handle(&shared, req.map(Caller)).await;
+                        answer(respond, response).await;
+                    }));
                 }
-                return;
-            }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+                    return;
+                }
+                None => return,
+            },
             changed = draining.changed(), if !goaway => {
                 if changed.is_err() || *draining.borrow_and_update() {
-                    conn.as_mut().graceful_shutdown();
+                    conn.graceful_shutdown();
                     goaway = true;
                 }
             }
         }
+    }
+}
+
+/// Sends a stream's response to the caller: its headers, then its body within the caller's
+/// flow-control window. The first message goes with the headers (a unary response, with its
+/// trailers, is one write). A caller that resets the stream ends it here, and the instance's
+/// stream with it (dropping the body resets it).
+async fn answer(mut respond: SendResponse<Bytes>, response: Response<ProxyBody>) {
+    let (parts, mut body) = response.into_parts();
+    let head = Response::from_parts(parts, ());
+    if body.is_end_stream() {
+        let _ = respond.send_response(head, true);
+        return;
+    }
+    let Ok(mut tx) = respond.send_response(head, false) else {
+        return;
+    };
+    let mut first = true;
+    loop {
+        let frame = std::future::poll_fn(|cx| {
+            if tx.poll_reset(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            Pin::new(&mut body).poll_frame(cx).map(Some)
+        })
+        .await;
+        let frame = match frame {
+            // The caller reset the stream.
+            None => return,
+            Some(None) => {
+                let _ = tx.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Some(Err(e))) => {
+                tracing::debug!(error = %e, "a response body failed");
+                tx.send_reset(h2::Reason::INTERNAL_ERROR);
+                return;
+            }
+            Some(Some(Ok(frame))) => frame,
+        };
+        let data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = tx.send_trailers(trailers);
+                }
+                return;
+            }
+        };
+        let last = body.is_end_stream();
+        if first && data.len() <= EARLY_LIMIT {
+            // Within the window every stream starts with: no need to wait for capacity.
+            first = false;
+            if tx.send_data(data, last).is_err() || last {
+                return;
+            }
+            continue;
+        }
+        first = false;
+        if !send_within_window(&mut tx, data, last).await || last {
+            return;
+        }
+    }
+}
+
+/// Sends `data` as the stream's flow-control window allows; false once the stream is closed.
+async fn send_within_window(tx: &mut SendStream<Bytes>, mut data: Bytes, last: bool) -> bool {
+    if data.is_empty() {
+        return tx.send_data(data, last).is_ok();
+    }
+    while !data.is_empty() {
+        tx.reserve_capacity(data.len());
+        let room = match std::future::poll_fn(|cx| tx.poll_capacity(cx)).await {
+            Some(Ok(n)) => n,
+            // The stream is closed or reset.
+            _ => return false,
+        };
+        let chunk = data.split_to(room.min(data.len()));
+        if tx.send_data(chunk, last && data.is_empty()).is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// A caller's request body: its messages (their flow-control window released once handed on,
+/// so a slow instance holds back the caller), then its trailers.
+pub struct Caller(RecvStream);
+
+impl Body for Caller {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        poll_recv(&mut self.0, cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
     }
 }
 
@@ -477,9 +571,9 @@ impl ProxyBody {
     }
 }
 
-/// The instance's response body, frame by frame: its messages (their flow-control window
-/// released once handed on, so a slow caller holds back the instance), then its trailers.
-fn poll_upstream(
+/// A body received over HTTP/2, frame by frame: its messages (their flow-control window released
+/// once handed on, so a slow reader holds back the sender), then its trailers.
+fn poll_recv(
     body: &mut RecvStream,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
@@ -534,7 +628,7 @@ impl Body for ProxyBody {
                         return Poll::Ready(Some(Ok(Frame::trailers(status_headers(&e)))));
                     }
                 }
-                let frame = poll_upstream(body, cx);
+                let frame = poll_recv(body, cx);
                 if let Some(v) = verdict.as_mut() {
                     let failed = match &frame {
                         Poll::Ready(Some(Ok(f))) => f.trailers_ref().map(|t| {
@@ -634,7 +728,7 @@ fn rescue(e: &CallError) -> Response<ProxyBody> {
 
 /// gRPC streams do not start the worker's busy polling (`workers.rs`): measured with
 /// `bench-grpc`, the spinning took CPU from the HTTP/2 peers and added latency (README).
-async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(shared: &Shared, req: Request<Caller>) -> Response<ProxyBody> {
     match proxy(shared, req).await {
         Ok(r) => r,
         Err(e) => rescue(&e),
@@ -679,7 +773,7 @@ pub fn format_grpc_timeout(d: Duration) -> String {
     }
 }
 
-async fn proxy(shared: &Shared, req: Request<Incoming>) -> Result<Response<ProxyBody>, CallError> {
+async fn proxy(shared: &Shared, req: Request<Caller>) -> Result<Response<ProxyBody>, CallError> {
     let path = req.uri().path().to_owned();
     let Some((service, method)) = service_method(&path) else {
         return Err(CallError::new(
@@ -752,7 +846,7 @@ async fn forward(
     pool: &Arc<Pool>,
     f: &FunctionConfig,
     method: &str,
-    req: Request<Incoming>,
+    req: Request<Caller>,
     budget: Option<Duration>,
     deadline: Option<Instant>,
     verdict: &mut Option<Verdict>,
@@ -948,7 +1042,7 @@ async fn reach(
     let acquire = || async {
         match deadline {
             // Boxed, like the other slow paths: what they hold does not weigh on every stream's
-            // future (hyper moves it into a task per stream).
+            // future (it is moved into a task per stream).
             Some(d) => tokio::time::timeout_at(d, Box::pin(pool.acquire()))
                 .await
                 .map_err(|_| timed_out("while queued (the call was never forwarded)"))?,
@@ -1154,7 +1248,7 @@ mod health {
     pub async fn answer(
         shared: &Shared,
         method: &str,
-        body: Incoming,
+        body: Caller,
     ) -> Result<Response<ProxyBody>, CallError> {
         let watch = match method {
             "Check" => false,
@@ -1254,7 +1348,7 @@ mod health {
     }
 
     /// Reads the request's one message and its field 1 (`service`).
-    async fn requested_service(mut body: Incoming) -> Result<String, CallError> {
+    async fn requested_service(mut body: Caller) -> Result<String, CallError> {
         let mut buf = BytesMut::new();
         while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
         {
