@@ -173,12 +173,15 @@ impl RequestBody {
     }
 }
 
-impl RequestBody {
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
     fn poll_frame(
-        &mut self,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        match self {
+        match self.get_mut() {
             RequestBody::Caller(body) => Pin::new(body).poll_frame(cx),
             RequestBody::Replay(held) => Poll::Ready(held.next().map(Ok)),
             RequestBody::Partial { data, rest } => match data.take() {
@@ -223,7 +226,7 @@ async fn open(
     let mut early = Vec::new();
     let mut size = 0;
     let ended = loop {
-        match std::future::poll_fn(|cx| Poll::Ready(body.poll_frame(cx))).await {
+        match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
             Poll::Ready(None) => break true,
             Poll::Ready(Some(Ok(frame))) => {
                 size += frame.data_ref().map_or(0, Bytes::len);
@@ -244,7 +247,7 @@ async fn open(
     };
     if !ended {
         let (response, tx) = upstream.send_request(head, false)?;
-        let task = tokio::spawn(pipe(body, early, tx));
+        let task = tokio::spawn(relay(body, early, EARLY_LIMIT, tx, h2::Reason::CANCEL));
         return Ok((response, Some(Piping(task.abort_handle()))));
     }
     let (response, mut tx) = upstream.send_request(head, early.is_empty())?;
@@ -265,8 +268,8 @@ async fn open(
     Ok((response, None))
 }
 
-/// The most of a request sent with its headers, without waiting for the instance's window: the
-/// window HTTP/2 gives every stream at first.
+/// The most of a body sent without waiting for the other side's flow-control window: the window
+/// HTTP/2 gives every stream at first.
 const EARLY_LIMIT: usize = 65_535;
 
 /// Stops a request body's pipe when the call it belongs to ends (its response is done or
@@ -276,66 +279,6 @@ pub struct Piping(tokio::task::AbortHandle);
 impl Drop for Piping {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// Sends a caller's request body to the instance as it arrives, within the stream's
-/// flow-control window (a slow instance holds back the caller instead of filling memory).
-async fn pipe(
-    mut body: RequestBody,
-    early: Vec<Result<Frame<Bytes>, h2::Error>>,
-    mut tx: SendStream<Bytes>,
-) {
-    let mut early = early.into_iter();
-    loop {
-        let frame = match early.next() {
-            Some(frame) => frame,
-            None => {
-                let step = std::future::poll_fn(|cx| {
-                    // The instance reset the stream (it has answered, or gave up): stop.
-                    if tx.poll_reset(cx).is_ready() {
-                        return Poll::Ready(None);
-                    }
-                    body.poll_frame(cx).map(Some)
-                })
-                .await;
-                match step {
-                    None => return,
-                    Some(None) => {
-                        let _ = tx.send_data(Bytes::new(), true);
-                        return;
-                    }
-                    Some(Some(frame)) => frame,
-                }
-            }
-        };
-        let frame = match frame {
-            Ok(frame) => frame,
-            Err(_) => {
-                // The caller's stream failed: the instance's is cancelled.
-                tx.send_reset(h2::Reason::CANCEL);
-                return;
-            }
-        };
-        let data = match frame.into_data() {
-            Ok(data) => data,
-            Err(frame) => {
-                if let Ok(trailers) = frame.into_trailers() {
-                    let _ = tx.send_trailers(trailers);
-                }
-                return;
-            }
-        };
-        let last = body.is_end_stream();
-        if data.is_empty() && !last {
-            continue;
-        }
-        if !send_within_window(&mut tx, data, last).await {
-            return;
-        }
-        if last {
-            return;
-        }
     }
 }
 
@@ -447,37 +390,69 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
 /// trailers, is one write). A caller that resets the stream ends it here, and the instance's
 /// stream with it (dropping the body resets it).
 async fn answer(mut respond: SendResponse<Bytes>, response: Response<ProxyBody>) {
-    let (parts, mut body) = response.into_parts();
+    let (parts, body) = response.into_parts();
     let head = Response::from_parts(parts, ());
     if body.is_end_stream() {
         let _ = respond.send_response(head, true);
         return;
     }
-    let Ok(mut tx) = respond.send_response(head, false) else {
-        return;
-    };
-    let mut first = true;
-    loop {
-        let frame = std::future::poll_fn(|cx| {
-            if tx.poll_reset(cx).is_ready() {
-                return Poll::Ready(None);
-            }
-            Pin::new(&mut body).poll_frame(cx).map(Some)
-        })
+    if let Ok(tx) = respond.send_response(head, false) {
+        relay(
+            body,
+            Vec::new(),
+            EARLY_LIMIT,
+            tx,
+            h2::Reason::INTERNAL_ERROR,
+        )
         .await;
+    }
+}
+
+/// Sends `body` on `tx` as it comes: `early` (frames already read from it) first, then the rest,
+/// within the stream's flow-control window, so that a slow reader holds back the writer. Up to
+/// `free` bytes of messages go without waiting for the window: HTTP/2 gives every stream 64 KiB
+/// to start with, and a unary message goes out with its headers that way. A body that fails
+/// resets the stream with `failed`; a reset from the other side ends the relay.
+async fn relay<B>(
+    mut body: B,
+    early: Vec<Result<Frame<Bytes>, B::Error>>,
+    mut free: usize,
+    mut tx: SendStream<Bytes>,
+    failed: h2::Reason,
+) where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut early = early.into_iter();
+    loop {
+        let frame = match early.next() {
+            Some(frame) => Some(frame),
+            None => {
+                let next = std::future::poll_fn(|cx| {
+                    if tx.poll_reset(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                    Pin::new(&mut body).poll_frame(cx).map(Some)
+                })
+                .await;
+                match next {
+                    // The other side reset the stream (it has answered, or gave up).
+                    None => return,
+                    Some(frame) => frame,
+                }
+            }
+        };
         let frame = match frame {
-            // The caller reset the stream.
-            None => return,
-            Some(None) => {
+            None => {
                 let _ = tx.send_data(Bytes::new(), true);
                 return;
             }
-            Some(Some(Err(e))) => {
-                tracing::debug!(error = %e, "a response body failed");
-                tx.send_reset(h2::Reason::INTERNAL_ERROR);
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "a body failed; its stream is reset");
+                tx.send_reset(failed);
                 return;
             }
-            Some(Some(Ok(frame))) => frame,
+            Some(Ok(frame)) => frame,
         };
         let data = match frame.into_data() {
             Ok(data) => data,
@@ -489,16 +464,17 @@ async fn answer(mut respond: SendResponse<Bytes>, response: Response<ProxyBody>)
             }
         };
         let last = body.is_end_stream();
-        if first && data.len() <= EARLY_LIMIT {
-            // Within the window every stream starts with: no need to wait for capacity.
-            first = false;
-            if tx.send_data(data, last).is_err() || last {
-                return;
-            }
+        if data.is_empty() && !last {
             continue;
         }
-        first = false;
-        if !send_within_window(&mut tx, data, last).await || last {
+        let sent = if data.len() <= free {
+            free -= data.len();
+            tx.send_data(data, last).is_ok()
+        } else {
+            free = 0;
+            send_within_window(&mut tx, data, last).await
+        };
+        if !sent || last {
             return;
         }
     }

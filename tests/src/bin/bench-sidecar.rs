@@ -50,23 +50,33 @@ impl Caller for Thrift {
     }
 }
 
-/// Spawn-to-accept time of the function binary alone: from before the spawn until a connect
-/// succeeds, probing every 20 us (finer than fnmesh's own probe, so this side is not flattered).
-fn spawn_to_accept() -> Duration {
+/// Starts the function binary alone and connects to it as soon as it accepts, probing every
+/// 20 us (finer than fnmesh's own probe, so this side is not flattered): the process, the
+/// probe's connection, and when the spawn began.
+fn spawn_and_probe() -> (Killed, std::net::TcpStream, Instant) {
     let port = free_port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let t = Instant::now();
-    let c = Command::new(echo_fn())
-        .env("PORT", port.to_string())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    while std::net::TcpStream::connect(addr).is_err() {
+    let process = Killed(
+        Command::new(echo_fn())
+            .env("PORT", port.to_string())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    loop {
+        if let Ok(conn) = std::net::TcpStream::connect(addr) {
+            return (process, conn, t);
+        }
         std::thread::sleep(Duration::from_micros(20));
     }
-    let d = t.elapsed();
-    drop(Killed(c));
-    d
+}
+
+/// Spawn-to-accept time of the function binary alone: from before the spawn until a connect
+/// succeeds.
+fn spawn_to_accept() -> Duration {
+    let (_process, _conn, t) = spawn_and_probe();
+    t.elapsed()
 }
 
 /// The echo call a Volo client makes, as raw bytes: TTHeader around a framed binary message.
@@ -95,20 +105,7 @@ fn raw_echo_call() -> Vec<u8> {
 /// still does after it starts listening and its first call, which fnmesh's first reply also
 /// waits for.
 fn spawn_to_first_reply(call: &[u8]) -> Duration {
-    let port = free_port();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let t = Instant::now();
-    let c = Command::new(echo_fn())
-        .env("PORT", port.to_string())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut conn = loop {
-        if let Ok(s) = std::net::TcpStream::connect(addr) {
-            break s;
-        }
-        std::thread::sleep(Duration::from_micros(20));
-    };
+    let (_process, mut conn, t) = spawn_and_probe();
     conn.set_nodelay(true).unwrap();
     conn.write_all(call).unwrap();
     let mut buf = BytesMut::new();
@@ -122,9 +119,7 @@ fn spawn_to_first_reply(call: &[u8]) -> Duration {
             break;
         }
     }
-    let d = t.elapsed();
-    drop(Killed(c));
-    d
+    t.elapsed()
 }
 
 #[tokio::main]
