@@ -147,3 +147,41 @@ impl EchoService for EchoHandler {
         Ok(())
     }
 }
+
+/// An `EchoService` call as a binary Thrift message, as fnmesh's raw tests and benchmarks send
+/// it: `method` (seqid 9) whose `EchoRequest` carries `text` as its message.
+pub fn raw_message(method: &str, text: &str) -> bytes::BytesMut {
+    use bytes::BufMut;
+    let mut m = bytes::BytesMut::new();
+    fnmesh_codec::MessageHeader::encode(
+        &mut m,
+        fnmesh_codec::Protocol::Binary,
+        true,
+        fnmesh_codec::MessageType::Call,
+        method,
+        9,
+    );
+    // Field 1 (the request struct) holding field 1 (a string).
+    m.put_slice(&[0x0c, 0, 1, 0x0b, 0, 1]);
+    m.put_u32(text.len() as u32);
+    m.put_slice(text.as_bytes());
+    m.put_slice(&[0, 0]);
+    m
+}
+
+/// That call in TTHeader, as a Volo client frames it: ToService, method and `isn`.
+pub fn raw_ttheader_call(to_service: &str, isn: &str, method: &str, text: &str) -> Vec<u8> {
+    use bytes::BufMut;
+    let m = raw_message(method, text);
+    let b = fnmesh_codec::TTHeaderBuilder {
+        seqid: 9,
+        str_kvs: vec![(b"isn", isn.as_bytes())],
+        int_kvs: vec![(6, to_service.as_bytes()), (9, method.as_bytes())],
+        inner_framed: true,
+        ..Default::default()
+    };
+    let mut out = bytes::BytesMut::new();
+    b.encode(&mut out, m.len()).unwrap();
+    out.put_slice(&m);
+    out.to_vec()
+}

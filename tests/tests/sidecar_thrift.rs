@@ -8,8 +8,9 @@ use std::{
 };
 
 use bytes::{BufMut, BytesMut};
-use fnmesh_codec::{FrameDecoder, Limits, MessageType, Protocol, TTHeaderBuilder};
+use fnmesh_codec::{FrameDecoder, Limits, MessageType, Protocol};
 use fnmesh_tests::{
+    echo::{raw_message, raw_ttheader_call},
     gen::volo_gen::echo::{EchoRequest, EchoServiceClientBuilder},
     sidecar::{self, alive, echo_fn, echo_function, kill_instance, under_shell, Sidecar},
 };
@@ -606,37 +607,12 @@ fn check_names_a_missing_executable() {
 
 // ---- raw frames --------------------------------------------------------------------------------
 
-fn echo_args() -> Vec<u8> {
-    let mut b = vec![0x0c, 0, 1, 0x0b, 0, 1, 0, 0, 0, 2];
-    b.extend_from_slice(b"hi");
-    b.extend_from_slice(&[0, 0]);
-    b
-}
-
-fn message(name: &str) -> BytesMut {
-    let mut m = BytesMut::new();
-    fnmesh_codec::MessageHeader::encode(&mut m, Protocol::Binary, true, MessageType::Call, name, 9);
-    m.put_slice(&echo_args());
-    m
-}
-
 fn ttheader_call(to_service: &str, isn: &str, method: &str) -> Vec<u8> {
-    let m = message(method);
-    let b = TTHeaderBuilder {
-        seqid: 9,
-        str_kvs: vec![(b"isn", isn.as_bytes())],
-        int_kvs: vec![(6, to_service.as_bytes()), (9, method.as_bytes())],
-        inner_framed: true,
-        ..Default::default()
-    };
-    let mut out = BytesMut::new();
-    b.encode(&mut out, m.len()).unwrap();
-    out.put_slice(&m);
-    out.to_vec()
+    raw_ttheader_call(to_service, isn, method, "hi")
 }
 
 fn framed_call(method: &str) -> Vec<u8> {
-    let m = message(method);
+    let m = raw_message(method, "hi");
     let mut out = BytesMut::new();
     out.put_u32(m.len() as u32);
     out.put_slice(&m);

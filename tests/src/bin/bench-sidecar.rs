@@ -14,13 +14,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::{BufMut, BytesMut};
-use fnmesh_codec::{FrameDecoder, Limits, MessageHeader, MessageType, Protocol, TTHeaderBuilder};
+use bytes::BytesMut;
+use fnmesh_codec::{FrameDecoder, Limits};
 use fnmesh_tests::{
     bench::{
         pct, print_machine, proxy_paths, rss_kb, sequential, start_function, start_haproxy,
         throughput, us, Caller, HaproxyMode, Killed,
     },
+    echo::raw_ttheader_call,
     gen::volo_gen::echo::{EchoRequest, EchoServiceClient, EchoServiceClientBuilder},
     sidecar::{echo_fn, echo_function, free_port, Sidecar},
 };
@@ -79,26 +80,6 @@ fn spawn_to_accept() -> Duration {
     t.elapsed()
 }
 
-/// The echo call a Volo client makes, as raw bytes: TTHeader around a framed binary message.
-fn raw_echo_call() -> Vec<u8> {
-    let mut m = BytesMut::new();
-    MessageHeader::encode(&mut m, Protocol::Binary, true, MessageType::Call, "Echo", 1);
-    // EchoRequest { 1: message = "benchmark" }
-    m.put_slice(&[0x0c, 0, 1, 0x0b, 0, 1, 0, 0, 0, 9]);
-    m.put_slice(b"benchmark");
-    m.put_slice(&[0, 0]);
-    let b = TTHeaderBuilder {
-        seqid: 1,
-        int_kvs: vec![(6, b"EchoService".as_slice()), (9, b"Echo".as_slice())],
-        inner_framed: true,
-        ..Default::default()
-    };
-    let mut out = BytesMut::new();
-    b.encode(&mut out, m.len()).unwrap();
-    out.put_slice(&m);
-    out.to_vec()
-}
-
 /// Spawn-to-first-reply time of the function binary alone, called the way fnmesh makes a new
 /// instance's first call: the same probing, then one call on the connection the probe opened
 /// (raw bytes, so no client's own first-call work is counted). This includes what the function
@@ -147,7 +128,7 @@ async fn main() {
     let mut cold = Vec::new();
     let mut spawn = Vec::new();
     let mut first = Vec::new();
-    let call = raw_echo_call();
+    let call = raw_ttheader_call("echo", "EchoService", "Echo", "benchmark");
     for _ in 0..20 {
         assert!(sc.wait_for(Duration::from_secs(5), |s| s.stat("echo", "processes") == 0));
         let t = Instant::now();
