@@ -58,7 +58,8 @@ if [ ! -x "$consul_dir/usr/bin/consul" ]; then
     dpkg-deb -x "$scratch"/consul_*.deb "$consul_dir"
     rm -rf "$scratch"
 fi
-"$consul_dir/usr/bin/consul" version | head -1
+# sed reads all of it: `head` could close the pipe early and, under pipefail, fail the run (SIGPIPE).
+"$consul_dir/usr/bin/consul" version | sed -n 1p
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
