@@ -734,6 +734,8 @@ impl Pool {
         let runtime::Process { mut child, pid, .. } = process;
         tokio::select! {
             status = child.wait() => {
+                // What a wrapper left of the instance goes with it.
+                runtime::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
                 let name = &self.name;
                 tracing::warn!(function = %name, instance = instance.id, status = ?status, "instance exited");
                 self.remove(&instance);

@@ -1,6 +1,8 @@
 //! The process runtime: a function instance is a child process listening on `127.0.0.1:$PORT`,
 //! in its own process group, registered with the [`Watchdog`](crate::watchdog::Watchdog) so it
-//! dies with the sidecar even when the sidecar is killed with SIGKILL.
+//! dies with the sidecar even when the sidecar is killed with SIGKILL. Signals go to the whole
+//! group: a command that is a wrapper (a shell script running the server as its child) takes
+//! its children with it.
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -16,7 +18,7 @@ use nix::{sys::signal, unistd::Pid};
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, BufReader},
     process::{Child, Command},
-    time::{sleep, timeout, Instant},
+    time::{sleep, timeout_at, Instant},
 };
 
 use crate::{config::FunctionConfig, watchdog::Watchdog};
@@ -133,6 +135,7 @@ pub async fn start(
         }
         Some(e) => {
             let _ = child.kill().await;
+            signal_group(pid, signal::Signal::SIGKILL);
             watchdog.forget(pid);
             Err(e.unwrap_or(StartError::NotReady {
                 addr,
@@ -187,12 +190,28 @@ async fn log_lines(
     }
 }
 
-/// Stops a process: SIGTERM, then SIGKILL if it has not exited after `grace`.
+/// Stops an instance: SIGTERM to its process group; SIGKILL to what is left of the group after
+/// `grace` (the process itself, or children of a wrapper that outlived it).
 pub async fn stop(mut child: Child, pid: u32, grace: Duration) {
-    if let Ok(pid) = i32::try_from(pid) {
-        let _ = signal::kill(Pid::from_raw(pid), signal::Signal::SIGTERM);
-    }
-    if timeout(grace, child.wait()).await.is_err() {
+    let until = Instant::now() + grace;
+    signal_group(pid, signal::Signal::SIGTERM);
+    if timeout_at(until, child.wait()).await.is_err() {
         let _ = child.kill().await;
     }
+    while group_alive(pid) && Instant::now() < until {
+        sleep(Duration::from_millis(10)).await;
+    }
+    signal_group(pid, signal::Signal::SIGKILL);
+}
+
+/// Sends `sig` to the process group `pid` leads (every instance leads its own).
+pub fn signal_group(pid: u32, sig: signal::Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = signal::killpg(Pid::from_raw(pid), sig);
+    }
+}
+
+/// Whether any process of the group `pid` led is still there.
+fn group_alive(pid: u32) -> bool {
+    i32::try_from(pid).is_ok_and(|pid| signal::killpg(Pid::from_raw(pid), None).is_ok())
 }

@@ -85,8 +85,9 @@ pub fn main() -> std::process::ExitCode {
             _ => {}
         }
     }
+    // Each instance leads its own process group: its children (a wrapper's) go too.
     for pid in live {
-        let _ = signal::kill(Pid::from_raw(pid), signal::Signal::SIGKILL);
+        let _ = signal::killpg(Pid::from_raw(pid), signal::Signal::SIGKILL);
     }
     std::process::ExitCode::SUCCESS
 }
