@@ -583,27 +583,36 @@ async fn no_instance_outlives_a_sidecar_killed_with_sigkill() {
     assert!(!alive(watchdog), "the watchdog exits once its work is done");
 }
 
+/// A sidecar whose function `echo` runs the example server under a shell `script` (`{program}`
+/// in it is the server), with `scale`, after one call: the sidecar and instance 1's server.
+async fn wrapped(scale: &str, script: &str) -> (Sidecar, u32) {
+    let program = echo_fn();
+    let table = under_shell(
+        &program,
+        &echo_function("echo", scale, ""),
+        &script.replace("{program}", &program),
+    );
+    let sc = Sidecar::start(&table);
+    echo(sc.addr, "first", None, 5000).await.unwrap();
+    let server = sidecar::instance_pid(&sc, "echo-fn", "1");
+    (sc, server)
+}
+
+/// Whether process `pid` is gone within `within`.
+fn gone(pid: u32, within: Duration) -> bool {
+    let until = Instant::now() + within;
+    while alive(pid) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    !alive(pid)
+}
+
 /// A function whose command is a wrapper (a shell that runs the server as its child instead of
 /// `exec`ing it): the server stops with its instance, both when the instance goes idle and when
 /// the sidecar is killed with SIGKILL.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrapper_scripts_children_stop_with_their_instance() {
-    let program = echo_fn();
-    let table = under_shell(
-        &program,
-        &echo_function("echo", "max = 1\nidle = \"300ms\"", ""),
-        &format!("{program}; sleep 60"),
-    );
-    let sc = Sidecar::start(&table);
-    echo(sc.addr, "first", None, 5000).await.unwrap();
-    let server = sidecar::instance_pid(&sc, "echo-fn", "1");
-    let gone = |pid: u32, within: Duration| {
-        let until = Instant::now() + within;
-        while alive(pid) && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        !alive(pid)
-    };
+    let (sc, server) = wrapped("max = 1\nidle = \"300ms\"", "{program}; sleep 60").await;
     assert!(
         gone(server, Duration::from_secs(5)),
         "the idle instance's server {server} stopped with its shell"
@@ -621,21 +630,9 @@ async fn a_wrapper_scripts_children_stop_with_their_instance() {
 /// server in the background): the child goes with it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crashed_wrappers_children_go_with_it() {
-    let program = echo_fn();
-    let table = under_shell(
-        &program,
-        &echo_function("echo", "max = 1", ""),
-        &format!("{program} & sleep 1; exit 3"),
-    );
-    let sc = Sidecar::start(&table);
-    echo(sc.addr, "first", None, 5000).await.unwrap();
-    let server = sidecar::instance_pid(&sc, "echo-fn", "1");
-    let until = Instant::now() + Duration::from_secs(5);
-    while alive(server) && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (_sc, server) = wrapped("max = 1", "{program} & sleep 1; exit 3").await;
     assert!(
-        !alive(server),
+        gone(server, Duration::from_secs(5)),
         "the server {server} went with its exited wrapper"
     );
 }
