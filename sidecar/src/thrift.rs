@@ -199,7 +199,7 @@ pub async fn serve(
                 reading = false;
                 break;
             }
-            let routed = match route(shared, &mut frame) {
+            let (routed, budget) = match route(shared, &mut frame) {
                 Ok(routed) => routed,
                 Err(e) => {
                     if oneway {
@@ -210,8 +210,7 @@ pub async fn serve(
                     continue;
                 }
             };
-            let budget = routed.budget;
-            let deadline = budget.map(|b| Instant::now() + b);
+            let deadline = routed.deadline;
             let timed = deadline.map(|_| routed.pool.clone());
             let mut answer = (!oneway).then(|| Answer::of(&frame));
             // A TTHeader call with a deadline is kept as a frame until it is forwarded, when its
@@ -221,7 +220,7 @@ pub async fn serve(
                     if let Some(a) = answer.as_mut() {
                         a.head = Bytes::copy_from_slice(&frame.head()[..a.name.end]);
                     }
-                    Outgoing::Timed(frame)
+                    Outgoing::Timed(Box::new(frame))
                 }
                 _ => {
                     let request = frame.into_buf();
@@ -232,12 +231,7 @@ pub async fn serve(
                 }
             };
             let ticket = answer.as_ref().map(|_| next + pending.len() as u64);
-            let call = async move {
-                (
-                    ticket,
-                    call(shared, routed, request, oneway, deadline).await,
-                )
-            };
+            let call = call(shared, ticket, routed, request, oneway);
             // Only a call with a deadline can be stopped (which costs an allocation).
             let (call, abort) = match (ticket, deadline) {
                 (Some(_), Some(_)) => {
@@ -247,9 +241,9 @@ pub async fn serve(
                         Some(abort),
                     )
                 }
-                _ => (Either::Left(call.map(Ok as fn(_) -> _)), None),
+                _ => (Either::Left(call.map(Ok)), None),
             };
-            calls.push(call);
+            calls.push(Box::pin(call));
             let Some(answer) = answer else { continue };
             if let (Some(at), Some(b), Some(abort), Some(pool)) = (deadline, budget, abort, timed) {
                 if armed.is_none_or(|a| at < a) {
@@ -379,7 +373,7 @@ enum Outgoing {
     /// The bytes as received.
     Ready(Reply),
     /// A TTHeader frame whose RPCTimeout is set to the call's remaining budget at forwarding.
-    Timed(Frame),
+    Timed(Box<Frame>),
 }
 
 /// The frame's bytes with TTHeader key 12 (RPCTimeout, decimal milliseconds) set to what is left
@@ -399,33 +393,28 @@ fn with_remaining_budget(mut frame: Frame, deadline: Instant) -> Result<Reply, C
 /// TTHeader int key RPCTimeout.
 const RPC_TIMEOUT: u16 = 12;
 
+/// A call's future is moved and allocated once per call, so its size counts: what the levels
+/// below need is passed by reference where it can be.
 async fn call(
     shared: &Shared,
-    routed: Routed,
+    ticket: Option<u64>,
+    mut routed: Routed,
     request: Outgoing,
     oneway: bool,
-    deadline: Option<Instant>,
-) -> Result<Option<Reply>, CallError> {
+) -> (Option<u64>, Result<Option<Reply>, CallError>) {
     let _active = Active::new(&shared.active);
-    let Routed {
-        pool,
-        breaker,
-        classify,
-        retry,
-        ..
-    } = routed;
     let mut outcome = Outcome {
-        breaker,
-        deadline,
+        breaker: routed.breaker.take(),
+        deadline: routed.deadline,
         recorded: false,
     };
-    let result = exchange(shared, &pool, request, oneway, deadline, classify, retry).await;
+    let result = exchange(shared, &routed, request, oneway).await;
     outcome.record(match &result {
         Ok(Some((_, failed))) => *failed,
         Ok(None) => false,
         Err(e) => breaker::is_failure(e.kind),
     });
-    result.map(|r| r.map(|(reply, _)| reply))
+    (ticket, result.map(|r| r.map(|(reply, _)| reply)))
 }
 
 /// Counts a call's outcome in its method's breaker; a call stopped at its deadline (dropped
@@ -461,13 +450,11 @@ impl Drop for Outcome {
 /// ran out of its share of the budget.
 async fn exchange(
     shared: &Shared,
-    pool: &Arc<Pool>,
+    routed: &Routed,
     request: Outgoing,
     oneway: bool,
-    deadline: Option<Instant>,
-    classify: bool,
-    retry: Option<(Retry, bool)>,
 ) -> Result<Option<(Reply, bool)>, CallError> {
+    let (pool, deadline) = (&routed.pool, routed.deadline);
     let name = &pool.name;
     let lease = match pool.try_acquire()? {
         Some(lease) => lease,
@@ -486,18 +473,16 @@ async fn exchange(
         }
     };
     let request = match (request, deadline) {
-        (Outgoing::Timed(frame), Some(d)) => with_remaining_budget(frame, d)?,
+        (Outgoing::Timed(frame), Some(d)) => with_remaining_budget(*frame, d)?,
         (Outgoing::Timed(frame), None) => frame.into_buf(),
         (Outgoing::Ready(bytes), _) => bytes,
     };
     let attempts = Attempts {
         shared,
-        pool,
+        routed,
         oneway,
-        deadline,
-        classify,
     };
-    let Some((policy, idempotent)) = retry.filter(|(r, _)| r.attempts > 1) else {
+    let Some((policy, idempotent)) = routed.retry.filter(|(r, _)| r.attempts > 1) else {
         return attempts.one(lease, request, None).await.map_err(|(e, _)| e);
     };
     // Boxed: the retrying path's state does not weigh on every call's future.
@@ -507,10 +492,8 @@ async fn exchange(
 /// What every attempt of one call shares.
 struct Attempts<'a> {
     shared: &'a Shared,
-    pool: &'a Arc<Pool>,
+    routed: &'a Routed,
     oneway: bool,
-    deadline: Option<Instant>,
-    classify: bool,
 }
 
 impl Attempts<'_> {
@@ -521,13 +504,13 @@ impl Attempts<'_> {
         policy: Retry,
         idempotent: bool,
     ) -> Result<Option<(Reply, bool)>, CallError> {
-        let pool = self.pool;
+        let pool = &self.routed.pool;
         pool.retry_budget.deposit();
         let mut tries = 1;
         loop {
             let left = policy.attempts - tries + 1;
             // With `timeout` retries, each attempt gets an even share of what is left.
-            let share = match (self.deadline, policy.on_timeout && idempotent) {
+            let share = match (self.routed.deadline, policy.on_timeout && idempotent) {
                 (Some(d), true) => Some(d.saturating_duration_since(Instant::now()) / left),
                 _ => None,
             };
@@ -552,7 +535,7 @@ impl Attempts<'_> {
                         &policy,
                         tries,
                         instance,
-                        self.deadline,
+                        self.routed.deadline,
                         &pool.retry_budget,
                     )
                 })
@@ -578,19 +561,26 @@ impl Attempts<'_> {
         request: Reply,
         share: Option<Duration>,
     ) -> Result<Option<(Reply, bool)>, (CallError, Class)> {
-        let name = &self.pool.name;
-        lease.set_deadline(self.deadline);
+        let Routed {
+            pool,
+            deadline,
+            classify,
+            ..
+        } = self.routed;
+        let name = &pool.name;
+        lease.set_deadline(*deadline);
         let exchange = forward(
             &lease.instance,
             name,
             request,
             self.oneway,
-            self.shared.limits,
-            self.classify,
+            &self.shared.limits,
+            *classify,
         );
         let result = match share {
             None => exchange.await,
-            Some(share) => match tokio::time::timeout(share, exchange).await {
+            // Boxed: the rare path's state does not weigh on every call's future.
+            Some(share) => match Box::pin(tokio::time::timeout(share, exchange)).await {
                 Ok(result) => result,
                 Err(_) => {
                     lease.outcome(true);
@@ -621,7 +611,7 @@ impl Attempts<'_> {
                 Err((e, Class::Final))
             }
             Ok(Some((reply, failed))) => {
-                lease.outcome(self.classify && failed);
+                lease.outcome(*classify && failed);
                 Ok(Some((reply, failed)))
             }
             Ok(None) => {
@@ -654,12 +644,12 @@ fn budget(f: &FunctionConfig, method: &str, frame: &Frame) -> Option<Duration> {
     }
 }
 
-/// A routed call: its function, time budget, breaker, whether replies are read for failures,
-/// and retry policy (with whether the method is idempotent), as the function's policy was when
-/// the call arrived.
+/// A routed call: its function, deadline, breaker, whether replies are read for failures, and
+/// retry policy (with whether the method is idempotent), as the function's policy was when the
+/// call arrived.
 struct Routed {
     pool: Arc<Pool>,
-    budget: Option<Duration>,
+    deadline: Option<Instant>,
     breaker: Option<Arc<Breaker>>,
     /// Replies are read for failures when the function has breakers (also for instance
     /// ejection).
@@ -669,8 +659,8 @@ struct Routed {
 
 /// DESIGN.md "Thrift routing": ToService, then `isn`, then a `Service:` name prefix (stripped),
 /// then the only Thrift function. A method the IDL lacks is refused without starting anything.
-/// Gives the function's index and the call's time budget.
-fn route(shared: &Shared, frame: &mut Frame) -> Result<Routed, CallError> {
+/// Gives the routed call and its time budget.
+fn route(shared: &Shared, frame: &mut Frame) -> Result<(Routed, Option<Duration>), CallError> {
     let table = shared.functions.load();
     let by_name = |n: &[u8]| table.iter().position(|r| r.pool.name.as_bytes() == n);
     let by_service = |s: &[u8]| {
@@ -722,13 +712,15 @@ fn route(shared: &Shared, frame: &mut Frame) -> Result<Routed, CallError> {
     let retry = policy
         .retry
         .map(|r| (r, policy.idempotent.unwrap_or(false)));
-    Ok(Routed {
+    let budget = budget(f, method, frame);
+    let routed = Routed {
         pool: pool.clone(),
-        budget: budget(f, method, frame),
+        deadline: budget.map(|b| Instant::now() + b),
         breaker,
         classify: !current.breakers.is_empty(),
         retry,
-    })
+    };
+    Ok((routed, budget))
 }
 
 /// The service an unroutable call asked for, for its error: the last routing rule that named one
@@ -788,7 +780,7 @@ async fn forward(
     function: &str,
     mut out: Reply,
     oneway: bool,
-    limits: Limits,
+    limits: &Limits,
     classify: bool,
 ) -> Result<Option<(Reply, bool)>, Failure> {
     let unavailable = |what: String| {
@@ -820,12 +812,12 @@ async fn forward(
         instance.recycle(conn);
         return Ok(None);
     }
-    let mut decoder = FrameDecoder::new(limits);
+    let mut decoder = FrameDecoder::new(*limits);
     loop {
         match decoder.split(&mut conn.buf) {
             Ok(Some(reply)) => {
                 instance.recycle(conn);
-                let failed = classify && reply_failed(reply.clone().freeze(), limits);
+                let failed = classify && reply_failed(reply.clone().freeze(), *limits);
                 return Ok(Some((reply.freeze().chain(Bytes::new()), failed)));
             }
             Ok(None) => {}
