@@ -4,10 +4,12 @@
 
 use std::{
     collections::VecDeque,
+    future::Future,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
     },
+    task::Poll,
     time::Duration,
 };
 
@@ -146,7 +148,9 @@ impl Pending {
 ///
 /// The connection's task drives its calls itself (no task per call): it reads and decodes
 /// frames, routes them, polls the calls in flight, and writes each reply as soon as every earlier
-/// one has gone out, so replies keep request order. One timer per connection, armed at the
+/// one has gone out, so replies keep request order. A call alone in flight (the usual case: a
+/// Volo or Kitex client sends one call per connection at a time) runs in a slot the connection
+/// reuses from call to call; calls beyond it are allocated one by one. One timer per connection, armed at the
 /// earliest deadline of its calls, answers `timeout` and stops a call whose deadline passes; a
 /// reply that cannot be written yet (slow reader) blocks neither the calls nor the reads, up to
 /// [`MAX_PENDING`].
@@ -161,6 +165,9 @@ pub async fn serve(
     let shared = &*shared;
     let mut decoder = FrameDecoder::for_transport(detected, shared.limits);
     let mut calls = FuturesUnordered::new();
+    let mut lane = Box::pin(None);
+    // The ticket of the two-way call in `lane`.
+    let mut lane_ticket = None;
     // Two-way calls by ticket; the front one's reply goes out next.
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut next = 0u64;
@@ -232,20 +239,28 @@ pub async fn serve(
             };
             let ticket = answer.as_ref().map(|_| next + pending.len() as u64);
             let call = call(shared, ticket, routed, request, oneway);
-            // Only a call with a deadline can be stopped (which costs an allocation).
-            let (call, abort) = match (ticket, deadline) {
-                (Some(_), Some(_)) => {
-                    let (abort, registration) = AbortHandle::new_pair();
-                    (
-                        Either::Right(Abortable::new(call, registration)),
-                        Some(abort),
-                    )
-                }
-                _ => (Either::Left(call.map(Ok)), None),
+            let abort = if lane.is_none() {
+                // Stopped by dropping it.
+                lane.set(Some(call));
+                lane_ticket = ticket;
+                None
+            } else {
+                // Only a call with a deadline can be stopped (which costs an allocation).
+                let (call, abort) = match (ticket, deadline) {
+                    (Some(_), Some(_)) => {
+                        let (abort, registration) = AbortHandle::new_pair();
+                        (
+                            Either::Right(Abortable::new(call, registration)),
+                            Some(abort),
+                        )
+                    }
+                    _ => (Either::Left(call.map(Ok)), None),
+                };
+                calls.push(Box::pin(call));
+                abort
             };
-            calls.push(Box::pin(call));
             let Some(answer) = answer else { continue };
-            if let (Some(at), Some(b), Some(abort), Some(pool)) = (deadline, budget, abort, timed) {
+            if let (Some(at), Some(b), Some(pool)) = (deadline, budget, timed) {
                 if armed.is_none_or(|a| at < a) {
                     timer.as_mut().reset(at);
                     armed = Some(at);
@@ -254,7 +269,7 @@ pub async fn serve(
                     reply: None,
                     deadline: Some((at, b, pool)),
                     answer: Some(answer),
-                    abort: Some(abort),
+                    abort,
                 });
             } else {
                 pending.push_back(Pending {
@@ -271,37 +286,27 @@ pub async fn serve(
                 next += 1;
             }
         }
-        if !reading && calls.is_empty() && !out.has_remaining() && pending.is_empty() {
+        let busy = lane.is_some();
+        if !reading && !busy && calls.is_empty() && !out.has_remaining() && pending.is_empty() {
             break;
         }
-        let room = calls.len() + pending.len() < MAX_PENDING;
+        let room = calls.len() + pending.len() + usize::from(busy) < MAX_PENDING;
         tokio::select! {
             biased;
+            (ticket, result) = std::future::poll_fn(|cx| {
+                lane.as_mut().as_pin_mut().map_or(Poll::Pending, |call| call.poll(cx))
+            }), if busy => {
+                crate::workers::busy();
+                lane.set(None);
+                lane_ticket = None;
+                settle(&mut pending, next, ticket, result);
+            }
             Some(done) = calls.next(), if !calls.is_empty() => {
                 crate::workers::busy();
                 // A stopped call was answered `timeout` already.
-                let Ok((Some(ticket), result)) = done else { continue };
-                let Some(p) = ticket
-                    .checked_sub(next)
-                    .and_then(|i| pending.get_mut(i as usize))
-                    .filter(|p| p.reply.is_none())
-                else {
-                    continue;
-                };
-                p.reply = Some(match result {
-                    Ok(Some(reply)) => reply,
-                    // Every ticket must be answered, or the replies behind it would wait forever.
-                    Ok(None) => p.answer.as_ref().map_or_else(empty, |a| {
-                        a.reply(&CallError::new(
-                            Kind::Unavailable,
-                            "the instance sent no reply to a two-way call",
-                        ))
-                    }),
-                    Err(e) => p.answer.as_ref().map_or_else(empty, |a| a.reply(&e)),
-                });
-                p.answer = None;
-                p.abort = None;
-                p.deadline = None;
+                if let Ok((ticket, result)) = done {
+                    settle(&mut pending, next, ticket, result);
+                }
             }
             written = wr.write_buf(&mut out), if out.has_remaining() => {
                 if !matches!(written, Ok(n) if n > 0) {
@@ -311,6 +316,15 @@ pub async fn serve(
             }
             () = &mut timer, if armed.is_some() => {
                 armed = expire(&mut pending);
+                // The lane's call, if its deadline passed, was answered: it is stopped.
+                let answered = lane_ticket
+                    .and_then(|t: u64| t.checked_sub(next))
+                    .and_then(|i| pending.get(i as usize))
+                    .is_some_and(|p| p.reply.is_some());
+                if answered {
+                    lane.set(None);
+                    lane_ticket = None;
+                }
                 if let Some(at) = armed {
                     timer.as_mut().reset(at);
                 }
@@ -334,6 +348,36 @@ pub async fn serve(
         }
     }
     let _ = wr.shutdown().await;
+}
+
+/// Gives a finished call's result to its ticket, unless that was answered already (`timeout`).
+fn settle(
+    pending: &mut VecDeque<Pending>,
+    next: u64,
+    ticket: Option<u64>,
+    result: Result<Option<Reply>, CallError>,
+) {
+    let Some(p) = ticket
+        .and_then(|t| t.checked_sub(next))
+        .and_then(|i| pending.get_mut(i as usize))
+        .filter(|p| p.reply.is_none())
+    else {
+        return;
+    };
+    p.reply = Some(match result {
+        Ok(Some(reply)) => reply,
+        // Every ticket must be answered, or the replies behind it would wait forever.
+        Ok(None) => p.answer.as_ref().map_or_else(empty, |a| {
+            a.reply(&CallError::new(
+                Kind::Unavailable,
+                "the instance sent no reply to a two-way call",
+            ))
+        }),
+        Err(e) => p.answer.as_ref().map_or_else(empty, |a| a.reply(&e)),
+    });
+    p.answer = None;
+    p.abort = None;
+    p.deadline = None;
 }
 
 /// Answers `timeout` to every call whose deadline has passed and stops it (a call waiting in a
