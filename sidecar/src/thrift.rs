@@ -280,10 +280,16 @@ pub async fn serve(
                 });
             }
         }
-        if !out.has_remaining() && pending.front().is_some_and(|p| p.reply.is_some()) {
+        while !out.has_remaining() && pending.front().is_some_and(|p| p.reply.is_some()) {
             if let Some(reply) = pending.pop_front().and_then(|p| p.reply) {
                 out = reply;
                 next += 1;
+                // Written at once when the socket takes it (the usual case), without waiting for
+                // a turn of the loop below; what it does not take is written there.
+                if out.has_remaining() && write_now(&wr, &mut out).is_err() {
+                    // The caller is gone: its calls in flight are dropped (cancelled) with it.
+                    return;
+                }
             }
         }
         let busy = lane.is_some();
@@ -348,6 +354,20 @@ pub async fn serve(
         }
     }
     let _ = wr.shutdown().await;
+}
+
+/// Writes what the socket takes of `out` now, without waiting; an error means the caller is gone.
+fn write_now(wr: &tokio::net::tcp::WriteHalf<'_>, out: &mut Reply) -> std::io::Result<()> {
+    let mut slices = [std::io::IoSlice::new(&[]); 2];
+    let n = out.chunks_vectored(&mut slices);
+    match wr.try_write_vectored(&slices[..n]) {
+        Ok(written) => {
+            out.advance(written);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Gives a finished call's result to its ticket, unless that was answered already (`timeout`).
@@ -807,10 +827,12 @@ enum Failure {
 }
 
 /// Whether an idle pooled connection was closed by the instance: its reactor reported it
-/// readable while no call was on it. Costs no system call unless it was.
+/// readable while no call was on it. Costs no system call unless it was. (The no-op waker this
+/// leaves registered is replaced when the reply is awaited; readiness that comes before that is
+/// kept by the reactor, not lost.)
 fn is_stale(stream: &TcpStream) -> bool {
-    use futures_util::FutureExt;
-    if stream.readable().now_or_never().is_none() {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if stream.poll_read_ready(&mut cx).is_pending() {
         return false;
     }
     let mut probe = [0u8; 1];
