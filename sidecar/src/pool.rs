@@ -623,6 +623,9 @@ impl Pool {
 
     /// Hands free slots to waiting calls, oldest first.
     fn dispatch(&self, st: &mut State) {
+        if st.waiters.is_empty() {
+            return;
+        }
         let concurrency = self.scale().concurrency;
         while !st.waiters.is_empty() {
             let Some(instance) = Self::take_slot(st, concurrency) else {

@@ -356,6 +356,27 @@ pub async fn serve(
     let _ = wr.shutdown().await;
 }
 
+/// Writes all of `out` (at most two pieces: as `write_all_buf`, without setting up room for 64).
+async fn write_all(stream: &mut TcpStream, out: &mut Reply) -> std::io::Result<()> {
+    while out.has_remaining() {
+        let written = std::future::poll_fn(|cx| {
+            let mut slices = [std::io::IoSlice::new(&[]); 2];
+            let n = out.chunks_vectored(&mut slices);
+            tokio::io::AsyncWrite::poll_write_vectored(
+                std::pin::Pin::new(&mut *stream),
+                cx,
+                &slices[..n],
+            )
+        })
+        .await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        out.advance(written);
+    }
+    Ok(())
+}
+
 /// Writes what the socket takes of `out` now, without waiting; an error means the caller is gone.
 fn write_now(wr: &tokio::net::tcp::WriteHalf<'_>, out: &mut Reply) -> std::io::Result<()> {
     let mut slices = [std::io::IoSlice::new(&[]); 2];
@@ -827,14 +848,9 @@ enum Failure {
 }
 
 /// Whether an idle pooled connection was closed by the instance: its reactor reported it
-/// readable while no call was on it. Costs no system call unless it was. (The no-op waker this
-/// leaves registered is replaced when the reply is awaited; readiness that comes before that is
-/// kept by the reactor, not lost.)
+/// readable while no call was on it. Costs no system call unless it was (`try_read` does not
+/// read while its reactor has not seen the socket readable).
 fn is_stale(stream: &TcpStream) -> bool {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    if stream.poll_read_ready(&mut cx).is_pending() {
-        return false;
-    }
     let mut probe = [0u8; 1];
     !matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
@@ -870,8 +886,7 @@ async fn forward(
         }
     };
     // A failed write means the instance cannot have the whole frame: it never ran the call.
-    conn.stream
-        .write_all_buf(&mut out)
+    write_all(&mut conn.stream, &mut out)
         .await
         .map_err(|e| Failure::Connect(unavailable(format!("write failed: {e}"))))?;
     if oneway {
