@@ -488,6 +488,7 @@ async fn call(
     oneway: bool,
 ) -> (Option<u64>, Result<Option<Reply>, CallError>) {
     let _active = Active::new(&shared.active);
+    let _in_flight = crate::workers::InFlight::enter();
     let mut outcome = Outcome {
         breaker: routed.breaker.take(),
         deadline: routed.deadline,
