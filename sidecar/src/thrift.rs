@@ -164,6 +164,9 @@ pub async fn serve(
     let (mut rd, mut wr) = sock.split();
     let shared = &*shared;
     let mut decoder = FrameDecoder::for_transport(detected, shared.limits);
+    // The routing table as of the last call: checked against the current one with a pointer
+    // comparison instead of a full load per call.
+    let mut table = arc_swap::Cache::new(&shared.functions);
     let mut calls = FuturesUnordered::new();
     let mut lane = Box::pin(None);
     // The ticket of the two-way call in `lane`.
@@ -206,7 +209,7 @@ pub async fn serve(
                 reading = false;
                 break;
             }
-            let (routed, budget) = match route(shared, &mut frame) {
+            let (routed, budget) = match route(table.load(), &mut frame) {
                 Ok(routed) => routed,
                 Err(e) => {
                     if oneway {
@@ -746,8 +749,7 @@ struct Routed {
 /// DESIGN.md "Thrift routing": ToService, then `isn`, then a `Service:` name prefix (stripped),
 /// then the only Thrift function. A method the IDL lacks is refused without starting anything.
 /// Gives the routed call and its time budget.
-fn route(shared: &Shared, frame: &mut Frame) -> Result<(Routed, Option<Duration>), CallError> {
-    let table = shared.functions.load();
+fn route(table: &[Route], frame: &mut Frame) -> Result<(Routed, Option<Duration>), CallError> {
     let by_name = |n: &[u8]| table.iter().position(|r| r.pool.name.as_bytes() == n);
     let by_service = |s: &[u8]| {
         table
