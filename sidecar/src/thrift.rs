@@ -150,10 +150,10 @@ impl Pending {
 /// frames, routes them, polls the calls in flight, and writes each reply as soon as every earlier
 /// one has gone out, so replies keep request order. A call alone in flight (the usual case: a
 /// Volo or Kitex client sends one call per connection at a time) runs in a slot the connection
-/// reuses from call to call; calls beyond it are allocated one by one. One timer per connection, armed at the
-/// earliest deadline of its calls, answers `timeout` and stops a call whose deadline passes; a
-/// reply that cannot be written yet (slow reader) blocks neither the calls nor the reads, up to
-/// [`MAX_PENDING`].
+/// reuses from call to call; calls beyond it are allocated one by one. One timer per connection,
+/// armed at the earliest deadline of its calls, answers `timeout` and stops a call whose deadline
+/// passes; a reply that cannot be written yet (slow reader) blocks neither the calls nor the
+/// reads, up to [`MAX_PENDING`].
 pub async fn serve(
     mut sock: TcpStream,
     detected: Detected,
@@ -359,12 +359,18 @@ pub async fn serve(
     let _ = wr.shutdown().await;
 }
 
-/// Writes all of `out` (at most two pieces: as `write_all_buf`, without setting up room for 64).
+/// The (at most two) pieces of `out`, for one vectored write; the count of those in use.
+fn pieces(out: &Reply) -> ([std::io::IoSlice<'_>; 2], usize) {
+    let mut slices = [std::io::IoSlice::new(&[]); 2];
+    let n = out.chunks_vectored(&mut slices);
+    (slices, n)
+}
+
+/// Writes all of `out` (as `write_all_buf`, without setting up room for 64 pieces per poll).
 async fn write_all(stream: &mut TcpStream, out: &mut Reply) -> std::io::Result<()> {
     while out.has_remaining() {
         let written = std::future::poll_fn(|cx| {
-            let mut slices = [std::io::IoSlice::new(&[]); 2];
-            let n = out.chunks_vectored(&mut slices);
+            let (slices, n) = pieces(out);
             tokio::io::AsyncWrite::poll_write_vectored(
                 std::pin::Pin::new(&mut *stream),
                 cx,
@@ -382,8 +388,7 @@ async fn write_all(stream: &mut TcpStream, out: &mut Reply) -> std::io::Result<(
 
 /// Writes what the socket takes of `out` now, without waiting; an error means the caller is gone.
 fn write_now(wr: &tokio::net::tcp::WriteHalf<'_>, out: &mut Reply) -> std::io::Result<()> {
-    let mut slices = [std::io::IoSlice::new(&[]); 2];
-    let n = out.chunks_vectored(&mut slices);
+    let (slices, n) = pieces(out);
     match wr.try_write_vectored(&slices[..n]) {
         Ok(written) => {
             out.advance(written);
@@ -481,8 +486,8 @@ fn with_remaining_budget(mut frame: Frame, deadline: Instant) -> Result<Reply, C
 /// TTHeader int key RPCTimeout.
 const RPC_TIMEOUT: u16 = 12;
 
-/// A call's future is moved and allocated once per call, so its size counts: what the levels
-/// below need is passed by reference where it can be.
+/// A call's future is written into its connection's slot (or allocated) once per call, so its
+/// size counts: what the levels below need is passed by reference where it can be.
 async fn call(
     shared: &Shared,
     ticket: Option<u64>,
