@@ -287,6 +287,8 @@ pub fn start_haproxy(backend: SocketAddr, mode: HaproxyMode) -> Option<(Killed, 
         .ok()?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     wait_listening(addr);
+    // Read at start-up: not needed once haproxy listens.
+    let _ = std::fs::remove_file(&cfg);
     Some((Killed(child), addr))
 }
 
