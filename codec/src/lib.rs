@@ -1,5 +1,6 @@
-//! Thrift wire codec for fnmesh: transport detection, streaming frame decoding, in-place header
-//! rewrites and reply encoders for TTHeader, Framed and unframed Thrift (Binary and Compact).
+//! Wire codecs for fnmesh: transport detection, streaming frame decoding, in-place header
+//! rewrites and reply encoders for TTHeader, Framed and unframed Thrift (Binary and Compact); and
+//! for gRPC, HTTP/2 framing ([`http2`]) and header compression ([`hpack`]).
 //!
 //! Pure and synchronous: no I/O, no async, and no input can make it panic, overflow, or allocate
 //! more than [`Limits`] allow. Payloads are never copied or re-encoded: a decoded [`Frame`] is two
@@ -10,6 +11,8 @@
 mod detect;
 mod error;
 mod frame;
+pub mod hpack;
+pub mod http2;
 mod limits;
 mod message;
 mod reply;
