@@ -62,6 +62,17 @@ pub struct SidecarConfig {
     /// How long a worker keeps polling for events after its last one instead of sleeping
     /// (zero: never). Waking a sleeping CPU costs tens of microseconds on a VM.
     pub busy_poll: Duration,
+    /// What serves gRPC connections: the h2 crate (default) or fnmesh's own relay
+    /// (experimental: no retries, no health `Watch` yet).
+    pub grpc_engine: GrpcEngine,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GrpcEngine {
+    #[default]
+    H2,
+    Fnmesh,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,6 +249,8 @@ struct RawSidecar {
     workers: Option<Spanned<usize>>,
     #[serde(default = "default_busy_poll", deserialize_with = "busy_poll")]
     busy_poll: Duration,
+    #[serde(default)]
+    grpc_engine: GrpcEngine,
 }
 
 fn default_drain() -> Duration {
@@ -574,6 +587,18 @@ impl Config {
                     format!("{:?} is configured twice", fc.name),
                 );
             }
+            let retries =
+                fc.policy.retry.is_some() || fc.methods_policy.values().any(|m| m.retry.is_some());
+            if s.grpc_engine == GrpcEngine::Fnmesh && fc.protocol == Protocol::Grpc && retries {
+                return cx.invalid(
+                    f.get_ref().name.span().start,
+                    "function.policy.retry",
+                    format!(
+                        "function {:?}: retries of gRPC calls are not supported with sidecar.grpc_engine = \"fnmesh\" yet",
+                        fc.name
+                    ),
+                );
+            }
             functions.push(fc);
         }
         let workers = match &s.workers {
@@ -597,6 +622,7 @@ impl Config {
                 max_frame_size: s.max_frame_size,
                 workers,
                 busy_poll: s.busy_poll,
+                grpc_engine: s.grpc_engine,
             },
             functions,
         })

@@ -48,11 +48,14 @@ pub struct Shared {
     /// waits for this to reach zero (streams fnmesh answers itself, such as health `Watch`,
     /// are flushed too).
     pub connections: Arc<AtomicUsize>,
+    /// Connections are served by fnmesh's own relay (`relay.rs`) instead of the h2 crate.
+    pub relay: bool,
 }
 
 impl Shared {
     pub fn new(functions: Vec<Route>) -> Shared {
         Shared {
+            relay: false,
             functions: Arc::new(arc_swap::ArcSwap::from_pointee(functions)),
             reloads: watch::Sender::new(0),
             active: Arc::new(AtomicUsize::new(0)),
@@ -62,7 +65,7 @@ impl Shared {
     }
 
     /// The function serving `service` (its IDL service, or its name without an IDL).
-    fn function(&self, service: &str) -> Option<Arc<Pool>> {
+    pub(crate) fn function(&self, service: &str) -> Option<Arc<Pool>> {
         self.functions
             .load()
             .iter()
@@ -649,7 +652,7 @@ impl Body for ProxyBody {
 pub struct Active(Arc<AtomicUsize>);
 
 impl Active {
-    fn new(n: &Arc<AtomicUsize>) -> Active {
+    pub(crate) fn new(n: &Arc<AtomicUsize>) -> Active {
         n.fetch_add(1, Ordering::SeqCst);
         Active(n.clone())
     }
@@ -662,7 +665,7 @@ impl Drop for Active {
 }
 
 /// The gRPC status of each kind of error fnmesh makes (DESIGN.md's table).
-fn grpc_status(kind: Kind) -> u16 {
+pub(crate) fn grpc_status(kind: Kind) -> u16 {
     match kind {
         Kind::NoRoute => 12,                         // UNIMPLEMENTED
         Kind::BadRequest => 13,                      // INTERNAL
@@ -712,7 +715,7 @@ async fn handle(shared: &Shared, req: Request<Caller>) -> Response<ProxyBody> {
 }
 
 /// `/package.Service/Method` split in two.
-fn service_method(path: &str) -> Option<(&str, &str)> {
+pub(crate) fn service_method(path: &str) -> Option<(&str, &str)> {
     let (service, method) = path.strip_prefix('/')?.split_once('/')?;
     (!service.is_empty() && !method.is_empty() && !method.contains('/'))
         .then_some((service, method))
@@ -1116,7 +1119,10 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    fn new(breaker: Option<Arc<crate::breaker::Breaker>>, deadline: Option<Instant>) -> Verdict {
+    pub(crate) fn new(
+        breaker: Option<Arc<crate::breaker::Breaker>>,
+        deadline: Option<Instant>,
+    ) -> Verdict {
         Verdict {
             breaker,
             deadline,
@@ -1124,7 +1130,7 @@ impl Verdict {
         }
     }
 
-    fn record(&mut self, failed: bool) {
+    pub(crate) fn record(&mut self, failed: bool) {
         if !self.recorded {
             if let Some(b) = &self.breaker {
                 b.record(failed);
@@ -1211,7 +1217,7 @@ async fn upstream(instance: &Instance) -> Result<Upstream, String> {
 /// (nothing is started), NOT_SERVING once the sidecar drains; an unknown service is NOT_FOUND
 /// (`Watch`: SERVICE_UNKNOWN), as the health protocol asks. `Watch` sends the status, then
 /// NOT_SERVING when draining starts, and ends.
-mod health {
+pub(crate) mod health {
     use super::*;
 
     pub const SERVICE: &str = "grpc.health.v1.Health";

@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod limit;
 pub mod mesh;
 pub mod pool;
+pub mod relay;
 pub mod retry;
 pub mod run;
 pub mod runtime;

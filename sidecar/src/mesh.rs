@@ -133,7 +133,10 @@ impl Mesh {
             limits: thrift_limits,
             active: 0.into(),
         });
-        let grpc = Arc::new(grpc::Shared::new(grpc_routes));
+        let grpc = Arc::new(grpc::Shared {
+            relay: config.sidecar.grpc_engine == crate::config::GrpcEngine::Fnmesh,
+            ..grpc::Shared::new(grpc_routes)
+        });
         Mesh {
             path,
             state: Mutex::new(State {

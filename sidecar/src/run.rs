@@ -238,6 +238,7 @@ async fn connection(mut sock: TcpStream, shared: Arc<thrift::Shared>, grpc: Arc<
     })
     .await;
     match detected {
+        Ok(Some(Detected::Http2)) if grpc.relay => crate::relay::serve(sock, buf, grpc).await,
         Ok(Some(Detected::Http2)) => grpc::serve(sock, buf, grpc).await,
         Ok(Some(d)) => thrift::serve(sock, d, buf, shared).await,
         Ok(None) if buf.is_empty() => {}
