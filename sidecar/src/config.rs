@@ -62,8 +62,7 @@ pub struct SidecarConfig {
     /// How long a worker keeps polling for events after its last one instead of sleeping
     /// (zero: never). Waking a sleeping CPU costs tens of microseconds on a VM.
     pub busy_poll: Duration,
-    /// What serves gRPC connections: the h2 crate (default) or fnmesh's own relay
-    /// (experimental: no retries, no health `Watch` yet).
+    /// What serves gRPC connections: the h2 crate, or fnmesh's own relay (`relay.rs`).
     pub grpc_engine: GrpcEngine,
 }
 
@@ -585,18 +584,6 @@ impl Config {
                     f.get_ref().name.span().start,
                     "function.name",
                     format!("{:?} is configured twice", fc.name),
-                );
-            }
-            let retries =
-                fc.policy.retry.is_some() || fc.methods_policy.values().any(|m| m.retry.is_some());
-            if s.grpc_engine == GrpcEngine::Fnmesh && fc.protocol == Protocol::Grpc && retries {
-                return cx.invalid(
-                    f.get_ref().name.span().start,
-                    "function.policy.retry",
-                    format!(
-                        "function {:?}: retries of gRPC calls are not supported with sidecar.grpc_engine = \"fnmesh\" yet",
-                        fc.name
-                    ),
                 );
             }
             functions.push(fc);

@@ -11,8 +11,8 @@
 //! fnmesh grants). There are no tasks per stream and no locks.
 //!
 //! An instance connection belongs to the caller connection that opened it and closes with it.
-//! What the h2 engine has and this one does not yet: retries, health `Watch`, and upstream
-//! connections shared between caller connections.
+//! What the h2 engine has and this one does not yet: upstream connections shared between caller
+//! connections.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -351,9 +351,42 @@ struct Stream {
     budget: Duration,
     function: Arc<str>,
     verdict: Option<Verdict>,
-    /// A health check: the request's bytes, answered here.
+    /// A health check: the request's bytes, answered here; `watch` for `Watch`.
     health: Option<Vec<u8>>,
+    watch: bool,
+    /// Retries: the function's pool, the policy, attempts made, whether the method may be sent
+    /// again once an instance got it, and a copy of the request while it may be.
+    retry: Option<Retrying>,
+    /// This attempt's share of the deadline, when a later attempt may follow a timeout.
+    attempt_deadline: Option<Instant>,
     _active: Option<Active>,
+}
+
+/// A stream's retry state (the function's `retry` policy, as the h2 engine applies it).
+struct Retrying {
+    pool: Arc<Pool>,
+    policy: crate::config::Retry,
+    tries: u32,
+    /// Idempotent, not client streaming, and `unavailable` or `timeout` in `on`.
+    replay: bool,
+    /// The request's header block (without `grpc-timeout`) and data so far; dropped once over
+    /// [`REPLAY_LIMIT`] or once the response starts.
+    copy: Option<(Vec<u8>, Vec<Bytes>, usize)>,
+}
+
+/// The most of a request kept for sending it again.
+const REPLAY_LIMIT: usize = 1 << 20;
+
+/// Why an attempt failed, for deciding whether to retry it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The instance never got the request (connect refused, connection lost before the instance
+    /// said anything, GOAWAY or REFUSED_STREAM): always safe to send again.
+    Connect,
+    /// The instance got it and failed (lost the connection, reset, answered UNAVAILABLE).
+    Unavailable,
+    /// No response within the attempt's share of the deadline.
+    Timeout,
 }
 
 /// A stream's way to an instance that is not there yet.
@@ -375,6 +408,8 @@ struct Relay<'a> {
     waiting: HashMap<u64, Vec<u32>>,
     /// GOAWAY went to the caller (the sidecar drains).
     draining: bool,
+    /// Health `Watch` streams: the service each watches and the status it was last sent.
+    watches: HashMap<u32, (String, u8)>,
 }
 
 /// A connection to an instance.
@@ -384,6 +419,9 @@ struct Up {
     next_stream: u32,
     /// Its streams: instance stream -> caller stream.
     streams: HashMap<u32, u32>,
+    /// The instance has sent a frame: before that, a request on the connection cannot have
+    /// been processed (a server's first frame is its SETTINGS).
+    heard: bool,
 }
 
 pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
@@ -408,7 +446,11 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
         connecting: FuturesUnordered::new(),
         waiting: HashMap::new(),
         draining: false,
+        watches: HashMap::new(),
     };
+    // Reloads change what health `Watch` streams report.
+    let mut reloads = shared.reloads.subscribe();
+    let mut reloaded: Option<Pin<Box<dyn Future<Output = ()> + Send>>> = None;
     // The preface is what detection saw; what follows it is frames.
     if relay.caller.rbuf.len() < HTTP2_PREFACE.len() {
         return;
@@ -438,7 +480,23 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
         {
             break;
         }
-        let next = relay.streams.values().filter_map(|s| s.deadline).min();
+        let next = relay
+            .streams
+            .values()
+            .filter_map(|s| match (s.deadline, s.attempt_deadline) {
+                (Some(d), Some(a)) => Some(d.min(a)),
+                (d, a) => d.or(a),
+            })
+            .min();
+        if relay.watches.is_empty() {
+            reloaded = None;
+        } else if reloaded.is_none() {
+            let mut rx = reloads.clone();
+            reloaded = Some(Box::pin(async move {
+                let _ = rx.changed().await;
+            }));
+        }
+        let mut reload = false;
         if next != armed {
             if let Some(at) = next {
                 timer.as_mut().reset(at);
@@ -476,6 +534,12 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
                 drain = true;
                 ready = true;
             }
+            if let Some(r) = reloaded.as_mut() {
+                if r.as_mut().poll(cx).is_ready() {
+                    reload = true;
+                    ready = true;
+                }
+            }
             if ready {
                 Poll::Ready(())
             } else {
@@ -493,11 +557,17 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
             armed = None;
             relay.expire();
         }
+        if reload {
+            reloaded = None;
+            reloads.borrow_and_update();
+            relay.watch_update();
+        }
         if drain && !relay.draining {
             relay.draining = true;
             relay
                 .caller
                 .goaway(relay.last_stream, reason::NO_ERROR, "draining");
+            relay.watch_update();
         }
     }
     relay.caller.flush();
@@ -589,6 +659,7 @@ impl Relay<'_> {
                     // The caller cancelled: so is the instance's stream.
                     self.cancel_up(head.stream, reason::CANCEL);
                     self.streams.remove(&head.stream);
+                    self.watches.remove(&head.stream);
                 }
                 kind::GOAWAY => {
                     frame::goaway(&head, &payload)?;
@@ -713,6 +784,9 @@ impl Relay<'_> {
             function: Arc::from(""),
             verdict: None,
             health: None,
+            watch: false,
+            retry: None,
+            attempt_deadline: None,
             _active: None,
         };
         match self.route(&path, timeout, &mut stream) {
@@ -747,8 +821,9 @@ impl Relay<'_> {
             ));
         };
         let Some(pool) = self.shared.function(service) else {
-            if service == grpc::health::SERVICE && method == "Check" {
+            if service == grpc::health::SERVICE && matches!(method, "Check" | "Watch") {
                 stream.health = Some(Vec::new());
+                stream.watch = method == "Watch";
                 return Ok(None);
             }
             return Err(CallError::new(
@@ -776,6 +851,19 @@ impl Relay<'_> {
         stream.budget = budget.unwrap_or_default();
         stream.function = f.name.as_str().into();
         stream._active = Some(Active::new(&self.shared.active));
+        let method_policy = f.policy_for(method);
+        if let Some(r) = method_policy.retry.filter(|r| r.attempts > 1) {
+            pool.retry_budget.deposit();
+            stream.retry = Some(Retrying {
+                pool: pool.clone(),
+                policy: r,
+                tries: 1,
+                replay: method_policy.idempotent.unwrap_or(false)
+                    && (r.on_unavailable || r.on_timeout)
+                    && f.is_client_streaming(method) != Some(true),
+                copy: stream.request.clone().map(|b| (b, Vec::new(), 0)),
+            });
+        }
         if let Some(lease) = pool.try_acquire()? {
             return Ok(Some(lease));
         }
@@ -785,9 +873,28 @@ impl Relay<'_> {
 
     /// Waits for a slot for the stream routed last.
     fn queue(&mut self, pool: &Arc<Pool>, deadline: Option<Instant>, budget: Duration) {
-        let id = self.last_stream;
-        let pool = pool.clone();
+        self.queue_for(self.last_stream, pool.clone(), deadline, budget, None);
+    }
+
+    /// Waits for a slot for stream `id`: after `then` (a retry's backoff), and on another
+    /// instance than `then`'s when one has room.
+    fn queue_for(
+        &mut self,
+        id: u32,
+        pool: Arc<Pool>,
+        deadline: Option<Instant>,
+        budget: Duration,
+        then: Option<(Duration, u64)>,
+    ) {
         self.queued.push(Box::pin(async move {
+            if let Some((wait, avoid)) = then {
+                tokio::time::sleep(wait).await;
+                match pool.try_acquire_other(avoid) {
+                    Ok(Some(lease)) => return (id, Ok(lease)),
+                    Ok(None) => {}
+                    Err(e) => return (id, Err(e)),
+                }
+            }
             let acquire = pool.acquire();
             let result = match deadline {
                 Some(d) => tokio::time::timeout_at(d, acquire).await.unwrap_or_else(|_| {
@@ -853,21 +960,17 @@ impl Relay<'_> {
             Ok(sock) => sock,
             Err(e) => {
                 for id in waiting {
-                    let f = self.streams.get(&id).map(|s| s.function.clone());
-                    if let Some(s) = self.streams.get(&id) {
-                        if let Some(l) = &s.lease {
-                            l.evict();
-                        }
+                    let Some(s) = self.streams.get(&id) else {
+                        continue;
+                    };
+                    if let Some(l) = &s.lease {
+                        l.evict();
                     }
                     let e = CallError::new(
                         Kind::Unavailable,
-                        format!(
-                            "function {} instance {}: {e}",
-                            f.unwrap_or_default(),
-                            instance.id
-                        ),
+                        format!("function {} instance {}: {e}", s.function, instance.id),
                     );
-                    self.fail(id, &e);
+                    self.retry_or_fail(id, &e, Failure::Connect);
                 }
                 return;
             }
@@ -881,6 +984,7 @@ impl Relay<'_> {
             instance,
             next_stream: 1,
             streams: HashMap::new(),
+            heard: false,
         });
         let i = self.ups.len() - 1;
         for id in waiting {
@@ -916,6 +1020,14 @@ impl Relay<'_> {
                 grpc::format_grpc_timeout(left).as_bytes(),
                 false,
             );
+        }
+        s.attempt_deadline = None;
+        if let (Some(d), Some(r)) = (s.deadline, s.retry.as_ref()) {
+            if r.replay && r.policy.on_timeout && r.copy.is_some() && r.tries < r.policy.attempts {
+                let left = d.saturating_duration_since(Instant::now());
+                let share = left / (r.policy.attempts - r.tries + 1);
+                s.attempt_deadline = Some(Instant::now() + share);
+            }
         }
         let up_id = up.next_stream;
         up.next_stream += 2;
@@ -960,6 +1072,17 @@ impl Relay<'_> {
             // Answered by fnmesh (an error): nothing goes on.
             self.caller.credit(data.len());
             return;
+        }
+        if let Some(r) = s.retry.as_mut() {
+            if let Some((_, copy, size)) = r.copy.as_mut() {
+                *size += data.len();
+                if !data.is_empty() {
+                    copy.push(data.clone());
+                }
+                if *size > REPLAY_LIMIT {
+                    r.copy = None;
+                }
+            }
         }
         if !data.is_empty() {
             s.to_up.push_back(data);
@@ -1079,6 +1202,7 @@ impl Relay<'_> {
 
     fn up_frame(&mut self, i: usize, head: FrameHead, payload: Bytes) -> Result<(), FrameError> {
         let up = &mut self.ups[i];
+        up.heard = true;
         if up.link.block.is_some() && head.kind != kind::CONTINUATION {
             return Err(FrameError {
                 kind: head.kind,
@@ -1223,7 +1347,22 @@ impl Relay<'_> {
                 // Informational: not passed on.
                 return Ok(());
             }
+            if end && grpc_status.as_deref() == Some(b"14") && s.may_retry(Failure::Unavailable) {
+                let e = CallError::new(
+                    Kind::Unavailable,
+                    format!("function {}: the instance answered UNAVAILABLE", s.function),
+                );
+                if let Some((_, up_id)) = s.up.take() {
+                    self.ups[i].streams.remove(&up_id);
+                }
+                self.retry_or_fail(id, &e, Failure::Unavailable);
+                return Ok(());
+            }
             s.answered = true;
+            s.attempt_deadline = None;
+            if let Some(r) = s.retry.as_mut() {
+                r.copy = None;
+            }
             if end {
                 let failed = status != Some(200)
                     || crate::breaker::grpc_status_is_failure(grpc_status.as_deref());
@@ -1259,13 +1398,13 @@ impl Relay<'_> {
         Ok(())
     }
 
-    /// The instance reset a stream, or will never process it.
+    /// The instance reset a stream, or will never process it (REFUSED_STREAM).
     fn up_reset(&mut self, id: u32, code: u32) {
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
-        s.outcome(true);
         if s.answered {
+            s.outcome(true);
             frame::write_rst_stream(&mut self.caller.wbuf, id, code);
             self.streams.remove(&id);
             return;
@@ -1277,7 +1416,12 @@ impl Relay<'_> {
                 s.function
             ),
         );
-        self.fail(id, &e);
+        let why = if code == reason::REFUSED_STREAM {
+            Failure::Connect
+        } else {
+            Failure::Unavailable
+        };
+        self.retry_or_fail(id, &e, why);
     }
 
     /// Instance connection `i` failed: every stream on it ends.
@@ -1289,14 +1433,15 @@ impl Relay<'_> {
             up.link.closed = true;
         }
         let instance = up.instance.id;
+        let heard = up.heard;
         let ids: Vec<u32> = up.streams.drain().map(|(_, id)| id).collect();
         for id in ids {
             let Some(s) = self.streams.get_mut(&id) else {
                 continue;
             };
             s.up = None;
-            s.outcome(true);
             if s.answered {
+                s.outcome(true);
                 frame::write_rst_stream(&mut self.caller.wbuf, id, reason::INTERNAL_ERROR);
                 self.streams.remove(&id);
                 continue;
@@ -1305,7 +1450,16 @@ impl Relay<'_> {
                 Kind::Unavailable,
                 format!("function {} instance {instance}: {why}", s.function),
             );
-            self.fail(id, &e);
+            let failure = if heard {
+                Failure::Unavailable
+            } else {
+                // Lost before the instance said anything: as a refused connect.
+                if let Some(l) = &s.lease {
+                    l.evict();
+                }
+                Failure::Connect
+            };
+            self.retry_or_fail(id, &e, failure);
         }
     }
 
@@ -1358,6 +1512,7 @@ impl Relay<'_> {
 
     /// The response has ended: the stream is done. A caller still sending is told to stop.
     fn finish(&mut self, id: u32) {
+        self.watches.remove(&id);
         let Some(s) = self.streams.remove(&id) else {
             return;
         };
@@ -1373,9 +1528,32 @@ impl Relay<'_> {
         }
     }
 
-    /// Streams past their deadline are answered DEADLINE_EXCEEDED.
+    /// Streams past their deadline are answered DEADLINE_EXCEEDED; an attempt past its share of
+    /// the deadline is tried again.
     fn expire(&mut self) {
         let now = Instant::now();
+        let slow: Vec<u32> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.attempt_deadline.is_some_and(|d| d <= now) && !s.answered)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in slow {
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            s.attempt_deadline = None;
+            let instance = s.lease.as_ref().map_or(0, |l| l.instance.id);
+            let e = CallError::new(
+                Kind::Timeout,
+                format!(
+                    "function {} instance {instance}: no response within this attempt's share of the deadline",
+                    s.function
+                ),
+            );
+            self.cancel_up(id, reason::CANCEL);
+            self.retry_or_fail(id, &e, Failure::Timeout);
+        }
         let late: Vec<u32> = self
             .streams
             .iter()
@@ -1409,7 +1587,11 @@ impl Relay<'_> {
         }
     }
 
-    /// `grpc.health.v1.Health/Check`, answered by the sidecar (as the h2 engine does).
+    /// `grpc.health.v1.Health` `Check` and `Watch`, answered by the sidecar as the h2 engine
+    /// answers them: SERVING while the function can be routed to (at zero instances too),
+    /// NOT_SERVING once draining; an unknown service is NOT_FOUND (`Watch`: SERVICE_UNKNOWN).
+    /// A `Watch` gets the status now and again whenever a reload or draining changes it; it ends
+    /// when the sidecar drains.
     fn health_check(&mut self, id: u32) {
         let Some(s) = self.streams.get_mut(&id) else {
             return;
@@ -1425,7 +1607,7 @@ impl Relay<'_> {
         let mut b = Vec::new();
         encode_field(&mut b, b":status", b"200", false);
         encode_field(&mut b, b"content-type", b"application/grpc", false);
-        if !known {
+        if !known && !s.watch {
             status_fields(&mut b, 5, &format!("unknown service {service}"));
             write_headers(
                 &mut self.caller.wbuf,
@@ -1444,27 +1626,126 @@ impl Relay<'_> {
             false,
             self.caller.peer_max_frame,
         );
-        let status = if *self.shared.draining.borrow() { 2 } else { 1 };
-        write_data(
-            &mut self.caller.wbuf,
-            id,
-            &[0, 0, 0, 0, 2, 0x08, status],
-            false,
-        );
-        let mut t = Vec::new();
-        encode_field(&mut t, b"grpc-status", b"0", false);
-        write_headers(
-            &mut self.caller.wbuf,
-            id,
-            &t,
-            true,
-            self.caller.peer_max_frame,
-        );
-        self.finish(id);
+        if s.watch {
+            // Sent by `watch_update`, which sees a status differing from this one.
+            self.watches.insert(id, (service, 0));
+            self.watch_update();
+            return;
+        }
+        let status = health_status(true, *self.shared.draining.borrow());
+        s.to_caller.push_back(health_message(status));
+        s.trailers = Some(ok_trailers());
+        self.pump_caller(id);
+    }
+
+    /// Sends each health `Watch` its status if it changed; ends them once the sidecar drains.
+    fn watch_update(&mut self) {
+        let draining = self.draining || *self.shared.draining.borrow();
+        let ids: Vec<u32> = self.watches.keys().copied().collect();
+        for id in ids {
+            let Some((service, sent)) = self.watches.get_mut(&id) else {
+                continue;
+            };
+            let known = service.is_empty() || self.shared.function(service).is_some();
+            let now = health_status(known, draining);
+            let Some(s) = self.streams.get_mut(&id) else {
+                self.watches.remove(&id);
+                continue;
+            };
+            if *sent != now {
+                *sent = now;
+                s.to_caller.push_back(health_message(now));
+            }
+            if draining {
+                s.trailers = Some(ok_trailers());
+                self.watches.remove(&id);
+            }
+            self.pump_caller(id);
+        }
+    }
+
+    /// Retries a failed attempt when the policy allows (on another instance, after a backoff);
+    /// otherwise answers the caller with `e`.
+    fn retry_or_fail(&mut self, id: u32, e: &CallError, why: Failure) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let instance = s.lease.as_ref().map_or(0, |l| l.instance.id);
+        let wait = match &s.retry {
+            Some(r) if s.may_retry(why) => crate::retry::next_wait(
+                &r.policy,
+                r.tries,
+                instance,
+                s.deadline,
+                &r.pool.retry_budget,
+            ),
+            _ => None,
+        };
+        let (Some(wait), Some(r)) = (wait, s.retry.as_mut()) else {
+            if why != Failure::Connect {
+                s.outcome(true);
+            }
+            self.fail(id, e);
+            return;
+        };
+        tracing::debug!(function = %s.function, instance, error = %e, "retrying on another instance");
+        if let Some(lease) = s.lease.take() {
+            if why != Failure::Connect {
+                lease.outcome(true);
+            }
+        }
+        r.tries += 1;
+        if s.request.is_none() {
+            // The request went out: it goes again from the copy.
+            if let Some((block, data, _)) = &r.copy {
+                s.request = Some(block.clone());
+                s.to_up = data.iter().cloned().collect();
+                s.up_done = false;
+            }
+        }
+        let pool = r.pool.clone();
+        let (deadline, budget) = (s.deadline, s.budget);
+        self.cancel_up(id, reason::CANCEL);
+        self.queue_for(id, pool, deadline, budget, Some((wait, instance)));
     }
 }
 
+fn health_status(known: bool, draining: bool) -> u8 {
+    match (known, draining) {
+        (false, _) => 3,    // SERVICE_UNKNOWN
+        (true, false) => 1, // SERVING
+        (true, true) => 2,  // NOT_SERVING
+    }
+}
+
+/// A HealthCheckResponse `{ status }` in a gRPC message frame.
+fn health_message(status: u8) -> Bytes {
+    Bytes::copy_from_slice(&[0, 0, 0, 0, 2, 0x08, status])
+}
+
+fn ok_trailers() -> Vec<u8> {
+    let mut t = Vec::new();
+    encode_field(&mut t, b"grpc-status", b"0", false);
+    t
+}
+
 impl Stream {
+    /// Whether an attempt that failed this way may be made again (attempts left, and the
+    /// request still at hand: never written, or copied).
+    fn may_retry(&self, why: Failure) -> bool {
+        let Some(r) = &self.retry else {
+            return false;
+        };
+        if self.answered || r.tries >= r.policy.attempts {
+            return false;
+        }
+        match why {
+            Failure::Connect => r.policy.on_connect && (self.request.is_some() || r.copy.is_some()),
+            Failure::Unavailable => r.replay && r.policy.on_unavailable && r.copy.is_some(),
+            Failure::Timeout => r.replay && r.policy.on_timeout && r.copy.is_some(),
+        }
+    }
+
     /// The call's outcome, for the breaker and the instance's ejection count.
     fn outcome(&mut self, failed: bool) {
         if let Some(v) = self.verdict.as_mut() {
