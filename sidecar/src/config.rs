@@ -69,8 +69,8 @@ pub struct SidecarConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GrpcEngine {
-    #[default]
     H2,
+    #[default]
     Fnmesh,
 }
 

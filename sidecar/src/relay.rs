@@ -53,6 +53,35 @@ const MAX_STREAMS: u32 = 4096;
 /// Bytes read from one socket before the others get a turn.
 const READ_CHUNK: usize = 64 << 10;
 
+/// Maps keyed by stream (or instance) number: a multiplication instead of SipHash, which cost
+/// more than a tenth of the relay's own work per call. The keys come from the peers, but a map
+/// per connection is bounded by its stream limit, so a peer choosing colliding keys only slows
+/// its own connection.
+type ById<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
+
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 /// One side of the relay: a socket with its buffers and HTTP/2 connection state.
 struct Link {
     sock: TcpStream,
@@ -218,8 +247,8 @@ impl Link {
     fn header_fragment(
         &mut self,
         head: &FrameHead,
-        payload: &[u8],
-    ) -> Result<Option<(u32, bool, Vec<u8>)>, FrameError> {
+        payload: &Bytes,
+    ) -> Result<Option<(u32, bool, Block)>, FrameError> {
         let bad = |what| FrameError {
             kind: head.kind,
             what,
@@ -232,7 +261,13 @@ impl Link {
                 if head.stream == 0 {
                     return Err(bad("HEADERS on stream 0"));
                 }
-                self.block = Some((head.stream, head.is(flag::END_STREAM), fragment.to_vec()));
+                let end = head.is(flag::END_STREAM);
+                if head.is(flag::END_HEADERS) {
+                    // The usual case: the block is the frame's, used where it lies.
+                    let block = Block::Frame(payload.slice_ref(fragment));
+                    return Ok(Some((head.stream, end, block)));
+                }
+                self.block = Some((head.stream, end, fragment.to_vec()));
             }
             (kind::CONTINUATION, Some((stream, _, block))) if *stream == head.stream => {
                 if block.len() + payload.len() > MAX_LIST * 2 {
@@ -247,13 +282,33 @@ impl Link {
             }
         }
         if head.is(flag::END_HEADERS) {
-            return Ok(self.block.take());
+            return Ok(self
+                .block
+                .take()
+                .map(|(id, end, b)| (id, end, Block::Joined(b))));
         }
         Ok(None)
     }
 
     fn goaway(&mut self, last: u32, code: u32, why: &str) {
         frame::write_goaway(&mut self.wbuf, last, code, why.as_bytes());
+    }
+}
+
+/// A whole header block: one frame's, or joined from CONTINUATIONs.
+enum Block {
+    Frame(Bytes),
+    Joined(Vec<u8>),
+}
+
+impl std::ops::Deref for Block {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Block::Frame(b) => b,
+            Block::Joined(v) => v,
+        }
     }
 }
 
@@ -349,7 +404,8 @@ struct Stream {
     lease: Option<Lease>,
     deadline: Option<Instant>,
     budget: Duration,
-    function: Arc<str>,
+    /// The function's pool, once routed.
+    pool: Option<Arc<Pool>>,
     verdict: Option<Verdict>,
     /// A health check: the request's bytes, answered here; `watch` for `Watch`.
     health: Option<Vec<u8>>,
@@ -397,7 +453,7 @@ type Connecting = Pin<Box<dyn Future<Output = (Arc<Instance>, Result<TcpStream, 
 struct Relay<'a> {
     shared: &'a Shared,
     caller: Link,
-    streams: HashMap<u32, Stream>,
+    streams: ById<u32, Stream>,
     /// The highest stream the caller opened.
     last_stream: u32,
     ups: Vec<Up>,
@@ -405,11 +461,13 @@ struct Relay<'a> {
     queued: FuturesUnordered<Pending>,
     /// Instance connections being opened, and the streams waiting for each.
     connecting: FuturesUnordered<Connecting>,
-    waiting: HashMap<u64, Vec<u32>>,
+    waiting: ById<u64, Vec<u32>>,
     /// GOAWAY went to the caller (the sidecar drains).
     draining: bool,
     /// Health `Watch` streams: the service each watches and the status it was last sent.
-    watches: HashMap<u32, (String, u8)>,
+    watches: ById<u32, (String, u8)>,
+    /// The last request's `:path`.
+    path: String,
 }
 
 /// A connection to an instance.
@@ -418,7 +476,7 @@ struct Up {
     instance: Arc<Instance>,
     next_stream: u32,
     /// Its streams: instance stream -> caller stream.
-    streams: HashMap<u32, u32>,
+    streams: ById<u32, u32>,
     /// The instance has sent a frame: before that, a request on the connection cannot have
     /// been processed (a server's first frame is its SETTINGS).
     heard: bool,
@@ -439,14 +497,15 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
     let mut relay = Relay {
         shared: &shared,
         caller: Link::new(sock, head),
-        streams: HashMap::new(),
+        streams: ById::default(),
         last_stream: 0,
         ups: Vec::new(),
         queued: FuturesUnordered::new(),
         connecting: FuturesUnordered::new(),
-        waiting: HashMap::new(),
+        waiting: ById::default(),
         draining: false,
-        watches: HashMap::new(),
+        watches: ById::default(),
+        path: String::new(),
     };
     // Reloads change what health `Watch` streams report.
     let mut reloads = shared.reloads.subscribe();
@@ -708,7 +767,10 @@ impl Relay<'_> {
         }
         self.last_stream = id;
         let mut out = Vec::with_capacity(block.len() + 64);
-        let mut path = None;
+        // The path goes into a buffer the connection reuses.
+        let mut path = std::mem::take(&mut self.path);
+        path.clear();
+        let mut has_path = false;
         let mut timeout = None;
         let mut pseudo_done = false;
         let mut malformed = false;
@@ -718,7 +780,8 @@ impl Relay<'_> {
                     malformed = true;
                 }
                 if f.name == b":path" {
-                    path = Some(f.value.to_vec());
+                    path.push_str(&String::from_utf8_lossy(f.value));
+                    has_path = true;
                 }
             } else {
                 pseudo_done = true;
@@ -756,7 +819,7 @@ impl Relay<'_> {
                 })
             }
         }
-        if malformed || path.is_none() {
+        if malformed || !has_path {
             frame::write_rst_stream(&mut self.caller.wbuf, id, reason::PROTOCOL_ERROR);
             return Ok(());
         }
@@ -764,7 +827,6 @@ impl Relay<'_> {
             frame::write_rst_stream(&mut self.caller.wbuf, id, reason::REFUSED_STREAM);
             return Ok(());
         }
-        let path = String::from_utf8_lossy(path.as_deref().unwrap_or_default()).into_owned();
         let mut stream = Stream {
             up: None,
             request: Some(out),
@@ -781,7 +843,7 @@ impl Relay<'_> {
             lease: None,
             deadline: None,
             budget: Duration::ZERO,
-            function: Arc::from(""),
+            pool: None,
             verdict: None,
             health: None,
             watch: false,
@@ -789,7 +851,9 @@ impl Relay<'_> {
             attempt_deadline: None,
             _active: None,
         };
-        match self.route(&path, timeout, &mut stream) {
+        let routed = self.route(&path, timeout, &mut stream);
+        self.path = path;
+        match routed {
             Ok(None) => {
                 self.streams.insert(id, stream);
             }
@@ -849,7 +913,7 @@ impl Relay<'_> {
         stream.verdict = (!policy.breakers.is_empty()).then(|| Verdict::new(breaker, deadline));
         stream.deadline = deadline;
         stream.budget = budget.unwrap_or_default();
-        stream.function = f.name.as_str().into();
+        stream.pool = Some(pool.clone());
         stream._active = Some(Active::new(&self.shared.active));
         let method_policy = f.policy_for(method);
         if let Some(r) = method_policy.retry.filter(|r| r.attempts > 1) {
@@ -968,7 +1032,7 @@ impl Relay<'_> {
                     }
                     let e = CallError::new(
                         Kind::Unavailable,
-                        format!("function {} instance {}: {e}", s.function, instance.id),
+                        format!("function {} instance {}: {e}", s.function(), instance.id),
                     );
                     self.retry_or_fail(id, &e, Failure::Connect);
                 }
@@ -983,7 +1047,7 @@ impl Relay<'_> {
             link,
             instance,
             next_stream: 1,
-            streams: HashMap::new(),
+            streams: ById::default(),
             heard: false,
         });
         let i = self.ups.len() - 1;
@@ -1008,7 +1072,8 @@ impl Relay<'_> {
                     Kind::Timeout,
                     format!(
                         "function {}: deadline of {:?} passed before the call was forwarded",
-                        s.function, s.budget
+                        s.function(),
+                        s.budget
                     ),
                 );
                 self.fail(id, &e);
@@ -1350,7 +1415,10 @@ impl Relay<'_> {
             if end && grpc_status.as_deref() == Some(b"14") && s.may_retry(Failure::Unavailable) {
                 let e = CallError::new(
                     Kind::Unavailable,
-                    format!("function {}: the instance answered UNAVAILABLE", s.function),
+                    format!(
+                        "function {}: the instance answered UNAVAILABLE",
+                        s.function()
+                    ),
                 );
                 if let Some((_, up_id)) = s.up.take() {
                     self.ups[i].streams.remove(&up_id);
@@ -1413,7 +1481,7 @@ impl Relay<'_> {
             Kind::Unavailable,
             format!(
                 "function {}: the instance reset the stream (HTTP/2 error {code:#x})",
-                s.function
+                s.function()
             ),
         );
         let why = if code == reason::REFUSED_STREAM {
@@ -1448,7 +1516,7 @@ impl Relay<'_> {
             }
             let e = CallError::new(
                 Kind::Unavailable,
-                format!("function {} instance {instance}: {why}", s.function),
+                format!("function {} instance {instance}: {why}", s.function()),
             );
             let failure = if heard {
                 Failure::Unavailable
@@ -1548,7 +1616,7 @@ impl Relay<'_> {
                 Kind::Timeout,
                 format!(
                     "function {} instance {instance}: no response within this attempt's share of the deadline",
-                    s.function
+                    s.function()
                 ),
             );
             self.cancel_up(id, reason::CANCEL);
@@ -1575,7 +1643,8 @@ impl Relay<'_> {
                 Kind::Timeout,
                 format!(
                     "function {}: deadline of {:?} passed {what}",
-                    s.function, s.budget
+                    s.function(),
+                    s.budget
                 ),
             );
             if let Some(l) = &s.lease {
@@ -1681,6 +1750,9 @@ impl Relay<'_> {
             ),
             _ => None,
         };
+        if wait.is_some() {
+            tracing::debug!(function = %s.function(), instance, error = %e, "retrying on another instance");
+        }
         let (Some(wait), Some(r)) = (wait, s.retry.as_mut()) else {
             if why != Failure::Connect {
                 s.outcome(true);
@@ -1688,7 +1760,6 @@ impl Relay<'_> {
             self.fail(id, e);
             return;
         };
-        tracing::debug!(function = %s.function, instance, error = %e, "retrying on another instance");
         if let Some(lease) = s.lease.take() {
             if why != Failure::Connect {
                 lease.outcome(true);
@@ -1730,6 +1801,11 @@ fn ok_trailers() -> Vec<u8> {
 }
 
 impl Stream {
+    /// The function's name, for messages.
+    fn function(&self) -> &str {
+        self.pool.as_ref().map_or("", |p| p.name.as_str())
+    }
+
     /// Whether an attempt that failed this way may be made again (attempts left, and the
     /// request still at hand: never written, or copied).
     fn may_retry(&self, why: Failure) -> bool {
@@ -1754,5 +1830,71 @@ impl Stream {
                 l.outcome(failed);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header block larger than the peer's frames goes as HEADERS and CONTINUATIONs: only the
+    /// last has END_HEADERS, only the first END_STREAM, and together they hold the block.
+    #[test]
+    fn large_header_blocks_are_split_into_continuations() {
+        let block: Vec<u8> = (0..25u8).collect();
+        let mut out = BytesMut::new();
+        write_headers(&mut out, 3, &block, true, 10);
+        let mut frames = Vec::new();
+        while let Some(head) = FrameHead::parse(&out) {
+            out.advance(FRAME_HEAD_LEN);
+            frames.push((head, out.split_to(head.len)));
+        }
+        let kinds: Vec<(u8, u8, usize)> = frames
+            .iter()
+            .map(|(h, _)| (h.kind, h.flags, h.len))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (kind::HEADERS, flag::END_STREAM, 10),
+                (kind::CONTINUATION, 0, 10),
+                (kind::CONTINUATION, flag::END_HEADERS, 5),
+            ]
+        );
+        assert!(frames.iter().all(|(h, _)| h.stream == 3));
+        let joined: Vec<u8> = frames.iter().flat_map(|(_, p)| p.to_vec()).collect();
+        assert_eq!(joined, block);
+        // One that fits is one frame.
+        let mut out = BytesMut::new();
+        write_headers(&mut out, 5, &block, false, 16_384);
+        let head = FrameHead::parse(&out).unwrap();
+        assert_eq!(
+            (head.kind, head.flags, head.len),
+            (kind::HEADERS, flag::END_HEADERS, 25)
+        );
+    }
+
+    /// fnmesh's trailers-only answer: status 200, gRPC content type, the status of DESIGN.md's
+    /// table and a percent-encoded message, as the h2 engine sends it.
+    #[test]
+    fn errors_are_trailers_only_responses() {
+        let e = CallError::new(Kind::Timeout, "function f: deadline passed, 100%");
+        let block = error_block(&e);
+        let mut d = Decoder::new(4096, 1 << 16);
+        let mut fields = Vec::new();
+        d.decode(&block, |f| {
+            fields.push((
+                String::from_utf8(f.name.to_vec()).unwrap(),
+                String::from_utf8(f.value.to_vec()).unwrap(),
+            ))
+        })
+        .unwrap();
+        let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get(":status"), Some("200"));
+        assert_eq!(get("content-type"), Some("application/grpc"));
+        assert_eq!(get("grpc-status"), Some("4"));
+        assert_eq!(get("fnmesh-error"), Some("timeout"));
+        let message = get("grpc-message").unwrap();
+        assert!(message.ends_with("deadline passed, 100%25"), "{message}");
     }
 }

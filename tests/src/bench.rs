@@ -71,18 +71,14 @@ impl Path {
 pub fn proxy_paths(
     direct: SocketAddr,
     fnmesh: &crate::sidecar::Sidecar,
-    sleepy: &crate::sidecar::Sidecar,
+    (other, other_name): (&crate::sidecar::Sidecar, &'static str),
     haproxy: Option<&(Killed, SocketAddr)>,
     haproxy_name: &'static str,
 ) -> Vec<Path> {
     let mut paths = vec![
         Path::new("direct", direct, None),
         Path::new("fnmesh", fnmesh.addr, Some(fnmesh.child.id())),
-        Path::new(
-            "fnmesh, busy_poll = 0s",
-            sleepy.addr,
-            Some(sleepy.child.id()),
-        ),
+        Path::new(other_name, other.addr, Some(other.child.id())),
     ];
     match haproxy {
         Some((h, a)) => paths.push(Path::new(haproxy_name, *a, Some(h.0.id()))),

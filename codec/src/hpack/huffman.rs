@@ -67,15 +67,76 @@ const fn canonical() -> Canonical {
 
 static CODE: Canonical = canonical();
 
+/// For each byte value: the symbol whose code (of at most 8 bits) starts it, and that code's
+/// length; length 0 where the byte starts a longer code.
+const SHORT: [(u8, u8); 256] = short();
+
+const fn short() -> [(u8, u8); 256] {
+    let codes = canonical().codes;
+    let mut t = [(0u8, 0u8); 256];
+    let mut sym = 0;
+    while sym < 256 {
+        let len = LENGTHS[sym] as usize;
+        if len <= 8 {
+            let code = codes[sym] as usize;
+            let first = code << (8 - len);
+            let mut v = first;
+            while v < first + (1 << (8 - len)) {
+                t[v] = (sym as u8, len as u8);
+                v += 1;
+            }
+        }
+        sym += 1;
+    }
+    t
+}
+
 /// Decodes `src`, appending the symbols to `dst`. Padding must be the shortest run of 1s that fills
-/// the last byte (fewer than 8 bits); EOS inside the string is an error (RFC 7541 5.2).
+/// the last byte (fewer than 8 bits); EOS inside the string is an error (RFC 7541 5.2). Codes of
+/// up to 8 bits (the common characters) are looked up a byte at a time; longer ones bit by bit.
 pub fn decode(src: &[u8], dst: &mut Vec<u8>) -> Result<(), HpackError> {
-    // The bits read of the symbol being decoded.
-    let mut code = 0u32;
-    let mut len = 0usize;
-    for &byte in src {
-        for shift in (0..8).rev() {
-            code = (code << 1) | u32::from((byte >> shift) & 1);
+    dst.reserve(src.len() + src.len() / 2);
+    // Unread bits, left-aligned in `acc`; `bits` of them are valid.
+    let mut acc = 0u64;
+    let mut bits = 0u32;
+    let mut next = src.iter();
+    loop {
+        while bits <= 56 {
+            match next.next() {
+                Some(&b) => {
+                    acc |= u64::from(b) << (56 - bits);
+                    bits += 8;
+                }
+                None => break,
+            }
+        }
+        if bits == 0 {
+            return Ok(());
+        }
+        let (sym, len) = SHORT[(acc >> 56) as usize];
+        let len = u32::from(len);
+        if len != 0 && len <= bits {
+            dst.push(sym);
+            acc <<= len;
+            bits -= len;
+            continue;
+        }
+        // A longer code, or the padding at the end.
+        let mut code = 0u32;
+        let mut len = 0usize;
+        loop {
+            if len as u32 == bits {
+                // The input ends inside this code: it must be padding.
+                if len > 7 {
+                    return Err(HpackError::BadHuffman("padding longer than 7 bits"));
+                }
+                if code != (1 << len) - 1 {
+                    return Err(HpackError::BadHuffman("padding is not a prefix of EOS"));
+                }
+                return Ok(());
+            }
+            code = (code << 1) | (acc >> 63) as u32;
+            acc <<= 1;
             len += 1;
             let index = code.wrapping_sub(CODE.first[len]);
             if index < CODE.count[len] {
@@ -84,21 +145,15 @@ pub fn decode(src: &[u8], dst: &mut Vec<u8>) -> Result<(), HpackError> {
                     return Err(HpackError::BadHuffman("EOS inside a string"));
                 }
                 dst.push(sym as u8);
-                code = 0;
-                len = 0;
-            } else if len == MAX_LEN {
+                bits -= len as u32;
+                break;
+            }
+            if len == MAX_LEN {
                 // Unreachable for a complete code; kept so no input can index past the tables.
                 return Err(HpackError::BadHuffman("no symbol has this code"));
             }
         }
     }
-    if len > 7 {
-        return Err(HpackError::BadHuffman("padding longer than 7 bits"));
-    }
-    if code != (1 << len) - 1 {
-        return Err(HpackError::BadHuffman("padding is not a prefix of EOS"));
-    }
-    Ok(())
 }
 
 /// The length of `src` Huffman-encoded, in bytes.

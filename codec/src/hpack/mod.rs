@@ -10,8 +10,6 @@
 mod huffman;
 mod table;
 
-use bytes::BufMut;
-
 pub use table::ENTRY_OVERHEAD;
 use table::{static_name, static_pair, Dynamic, STATIC};
 
@@ -240,32 +238,32 @@ fn string<'a>(block: &mut &'a [u8], scratch: &mut Vec<u8>) -> Result<Text<'a>, H
 }
 
 /// Writes an integer with an `n`-bit prefix; `flags` fills the bits above the prefix.
-fn put_integer(dst: &mut impl BufMut, flags: u8, n: u8, value: usize) {
+fn put_integer(dst: &mut Vec<u8>, flags: u8, n: u8, value: usize) {
     let max = (1usize << n) - 1;
     if value < max {
-        dst.put_u8(flags | value as u8);
+        dst.push(flags | value as u8);
         return;
     }
-    dst.put_u8(flags | max as u8);
+    dst.push(flags | max as u8);
     let mut rest = value - max;
     while rest >= 0x80 {
-        dst.put_u8(0x80 | (rest & 0x7f) as u8);
+        dst.push(0x80 | (rest & 0x7f) as u8);
         rest >>= 7;
     }
-    dst.put_u8(rest as u8);
+    dst.push(rest as u8);
 }
 
 /// Writes a string literal as it is: Huffman coding would save a relay some bytes on loopback
 /// and cost both ends CPU for every field.
-fn put_string(dst: &mut impl BufMut, s: &[u8]) {
+fn put_string(dst: &mut Vec<u8>, s: &[u8]) {
     put_integer(dst, 0, 7, s.len());
-    dst.put_slice(s);
+    dst.extend_from_slice(s);
 }
 
 /// Writes header fields without touching the peer's dynamic table: a field found whole in the
 /// static table is sent as its index, any other as a literal without indexing (never indexed when
 /// `sensitive`), its name as a static index when it has one.
-pub fn encode_field(dst: &mut impl BufMut, name: &[u8], value: &[u8], sensitive: bool) {
+pub fn encode_field(dst: &mut Vec<u8>, name: &[u8], value: &[u8], sensitive: bool) {
     let flags = if sensitive { 0x10 } else { 0x00 };
     match static_name(name) {
         Some(first) => {
@@ -278,7 +276,7 @@ pub fn encode_field(dst: &mut impl BufMut, name: &[u8], value: &[u8], sensitive:
             put_integer(dst, flags, 4, first);
         }
         None => {
-            dst.put_u8(flags);
+            dst.push(flags);
             put_string(dst, name);
         }
     }
@@ -287,7 +285,7 @@ pub fn encode_field(dst: &mut impl BufMut, name: &[u8], value: &[u8], sensitive:
 
 /// Writes a dynamic table size update (RFC 7541 6.3): the first thing of a block after the peer
 /// changed SETTINGS_HEADER_TABLE_SIZE, when an encoder wants to tell it the table it keeps.
-pub fn encode_table_size(dst: &mut impl BufMut, size: usize) {
+pub fn encode_table_size(dst: &mut Vec<u8>, size: usize) {
     put_integer(dst, 0x20, 5, size);
 }
 

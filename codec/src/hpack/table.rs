@@ -70,8 +70,7 @@ pub const STATIC: [(&[u8], &[u8]); 61] = [
 /// What an entry costs in the table besides its bytes (RFC 7541 4.1).
 pub const ENTRY_OVERHEAD: usize = 32;
 
-/// The static index of the first entry named `name`, for the names a gRPC relay sends most;
-/// others are found by a scan.
+/// The static index of the first entry named `name` (a jump on the length, then a compare).
 pub fn static_name(name: &[u8]) -> Option<usize> {
     let index = match name {
         b":authority" => 1,
@@ -79,15 +78,54 @@ pub fn static_name(name: &[u8]) -> Option<usize> {
         b":path" => 4,
         b":scheme" => 6,
         b":status" => 8,
+        b"accept-charset" => 15,
+        b"accept-encoding" => 16,
+        b"accept-language" => 17,
+        b"accept-ranges" => 18,
+        b"accept" => 19,
+        b"access-control-allow-origin" => 20,
+        b"age" => 21,
+        b"allow" => 22,
+        b"authorization" => 23,
+        b"cache-control" => 24,
+        b"content-disposition" => 25,
+        b"content-encoding" => 26,
+        b"content-language" => 27,
+        b"content-length" => 28,
+        b"content-location" => 29,
+        b"content-range" => 30,
         b"content-type" => 31,
+        b"cookie" => 32,
+        b"date" => 33,
+        b"etag" => 34,
+        b"expect" => 35,
+        b"expires" => 36,
+        b"from" => 37,
+        b"host" => 38,
+        b"if-match" => 39,
+        b"if-modified-since" => 40,
+        b"if-none-match" => 41,
+        b"if-range" => 42,
+        b"if-unmodified-since" => 43,
+        b"last-modified" => 44,
+        b"link" => 45,
+        b"location" => 46,
+        b"max-forwards" => 47,
+        b"proxy-authenticate" => 48,
+        b"proxy-authorization" => 49,
+        b"range" => 50,
+        b"referer" => 51,
+        b"refresh" => 52,
+        b"retry-after" => 53,
+        b"server" => 54,
+        b"set-cookie" => 55,
+        b"strict-transport-security" => 56,
+        b"transfer-encoding" => 57,
         b"user-agent" => 58,
-        b"te"
-        | b"grpc-timeout"
-        | b"grpc-status"
-        | b"grpc-message"
-        | b"grpc-encoding"
-        | b"grpc-accept-encoding" => return None,
-        _ => return STATIC.iter().position(|(n, _)| *n == name).map(|i| i + 1),
+        b"vary" => 59,
+        b"via" => 60,
+        b"www-authenticate" => 61,
+        _ => return None,
     };
     Some(index)
 }

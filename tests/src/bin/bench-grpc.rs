@@ -1,7 +1,7 @@
 //! fnmesh's gRPC proxy benchmark, measured in one run with a real volo-grpc client and the
-//! example gRPC function: unary calls direct to the function, through fnmesh (and through fnmesh
-//! with busy polling off), and through haproxy in HTTP mode with h2 on both sides, the reference
-//! L7 gRPC proxy.
+//! example gRPC function: unary calls direct to the function, through fnmesh (its own relay, and
+//! with `grpc_engine = "h2"`), and through haproxy in HTTP mode with h2 on both sides, the
+//! reference L7 gRPC proxy.
 //!
 //! Run: `cargo run --release -p fnmesh-tests --bin bench-grpc` (haproxy from Debian's package
 //! when installed). It prints figures; it asserts nothing.
@@ -46,10 +46,16 @@ async fn main() {
         "min = 1\nmax = 1\nconcurrency = 1024\nidle = \"10m\"",
         "",
     );
-    let sc = Sidecar::start(&warm);
-    let sleepy = Sidecar::start_with("busy_poll = \"0s\"", &warm);
+    let sc = Sidecar::start_with("grpc_engine = \"fnmesh\"", &warm);
+    let h2 = Sidecar::start_with("grpc_engine = \"h2\"", &warm);
     let haproxy = start_haproxy(direct, HaproxyMode::H2);
-    let mut paths = proxy_paths(direct, &sc, &sleepy, haproxy.as_ref(), "haproxy (http, h2)");
+    let mut paths = proxy_paths(
+        direct,
+        &sc,
+        (&h2, "fnmesh, grpc_engine = h2"),
+        haproxy.as_ref(),
+        "haproxy (http, h2)",
+    );
     sequential::<Grpc>(&mut paths, "unary calls, one client").await;
     throughput::<Grpc>(&mut paths, "concurrent unary streams on one client", true).await;
 }

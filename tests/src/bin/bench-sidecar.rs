@@ -114,7 +114,13 @@ async fn main() {
     let sc = Sidecar::start(&warm);
     let sleepy = Sidecar::start_with("busy_poll = \"0s\"", &warm);
     let haproxy = start_haproxy(direct, HaproxyMode::Tcp);
-    let mut paths = proxy_paths(direct, &sc, &sleepy, haproxy.as_ref(), "haproxy (tcp)");
+    let mut paths = proxy_paths(
+        direct,
+        &sc,
+        (&sleepy, "fnmesh, busy_poll = 0s"),
+        haproxy.as_ref(),
+        "haproxy (tcp)",
+    );
     sequential::<Thrift>(&mut paths, "calls on one connection").await;
     throughput::<Thrift>(&mut paths, "concurrent callers", false).await;
     drop(sc);
