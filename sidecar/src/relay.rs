@@ -52,6 +52,12 @@ const MAX_LIST: usize = 16 << 10;
 const MAX_STREAMS: u32 = 4096;
 /// Bytes read from one socket before the others get a turn.
 const READ_CHUNK: usize = 64 << 10;
+/// Unwritten bytes past which a peer is not read from until it reads (its windows bound the
+/// DATA; this bounds the rest).
+const WRITE_LIMIT: usize = 2 * CONN_WINDOW as usize;
+/// Streams a caller may reset before their response beyond those answered, before its
+/// connection is closed (HTTP/2 "rapid reset": each such stream costs an instance a request).
+const MAX_EARLY_RESETS: u64 = 1000;
 
 /// Maps keyed by stream (or instance) number: a multiplication instead of SipHash, which cost
 /// more than a tenth of the relay's own work per call. The keys come from the peers, but a map
@@ -468,6 +474,9 @@ struct Relay<'a> {
     watches: ById<u32, (String, u8)>,
     /// The last request's `:path`.
     path: String,
+    /// Streams the caller reset before their response, and streams answered.
+    early_resets: u64,
+    answered: u64,
 }
 
 /// A connection to an instance.
@@ -506,6 +515,8 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
         draining: false,
         watches: ById::default(),
         path: String::new(),
+        early_resets: 0,
+        answered: 0,
     };
     // Reloads change what health `Watch` streams report.
     let mut reloads = shared.reloads.subscribe();
@@ -567,10 +578,12 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
         let mut expired = false;
         let mut drain = false;
         std::future::poll_fn(|cx| {
-            let mut ready = relay.caller.poll_read(cx);
+            // A peer that does not read what it is sent is not read from either: its PINGs and
+            // SETTINGS (each answered) cannot grow the buffer without bound.
+            let mut ready = relay.caller.wbuf.len() < WRITE_LIMIT && relay.caller.poll_read(cx);
             ready |= relay.caller.poll_write(cx);
             for up in relay.ups.iter_mut() {
-                ready |= up.link.poll_read(cx);
+                ready |= up.link.wbuf.len() < WRITE_LIMIT && up.link.poll_read(cx);
                 ready |= up.link.poll_write(cx);
             }
             if !relay.queued.is_empty() {
@@ -717,8 +730,20 @@ impl Relay<'_> {
                     frame::rst_stream(&head, &payload)?;
                     // The caller cancelled: so is the instance's stream.
                     self.cancel_up(head.stream, reason::CANCEL);
-                    self.streams.remove(&head.stream);
+                    if let Some(s) = self.streams.remove(&head.stream) {
+                        if !s.answered {
+                            self.early_resets += 1;
+                        }
+                    }
                     self.watches.remove(&head.stream);
+                    if self.early_resets > MAX_EARLY_RESETS.max(2 * self.answered) {
+                        return Err(FrameError {
+                            kind: head.kind,
+                            what: "too many streams reset before their response",
+                            reason: reason::ENHANCE_YOUR_CALM,
+                            stream: false,
+                        });
+                    }
                 }
                 kind::GOAWAY => {
                     frame::goaway(&head, &payload)?;
@@ -1043,14 +1068,28 @@ impl Relay<'_> {
         let mut link = Link::new(sock, BytesMut::with_capacity(16 << 10));
         link.wbuf.put_slice(HTTP2_PREFACE);
         link.greet(true);
-        self.ups.push(Up {
+        let up = Up {
             link,
             instance,
             next_stream: 1,
             streams: ById::default(),
             heard: false,
-        });
-        let i = self.ups.len() - 1;
+        };
+        // A closed connection's slot is reused.
+        let i = match self
+            .ups
+            .iter()
+            .position(|u| u.link.closed && u.streams.is_empty())
+        {
+            Some(i) => {
+                self.ups[i] = up;
+                i
+            }
+            None => {
+                self.ups.push(up);
+                self.ups.len() - 1
+            }
+        };
         for id in waiting {
             self.open_up(id, i);
         }
@@ -1584,6 +1623,7 @@ impl Relay<'_> {
         let Some(s) = self.streams.remove(&id) else {
             return;
         };
+        self.answered += 1;
         if let Some((i, up_id)) = s.up {
             let up = &mut self.ups[i];
             up.streams.remove(&up_id);

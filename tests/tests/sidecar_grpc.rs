@@ -811,3 +811,116 @@ async fn a_health_watch_follows_reloads() {
     let _ = watch.kill();
     let _ = watch.wait();
 }
+
+// ---- Hostile HTTP/2 callers --------------------------------------------------------------------
+
+/// A raw HTTP/2 caller: the preface and an empty SETTINGS, written with fnmesh's codec.
+fn raw_caller(addr: SocketAddr) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut hello = fnmesh_codec::HTTP2_PREFACE.to_vec();
+    fnmesh_codec::http2::write_settings(&mut hello, &[], false);
+    s.write_all(&hello).unwrap();
+    s
+}
+
+/// A caller that sends PINGs without ever reading the answers cannot grow the sidecar: 64 MiB of
+/// PINGs (each answered by an ACK of the same size) leave it within 32 MiB of where it started,
+/// and everyone else is served meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_flooding_pings_without_reading_cannot_grow_the_sidecar() {
+    use std::io::Write;
+    let sc = Sidecar::start(&grpc_echo_function("echo", "min = 1", ""));
+    assert_eq!(unary(sc.addr, "warm").await.unwrap().0, "warm");
+    let before = sc.rss_kb();
+    let addr = sc.addr;
+    let flood = std::thread::spawn(move || {
+        let mut s = raw_caller(addr);
+        s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut pings = Vec::new();
+        for i in 0..1024u64 {
+            fnmesh_codec::http2::write_ping(&mut pings, i.to_be_bytes(), false);
+        }
+        let mut sent = 0usize;
+        while sent < 64 << 20 {
+            if s.write_all(&pings).is_err() {
+                break; // held back: the sidecar stopped reading
+            }
+            sent += pings.len();
+        }
+        (s, sent)
+    });
+    let meanwhile = unary(sc.addr, "meanwhile").await;
+    let (_s, sent) = tokio::task::spawn_blocking(move || flood.join().unwrap())
+        .await
+        .unwrap();
+    let grown = sc.rss_kb().saturating_sub(before);
+    assert!(
+        grown < 32 * 1024,
+        "the sidecar grew by {grown} KiB for {sent} bytes of PINGs"
+    );
+    assert_eq!(meanwhile.unwrap().0, "meanwhile");
+    assert_eq!(unary(sc.addr, "after").await.unwrap().0, "after");
+}
+
+/// A caller that opens streams and resets each at once ("rapid reset": every one costs an
+/// instance a request) gets GOAWAY with ENHANCE_YOUR_CALM and is closed; everyone else is
+/// served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_resetting_streams_at_once_is_cut_off() {
+    use fnmesh_codec::{
+        hpack::encode_field,
+        http2::{self, flag, kind, reason, FrameHead, FRAME_HEAD_LEN},
+    };
+    use std::io::{Read, Write};
+    let sc = Sidecar::start(&grpc_echo_function("echo", "min = 1", ""));
+    let addr = sc.addr;
+    let code = tokio::task::spawn_blocking(move || {
+        let mut s = raw_caller(addr);
+        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut block = Vec::new();
+        for (n, v) in [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/echo.Echo/UnaryEcho"),
+            (":authority", "echo"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ] {
+            encode_field(&mut block, n.as_bytes(), v.as_bytes(), false);
+        }
+        let mut frames = Vec::new();
+        for i in 0..5000u32 {
+            let id = 1 + 2 * i;
+            FrameHead {
+                len: block.len(),
+                kind: kind::HEADERS,
+                flags: flag::END_HEADERS,
+                stream: id,
+            }
+            .write(&mut frames);
+            frames.extend_from_slice(&block);
+            http2::write_rst_stream(&mut frames, id, reason::CANCEL);
+        }
+        // The sidecar may close before it has read everything.
+        let _ = s.write_all(&frames);
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let mut rest = &got[..];
+        while let Some(head) = FrameHead::parse(rest) {
+            let Some(payload) = rest.get(FRAME_HEAD_LEN..FRAME_HEAD_LEN + head.len) else {
+                break;
+            };
+            if head.kind == kind::GOAWAY {
+                return http2::goaway(&head, payload).ok().map(|(_, code, _)| code);
+            }
+            rest = &rest[FRAME_HEAD_LEN + head.len..];
+        }
+        None
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(reason::ENHANCE_YOUR_CALM));
+    assert_eq!(unary(sc.addr, "after").await.unwrap().0, "after");
+}
