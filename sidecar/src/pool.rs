@@ -35,6 +35,9 @@ pub struct Instance {
     idle_conns: Box<[Mutex<Vec<Upstream>>]>,
     /// gRPC: one HTTP/2 connection per worker thread, shared by that worker's streams.
     h2: Box<[Mutex<Option<crate::grpc::Upstream>>]>,
+    /// gRPC relay: HTTP/2 connections whose caller connection ended, per worker thread, for the
+    /// next caller connection.
+    relay_idle: Box<[Mutex<Vec<crate::relay::IdleUp>>]>,
     /// The readiness probe's connection, not yet bound to a worker: the first call takes it.
     probe: Mutex<Option<std::net::TcpStream>>,
     stop: Mutex<Option<oneshot::Sender<()>>>,
@@ -60,6 +63,7 @@ impl Instance {
             addr,
             idle_conns: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
             h2: (0..=workers).map(|_| Mutex::new(None)).collect(),
+            relay_idle: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
             probe: Mutex::new(probe),
             stop: Mutex::new(Some(stop)),
         }
@@ -77,8 +81,17 @@ impl Instance {
         &self.h2[crate::workers::current().map_or(last, |i| i.min(last))]
     }
 
+    /// This thread's idle relay connections (gRPC).
+    pub fn relay_idle(&self) -> &Mutex<Vec<crate::relay::IdleUp>> {
+        let last = self.relay_idle.len() - 1;
+        &self.relay_idle[crate::workers::current().map_or(last, |i| i.min(last))]
+    }
+
     fn clear_idle(&self) {
         for idle in self.idle_conns.iter() {
+            lock(idle).clear();
+        }
+        for idle in self.relay_idle.iter() {
             lock(idle).clear();
         }
         for h2 in self.h2.iter() {

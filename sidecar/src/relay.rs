@@ -10,9 +10,10 @@
 //! both sides (a slow reader holds back the writer, and nothing is buffered beyond the windows
 //! fnmesh grants). There are no tasks per stream and no locks.
 //!
-//! An instance connection belongs to the caller connection that opened it and closes with it.
-//! What the h2 engine has and this one does not yet: upstream connections shared between caller
-//! connections.
+//! An instance connection belongs to the caller connection that opened it; when that one ends,
+//! it waits (at most [`MAX_IDLE`] per instance and worker) for the worker's next caller
+//! connection. Two caller connections never share one at the same time: that would take
+//! coordination between their tasks, which is what this design leaves out.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -649,9 +650,57 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
         relay.cancel_up(id, reason::CANCEL);
         relay.streams.remove(&id);
     }
-    for up in relay.ups.iter_mut() {
+    // Instance connections in good order wait for this worker's next caller connection.
+    for mut up in relay.ups.drain(..) {
+        up.link.flush();
+        let reusable = !up.link.closed
+            && !up.link.going_away
+            && up.streams.is_empty()
+            && up.link.wbuf.is_empty()
+            && up.link.block.is_none()
+            && up.next_stream < MAX_STREAM_ID;
+        if reusable {
+            let instance = up.instance.clone();
+            let mut idle = crate::lock(instance.relay_idle());
+            if idle.len() < MAX_IDLE {
+                idle.push(IdleUp(up));
+                continue;
+            }
+        }
         up.link.goaway(0, reason::NO_ERROR, "");
         up.link.flush();
+    }
+}
+
+/// Instance connections kept idle per instance and worker.
+const MAX_IDLE: usize = 4;
+/// Past this stream number a connection is not reused (HTTP/2 allows up to 2^31-1).
+const MAX_STREAM_ID: u32 = 1 << 30;
+
+/// An instance connection between caller connections (`Instance::relay_idle`).
+pub struct IdleUp(Up);
+
+impl std::fmt::Debug for IdleUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdleUp")
+            .field("instance", &self.0.instance.id)
+            .field("next_stream", &self.0.next_stream)
+            .finish()
+    }
+}
+
+/// An idle connection to `instance` that is still open: what it received while idle (a PING, a
+/// GOAWAY) stays buffered and is handled once it is in use again.
+fn take_idle(instance: &Instance) -> Option<Up> {
+    loop {
+        let IdleUp(mut up) = crate::lock(instance.relay_idle()).pop()?;
+        up.link.rbuf.reserve(4096);
+        match up.link.sock.try_read_buf(&mut up.link.rbuf) {
+            Ok(0) => continue,
+            Ok(_) => return Some(up),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(up),
+            Err(_) => continue,
+        }
     }
 }
 
@@ -1020,25 +1069,29 @@ impl Relay<'_> {
             .ups
             .iter()
             .position(|u| u.instance.id == instance.id && !u.link.closed && !u.link.going_away);
-        match found {
-            Some(i) => self.open_up(id, i),
-            None => {
-                let waiting = self.waiting.entry(instance.id).or_default();
-                waiting.push(id);
-                if waiting.len() == 1 {
-                    self.connecting.push(Box::pin(async move {
-                        let stream = match instance.pooled() {
-                            Some(c) => Ok(c.stream),
-                            None => instance
-                                .connect()
-                                .await
-                                .map(|c| c.stream)
-                                .map_err(|e| format!("connect refused: {e}")),
-                        };
-                        (instance, stream)
-                    }));
-                }
-            }
+        if let Some(i) = found {
+            self.open_up(id, i);
+            return;
+        }
+        if let Some(up) = take_idle(&instance) {
+            let i = self.add_up(up);
+            self.open_up(id, i);
+            return;
+        }
+        let waiting = self.waiting.entry(instance.id).or_default();
+        waiting.push(id);
+        if waiting.len() == 1 {
+            self.connecting.push(Box::pin(async move {
+                let stream = match instance.pooled() {
+                    Some(c) => Ok(c.stream),
+                    None => instance
+                        .connect()
+                        .await
+                        .map(|c| c.stream)
+                        .map_err(|e| format!("connect refused: {e}")),
+                };
+                (instance, stream)
+            }));
         }
     }
 
@@ -1075,8 +1128,15 @@ impl Relay<'_> {
             streams: ById::default(),
             heard: false,
         };
-        // A closed connection's slot is reused.
-        let i = match self
+        let i = self.add_up(up);
+        for id in waiting {
+            self.open_up(id, i);
+        }
+    }
+
+    /// Adds an instance connection, in a closed one's slot when there is one.
+    fn add_up(&mut self, up: Up) -> usize {
+        match self
             .ups
             .iter()
             .position(|u| u.link.closed && u.streams.is_empty())
@@ -1089,9 +1149,6 @@ impl Relay<'_> {
                 self.ups.push(up);
                 self.ups.len() - 1
             }
-        };
-        for id in waiting {
-            self.open_up(id, i);
         }
     }
 

@@ -924,3 +924,76 @@ async fn a_caller_resetting_streams_at_once_is_cut_off() {
     assert_eq!(code, Some(reason::ENHANCE_YOUR_CALM));
     assert_eq!(unary(sc.addr, "after").await.unwrap().0, "after");
 }
+
+/// The port instance `instance` of function `function` listens on (its `PORT`), for a sidecar's
+/// instance started directly by it or under a shell.
+fn instance_port(sc: &Sidecar, function: &str, instance: &str) -> u16 {
+    let wanted = [
+        format!("FNMESH_FUNCTION={function}"),
+        format!("FNMESH_INSTANCE={instance}"),
+    ];
+    let parent = |pid: u32| -> u32 {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                let after = &s[s.rfind(')')? + 2..];
+                after.split(' ').nth(1)?.parse().ok()
+            })
+            .unwrap_or(0)
+    };
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+        if !wanted.iter().all(|w| vars.contains(&w.as_bytes())) {
+            continue;
+        }
+        let (mut p, mut ours) = (pid, false);
+        for _ in 0..3 {
+            p = parent(p);
+            ours |= p == sc.child.id();
+        }
+        let port = vars.iter().find_map(|v| v.strip_prefix(b"PORT="));
+        if let (true, Some(port)) = (ours, port) {
+            return std::str::from_utf8(port).unwrap().parse().unwrap();
+        }
+    }
+    panic!("no instance {instance} of {function}");
+}
+
+/// TCP connections to `port` on 127.0.0.1 closed by this host and now in TIME_WAIT.
+fn closed_connections_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let remote = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[2] == remote && f[3] == "06"
+        })
+        .count()
+}
+
+/// Callers that connect anew for every call (scripts, probes) do not cost the instance a new
+/// connection each: an instance connection whose caller connection ended serves the next one.
+#[tokio::test(flavor = "multi_thread")]
+async fn callers_connecting_per_call_reuse_instance_connections() {
+    let sc = Sidecar::start(&grpc_echo_function("echo", "min = 1", ""));
+    assert_eq!(unary(sc.addr, "warm").await.unwrap().0, "warm");
+    let port = instance_port(&sc, "echo", "1");
+    let before = closed_connections_to(port);
+    for i in 0..20 {
+        // A new client (and connection) per call.
+        let text = format!("call {i}");
+        assert_eq!(unary(sc.addr, &text).await.unwrap().0, text);
+    }
+    let closed = closed_connections_to(port) - before;
+    assert!(
+        closed <= 2,
+        "{closed} connections to the instance were opened and closed"
+    );
+    assert_eq!(sc.stat("echo", "processes"), 1);
+}
