@@ -674,7 +674,7 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
 
 /// Instance connections kept idle per instance and worker.
 const MAX_IDLE: usize = 4;
-/// Past this stream number a connection is not reused (HTTP/2 allows up to 2^31-1).
+/// Past this stream number a connection takes no new streams (HTTP/2 allows up to 2^31-1).
 const MAX_STREAM_ID: u32 = 1 << 30;
 
 /// An instance connection between caller connections (`Instance::relay_idle`).
@@ -1192,6 +1192,11 @@ impl Relay<'_> {
         }
         let up_id = up.next_stream;
         up.next_stream += 2;
+        if up.next_stream >= MAX_STREAM_ID {
+            // Stream numbers run out (after a billion streams): later streams get a new
+            // connection, and this one closes once its streams are done.
+            up.link.going_away = true;
+        }
         up.streams.insert(up_id, id);
         s.up = Some((i, up_id));
         s.send_up = i64::from(up.link.peer_window);
@@ -1686,6 +1691,10 @@ impl Relay<'_> {
             up.streams.remove(&up_id);
             if !s.up_done {
                 frame::write_rst_stream(&mut up.link.wbuf, up_id, reason::CANCEL);
+            }
+            if up.link.going_away && up.streams.is_empty() && !up.link.closed {
+                up.link.goaway(0, reason::NO_ERROR, "");
+                up.link.closed_after_flush();
             }
         }
         if !s.caller_done {
