@@ -752,24 +752,55 @@ pub fn format_grpc_timeout(d: Duration) -> String {
     }
 }
 
-async fn proxy(shared: &Shared, req: Request<Caller>) -> Result<Response<ProxyBody>, CallError> {
-    let path = req.uri().path().to_owned();
-    let Some((service, method)) = service_method(&path) else {
+/// Where a stream goes: a function, or the health service the sidecar answers itself.
+pub(crate) enum Target<'a> {
+    Function(Arc<Pool>, &'a str),
+    Health { watch: bool },
+}
+
+/// Routes a stream by its `:path` (both engines).
+pub(crate) fn target<'a>(shared: &Shared, path: &'a str) -> Result<Target<'a>, CallError> {
+    let Some((service, method)) = service_method(path) else {
         return Err(CallError::new(
             Kind::NoRoute,
             format!("{path:?} is not a gRPC path (/package.Service/Method)"),
         ));
     };
-    let Some(pool) = shared.function(service) else {
-        if service == health::SERVICE {
-            return Box::pin(health::answer(shared, method, req.into_body())).await;
-        }
+    if let Some(pool) = shared.function(service) {
+        return Ok(Target::Function(pool, method));
+    }
+    if service != health::SERVICE {
         return Err(CallError::new(
             Kind::NoRoute,
             format!("no function for service {service}"),
         ));
-    };
-    // The function's policy as this stream found it; a reload applies to later streams.
+    }
+    match method {
+        "Check" => Ok(Target::Health { watch: false }),
+        "Watch" => Ok(Target::Health { watch: true }),
+        other => Err(CallError::new(
+            Kind::NoRoute,
+            format!("{} has no method {other}", health::SERVICE),
+        )),
+    }
+}
+
+/// A stream its function admitted: the policy as it found it (a reload applies to later
+/// streams), its budget (`policy.timeout` capped by the caller's `grpc-timeout`) and deadline,
+/// and its breaker verdict (when the function has breakers; outcomes also feed ejection).
+pub(crate) struct Admitted {
+    pub policy: Arc<Policy>,
+    pub budget: Option<Duration>,
+    pub deadline: Option<Instant>,
+    pub verdict: Option<Verdict>,
+}
+
+/// The method check, rate limits and breaker a stream passes before it may queue (both engines).
+pub(crate) fn admit(
+    pool: &Pool,
+    method: &str,
+    caller_timeout: Option<Duration>,
+) -> Result<Admitted, CallError> {
     let policy: Arc<Policy> = Arc::clone(&pool.policy());
     let f = &policy.function;
     if !f.has_method(method) {
@@ -779,19 +810,41 @@ async fn proxy(shared: &Shared, req: Request<Caller>) -> Result<Response<ProxyBo
         ));
     }
     policy.limits.admit(&f.name, method)?;
-    let caller = req
-        .headers()
-        .get("grpc-timeout")
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_grpc_timeout);
-    let budget = match (f.policy_for(method).timeout, caller) {
+    let budget = match (f.policy_for(method).timeout, caller_timeout) {
         (Some(p), Some(c)) => Some(p.min(c)),
         (p, c) => p.or(c),
     };
     let deadline = budget.map(|b| Instant::now() + b);
     let breaker = policy.breakers.admit(&f.name, method)?;
-    // Outcomes are read when the function has breakers (also for instance ejection).
-    let mut verdict = (!policy.breakers.is_empty()).then(|| Verdict::new(breaker, deadline));
+    let verdict = (!policy.breakers.is_empty()).then(|| Verdict::new(breaker, deadline));
+    Ok(Admitted {
+        policy,
+        budget,
+        deadline,
+        verdict,
+    })
+}
+
+async fn proxy(shared: &Shared, req: Request<Caller>) -> Result<Response<ProxyBody>, CallError> {
+    let path = req.uri().path().to_owned();
+    let (pool, method) = match target(shared, &path)? {
+        Target::Function(pool, method) => (pool, method),
+        Target::Health { watch } => {
+            return Box::pin(health::answer(shared, watch, req.into_body())).await;
+        }
+    };
+    let caller = req
+        .headers()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    let Admitted {
+        policy,
+        budget,
+        deadline,
+        mut verdict,
+    } = admit(&pool, method, caller)?;
+    let f = &policy.function;
     let result = forward(
         shared,
         &pool,
@@ -1229,19 +1282,9 @@ pub(crate) mod health {
 
     pub async fn answer(
         shared: &Shared,
-        method: &str,
+        watch: bool,
         body: Caller,
     ) -> Result<Response<ProxyBody>, CallError> {
-        let watch = match method {
-            "Check" => false,
-            "Watch" => true,
-            other => {
-                return Err(CallError::new(
-                    Kind::NoRoute,
-                    format!("{SERVICE} has no method {other}"),
-                ))
-            }
-        };
         let service = requested_service(body).await?;
         let known = service.is_empty() || shared.function(&service).is_some();
         if !watch && !known {

@@ -215,8 +215,25 @@ impl Link {
         if self.rbuf.len() < FRAME_HEAD_LEN + head.len {
             return Ok(None);
         }
+        if self.block.is_some() && head.kind != kind::CONTINUATION {
+            return Err(FrameError {
+                kind: head.kind,
+                what: "a frame inside a header block",
+                reason: reason::PROTOCOL_ERROR,
+                stream: false,
+            });
+        }
         self.rbuf.advance(FRAME_HEAD_LEN);
         Ok(Some((head, self.rbuf.split_to(head.len).freeze())))
+    }
+
+    /// Answers a PING.
+    fn ping(&mut self, head: &FrameHead, payload: &[u8]) -> Result<(), FrameError> {
+        let data = frame::ping(head, payload)?;
+        if !head.is(flag::ACK) {
+            frame::write_ping(&mut self.wbuf, data, true);
+        }
+        Ok(())
     }
 
     /// Applies a SETTINGS frame; gives the change of the initial window, for open streams.
@@ -348,6 +365,37 @@ fn write_headers(dst: &mut BytesMut, stream: u32, block: &[u8], end_stream: bool
         .write(dst);
         dst.put_slice(chunk);
     }
+}
+
+/// Writes what the stream's and the connection's windows allow of `queue` as DATA on `stream`,
+/// in frames the peer accepts; the last piece carries END_STREAM when `end` and it empties the
+/// queue. Gives the bytes written and whether END_STREAM went.
+fn send_within(
+    queue: &mut VecDeque<Bytes>,
+    window: &mut i64,
+    link: &mut Link,
+    stream: u32,
+    end: bool,
+) -> (usize, bool) {
+    let mut sent = 0usize;
+    let mut ended = false;
+    while let Some(front) = queue.front_mut() {
+        let room = (*window).min(link.send_window).max(0) as usize;
+        let n = front.len().min(room).min(link.peer_max_frame);
+        if n == 0 {
+            break;
+        }
+        let chunk = front.split_to(n);
+        if front.is_empty() {
+            queue.pop_front();
+        }
+        ended = end && queue.is_empty();
+        write_data(&mut link.wbuf, stream, &chunk, ended);
+        *window -= n as i64;
+        link.send_window -= n as i64;
+        sent += n;
+    }
+    (sent, ended)
 }
 
 fn write_data(dst: &mut BytesMut, stream: u32, data: &[u8], end_stream: bool) {
@@ -723,14 +771,6 @@ impl Relay<'_> {
     /// Handles every whole frame the caller sent.
     fn caller_frames(&mut self) -> Result<(), FrameError> {
         while let Some((head, payload)) = self.caller.next_frame()? {
-            if self.caller.block.is_some() && head.kind != kind::CONTINUATION {
-                return Err(FrameError {
-                    kind: head.kind,
-                    what: "a frame inside a header block",
-                    reason: reason::PROTOCOL_ERROR,
-                    stream: false,
-                });
-            }
             match head.kind {
                 kind::HEADERS | kind::CONTINUATION => {
                     if let Some((id, end, block)) = self.caller.header_fragment(&head, &payload)? {
@@ -769,12 +809,7 @@ impl Relay<'_> {
                         }
                     }
                 }
-                kind::PING => {
-                    let data = frame::ping(&head, &payload)?;
-                    if !head.is(flag::ACK) {
-                        frame::write_ping(&mut self.caller.wbuf, data, true);
-                    }
-                }
+                kind::PING => self.caller.ping(&head, &payload)?,
                 kind::RST_STREAM => {
                     frame::rst_stream(&head, &payload)?;
                     // The caller cancelled: so is the instance's stream.
@@ -952,39 +987,22 @@ impl Relay<'_> {
         caller_timeout: Option<Duration>,
         stream: &mut Stream,
     ) -> Result<Option<Lease>, CallError> {
-        let Some((service, method)) = grpc::service_method(path) else {
-            return Err(CallError::new(
-                Kind::NoRoute,
-                format!("{path:?} is not a gRPC path (/package.Service/Method)"),
-            ));
-        };
-        let Some(pool) = self.shared.function(service) else {
-            if service == grpc::health::SERVICE && matches!(method, "Check" | "Watch") {
+        let (pool, method) = match grpc::target(self.shared, path)? {
+            grpc::Target::Function(pool, method) => (pool, method),
+            grpc::Target::Health { watch } => {
                 stream.health = Some(Vec::new());
-                stream.watch = method == "Watch";
+                stream.watch = watch;
                 return Ok(None);
             }
-            return Err(CallError::new(
-                Kind::NoRoute,
-                format!("no function for service {service}"),
-            ));
         };
-        let policy = Arc::clone(&pool.policy());
+        let grpc::Admitted {
+            policy,
+            budget,
+            deadline,
+            verdict,
+        } = grpc::admit(&pool, method, caller_timeout)?;
         let f = &policy.function;
-        if !f.has_method(method) {
-            return Err(CallError::new(
-                Kind::NoRoute,
-                format!("function {} has no method {method}", f.name),
-            ));
-        }
-        policy.limits.admit(&f.name, method)?;
-        let budget = match (f.policy_for(method).timeout, caller_timeout) {
-            (Some(p), Some(c)) => Some(p.min(c)),
-            (p, c) => p.or(c),
-        };
-        let deadline = budget.map(|b| Instant::now() + b);
-        let breaker = policy.breakers.admit(&f.name, method)?;
-        stream.verdict = (!policy.breakers.is_empty()).then(|| Verdict::new(breaker, deadline));
+        stream.verdict = verdict;
         stream.deadline = deadline;
         stream.budget = budget.unwrap_or_default();
         stream.pool = Some(pool.clone());
@@ -1265,24 +1283,14 @@ impl Relay<'_> {
             return;
         };
         let up = &mut self.ups[i];
-        let mut sent = 0usize;
-        while let Some(front) = s.to_up.front_mut() {
-            let room = s.send_up.min(up.link.send_window).max(0) as usize;
-            let n = front.len().min(room).min(up.link.peer_max_frame);
-            if n == 0 {
-                break;
-            }
-            let chunk = front.split_to(n);
-            if front.is_empty() {
-                s.to_up.pop_front();
-            }
-            let end = s.caller_done && s.to_up.is_empty();
-            write_data(&mut up.link.wbuf, up_id, &chunk, end);
-            s.up_done |= end;
-            s.send_up -= n as i64;
-            up.link.send_window -= n as i64;
-            sent += n;
-        }
+        let (sent, ended) = send_within(
+            &mut s.to_up,
+            &mut s.send_up,
+            &mut up.link,
+            up_id,
+            s.caller_done,
+        );
+        s.up_done |= ended;
         if s.to_up.is_empty() && s.caller_done && !s.up_done {
             write_data(&mut up.link.wbuf, up_id, &[], true);
             s.up_done = true;
@@ -1303,22 +1311,14 @@ impl Relay<'_> {
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
-        let mut sent = 0usize;
-        while let Some(front) = s.to_caller.front_mut() {
-            let room = s.send_caller.min(self.caller.send_window).max(0) as usize;
-            let n = front.len().min(room).min(self.caller.peer_max_frame);
-            if n == 0 {
-                break;
-            }
-            let chunk = front.split_to(n);
-            if front.is_empty() {
-                s.to_caller.pop_front();
-            }
-            write_data(&mut self.caller.wbuf, id, &chunk, false);
-            s.send_caller -= n as i64;
-            self.caller.send_window -= n as i64;
-            sent += n;
-        }
+        // The trailers end the stream, not the data.
+        let (sent, _) = send_within(
+            &mut s.to_caller,
+            &mut s.send_caller,
+            &mut self.caller,
+            id,
+            false,
+        );
         if sent > 0 {
             if let Some((i, up_id)) = s.up {
                 let up = &mut self.ups[i];
@@ -1369,14 +1369,6 @@ impl Relay<'_> {
     fn up_frame(&mut self, i: usize, head: FrameHead, payload: Bytes) -> Result<(), FrameError> {
         let up = &mut self.ups[i];
         up.heard = true;
-        if up.link.block.is_some() && head.kind != kind::CONTINUATION {
-            return Err(FrameError {
-                kind: head.kind,
-                what: "a frame inside a header block",
-                reason: reason::PROTOCOL_ERROR,
-                stream: false,
-            });
-        }
         match head.kind {
             kind::HEADERS | kind::CONTINUATION => {
                 if let Some((up_id, end, block)) = up.link.header_fragment(&head, &payload)? {
@@ -1435,12 +1427,7 @@ impl Relay<'_> {
                     }
                 }
             }
-            kind::PING => {
-                let data = frame::ping(&head, &payload)?;
-                if !head.is(flag::ACK) {
-                    frame::write_ping(&mut up.link.wbuf, data, true);
-                }
-            }
+            kind::PING => up.link.ping(&head, &payload)?,
             kind::RST_STREAM => {
                 let code = frame::rst_stream(&head, &payload)?;
                 if let Some(id) = up.streams.remove(&head.stream) {
