@@ -103,6 +103,8 @@ struct Link {
     peer_max_frame: usize,
     /// Received DATA bytes passed on (or dropped) but not yet given back to the peer.
     unacked: u32,
+    /// What the peer may still send on the connection: DATA past it breaks flow control.
+    recv_window: i64,
     /// A header block being put together from HEADERS and CONTINUATION frames: its stream, its
     /// END_STREAM flag, and the fragments so far.
     block: Option<(u32, bool, Vec<u8>)>,
@@ -123,6 +125,7 @@ impl Link {
             peer_window: DEFAULT_WINDOW,
             peer_max_frame: DEFAULT_MAX_FRAME,
             unacked: 0,
+            recv_window: i64::from(DEFAULT_WINDOW),
             block: None,
             closed: false,
             going_away: false,
@@ -143,6 +146,22 @@ impl Link {
         }
         frame::write_settings(&mut self.wbuf, &settings, false);
         frame::write_window_update(&mut self.wbuf, 0, CONN_WINDOW - DEFAULT_WINDOW);
+        self.recv_window = i64::from(CONN_WINDOW);
+    }
+
+    /// Counts a DATA frame against the connection's window: a peer that ignores it is cut off
+    /// (without the check it could fill fnmesh's memory).
+    fn received(&mut self, len: usize) -> Result<(), FrameError> {
+        self.recv_window -= len as i64;
+        if self.recv_window < 0 {
+            return Err(FrameError {
+                kind: kind::DATA,
+                what: "DATA beyond the connection's flow-control window",
+                reason: reason::FLOW_CONTROL_ERROR,
+                stream: false,
+            });
+        }
+        Ok(())
     }
 
     /// Gives `n` received bytes back to the peer's connection window, in batches.
@@ -150,6 +169,7 @@ impl Link {
         self.unacked += n as u32;
         if self.unacked >= CONN_WINDOW / 4 {
             frame::write_window_update(&mut self.wbuf, 0, self.unacked);
+            self.recv_window += i64::from(self.unacked);
             self.unacked = 0;
         }
     }
@@ -456,6 +476,9 @@ struct Stream {
     /// Bytes taken from each side and passed on, not yet given back to that side's stream window.
     unacked_caller: u32,
     unacked_up: u32,
+    /// What each side may still send on the stream.
+    recv_caller: i64,
+    recv_up: i64,
     lease: Option<Lease>,
     deadline: Option<Instant>,
     budget: Duration,
@@ -778,6 +801,7 @@ impl Relay<'_> {
                     }
                 }
                 kind::DATA => {
+                    self.caller.received(head.len)?;
                     let data = frame::unpad(&head, &payload)?;
                     let data = payload.slice_ref(data);
                     self.caller_data(head.stream, head.len, data, head.is(flag::END_STREAM));
@@ -949,6 +973,8 @@ impl Relay<'_> {
             send_up: 0,
             unacked_caller: 0,
             unacked_up: 0,
+            recv_caller: i64::from(STREAM_WINDOW),
+            recv_up: i64::from(STREAM_WINDOW),
             lease: None,
             deadline: None,
             budget: Duration::ZERO,
@@ -1241,8 +1267,19 @@ impl Relay<'_> {
             self.caller.credit(len);
             return;
         }
+        s.recv_caller -= len as i64;
+        if s.recv_caller < 0 {
+            // Past the stream's window: the stream ends, the bytes are given back.
+            self.caller.credit(len);
+            frame::write_rst_stream(&mut self.caller.wbuf, id, reason::FLOW_CONTROL_ERROR);
+            s.caller_done = true;
+            self.cancel_up(id, reason::CANCEL);
+            self.streams.remove(&id);
+            return;
+        }
         // Padding is given back at once; the data when it has gone on.
         self.caller.credit(len - data.len());
+        s.unacked_caller += (len - data.len()) as u32;
         s.caller_done = end;
         if let Some(h) = s.health.as_mut() {
             h.extend_from_slice(&data);
@@ -1301,6 +1338,7 @@ impl Relay<'_> {
             s.unacked_caller += sent as u32;
             if !s.caller_done && s.unacked_caller >= STREAM_WINDOW / 4 {
                 frame::write_window_update(&mut self.caller.wbuf, id, s.unacked_caller);
+                s.recv_caller += i64::from(s.unacked_caller);
                 s.unacked_caller = 0;
             }
         }
@@ -1326,6 +1364,7 @@ impl Relay<'_> {
                 s.unacked_up += sent as u32;
                 if s.unacked_up >= STREAM_WINDOW / 4 {
                     frame::write_window_update(&mut up.link.wbuf, up_id, s.unacked_up);
+                    s.recv_up += i64::from(s.unacked_up);
                     s.unacked_up = 0;
                 }
             }
@@ -1376,6 +1415,7 @@ impl Relay<'_> {
                 }
             }
             kind::DATA => {
+                up.link.received(head.len)?;
                 let data = frame::unpad(&head, &payload)?;
                 let data = payload.slice_ref(data);
                 up.link.credit(head.len - data.len());
@@ -1387,6 +1427,22 @@ impl Relay<'_> {
                     up.link.credit(data.len());
                     return Ok(());
                 };
+                s.recv_up -= head.len as i64;
+                s.unacked_up += (head.len - data.len()) as u32;
+                if s.recv_up < 0 {
+                    // The instance broke the stream's window: the stream fails.
+                    up.link.credit(data.len());
+                    if let Some((_, up_id)) = s.up.take() {
+                        up.streams.remove(&up_id);
+                        frame::write_rst_stream(
+                            &mut up.link.wbuf,
+                            up_id,
+                            reason::FLOW_CONTROL_ERROR,
+                        );
+                    }
+                    self.up_reset(id, reason::FLOW_CONTROL_ERROR);
+                    return Ok(());
+                }
                 if !data.is_empty() {
                     s.to_caller.push_back(data);
                 }

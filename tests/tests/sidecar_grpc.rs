@@ -997,3 +997,103 @@ async fn callers_connecting_per_call_reuse_instance_connections() {
     );
     assert_eq!(sc.stat("echo", "processes"), 1);
 }
+
+/// A caller that ignores flow control and pours 64 MiB into a stream whose instance is still
+/// starting cannot make the sidecar hold it: the stream (or the connection) is ended with
+/// FLOW_CONTROL_ERROR and the sidecar stays within 32 MiB of where it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_ignoring_flow_control_cannot_grow_the_sidecar() {
+    use fnmesh_codec::{
+        hpack::encode_field,
+        http2::{self, flag, kind, reason, FrameHead, FRAME_HEAD_LEN},
+    };
+    use std::io::{Read, Write};
+    let table = format!(
+        "[[function]]\nname = \"echo\"\nprotocol = \"grpc\"\nidl = \"{}\"\ncommand = [\"/bin/sleep\", \"30\"]\n\n[function.scale]\nmin = 0\nstartup_timeout = \"20s\"\n",
+        fnmesh_tests::sidecar::idl("proto/echo.proto").display()
+    );
+    let sc = Sidecar::start(&table);
+    let before = sc.rss_kb();
+    let addr = sc.addr;
+    let (code, sent) = tokio::task::spawn_blocking(move || {
+        let mut s = raw_caller(addr);
+        s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut block = Vec::new();
+        for (n, v) in [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/echo.Echo/ClientStreamingEcho"),
+            (":authority", "echo"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ] {
+            encode_field(&mut block, n.as_bytes(), v.as_bytes(), false);
+        }
+        let mut open = Vec::new();
+        FrameHead {
+            len: block.len(),
+            kind: kind::HEADERS,
+            flags: flag::END_HEADERS,
+            stream: 1,
+        }
+        .write(&mut open);
+        open.extend_from_slice(&block);
+        s.write_all(&open).unwrap();
+        let mut data = Vec::new();
+        for _ in 0..64 {
+            FrameHead {
+                len: 16 << 10,
+                kind: kind::DATA,
+                flags: 0,
+                stream: 1,
+            }
+            .write(&mut data);
+            data.extend(std::iter::repeat_n(0u8, 16 << 10));
+        }
+        let mut sent = 0usize;
+        while sent < 64 << 20 {
+            if s.write_all(&data).is_err() {
+                break;
+            }
+            sent += 64 << 14;
+        }
+        // What the sidecar said: a RST_STREAM or GOAWAY with FLOW_CONTROL_ERROR.
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 65536];
+        while let Ok(n) = s.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+        let mut rest = &got[..];
+        let mut code = None;
+        while let Some(head) = FrameHead::parse(rest) {
+            let Some(payload) = rest.get(FRAME_HEAD_LEN..FRAME_HEAD_LEN + head.len) else {
+                break;
+            };
+            match head.kind {
+                kind::RST_STREAM if head.stream == 1 => {
+                    code = http2::rst_stream(&head, payload).ok()
+                }
+                kind::GOAWAY => code = http2::goaway(&head, payload).ok().map(|(_, c, _)| c),
+                _ => {}
+            }
+            if code.is_some() {
+                break;
+            }
+            rest = &rest[FRAME_HEAD_LEN + head.len..];
+        }
+        (code, sent)
+    })
+    .await
+    .unwrap();
+    let grown = sc.rss_kb().saturating_sub(before);
+    assert!(
+        grown < 32 * 1024,
+        "the sidecar grew by {grown} KiB for {sent} bytes"
+    );
+    assert_eq!(code, Some(reason::FLOW_CONTROL_ERROR), "after {sent} bytes");
+}
