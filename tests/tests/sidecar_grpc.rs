@@ -824,6 +824,50 @@ fn raw_caller(addr: SocketAddr) -> std::net::TcpStream {
     s
 }
 
+/// A HEADERS frame opening a gRPC request to `path` on `stream`, written with fnmesh's encoder.
+fn request_headers(stream: u32, path: &str) -> Vec<u8> {
+    use fnmesh_codec::http2::{flag, kind, FrameHead};
+    let mut block = Vec::new();
+    for (n, v) in [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "echo"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ] {
+        fnmesh_codec::hpack::encode_field(&mut block, n.as_bytes(), v.as_bytes(), false);
+    }
+    let mut frame = Vec::new();
+    FrameHead {
+        len: block.len(),
+        kind: kind::HEADERS,
+        flags: flag::END_HEADERS,
+        stream,
+    }
+    .write(&mut frame);
+    frame.extend_from_slice(&block);
+    frame
+}
+
+/// The error code of the first GOAWAY, or RST_STREAM on `stream`, among the frames in `got`.
+fn error_code(got: &[u8], stream: u32) -> Option<u32> {
+    use fnmesh_codec::http2::{self, kind, FrameHead, FRAME_HEAD_LEN};
+    let mut rest = got;
+    while let Some(head) = FrameHead::parse(rest) {
+        let payload = rest.get(FRAME_HEAD_LEN..FRAME_HEAD_LEN + head.len)?;
+        match head.kind {
+            kind::GOAWAY => return http2::goaway(&head, payload).ok().map(|(_, c, _)| c),
+            kind::RST_STREAM if head.stream == stream => {
+                return http2::rst_stream(&head, payload).ok()
+            }
+            _ => {}
+        }
+        rest = &rest[FRAME_HEAD_LEN + head.len..];
+    }
+    None
+}
+
 /// A caller that sends PINGs without ever reading the answers cannot grow the sidecar: 64 MiB of
 /// PINGs (each answered by an ACK of the same size) leave it within 32 MiB of where it started,
 /// and everyone else is served meanwhile.
@@ -868,10 +912,7 @@ async fn a_caller_flooding_pings_without_reading_cannot_grow_the_sidecar() {
 /// served.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_caller_resetting_streams_at_once_is_cut_off() {
-    use fnmesh_codec::{
-        hpack::encode_field,
-        http2::{self, flag, kind, reason, FrameHead, FRAME_HEAD_LEN},
-    };
+    use fnmesh_codec::http2::{self, reason};
     use std::io::{Read, Write};
     let sc = Sidecar::start(&grpc_echo_function("echo", "min = 1", ""));
     let addr = sc.addr;
@@ -879,45 +920,18 @@ async fn a_caller_resetting_streams_at_once_is_cut_off() {
         let mut s = raw_caller(addr);
         s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        let mut block = Vec::new();
-        for (n, v) in [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", "/echo.Echo/UnaryEcho"),
-            (":authority", "echo"),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
-        ] {
-            encode_field(&mut block, n.as_bytes(), v.as_bytes(), false);
-        }
         let mut frames = Vec::new();
         for i in 0..5000u32 {
             let id = 1 + 2 * i;
-            FrameHead {
-                len: block.len(),
-                kind: kind::HEADERS,
-                flags: flag::END_HEADERS,
-                stream: id,
-            }
-            .write(&mut frames);
-            frames.extend_from_slice(&block);
+            frames.extend(request_headers(id, "/echo.Echo/UnaryEcho"));
             http2::write_rst_stream(&mut frames, id, reason::CANCEL);
         }
         // The sidecar may close before it has read everything.
         let _ = s.write_all(&frames);
         let mut got = Vec::new();
         let _ = s.read_to_end(&mut got);
-        let mut rest = &got[..];
-        while let Some(head) = FrameHead::parse(rest) {
-            let Some(payload) = rest.get(FRAME_HEAD_LEN..FRAME_HEAD_LEN + head.len) else {
-                break;
-            };
-            if head.kind == kind::GOAWAY {
-                return http2::goaway(&head, payload).ok().map(|(_, code, _)| code);
-            }
-            rest = &rest[FRAME_HEAD_LEN + head.len..];
-        }
-        None
+        // Stream 0 has no RST_STREAM: only a GOAWAY counts.
+        error_code(&got, 0)
     })
     .await
     .unwrap();
@@ -1003,10 +1017,7 @@ async fn callers_connecting_per_call_reuse_instance_connections() {
 /// FLOW_CONTROL_ERROR and the sidecar stays within 32 MiB of where it was.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_caller_ignoring_flow_control_cannot_grow_the_sidecar() {
-    use fnmesh_codec::{
-        hpack::encode_field,
-        http2::{self, flag, kind, reason, FrameHead, FRAME_HEAD_LEN},
-    };
+    use fnmesh_codec::http2::{kind, reason, FrameHead};
     use std::io::{Read, Write};
     let table = format!(
         "[[function]]\nname = \"echo\"\nprotocol = \"grpc\"\nidl = \"{}\"\ncommand = [\"/bin/sleep\", \"30\"]\n\n[function.scale]\nmin = 0\nstartup_timeout = \"20s\"\n",
@@ -1018,27 +1029,8 @@ async fn a_caller_ignoring_flow_control_cannot_grow_the_sidecar() {
     let (code, sent) = tokio::task::spawn_blocking(move || {
         let mut s = raw_caller(addr);
         s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
-        let mut block = Vec::new();
-        for (n, v) in [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", "/echo.Echo/ClientStreamingEcho"),
-            (":authority", "echo"),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
-        ] {
-            encode_field(&mut block, n.as_bytes(), v.as_bytes(), false);
-        }
-        let mut open = Vec::new();
-        FrameHead {
-            len: block.len(),
-            kind: kind::HEADERS,
-            flags: flag::END_HEADERS,
-            stream: 1,
-        }
-        .write(&mut open);
-        open.extend_from_slice(&block);
-        s.write_all(&open).unwrap();
+        s.write_all(&request_headers(1, "/echo.Echo/ClientStreamingEcho"))
+            .unwrap();
         let mut data = Vec::new();
         for _ in 0..64 {
             FrameHead {
@@ -1068,25 +1060,7 @@ async fn a_caller_ignoring_flow_control_cannot_grow_the_sidecar() {
             }
             got.extend_from_slice(&chunk[..n]);
         }
-        let mut rest = &got[..];
-        let mut code = None;
-        while let Some(head) = FrameHead::parse(rest) {
-            let Some(payload) = rest.get(FRAME_HEAD_LEN..FRAME_HEAD_LEN + head.len) else {
-                break;
-            };
-            match head.kind {
-                kind::RST_STREAM if head.stream == 1 => {
-                    code = http2::rst_stream(&head, payload).ok()
-                }
-                kind::GOAWAY => code = http2::goaway(&head, payload).ok().map(|(_, c, _)| c),
-                _ => {}
-            }
-            if code.is_some() {
-                break;
-            }
-            rest = &rest[FRAME_HEAD_LEN + head.len..];
-        }
-        (code, sent)
+        (error_code(&got, 1), sent)
     })
     .await
     .unwrap();
