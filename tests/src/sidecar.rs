@@ -9,13 +9,29 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// A free loopback port (the kernel's pick, released for the process under test to bind).
+/// A free loopback port for a server a test starts, handed out once per test process. It is
+/// below the kernel's range of ephemeral ports (32768 and up on Linux): a port the kernel picked
+/// could be taken by an outgoing connection of a test running alongside before the server binds
+/// it (a Consul agent once failed to start that way in CI).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const BASE: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    // Test binaries run one after another: each starts at its own place in the range.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id() % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let port = (BASE + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {BASE}..{}", BASE + SPAN);
 }
 
 /// A binary of this crate, found next to the running executable (cargo puts the binaries that
