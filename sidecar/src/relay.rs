@@ -549,6 +549,9 @@ struct Relay<'a> {
     /// Streams the caller reset before their response, and streams answered.
     early_resets: u64,
     answered: u64,
+    /// Deadlines and attempt deadlines, earliest first. An entry whose stream has ended or moved
+    /// on is dropped when it comes up (or when stale entries outnumber the streams).
+    timers: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, u32)>>,
 }
 
 /// A connection to an instance.
@@ -589,6 +592,7 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
         path: String::new(),
         early_resets: 0,
         answered: 0,
+        timers: std::collections::BinaryHeap::new(),
     };
     // Reloads change what health `Watch` streams report.
     let mut reloads = shared.reloads.subscribe();
@@ -622,14 +626,7 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
         {
             break;
         }
-        let next = relay
-            .streams
-            .values()
-            .filter_map(|s| match (s.deadline, s.attempt_deadline) {
-                (Some(d), Some(a)) => Some(d.min(a)),
-                (d, a) => d.or(a),
-            })
-            .min();
+        let next = relay.next_timer();
         if relay.watches.is_empty() {
             reloaded = None;
         } else if reloaded.is_none() {
@@ -1030,6 +1027,9 @@ impl Relay<'_> {
         let f = &policy.function;
         stream.verdict = verdict;
         stream.deadline = deadline;
+        if let Some(d) = deadline {
+            self.timers.push(std::cmp::Reverse((d, self.last_stream)));
+        }
         stream.budget = budget.unwrap_or_default();
         stream.pool = Some(pool.clone());
         stream._active = Some(Active::new(&self.shared.active));
@@ -1231,7 +1231,9 @@ impl Relay<'_> {
             if r.replay && r.policy.on_timeout && r.copy.is_some() && r.tries < r.policy.attempts {
                 let left = d.saturating_duration_since(Instant::now());
                 let share = left / (r.policy.attempts - r.tries + 1);
-                s.attempt_deadline = Some(Instant::now() + share);
+                let at = Instant::now() + share;
+                s.attempt_deadline = Some(at);
+                self.timers.push(std::cmp::Reverse((at, id)));
             }
         }
         let up_id = up.next_stream;
@@ -1745,42 +1747,61 @@ impl Relay<'_> {
         }
     }
 
+    /// The earliest deadline of a stream still waiting for it.
+    fn next_timer(&mut self) -> Option<Instant> {
+        if self.timers.len() > 2 * self.streams.len() + 64 {
+            // Mostly streams that ended before their deadlines: start again from the live ones.
+            self.timers = self
+                .streams
+                .iter()
+                .flat_map(|(&id, s)| {
+                    let attempt = s.attempt_deadline.filter(|_| !s.answered);
+                    [s.deadline, attempt]
+                        .into_iter()
+                        .flatten()
+                        .map(move |at| std::cmp::Reverse((at, id)))
+                })
+                .collect();
+        }
+        while let Some(&std::cmp::Reverse((at, id))) = self.timers.peek() {
+            if self.streams.get(&id).is_some_and(|s| s.waits_for(at)) {
+                return Some(at);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
     /// Streams past their deadline are answered DEADLINE_EXCEEDED; an attempt past its share of
     /// the deadline is tried again.
     fn expire(&mut self) {
         let now = Instant::now();
-        let slow: Vec<u32> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| s.attempt_deadline.is_some_and(|d| d <= now) && !s.answered)
-            .map(|(&id, _)| id)
-            .collect();
-        for id in slow {
+        while let Some(&std::cmp::Reverse((at, id))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
             let Some(s) = self.streams.get_mut(&id) else {
                 continue;
             };
-            s.attempt_deadline = None;
-            let instance = s.lease.as_ref().map_or(0, |l| l.instance.id);
-            let e = CallError::new(
-                Kind::Timeout,
-                format!(
-                    "function {} instance {instance}: no response within this attempt's share of the deadline",
-                    s.function()
-                ),
-            );
-            self.cancel_up(id, reason::CANCEL);
-            self.retry_or_fail(id, &e, Failure::Timeout);
-        }
-        let late: Vec<u32> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| s.deadline.is_some_and(|d| d <= now))
-            .map(|(&id, _)| id)
-            .collect();
-        for id in late {
-            let Some(s) = self.streams.get(&id) else {
+            if !s.waits_for(at) {
                 continue;
-            };
+            }
+            if s.deadline != Some(at) && s.deadline.is_none_or(|d| d > now) {
+                // This attempt's share of the deadline.
+                s.attempt_deadline = None;
+                let instance = s.lease.as_ref().map_or(0, |l| l.instance.id);
+                let e = CallError::new(
+                    Kind::Timeout,
+                    format!(
+                        "function {} instance {instance}: no response within this attempt's share of the deadline",
+                        s.function()
+                    ),
+                );
+                self.cancel_up(id, reason::CANCEL);
+                self.retry_or_fail(id, &e, Failure::Timeout);
+                continue;
+            }
             let what = if s.answered {
                 "while the response streamed"
             } else if s.up.is_some() {
@@ -1950,6 +1971,12 @@ fn ok_trailers() -> Vec<u8> {
 }
 
 impl Stream {
+    /// Whether `at` is still one of the stream's deadlines (its own, or its attempt's while no
+    /// response has started).
+    fn waits_for(&self, at: Instant) -> bool {
+        self.deadline == Some(at) || (self.attempt_deadline == Some(at) && !self.answered)
+    }
+
     /// The function's name, for messages.
     fn function(&self) -> &str {
         self.pool.as_ref().map_or("", |p| p.name.as_str())
