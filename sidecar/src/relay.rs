@@ -453,6 +453,54 @@ fn status_fields(b: &mut Vec<u8>, status: u16, text: &str) {
     encode_field(b, b"grpc-message", &message, false);
 }
 
+/// Deadlines of a connection's streams, earliest first. Entries are not removed when their
+/// stream ends or moves on: [`Deadlines::next`] drops those it meets, and
+/// [`Deadlines::compact`] rebuilds the heap once they outnumber the live streams.
+#[derive(Default)]
+struct Deadlines(std::collections::BinaryHeap<std::cmp::Reverse<(Instant, u32)>>);
+
+impl Deadlines {
+    fn push(&mut self, at: Instant, stream: u32) {
+        self.0.push(std::cmp::Reverse((at, stream)));
+    }
+
+    /// The earliest entry `live` accepts (as deadline, stream); the ones before it are dropped.
+    fn next(&mut self, live: impl Fn(Instant, u32) -> bool) -> Option<Instant> {
+        while let Some(&std::cmp::Reverse((at, id))) = self.0.peek() {
+            if live(at, id) {
+                return Some(at);
+            }
+            self.0.pop();
+        }
+        None
+    }
+
+    /// The earliest entry due by `now`, taken out.
+    fn pop_due(&mut self, now: Instant) -> Option<(Instant, u32)> {
+        let &std::cmp::Reverse((at, _)) = self.0.peek()?;
+        (at <= now)
+            .then(|| self.0.pop().map(|std::cmp::Reverse(e)| e))
+            .flatten()
+    }
+
+    /// Rebuilds the heap from `live` (every deadline still waited for) when it holds more than
+    /// twice the `streams` there are (plus a little).
+    fn compact<I: Iterator<Item = (Instant, u32)>>(
+        &mut self,
+        streams: usize,
+        live: impl FnOnce() -> I,
+    ) {
+        if self.0.len() > 2 * streams + 64 {
+            self.0 = live().map(std::cmp::Reverse).collect();
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
 /// Where a caller's stream stands.
 struct Stream {
     /// The instance connection and its stream, once the call has one.
@@ -551,7 +599,7 @@ struct Relay<'a> {
     answered: u64,
     /// Deadlines and attempt deadlines, earliest first. An entry whose stream has ended or moved
     /// on is dropped when it comes up (or when stale entries outnumber the streams).
-    timers: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, u32)>>,
+    timers: Deadlines,
 }
 
 /// A connection to an instance.
@@ -592,7 +640,7 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
         path: String::new(),
         early_resets: 0,
         answered: 0,
-        timers: std::collections::BinaryHeap::new(),
+        timers: Deadlines::default(),
     };
     // Reloads change what health `Watch` streams report.
     let mut reloads = shared.reloads.subscribe();
@@ -1028,7 +1076,7 @@ impl Relay<'_> {
         stream.verdict = verdict;
         stream.deadline = deadline;
         if let Some(d) = deadline {
-            self.timers.push(std::cmp::Reverse((d, self.last_stream)));
+            self.timers.push(d, self.last_stream);
         }
         stream.budget = budget.unwrap_or_default();
         stream.pool = Some(pool.clone());
@@ -1233,7 +1281,7 @@ impl Relay<'_> {
                 let share = left / (r.policy.attempts - r.tries + 1);
                 let at = Instant::now() + share;
                 s.attempt_deadline = Some(at);
-                self.timers.push(std::cmp::Reverse((at, id)));
+                self.timers.push(at, id);
             }
         }
         let up_id = up.next_stream;
@@ -1749,38 +1797,25 @@ impl Relay<'_> {
 
     /// The earliest deadline of a stream still waiting for it.
     fn next_timer(&mut self) -> Option<Instant> {
-        if self.timers.len() > 2 * self.streams.len() + 64 {
-            // Mostly streams that ended before their deadlines: start again from the live ones.
-            self.timers = self
-                .streams
-                .iter()
-                .flat_map(|(&id, s)| {
-                    let attempt = s.attempt_deadline.filter(|_| !s.answered);
-                    [s.deadline, attempt]
-                        .into_iter()
-                        .flatten()
-                        .map(move |at| std::cmp::Reverse((at, id)))
-                })
-                .collect();
-        }
-        while let Some(&std::cmp::Reverse((at, id))) = self.timers.peek() {
-            if self.streams.get(&id).is_some_and(|s| s.waits_for(at)) {
-                return Some(at);
-            }
-            self.timers.pop();
-        }
-        None
+        let streams = &self.streams;
+        self.timers.compact(streams.len(), || {
+            streams.iter().flat_map(|(&id, s)| {
+                let attempt = s.attempt_deadline.filter(|_| !s.answered);
+                [s.deadline, attempt]
+                    .into_iter()
+                    .flatten()
+                    .map(move |at| (at, id))
+            })
+        });
+        self.timers
+            .next(|at, id| streams.get(&id).is_some_and(|s| s.waits_for(at)))
     }
 
     /// Streams past their deadline are answered DEADLINE_EXCEEDED; an attempt past its share of
     /// the deadline is tried again.
     fn expire(&mut self) {
         let now = Instant::now();
-        while let Some(&std::cmp::Reverse((at, id))) = self.timers.peek() {
-            if at > now {
-                break;
-            }
-            self.timers.pop();
+        while let Some((at, id)) = self.timers.pop_due(now) {
             let Some(s) = self.streams.get_mut(&id) else {
                 continue;
             };
@@ -2048,6 +2083,37 @@ mod tests {
             (head.kind, head.flags, head.len),
             (kind::HEADERS, flag::END_HEADERS, 25)
         );
+    }
+
+    /// Deadlines come out earliest first; entries of streams that ended are dropped as they
+    /// come up, and a heap of mostly such entries is rebuilt from the live streams.
+    #[test]
+    fn deadlines_skip_ended_streams_and_compact() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut d = Deadlines::default();
+        for id in 0..1000u32 {
+            d.push(ms(u64::from(1000 - id)), id);
+        }
+        // Only streams 10 and 500 are live: 500's deadline (500 ms) is the earlier.
+        let live =
+            |at: Instant, id: u32| (id == 10 && at == ms(990)) || (id == 500 && at == ms(500));
+        assert_eq!(d.next(live), Some(ms(500)));
+        assert!(
+            d.len() > 2 * 2 + 64,
+            "entries past the live one stay until compacted"
+        );
+        d.compact(2, || [(ms(990), 10u32), (ms(500), 500)].into_iter());
+        assert_eq!(d.len(), 2);
+        // Due entries come out in order; none before its time.
+        assert_eq!(d.pop_due(ms(499)), None);
+        assert_eq!(d.pop_due(ms(995)), Some((ms(500), 500)));
+        assert_eq!(d.pop_due(ms(995)), Some((ms(990), 10)));
+        assert_eq!(d.pop_due(ms(2000)), None);
+        // A small heap is left as it is.
+        d.push(ms(1), 1);
+        d.compact(0, std::iter::empty);
+        assert_eq!(d.len(), 1);
     }
 
     /// fnmesh's trailers-only answer: status 200, gRPC content type, the status of DESIGN.md's
