@@ -210,13 +210,18 @@ async fn the_callers_deadline_gives_deadline_exceeded_on_time() {
     );
 }
 
+/// gRPC function `echo` (the example proto) whose command never listens: its instances stay
+/// starting until `startup_timeout`.
+fn never_ready(startup_timeout: &str) -> String {
+    format!(
+        "[[function]]\nname = \"echo\"\nprotocol = \"grpc\"\nidl = \"{}\"\ncommand = [\"/bin/sleep\", \"30\"]\n\n[function.scale]\nmin = 0\nstartup_timeout = \"{startup_timeout}\"\n",
+        fnmesh_tests::sidecar::idl("proto/echo.proto").display()
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_function_that_cannot_start_is_unavailable_naming_it() {
-    let table = format!(
-        "[[function]]\nname = \"echo\"\nprotocol = \"grpc\"\nidl = \"{}\"\ncommand = [\"/bin/sleep\", \"30\"]\n\n[function.scale]\nmin = 0\nstartup_timeout = \"300ms\"\n",
-        fnmesh_tests::sidecar::idl("proto/echo.proto").display()
-    );
-    let sc = Sidecar::start(&table);
+    let sc = Sidecar::start(&never_ready("300ms"));
     let t = Instant::now();
     let e = unary(sc.addr, "x").await.expect_err("unavailable");
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
@@ -1019,11 +1024,7 @@ async fn callers_connecting_per_call_reuse_instance_connections() {
 async fn a_caller_ignoring_flow_control_cannot_grow_the_sidecar() {
     use fnmesh_codec::http2::{kind, reason, FrameHead};
     use std::io::{Read, Write};
-    let table = format!(
-        "[[function]]\nname = \"echo\"\nprotocol = \"grpc\"\nidl = \"{}\"\ncommand = [\"/bin/sleep\", \"30\"]\n\n[function.scale]\nmin = 0\nstartup_timeout = \"20s\"\n",
-        fnmesh_tests::sidecar::idl("proto/echo.proto").display()
-    );
-    let sc = Sidecar::start(&table);
+    let sc = Sidecar::start(&never_ready("20s"));
     let before = sc.rss_kb();
     let addr = sc.addr;
     let (code, sent) = tokio::task::spawn_blocking(move || {
