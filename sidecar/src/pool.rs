@@ -508,12 +508,9 @@ impl Pool {
             rx,
         };
         match (&mut waiting.rx).await {
-            Ok(Ok(instance)) => {
-                // Ours now: the Waiting guard must not give it back.
-                let lease = Lease::new(self.clone(), instance);
-                std::mem::forget(waiting);
-                Ok(lease)
-            }
+            // Ours now: the Waiting guard, dropped after, finds nothing left to give back
+            // (forgetting it would leak its hold on the pool).
+            Ok(Ok(instance)) => Ok(Lease::new(self.clone(), instance)),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(CallError::new(
                 Kind::Unavailable,
@@ -887,5 +884,66 @@ mod tests {
         let got: Vec<u64> = (1..=8).map(|n| ejection(n).as_secs()).collect();
         assert_eq!(got, [1, 2, 4, 8, 16, 30, 30, 30]);
         assert_eq!(ejection(u32::MAX), Duration::from_secs(30));
+    }
+
+    /// A function whose instances only listen: enough for a pool to start them and hand out
+    /// slots.
+    fn listener(concurrency: usize) -> Arc<FunctionConfig> {
+        let text = format!(
+            r#"
+[sidecar]
+listen = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+
+[[function]]
+name = "listener"
+protocol = "thrift"
+idl = "idl/thrift/echo.thrift"
+command = ["python3", "-c", "import os, socket, time; s = socket.socket(); s.bind(('127.0.0.1', int(os.environ['PORT']))); s.listen(); time.sleep(60)"]
+
+[function.scale]
+min = 0
+max = 1
+concurrency = {concurrency}
+"#
+        );
+        let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut config = crate::config::Config::parse(&text, "fnmesh.toml", &base).unwrap();
+        Arc::new(config.functions.remove(0))
+    }
+
+    /// Each call that waits in the queue holds the pool while it waits, and lets go once it
+    /// has its slot: reloads drop retired pools, and a leaked hold per cold call would keep
+    /// them (and their state) forever.
+    #[tokio::test]
+    async fn a_call_that_waited_for_its_slot_leaves_no_hold_on_the_pool() {
+        let pool = Pool::new(
+            listener(1),
+            Duration::from_secs(1),
+            Arc::new(Watchdog::disabled()),
+            1,
+        );
+        // Waits for the cold start.
+        let first = pool.acquire().await.unwrap();
+        // The start's own holds settle once the probe thread has handed the instance over.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let held = Arc::strong_count(&pool);
+        // Waits behind `first` (concurrency 1) and gets its slot when `first` is released.
+        let second = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.acquire().await }
+        });
+        while pool.snapshot().queued == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        drop(first);
+        let second = second.await.unwrap().unwrap();
+        assert_eq!(
+            Arc::strong_count(&pool),
+            held,
+            "as many holds on the pool as after the first call"
+        );
+        drop(second);
+        pool.shutdown();
     }
 }
