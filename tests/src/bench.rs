@@ -288,6 +288,19 @@ pub fn start_haproxy(backend: SocketAddr, mode: HaproxyMode) -> Option<(Killed, 
     Some((Killed(child), addr))
 }
 
+/// `src/bin/copy-proxy.rs` in front of `backend`: the floor of what a proxy costs on tokio.
+pub fn start_copy_proxy(backend: SocketAddr) -> (Killed, SocketAddr) {
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let child = Command::new(crate::sidecar::bin("copy-proxy"))
+        .arg(addr.to_string())
+        .arg(backend.to_string())
+        .spawn()
+        .unwrap();
+    wait_listening(addr);
+    (Killed(child), addr)
+}
+
 /// `machine: N cores; model`, the first line of every benchmark's output.
 pub fn print_machine() {
     let model = std::fs::read_to_string("/proc/cpuinfo")

@@ -36,7 +36,7 @@ pub fn free_port() -> u16 {
 
 /// A binary of this crate, found next to the running executable (cargo puts the binaries that
 /// integration tests depend on beside their `deps/` directory).
-fn bin(name: &str) -> String {
+pub fn bin(name: &str) -> String {
     let exe = std::env::current_exe().unwrap();
     // A test runs from target/<profile>/deps/, a binary of this crate from target/<profile>/.
     let dirs = [exe.parent(), exe.parent().and_then(Path::parent)];

@@ -1,7 +1,8 @@
 //! fnmesh's gRPC proxy benchmark, measured in one run with a real volo-grpc client and the
 //! example gRPC function: unary calls direct to the function, through fnmesh (its own relay, and
-//! with `grpc_engine = "h2"`), and through haproxy in HTTP mode with h2 on both sides, the
-//! reference L7 gRPC proxy.
+//! with `grpc_engine = "h2"`), through haproxy in HTTP mode with h2 on both sides, the
+//! reference L7 gRPC proxy, and through `copy-proxy`, which copies bytes without reading them
+//! (the floor: what carrying the connection costs, with no HTTP/2 work at all).
 //!
 //! Run: `cargo run --release -p fnmesh-tests --bin bench-grpc` (haproxy from Debian's package
 //! when installed). It prints figures; it asserts nothing.
@@ -11,8 +12,8 @@ use std::net::SocketAddr;
 
 use fnmesh_tests::{
     bench::{
-        print_machine, proxy_paths, sequential, start_function, start_haproxy, throughput, Caller,
-        HaproxyMode,
+        print_machine, proxy_paths, sequential, start_copy_proxy, start_function, start_haproxy,
+        throughput, Caller, HaproxyMode, Path,
     },
     proto::proto_gen::echo::{EchoClient, EchoClientBuilder, EchoRequest},
     sidecar::{grpc_echo_fn, grpc_echo_function, Sidecar},
@@ -56,6 +57,12 @@ async fn main() {
         haproxy.as_ref(),
         "haproxy (http, h2)",
     );
+    let copy = start_copy_proxy(direct);
+    paths.push(Path::new(
+        "tokio copy proxy (L4 floor)",
+        copy.1,
+        Some(copy.0 .0.id()),
+    ));
     sequential::<Grpc>(&mut paths, "unary calls, one client").await;
     throughput::<Grpc>(&mut paths, "concurrent unary streams on one client", true).await;
 }

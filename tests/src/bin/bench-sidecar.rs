@@ -1,5 +1,6 @@
 //! fnmesh's Thrift proxy benchmark, measured in one run with a real Volo client and the example
-//! function: direct to the function, through fnmesh, and through haproxy in TCP mode. Also cold
+//! function: direct to the function, through fnmesh, through haproxy in TCP mode, and through
+//! the leanest proxy tokio allows (`copy-proxy`: bytes copied, nothing decoded). Also cold
 //! start (first reply from zero instances, 20 trials, against the function's own spawn-to-accept
 //! time) and the sidecar's memory with 100 functions at zero instances.
 //!
@@ -18,8 +19,8 @@ use bytes::BytesMut;
 use fnmesh_codec::{FrameDecoder, Limits};
 use fnmesh_tests::{
     bench::{
-        pct, print_machine, proxy_paths, rss_kb, sequential, start_function, start_haproxy,
-        throughput, us, Caller, HaproxyMode, Killed,
+        pct, print_machine, proxy_paths, rss_kb, sequential, start_copy_proxy, start_function,
+        start_haproxy, throughput, us, Caller, HaproxyMode, Killed, Path,
     },
     echo::raw_ttheader_call,
     gen::volo_gen::echo::{EchoRequest, EchoServiceClient, EchoServiceClientBuilder},
@@ -114,6 +115,7 @@ async fn main() {
     let sc = Sidecar::start(&warm);
     let sleepy = Sidecar::start_with("busy_poll = \"0s\"", &warm);
     let haproxy = start_haproxy(direct, HaproxyMode::Tcp);
+    let copy = start_copy_proxy(direct);
     let mut paths = proxy_paths(
         direct,
         &sc,
@@ -121,11 +123,17 @@ async fn main() {
         haproxy.as_ref(),
         "haproxy (tcp)",
     );
+    paths.push(Path::new(
+        "tokio copy proxy (floor)",
+        copy.1,
+        Some(copy.0 .0.id()),
+    ));
     sequential::<Thrift>(&mut paths, "calls on one connection").await;
     throughput::<Thrift>(&mut paths, "concurrent callers", false).await;
     drop(sc);
     drop(sleepy);
     drop(haproxy);
+    drop(copy);
 
     // Cold start: first reply from zero instances, 20 trials, one warm client connection to
     // fnmesh; each trial is followed by one spawn-to-accept trial, so both see the same host.
