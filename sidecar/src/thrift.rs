@@ -1,6 +1,8 @@
 //! Thrift connections: frames are decoded (headers only), routed to a function, forwarded to an
 //! instance as received, and the instance's reply is returned byte for byte. Many calls may be in
-//! flight on one connection; replies go back in request order.
+//! flight on one connection; replies go back in request order, except those of TTHeader calls
+//! whose caller allows out-of-order replies (it matches them by seqid): each of those goes back
+//! as soon as it is ready.
 
 use std::{
     collections::VecDeque,
@@ -85,6 +87,17 @@ fn empty() -> Reply {
     Bytes::new().chain(Bytes::new())
 }
 
+/// TTHeader flag: the caller matches replies to calls by seqid, so replies may come back in any
+/// order (Kitex's `HeaderFlagSupportOutOfOrder`).
+const TT_OUT_OF_ORDER: u16 = 0x01;
+
+/// Whether `frame`'s reply may overtake the replies of earlier calls.
+fn out_of_order(frame: &Frame) -> bool {
+    frame
+        .ttheader()
+        .is_some_and(|h| h.flags & TT_OUT_OF_ORDER != 0)
+}
+
 /// What an error reply needs of a request that went upstream: its reply target, whose name is
 /// read from the request's head (shared with the forwarded bytes, so nothing is copied).
 struct Answer {
@@ -131,6 +144,9 @@ struct Pending {
     deadline: Option<(Instant, Duration, Arc<Pool>)>,
     answer: Option<Answer>,
     abort: Option<AbortHandle>,
+    /// The caller allows this call's reply out of order: once known, it goes to the
+    /// connection's `loose` replies and this entry keeps an empty one, only to hold its place.
+    unordered: bool,
 }
 
 impl Pending {
@@ -140,6 +156,17 @@ impl Pending {
             deadline: None,
             answer: None,
             abort: None,
+            unordered: false,
+        }
+    }
+
+    /// Sets the call's reply: in its place, or (out of order) to go out next.
+    fn set_reply(&mut self, reply: Reply, loose: &mut VecDeque<Reply>) {
+        if self.unordered {
+            loose.push_back(reply);
+            self.reply = Some(empty());
+        } else {
+            self.reply = Some(reply);
         }
     }
 }
@@ -148,8 +175,9 @@ impl Pending {
 ///
 /// The connection's task drives its calls itself (no task per call): it reads and decodes
 /// frames, routes them, polls the calls in flight, and writes each reply as soon as every earlier
-/// one has gone out, so replies keep request order. A call alone in flight (the usual case: a
-/// Volo or Kitex client sends one call per connection at a time) runs in a slot the connection
+/// one has gone out, so replies keep request order (a caller that allows out-of-order replies
+/// gets each as soon as it is ready, between whole replies). A call alone in flight (the usual
+/// case: a Volo or Kitex client sends one call per connection at a time) runs in a slot the connection
 /// reuses from call to call; calls beyond it are allocated one by one. One timer per connection,
 /// armed at the earliest deadline of its calls, answers `timeout` and stops a call whose deadline
 /// passes; a reply that cannot be written yet (slow reader) blocks neither the calls nor the
@@ -171,8 +199,10 @@ pub async fn serve(
     let mut lane = Box::pin(None);
     // The ticket of the two-way call in `lane`.
     let mut lane_ticket = None;
-    // Two-way calls by ticket; the front one's reply goes out next.
+    // Two-way calls by ticket; the front one's reply goes out next, after `loose` ones.
     let mut pending: VecDeque<Pending> = VecDeque::new();
+    // Replies that may go out of order, ready.
+    let mut loose: VecDeque<Reply> = VecDeque::new();
     let mut next = 0u64;
     let mut out: Reply = empty();
     let mut reading = true;
@@ -209,13 +239,19 @@ pub async fn serve(
                 reading = false;
                 break;
             }
+            let unordered = out_of_order(&frame);
             let (routed, budget) = match route(table.load(), &mut frame) {
                 Ok(routed) => routed,
                 Err(e) => {
                     if oneway {
                         tracing::debug!(error = %e, "oneway call not routed");
                     } else {
-                        pending.push_back(Pending::answered(rescue(&ReplyTarget::of(&frame), &e)));
+                        let reply = rescue(&ReplyTarget::of(&frame), &e);
+                        if unordered {
+                            loose.push_back(reply);
+                        } else {
+                            pending.push_back(Pending::answered(reply));
+                        }
                     }
                     continue;
                 }
@@ -273,6 +309,7 @@ pub async fn serve(
                     deadline: Some((at, b, pool)),
                     answer: Some(answer),
                     abort,
+                    unordered,
                 });
             } else {
                 pending.push_back(Pending {
@@ -280,26 +317,35 @@ pub async fn serve(
                     deadline: None,
                     answer: Some(answer),
                     abort: None,
+                    unordered,
                 });
             }
         }
-        while !out.has_remaining() && pending.front().is_some_and(|p| p.reply.is_some()) {
-            if let Some(reply) = pending.pop_front().and_then(|p| p.reply) {
+        while !out.has_remaining() {
+            if let Some(reply) = loose.pop_front() {
+                out = reply;
+            } else if pending.front().is_some_and(|p| p.reply.is_some()) {
+                let Some(reply) = pending.pop_front().and_then(|p| p.reply) else {
+                    break;
+                };
                 out = reply;
                 next += 1;
-                // Written at once when the socket takes it (the usual case), without waiting for
-                // a turn of the loop below; what it does not take is written there.
-                if out.has_remaining() && write_now(&wr, &mut out).is_err() {
-                    // The caller is gone: its calls in flight are dropped (cancelled) with it.
-                    return;
-                }
+            } else {
+                break;
+            }
+            // Written at once when the socket takes it (the usual case), without waiting for a
+            // turn of the loop below; what it does not take is written there.
+            if out.has_remaining() && write_now(&wr, &mut out).is_err() {
+                // The caller is gone: its calls in flight are dropped (cancelled) with it.
+                return;
             }
         }
         let busy = lane.is_some();
-        if !reading && !busy && calls.is_empty() && !out.has_remaining() && pending.is_empty() {
+        let idle = calls.is_empty() && pending.is_empty() && loose.is_empty();
+        if !reading && !busy && idle && !out.has_remaining() {
             break;
         }
-        let room = calls.len() + pending.len() + usize::from(busy) < MAX_PENDING;
+        let room = calls.len() + pending.len() + loose.len() + usize::from(busy) < MAX_PENDING;
         tokio::select! {
             biased;
             (ticket, result) = std::future::poll_fn(|cx| {
@@ -308,13 +354,13 @@ pub async fn serve(
                 crate::workers::busy();
                 lane.set(None);
                 lane_ticket = None;
-                settle(&mut pending, next, ticket, result);
+                settle(&mut pending, &mut loose, next, ticket, result);
             }
             Some(done) = calls.next(), if !calls.is_empty() => {
                 crate::workers::busy();
                 // A stopped call was answered `timeout` already.
                 if let Ok((ticket, result)) = done {
-                    settle(&mut pending, next, ticket, result);
+                    settle(&mut pending, &mut loose, next, ticket, result);
                 }
             }
             written = wr.write_buf(&mut out), if out.has_remaining() => {
@@ -324,7 +370,7 @@ pub async fn serve(
                 }
             }
             () = &mut timer, if armed.is_some() => {
-                armed = expire(&mut pending);
+                armed = expire(&mut pending, &mut loose);
                 // The lane's call, if its deadline passed, was answered: it is stopped.
                 let answered = lane_ticket
                     .and_then(|t: u64| t.checked_sub(next))
@@ -402,6 +448,7 @@ fn write_now(wr: &tokio::net::tcp::WriteHalf<'_>, out: &mut Reply) -> std::io::R
 /// Gives a finished call's result to its ticket, unless that was answered already (`timeout`).
 fn settle(
     pending: &mut VecDeque<Pending>,
+    loose: &mut VecDeque<Reply>,
     next: u64,
     ticket: Option<u64>,
     result: Result<Option<Reply>, CallError>,
@@ -413,7 +460,7 @@ fn settle(
     else {
         return;
     };
-    p.reply = Some(match result {
+    let reply = match result {
         Ok(Some(reply)) => reply,
         // Every ticket must be answered, or the replies behind it would wait forever.
         Ok(None) => p.answer.as_ref().map_or_else(empty, |a| {
@@ -423,7 +470,8 @@ fn settle(
             ))
         }),
         Err(e) => p.answer.as_ref().map_or_else(empty, |a| a.reply(&e)),
-    });
+    };
+    p.set_reply(reply, loose);
     p.answer = None;
     p.abort = None;
     p.deadline = None;
@@ -432,7 +480,7 @@ fn settle(
 /// Answers `timeout` to every call whose deadline has passed and stops it (a call waiting in a
 /// queue is never forwarded; an instance's late reply is dropped). Returns the earliest deadline
 /// still ahead.
-fn expire(pending: &mut VecDeque<Pending>) -> Option<Instant> {
+fn expire(pending: &mut VecDeque<Pending>, loose: &mut VecDeque<Reply>) -> Option<Instant> {
     let now = Instant::now();
     let mut earliest: Option<Instant> = None;
     for p in pending.iter_mut() {
@@ -454,7 +502,8 @@ fn expire(pending: &mut VecDeque<Pending>) -> Option<Instant> {
                 pool.name
             ),
         );
-        p.reply = Some(p.answer.take().map_or_else(empty, |a| a.reply(&e)));
+        let reply = p.answer.take().map_or_else(empty, |a| a.reply(&e));
+        p.set_reply(reply, loose);
         p.deadline = None;
     }
     earliest

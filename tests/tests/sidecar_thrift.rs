@@ -817,13 +817,38 @@ fn the_quickstart_config_checks_and_echo_call_prints_cold_then_warm_calls() {
 
 /// A Framed `Echo` call with `sleep_ms`, and its seqid.
 fn framed_echo(seqid: i32, message: &str, sleep_ms: i64) -> Vec<u8> {
+    let m = echo_message("Echo", seqid, message, sleep_ms);
+    let mut out = BytesMut::new();
+    out.put_u32(m.len() as u32);
+    out.put_slice(&m);
+    out.to_vec()
+}
+
+/// A call of `method` (with an echo request) in TTHeader with `flags` (0x01: the caller takes
+/// replies out of order).
+fn ttheader_echo(method: &str, seqid: i32, message: &str, sleep_ms: i64, flags: u16) -> Vec<u8> {
+    let m = echo_message(method, seqid, message, sleep_ms);
+    let header = fnmesh_codec::TTHeaderBuilder {
+        flags,
+        seqid: seqid as u32,
+        inner_framed: true,
+        ..Default::default()
+    };
+    let mut out = BytesMut::new();
+    header.encode(&mut out, m.len()).unwrap();
+    out.put_slice(&m);
+    out.to_vec()
+}
+
+/// A Binary call message of `method` with `EchoRequest { message, sleep_ms }`.
+fn echo_message(method: &str, seqid: i32, message: &str, sleep_ms: i64) -> BytesMut {
     let mut m = BytesMut::new();
     fnmesh_codec::MessageHeader::encode(
         &mut m,
         Protocol::Binary,
         true,
         MessageType::Call,
-        "Echo",
+        method,
         seqid,
     );
     m.put_slice(&[0x0c, 0, 1, 0x0b, 0, 1]);
@@ -832,15 +857,24 @@ fn framed_echo(seqid: i32, message: &str, sleep_ms: i64) -> Vec<u8> {
     m.put_slice(&[0x0a, 0, 2]);
     m.put_i64(sleep_ms);
     m.put_slice(&[0, 0]);
-    let mut out = BytesMut::new();
-    out.put_u32(m.len() as u32);
-    out.put_slice(&m);
-    out.to_vec()
+    m
 }
 
 /// A warm sidecar (one instance, 8 calls at once, `policy`) sent the Framed echo calls
 /// `(seqid, sleep_ms)` on one connection at once: the reply frames and how long they took.
 async fn pipelined(policy: &str, calls: &[(i32, i64)]) -> (Vec<fnmesh_codec::Frame>, Duration) {
+    pipelined_as(policy, calls, |seqid, text, sleep| {
+        framed_echo(seqid, text, sleep)
+    })
+    .await
+}
+
+/// As [`pipelined`], with each call encoded by `encode(seqid, message, sleep_ms)`.
+async fn pipelined_as(
+    policy: &str,
+    calls: &[(i32, i64)],
+    encode: impl Fn(i32, &str, i64) -> Vec<u8>,
+) -> (Vec<fnmesh_codec::Frame>, Duration) {
     let sc = Sidecar::start(&echo_function(
         "echo",
         "max = 1\nconcurrency = 8\nidle = \"10s\"",
@@ -849,7 +883,7 @@ async fn pipelined(policy: &str, calls: &[(i32, i64)]) -> (Vec<fnmesh_codec::Fra
     echo(sc.addr, "warm", None, 5000).await.unwrap();
     let mut wire = Vec::new();
     for (seqid, sleep) in calls {
-        wire.extend(framed_echo(*seqid, &format!("pipelined {seqid}"), *sleep));
+        wire.extend(encode(*seqid, &format!("pipelined {seqid}"), *sleep));
     }
     let started = Instant::now();
     let frames = raw_exchange(sc.addr, &wire);
@@ -874,6 +908,50 @@ async fn pipelined_calls_on_one_connection_are_answered_in_request_order() {
         took < Duration::from_millis(600),
         "the calls ran concurrently: {took:?}"
     );
+}
+
+/// A TTHeader caller that sets the out-of-order flag (0x01, Kitex's
+/// `HeaderFlagSupportOutOfOrder`) matches replies by seqid: each reply goes back as soon as it
+/// is ready, a timeout included, while a caller without the flag keeps request order.
+#[tokio::test(flavor = "multi_thread")]
+async fn replies_go_back_as_ready_when_the_ttheader_caller_allows_out_of_order() {
+    let calls = [(1, 2000), (2, 300), (3, 0)];
+    let policy = "timeout = \"1s\"";
+    let unordered = |s, m: &str, ms| ttheader_echo("Echo", s, m, ms, 0x01);
+    let (frames, took) = pipelined_as(policy, &calls, unordered).await;
+    let seqids: Vec<i32> = frames.iter().map(|f| f.seqid()).collect();
+    assert_eq!(seqids, [3, 2, 1], "replies as they were ready");
+    for f in &frames[..2] {
+        assert_eq!(f.kind(), MessageType::Reply);
+        let text = format!("pipelined {}", f.seqid());
+        assert!(f
+            .payload()
+            .windows(text.len())
+            .any(|w| w == text.as_bytes()));
+        assert_eq!(f.ttheader().map(|h| h.seqid), Some(f.seqid() as u32));
+    }
+    assert_exception(&frames[2], 6, "deadline of 1s passed", None);
+    assert!(took < Duration::from_millis(1800), "{took:?}");
+
+    // A call refused at once (a method the IDL lacks) is answered at once too.
+    let refused = |s, m: &str, ms| match s {
+        2 => ttheader_echo("Nope", s, m, ms, 0x01),
+        _ => ttheader_echo("Echo", s, m, ms, 0x01),
+    };
+    let (frames, _) = pipelined_as(policy, &[(1, 300), (2, 0)], refused).await;
+    let seqids: Vec<i32> = frames.iter().map(|f| f.seqid()).collect();
+    assert_eq!(seqids, [2, 1]);
+    assert_exception(
+        &frames[0],
+        1,
+        "function echo has no method Nope",
+        Some("no-route"),
+    );
+
+    let in_order = |s, m: &str, ms| ttheader_echo("Echo", s, m, ms, 0);
+    let (frames, _) = pipelined_as(policy, &calls, in_order).await;
+    let seqids: Vec<i32> = frames.iter().map(|f| f.seqid()).collect();
+    assert_eq!(seqids, [1, 2, 3], "without the flag, request order");
 }
 
 #[tokio::test(flavor = "multi_thread")]
