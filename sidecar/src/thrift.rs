@@ -175,13 +175,14 @@ impl Pending {
 ///
 /// The connection's task drives its calls itself (no task per call): it reads and decodes
 /// frames, routes them, polls the calls in flight, and writes each reply as soon as every earlier
-/// one has gone out, so replies keep request order (a caller that allows out-of-order replies
-/// gets each as soon as it is ready, between whole replies). A call alone in flight (the usual
-/// case: a Volo or Kitex client sends one call per connection at a time) runs in a slot the connection
-/// reuses from call to call; calls beyond it are allocated one by one. One timer per connection,
-/// armed at the earliest deadline of its calls, answers `timeout` and stops a call whose deadline
-/// passes; a reply that cannot be written yet (slow reader) blocks neither the calls nor the
-/// reads, up to [`MAX_PENDING`].
+/// one has gone out, so replies keep request order. A caller that allows out-of-order replies
+/// gets each as soon as it is ready, between whole replies; such a call still holds its place
+/// (an empty reply) until the calls before it are done, and places count towards
+/// [`MAX_PENDING`]. A call alone in flight (the usual case: a Volo or Kitex client sends one call
+/// per connection at a time) runs in a slot the connection reuses from call to call; calls
+/// beyond it are allocated one by one. One timer per connection, armed at the earliest deadline
+/// of its calls, answers `timeout` and stops a call whose deadline passes; a reply that cannot be
+/// written yet (slow reader) blocks neither the calls nor the reads, up to [`MAX_PENDING`].
 pub async fn serve(
     mut sock: TcpStream,
     detected: Detected,
