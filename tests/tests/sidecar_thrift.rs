@@ -863,10 +863,7 @@ fn echo_message(method: &str, seqid: i32, message: &str, sleep_ms: i64) -> Bytes
 /// A warm sidecar (one instance, 8 calls at once, `policy`) sent the Framed echo calls
 /// `(seqid, sleep_ms)` on one connection at once: the reply frames and how long they took.
 async fn pipelined(policy: &str, calls: &[(i32, i64)]) -> (Vec<fnmesh_codec::Frame>, Duration) {
-    pipelined_as(policy, calls, |seqid, text, sleep| {
-        framed_echo(seqid, text, sleep)
-    })
-    .await
+    pipelined_as(policy, calls, framed_echo).await
 }
 
 /// As [`pipelined`], with each call encoded by `encode(seqid, message, sleep_ms)`.
