@@ -19,9 +19,10 @@ fn main() {
             .expect("usage: copy-proxy LISTEN BACKEND [WORKERS]")
     };
     let (listen, backend) = (addr(), addr());
-    let workers = std::env::args()
-        .nth(3)
+    let workers = args
+        .next()
         .and_then(|n| n.parse().ok())
+        .filter(|n| *n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let listener = TcpListener::bind(listen).expect("bind LISTEN");
     let senders: Vec<_> = (0..workers).map(|_| worker(backend)).collect();
