@@ -70,6 +70,3 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy --workspace --all-targets --features fnmesh-tests/etcd -- -D warnings
 echo "== cargo test"
 cargo test --workspace --features fnmesh-tests/etcd
-# The gRPC suite again on the other gRPC engine (sidecar.grpc_engine = "h2").
-echo "== cargo test: gRPC on the h2 engine"
-FNMESH_TEST_GRPC_ENGINE=h2 cargo test -p fnmesh-tests --features fnmesh-tests/etcd --test sidecar_grpc

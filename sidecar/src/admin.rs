@@ -45,7 +45,8 @@ async fn answer(mut sock: TcpStream, admin: &Admin) -> std::io::Result<()> {
     let path = words.next().unwrap_or("/");
     let draining = admin.draining.load(Ordering::SeqCst);
     let (status, body) = match (verb, path) {
-        ("POST", "/admin/reload") => match crate::run::reload(&admin.mesh, "POST /admin/reload") {
+        ("POST", "/admin/reload") => match crate::server::reload(&admin.mesh, "POST /admin/reload")
+        {
             Ok(changes) => ("200 OK", format!("reloaded: {changes}\n")),
             Err(e) => (
                 "422 Unprocessable Entity",
@@ -90,10 +91,10 @@ fn functions_json(admin: &Admin) -> String {
     // Function names are restricted to [A-Za-z0-9._-] by the config, so they need no escaping.
     let items: Vec<String> = admin
         .mesh
-        .pools()
+        .functions()
         .iter()
         .map(|p| {
-            let s = p.snapshot();
+            let s = p.pool.snapshot();
             // Method names are IDL identifiers: no escaping needed either.
             let policy = p.policy();
             let breakers: Vec<String> = policy
@@ -102,9 +103,9 @@ fn functions_json(admin: &Admin) -> String {
                 .iter()
                 .map(|(m, st)| {
                     let st = match st {
-                        crate::breaker::State::Closed => "closed",
-                        crate::breaker::State::Open => "open",
-                        crate::breaker::State::HalfOpen => "half-open",
+                        crate::governance::breaker::State::Closed => "closed",
+                        crate::governance::breaker::State::Open => "open",
+                        crate::governance::breaker::State::HalfOpen => "half-open",
                     };
                     format!("\"{m}\":\"{st}\"")
                 })
@@ -116,7 +117,7 @@ fn functions_json(admin: &Admin) -> String {
                 s.starting,
                 s.queued,
                 s.in_flight,
-                p.live_processes(),
+                p.pool.live_processes(),
                 breakers.join(",")
             )
         })

@@ -18,7 +18,7 @@ pub fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     if verb == "__watchdog" {
-        return crate::watchdog::main();
+        return crate::instances::watchdog::main();
     }
     let mut file = None;
     let mut json = false;
@@ -59,7 +59,7 @@ pub fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        "run" => crate::run::main(file, config, json),
+        "run" => crate::server::main(file, config, json),
         "reload" => reload(&config),
         other => {
             eprintln!("fnmesh: unknown command {other:?}\n{USAGE}");

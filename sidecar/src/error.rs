@@ -1,5 +1,6 @@
-//! The errors fnmesh makes, by kind (DESIGN.md "Errors fnmesh makes"). They stay typed until the
-//! one place that turns them into protocol replies (`thrift::rescue`).
+//! The errors fnmesh makes, by kind, and the one table of what each kind is in every protocol
+//! (DESIGN.md "Errors fnmesh makes"). Errors stay typed until the one place per protocol that
+//! turns them into replies (`thrift::rescue`, the gRPC relay's `error_block`).
 
 use fnmesh_codec::ExceptionType;
 
@@ -28,6 +29,7 @@ impl Kind {
         }
     }
 
+    /// The TApplicationException type a Thrift caller gets.
     pub fn thrift_exception(self) -> ExceptionType {
         match self {
             Kind::NoRoute => ExceptionType::UnknownMethod,
@@ -35,6 +37,17 @@ impl Kind {
             Kind::Overloaded | Kind::CircuitOpen | Kind::Unavailable | Kind::Timeout => {
                 ExceptionType::InternalError
             }
+        }
+    }
+
+    /// The `grpc-status` a gRPC caller gets.
+    pub fn grpc_status(self) -> u16 {
+        match self {
+            Kind::NoRoute => 12,                         // UNIMPLEMENTED
+            Kind::BadRequest => 13,                      // INTERNAL
+            Kind::TooLarge | Kind::Overloaded => 8,      // RESOURCE_EXHAUSTED
+            Kind::Unavailable | Kind::CircuitOpen => 14, // UNAVAILABLE
+            Kind::Timeout => 4,                          // DEADLINE_EXCEEDED
         }
     }
 }
@@ -52,6 +65,30 @@ impl CallError {
         CallError {
             kind,
             message: message.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_maps_as_the_design_table_says() {
+        use ExceptionType::*;
+        let table = [
+            (Kind::NoRoute, "no-route", UnknownMethod, 12),
+            (Kind::BadRequest, "bad-request", ProtocolError, 13),
+            (Kind::TooLarge, "too-large", ProtocolError, 8),
+            (Kind::Overloaded, "overloaded", InternalError, 8),
+            (Kind::CircuitOpen, "circuit-open", InternalError, 14),
+            (Kind::Unavailable, "unavailable", InternalError, 14),
+            (Kind::Timeout, "timeout", InternalError, 4),
+        ];
+        for (kind, name, thrift, grpc) in table {
+            assert_eq!(kind.as_str(), name);
+            assert_eq!(kind.thrift_exception(), thrift, "{name}");
+            assert_eq!(kind.grpc_status(), grpc, "{name}");
         }
     }
 }

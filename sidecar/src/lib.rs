@@ -1,22 +1,27 @@
-//! fnmesh, the function mesh sidecar: configuration, the Thrift listener and proxy, function
-//! instances and their scaling, the admin API. The binary (`main.rs`) only parses the command line.
+//! fnmesh, the function mesh sidecar. Its modules are layers, each using only those below it
+//! (docs/architecture.md; `tests/layers.rs` checks it):
+//!
+//! 1. `cli` parses the command line; `server` runs the sidecar (listener, drain, signals);
+//!    `admin` serves the admin API; `mesh` holds the functions and reloads them.
+//! 2. Protocol front ends: `thrift` (connections and forwarding) and `grpc` (the HTTP/2 relay).
+//! 3. `governance`: routing admission, deadlines, retries and their budget, breakers and outcome
+//!    classification, rate limits.
+//! 4. `instances`: each function's pool, scaler, process runtime and watchdog.
+//! 5. Foundations every layer uses: `config`, `error` (the error kinds and their protocol
+//!    mappings), `workers` (the worker threads).
 #![forbid(unsafe_code)]
 
+pub mod active;
 pub mod admin;
-pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod governance;
 pub mod grpc;
-pub mod limit;
+pub mod instances;
 pub mod mesh;
-pub mod pool;
-pub mod relay;
-pub mod retry;
-pub mod run;
-pub mod runtime;
+pub mod server;
 pub mod thrift;
-pub mod watchdog;
 pub mod workers;
 
 /// Locks a mutex whose critical sections are a few field updates: a panic inside one leaves the

@@ -14,10 +14,11 @@ use tokio::time::{sleep, Instant};
 
 use crate::{
     config::{Config, FunctionConfig, Protocol, SidecarConfig},
-    grpc, lock,
-    pool::{Pool, Route},
-    thrift,
-    watchdog::Watchdog,
+    governance::{Function, Route},
+    grpc::GrpcFront,
+    instances::{watchdog::Watchdog, Pool},
+    lock,
+    thrift::ThriftFront,
 };
 
 /// How long a retired pool waits before it checks for calls still on it.
@@ -28,8 +29,8 @@ pub struct Mesh {
     path: PathBuf,
     /// What is in force; also serializes reloads.
     state: Mutex<State>,
-    pub thrift: Arc<thrift::Shared>,
-    pub grpc: Arc<grpc::Shared>,
+    pub thrift: Arc<ThriftFront>,
+    pub grpc: Arc<GrpcFront>,
     watchdog: Arc<Watchdog>,
     /// Keeps the functions registered in `[discovery]`'s registry (once started), and which
     /// registry that is.
@@ -38,8 +39,8 @@ pub struct Mesh {
 
 struct State {
     config: Config,
-    /// One pool per function, in the file's order.
-    pools: Vec<Arc<Pool>>,
+    /// The functions, in the file's order.
+    functions: Vec<Arc<Function>>,
     /// Pools of functions a reload removed or replaced, until their instances are gone.
     retired: Vec<Arc<Pool>>,
     draining: bool,
@@ -114,34 +115,31 @@ fn sidecar_changes(a: &SidecarConfig, b: &SidecarConfig) -> Vec<&'static str> {
 }
 
 impl Mesh {
-    /// Pools for `config`'s functions and the routing tables; call it inside the control
-    /// runtime (instances are started and watched there).
+    /// `config`'s functions and the routing tables; call it inside the control runtime
+    /// (instances are started and watched there).
     pub fn new(
         path: PathBuf,
         config: Config,
         thrift_limits: fnmesh_codec::Limits,
         watchdog: Arc<Watchdog>,
     ) -> Mesh {
-        let pools: Vec<Arc<Pool>> = config
+        let functions: Vec<Arc<Function>> = config
             .functions
             .iter()
-            .map(|f| new_pool(&config, f.clone(), &watchdog))
+            .map(|f| new_function(&config, f.clone(), &watchdog))
             .collect();
-        let (thrift_routes, grpc_routes) = routes(&pools);
-        let thrift = Arc::new(thrift::Shared {
+        let (thrift_routes, grpc_routes) = routes(&functions);
+        let thrift = Arc::new(ThriftFront {
             functions: arc_swap::ArcSwap::from_pointee(thrift_routes),
             limits: thrift_limits,
-            active: 0.into(),
+            active: Default::default(),
         });
-        let grpc = Arc::new(grpc::Shared {
-            relay: config.sidecar.grpc_engine == crate::config::GrpcEngine::Fnmesh,
-            ..grpc::Shared::new(grpc_routes)
-        });
+        let grpc = Arc::new(GrpcFront::new(grpc_routes));
         Mesh {
             path,
             state: Mutex::new(State {
                 config,
-                pools,
+                functions,
                 retired: Vec::new(),
                 draining: false,
             }),
@@ -153,11 +151,14 @@ impl Mesh {
     }
 
     /// What the registry should hold: every function, at the advertised address.
-    fn registrations(pools: &[Arc<Pool>], advertise: std::net::SocketAddr) -> Vec<Registration> {
-        pools
+    fn registrations(
+        functions: &[Arc<Function>],
+        advertise: std::net::SocketAddr,
+    ) -> Vec<Registration> {
+        functions
             .iter()
-            .map(|p| {
-                let f = p.policy().function.clone();
+            .map(|function| {
+                let f = function.config();
                 Registration {
                     name: f.name.clone(),
                     address: advertise,
@@ -178,7 +179,7 @@ impl Mesh {
     /// reload updates the registrations.
     pub fn register(&self, backend: Backend) {
         let st = lock(&self.state);
-        let wanted = Self::registrations(&st.pools, st.config.sidecar.advertise);
+        let wanted = Self::registrations(&st.functions, st.config.sidecar.advertise);
         let name = backend.name();
         let registrar = Registrar::start(backend, st.config.discovery.ttl, wanted);
         *lock(&self.registrar) = Some((name, registrar));
@@ -200,8 +201,8 @@ impl Mesh {
     }
 
     /// The functions served now.
-    pub fn pools(&self) -> Vec<Arc<Pool>> {
-        lock(&self.state).pools.clone()
+    pub fn functions(&self) -> Vec<Arc<Function>> {
+        lock(&self.state).functions.clone()
     }
 
     /// Reads the policy file again and applies it; on an error nothing changes.
@@ -221,47 +222,45 @@ impl Mesh {
         };
         // Pools keep the settings they were made with for `[sidecar]` keys (grace, workers).
         let base = st.config.clone();
-        let mut pools = Vec::with_capacity(config.functions.len());
-        let mut old: Vec<Arc<Pool>> = std::mem::take(&mut st.pools);
+        let mut functions = Vec::with_capacity(config.functions.len());
+        let mut old: Vec<Arc<Function>> = std::mem::take(&mut st.functions);
         for f in &config.functions {
             let existing = old
                 .iter()
                 .position(|p| p.name == f.name)
                 .map(|i| old.remove(i));
-            let pool = match existing {
-                Some(pool) if same_instances(&pool.policy().function, f) => {
-                    if *pool.policy().function != *f {
-                        pool.reconfigure(Arc::new(f.clone()));
+            let function = match existing {
+                Some(function) if same_instances(&function.config(), f) => {
+                    if *function.config() != *f {
+                        function.reconfigure(Arc::new(f.clone()));
                         changes.updated.push(f.name.clone());
                     }
-                    pool
+                    function
                 }
-                Some(pool) => {
+                Some(function) => {
                     changes.restarted.push(f.name.clone());
-                    st.retired.push(pool.clone());
-                    self.retire(pool, base.sidecar.drain_timeout);
-                    new_pool(&base, f.clone(), &self.watchdog)
+                    self.retire(&mut st, &function.pool, base.sidecar.drain_timeout);
+                    new_function(&base, f.clone(), &self.watchdog)
                 }
                 None => {
                     changes.added.push(f.name.clone());
-                    new_pool(&base, f.clone(), &self.watchdog)
+                    new_function(&base, f.clone(), &self.watchdog)
                 }
             };
-            pools.push(pool);
+            functions.push(function);
         }
-        for pool in old {
-            changes.removed.push(pool.name.clone());
-            st.retired.push(pool.clone());
-            self.retire(pool, base.sidecar.drain_timeout);
+        for function in old {
+            changes.removed.push(function.name.clone());
+            self.retire(&mut st, &function.pool, base.sidecar.drain_timeout);
         }
-        let (thrift_routes, grpc_routes) = routes(&pools);
+        let (thrift_routes, grpc_routes) = routes(&functions);
         self.thrift.functions.store(Arc::new(thrift_routes));
         self.grpc.functions.store(Arc::new(grpc_routes));
         self.grpc.reloads.send_modify(|n| *n += 1);
         if let Some((_, registrar)) = lock(&self.registrar).as_ref() {
-            registrar.set(Self::registrations(&pools, base.sidecar.advertise));
+            registrar.set(Self::registrations(&functions, base.sidecar.advertise));
         }
-        st.pools = pools;
+        st.functions = functions;
         st.retired
             .retain(|p| p.live_processes() > 0 || !p.is_shut_down());
         st.config = Config {
@@ -274,7 +273,9 @@ impl Mesh {
 
     /// A pool no longer routed to: calls already on it finish (and queued ones get their slot)
     /// within `grace`, then its instances stop.
-    fn retire(&self, pool: Arc<Pool>, grace: Duration) {
+    fn retire(&self, st: &mut State, pool: &Arc<Pool>, grace: Duration) {
+        st.retired.push(pool.clone());
+        let pool = pool.clone();
         tokio::spawn(async move {
             let until = Instant::now() + grace;
             // A call routed just before the tables were swapped may not have taken its slot
@@ -296,26 +297,33 @@ impl Mesh {
     pub fn drain(&self) -> Vec<Arc<Pool>> {
         let mut st = lock(&self.state);
         st.draining = true;
-        st.pools.iter().chain(&st.retired).cloned().collect()
+        st.functions
+            .iter()
+            .map(|f| &f.pool)
+            .chain(&st.retired)
+            .cloned()
+            .collect()
     }
 }
 
-fn new_pool(config: &Config, f: FunctionConfig, watchdog: &Arc<Watchdog>) -> Arc<Pool> {
-    Pool::new(
-        Arc::new(f),
+fn new_function(config: &Config, f: FunctionConfig, watchdog: &Arc<Watchdog>) -> Arc<Function> {
+    let f = Arc::new(f);
+    let pool = Pool::new(
+        f.clone(),
         config.sidecar.drain_timeout,
         watchdog.clone(),
         config.sidecar.workers,
-    )
+    );
+    Function::new(f, pool)
 }
 
 /// The Thrift and the gRPC routing tables.
-fn routes(pools: &[Arc<Pool>]) -> (Vec<Route>, Vec<Route>) {
+fn routes(functions: &[Arc<Function>]) -> (Vec<Route>, Vec<Route>) {
     let (mut thrift, mut grpc) = (Vec::new(), Vec::new());
-    for pool in pools {
-        let f = pool.policy().function.clone();
+    for function in functions {
+        let f = function.config();
         let route = Route {
-            pool: pool.clone(),
+            function: function.clone(),
             service: f.service.clone(),
         };
         match f.protocol {
@@ -342,7 +350,7 @@ mod tests {
     }
 
     fn names(routes: &[Route]) -> Vec<&str> {
-        routes.iter().map(|r| r.pool.name.as_str()).collect()
+        routes.iter().map(|r| r.function.name.as_str()).collect()
     }
 
     #[tokio::test]
@@ -367,9 +375,9 @@ mod tests {
             fnmesh_codec::Limits::default(),
             Arc::new(Watchdog::disabled()),
         );
-        let a = mesh.pools()[0].clone();
-        let b = mesh.pools()[1].clone();
-        let c = mesh.pools()[2].clone();
+        let a = mesh.functions()[0].clone();
+        let b = mesh.functions()[1].clone();
+        let c = mesh.functions()[2].clone();
         let breakers = a.policy().breakers.clone();
 
         // a: scale only (its breakers and their state carry over); b: a new command; c gone;
@@ -404,14 +412,14 @@ mod tests {
         );
         assert_eq!(names(&mesh.thrift.functions.load()), ["a", "d"]);
         assert_eq!(names(&mesh.grpc.functions.load()), ["b"]);
-        assert!(Arc::ptr_eq(&mesh.thrift.functions.load()[0].pool, &a));
-        assert!(!Arc::ptr_eq(&mesh.grpc.functions.load()[0].pool, &b));
+        assert!(Arc::ptr_eq(&mesh.thrift.functions.load()[0].function, &a));
+        assert!(!Arc::ptr_eq(&mesh.grpc.functions.load()[0].function, &b));
         assert_eq!(a.policy().function.scale.max, 3);
         assert!(Arc::ptr_eq(&a.policy().breakers, &breakers));
         // The replaced and the removed pools drain (nothing in flight here), then stop.
         tokio::time::sleep(RETIRE_SETTLE + Duration::from_millis(50)).await;
-        assert!(b.is_shut_down() && c.is_shut_down());
-        assert!(!a.is_shut_down());
+        assert!(b.pool.is_shut_down() && c.pool.is_shut_down());
+        assert!(!a.pool.is_shut_down());
 
         // A policy change rebuilds the breakers; the same file again changes nothing.
         write(
@@ -441,7 +449,7 @@ mod tests {
         let e = mesh.reload().unwrap_err();
         assert!(e.contains("line 3") && e.contains("bogus"), "{e}");
         assert_eq!(names(&mesh.thrift.functions.load()), ["a", "d"]);
-        assert_eq!(mesh.pools().len(), 3);
+        assert_eq!(mesh.functions().len(), 3);
 
         // No reload once draining; retired pools whose instances are gone are forgotten.
         assert_eq!(mesh.drain().len(), 3);

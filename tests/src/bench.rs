@@ -66,20 +66,22 @@ impl Path {
     }
 }
 
-/// The paths both proxy benchmarks measure: direct, fnmesh, fnmesh with busy polling off, and
+/// The paths both proxy benchmarks measure: direct, fnmesh, another fnmesh setup to compare (if any), and
 /// haproxy (`haproxy_name`) when it is installed.
 pub fn proxy_paths(
     direct: SocketAddr,
     fnmesh: &crate::sidecar::Sidecar,
-    (other, other_name): (&crate::sidecar::Sidecar, &'static str),
+    other: Option<(&crate::sidecar::Sidecar, &'static str)>,
     haproxy: Option<&(Killed, SocketAddr)>,
     haproxy_name: &'static str,
 ) -> Vec<Path> {
     let mut paths = vec![
         Path::new("direct", direct, None),
         Path::new("fnmesh", fnmesh.addr, Some(fnmesh.child.id())),
-        Path::new(other_name, other.addr, Some(other.child.id())),
     ];
+    if let Some((other, name)) = other {
+        paths.push(Path::new(name, other.addr, Some(other.child.id())));
+    }
     match haproxy {
         Some((h, a)) => paths.push(Path::new(haproxy_name, *a, Some(h.0.id()))),
         None => println!("haproxy not installed (apt-get install haproxy): its row is skipped"),

@@ -100,13 +100,8 @@ impl Sidecar {
         let dir =
             std::env::temp_dir().join(format!("fnmesh-e2e-{}-{}", std::process::id(), addr.port()));
         std::fs::create_dir_all(&dir).unwrap();
-        // `FNMESH_TEST_GRPC_ENGINE=fnmesh` runs a suite on fnmesh's own gRPC relay.
-        let engine = match std::env::var("FNMESH_TEST_GRPC_ENGINE") {
-            Ok(e) if !sidecar.contains("grpc_engine") => format!("grpc_engine = \"{e}\"\n"),
-            _ => String::new(),
-        };
         let head = format!(
-            "[sidecar]\nlisten = \"{addr}\"\nadmin = \"{admin}\"\ndrain_timeout = \"3s\"\n{engine}{sidecar}\n\n"
+            "[sidecar]\nlisten = \"{addr}\"\nadmin = \"{admin}\"\ndrain_timeout = \"3s\"\n{sidecar}\n\n"
         );
         let path = dir.join("fnmesh.toml");
         std::fs::write(&path, format!("{head}{functions}")).unwrap();

@@ -65,18 +65,12 @@ fn the_documented_file_parses_into_typed_values() {
     let off =
         parse(&GOOD.replacen("max_frame_size", "busy_poll = \"0s\"\nmax_frame_size", 1)).unwrap();
     assert_eq!(off.sidecar.busy_poll, Duration::ZERO);
-    assert_eq!(c.sidecar.grpc_engine, GrpcEngine::Fnmesh, "default");
-    let h2 =
-        parse(&GOOD.replacen("max_frame_size", "grpc_engine = \"h2\"\nmax_frame_size", 1)).unwrap();
-    assert_eq!(h2.sidecar.grpc_engine, GrpcEngine::H2);
-    let bad = err(&GOOD.replacen(
-        "max_frame_size",
-        "grpc_engine = \"hyper\"\nmax_frame_size",
-        1,
-    ));
+    let engine = err(&GOOD.replacen("max_frame_size", "grpc_engine = \"h2\"\nmax_frame_size", 1));
     assert!(
-        bad.contains("line 6") && bad.contains("expected `h2` or `fnmesh`"),
-        "{bad}"
+        engine.contains("fnmesh.toml:6:")
+            && engine.contains("sidecar.grpc_engine")
+            && engine.contains("was removed"),
+        "{engine}"
     );
     let f = &c.functions[0];
     assert_eq!(f.name, "echo");

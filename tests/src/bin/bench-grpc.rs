@@ -1,6 +1,5 @@
 //! fnmesh's gRPC proxy benchmark, measured in one run with a real volo-grpc client and the
-//! example gRPC function: unary calls direct to the function, through fnmesh (its own relay, and
-//! with `grpc_engine = "h2"`), through haproxy in HTTP mode with h2 on both sides, the
+//! example gRPC function: unary calls direct to the function, through fnmesh, through haproxy in HTTP mode with h2 on both sides, the
 //! reference L7 gRPC proxy, and through `copy-proxy`, which copies bytes without reading them
 //! (the floor: what carrying the connection costs, with no HTTP/2 work at all).
 //!
@@ -47,16 +46,9 @@ async fn main() {
         "min = 1\nmax = 1\nconcurrency = 1024\nidle = \"10m\"",
         "",
     );
-    let sc = Sidecar::start_with("grpc_engine = \"fnmesh\"", &warm);
-    let h2 = Sidecar::start_with("grpc_engine = \"h2\"", &warm);
+    let sc = Sidecar::start(&warm);
     let haproxy = start_haproxy(direct, HaproxyMode::H2);
-    let mut paths = proxy_paths(
-        direct,
-        &sc,
-        (&h2, "fnmesh, grpc_engine = h2"),
-        haproxy.as_ref(),
-        "haproxy (http, h2)",
-    );
+    let mut paths = proxy_paths(direct, &sc, None, haproxy.as_ref(), "haproxy (http, h2)");
     let copy = start_copy_proxy(direct);
     paths.push(Path::new(
         "tokio copy proxy (L4 floor)",

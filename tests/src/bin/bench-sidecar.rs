@@ -119,7 +119,7 @@ async fn main() {
     let mut paths = proxy_paths(
         direct,
         &sc,
-        (&sleepy, "fnmesh, busy_poll = 0s"),
+        Some((&sleepy, "fnmesh, busy_poll = 0s")),
         haproxy.as_ref(),
         "haproxy (tcp)",
     );

@@ -1,9 +1,6 @@
-//! fnmesh's own gRPC relay (`sidecar.grpc_engine = "fnmesh"`; experimental, the h2 engine in
-//! `grpc.rs` is the default).
-//!
-//! Why: with the h2 crate on both sides a proxied unary call cost about 82,000 instructions, most
-//! of them h2's frame bookkeeping and HPACK re-encoding, against about 7,000 for a Thrift call.
-//! Here one task per caller connection drives the caller's socket and the connections to the
+//! fnmesh's gRPC relay, written here rather than on the h2 crate: h2's frame bookkeeping and
+//! HPACK re-encoding cost about ten times the instructions of a whole Thrift call (docs/benchmarks.md).
+//! One task per caller connection drives the caller's socket and the connections to the
 //! instances its streams go to, the way the Thrift path drives its calls: frames are read,
 //! header blocks are decoded once and written again with a table-free encoder
 //! (`fnmesh_codec::hpack`), DATA payloads are forwarded as they are, and flow control is kept on
@@ -37,9 +34,16 @@ use futures_util::{stream::FuturesUnordered, StreamExt};
 use tokio::{net::TcpStream, time::Instant};
 
 use crate::{
+    active::Active,
     error::{CallError, Kind},
-    grpc::{self, Active, Shared, Verdict},
-    pool::{Instance, Lease, Pool},
+    governance::{
+        outcome::{self, Failure, Verdict},
+        retry::Attempts,
+        Function,
+    },
+    grpc::{self, GrpcFront},
+    instances::{Instance, Lease},
+    lock,
 };
 
 /// The window fnmesh grants each stream, on both sides: what it may hold of one stream.
@@ -434,7 +438,7 @@ fn error_block(e: &CallError) -> Vec<u8> {
     let mut b = Vec::with_capacity(128);
     encode_field(&mut b, b":status", b"200", false);
     encode_field(&mut b, b"content-type", b"application/grpc", false);
-    status_fields(&mut b, grpc::grpc_status(e.kind), &e.to_string());
+    status_fields(&mut b, e.kind.grpc_status(), &e.to_string());
     encode_field(&mut b, b"fnmesh-error", e.kind.as_str().as_bytes(), false);
     b
 }
@@ -530,8 +534,8 @@ struct Stream {
     lease: Option<Lease>,
     deadline: Option<Instant>,
     budget: Duration,
-    /// The function's pool, once routed.
-    pool: Option<Arc<Pool>>,
+    /// The function, once routed.
+    function: Option<Arc<Function>>,
     verdict: Option<Verdict>,
     /// A health check: the request's bytes, answered here; `watch` for `Watch`.
     health: Option<Vec<u8>>,
@@ -544,32 +548,17 @@ struct Stream {
     _active: Option<Active>,
 }
 
-/// A stream's retry state (the function's `retry` policy, as the h2 engine applies it).
+/// A stream's retry state: the attempts (`governance::retry`), and a copy of the request's
+/// header block (without `grpc-timeout`) and data so far while it may be sent again after an
+/// instance got it, with its size; the copy is dropped once over [`REPLAY_LIMIT`] or once the
+/// response starts.
 struct Retrying {
-    pool: Arc<Pool>,
-    policy: crate::config::Retry,
-    tries: u32,
-    /// Idempotent, not client streaming, and `unavailable` or `timeout` in `on`.
-    replay: bool,
-    /// The request's header block (without `grpc-timeout`) and data so far; dropped once over
-    /// [`REPLAY_LIMIT`] or once the response starts.
+    attempts: Attempts,
     copy: Option<(Vec<u8>, Vec<Bytes>, usize)>,
 }
 
 /// The most of a request kept for sending it again.
 const REPLAY_LIMIT: usize = 1 << 20;
-
-/// Why an attempt failed, for deciding whether to retry it.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Failure {
-    /// The instance never got the request (connect refused, connection lost before the instance
-    /// said anything, GOAWAY or REFUSED_STREAM): always safe to send again.
-    Connect,
-    /// The instance got it and failed (lost the connection, reset, answered UNAVAILABLE).
-    Unavailable,
-    /// No response within the attempt's share of the deadline.
-    Timeout,
-}
 
 /// A stream's way to an instance that is not there yet.
 type Pending = Pin<Box<dyn Future<Output = (u32, Result<Lease, CallError>)> + Send>>;
@@ -577,7 +566,7 @@ type Connecting = Pin<Box<dyn Future<Output = (Arc<Instance>, Result<TcpStream, 
 
 /// One caller connection and the instance connections its streams use.
 struct Relay<'a> {
-    shared: &'a Shared,
+    front: &'a GrpcFront,
     caller: Link,
     streams: ById<u32, Stream>,
     /// The highest stream the caller opened.
@@ -614,11 +603,11 @@ struct Up {
     heard: bool,
 }
 
-pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
+pub async fn serve(sock: TcpStream, head: BytesMut, front: Arc<GrpcFront>) {
     let _ = sock.set_nodelay(true);
-    let _open = Active::new(&shared.connections);
+    let _open = Active::new(&front.connections);
     // Resolves once the sidecar drains (at once for a connection opened while it does).
-    let mut draining = shared.draining.subscribe();
+    let mut draining = front.draining.subscribe();
     let mut drained = Box::pin(async move {
         while !*draining.borrow_and_update() {
             if draining.changed().await.is_err() {
@@ -627,7 +616,7 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
         }
     });
     let mut relay = Relay {
-        shared: &shared,
+        front: &front,
         caller: Link::new(sock, head),
         streams: ById::default(),
         last_stream: 0,
@@ -643,7 +632,7 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
         timers: Deadlines::default(),
     };
     // Reloads change what health `Watch` streams report.
-    let mut reloads = shared.reloads.subscribe();
+    let mut reloads = front.reloads.subscribe();
     let mut reloaded: Option<Pin<Box<dyn Future<Output = ()> + Send>>> = None;
     // The preface is what detection saw; what follows it is frames.
     if relay.caller.rbuf.len() < HTTP2_PREFACE.len() {
@@ -777,9 +766,9 @@ pub async fn serve(sock: TcpStream, head: BytesMut, shared: Arc<Shared>) {
             && up.next_stream < MAX_STREAM_ID;
         if reusable {
             let instance = up.instance.clone();
-            let mut idle = crate::lock(instance.relay_idle());
+            let mut idle = lock(instance.idle::<Up>());
             if idle.len() < MAX_IDLE {
-                idle.push(IdleUp(up));
+                idle.push(up);
                 continue;
             }
         }
@@ -793,23 +782,11 @@ const MAX_IDLE: usize = 4;
 /// Past this stream number a connection takes no new streams (HTTP/2 allows up to 2^31-1).
 const MAX_STREAM_ID: u32 = 1 << 30;
 
-/// An instance connection between caller connections (`Instance::relay_idle`).
-pub struct IdleUp(Up);
-
-impl std::fmt::Debug for IdleUp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdleUp")
-            .field("instance", &self.0.instance.id)
-            .field("next_stream", &self.0.next_stream)
-            .finish()
-    }
-}
-
 /// An idle connection to `instance` that is still open: what it received while idle (a PING, a
 /// GOAWAY) stays buffered and is handled once it is in use again.
 fn take_idle(instance: &Instance) -> Option<Up> {
     loop {
-        let IdleUp(mut up) = crate::lock(instance.relay_idle()).pop()?;
+        let mut up = lock(instance.idle::<Up>()).pop()?;
         up.link.rbuf.reserve(4096);
         match up.link.sock.try_read_buf(&mut up.link.rbuf) {
             Ok(0) => continue,
@@ -1023,7 +1000,7 @@ impl Relay<'_> {
             lease: None,
             deadline: None,
             budget: Duration::ZERO,
-            pool: None,
+            function: None,
             verdict: None,
             health: None,
             watch: false,
@@ -1058,52 +1035,38 @@ impl Relay<'_> {
         caller_timeout: Option<Duration>,
         stream: &mut Stream,
     ) -> Result<Option<Lease>, CallError> {
-        let (pool, method) = match grpc::target(self.shared, path)? {
-            grpc::Target::Function(pool, method) => (pool, method),
+        let (function, method) = match grpc::target(self.front, path)? {
+            grpc::Target::Function(function, method) => (function, method),
             grpc::Target::Health { watch } => {
                 stream.health = Some(Vec::new());
                 stream.watch = watch;
                 return Ok(None);
             }
         };
-        let grpc::Admitted {
-            policy,
-            budget,
-            deadline,
-            verdict,
-        } = grpc::admit(&pool, method, caller_timeout)?;
-        let f = &policy.function;
-        stream.verdict = verdict;
-        stream.deadline = deadline;
-        if let Some(d) = deadline {
+        let admitted = function.admit(method, caller_timeout)?;
+        // Outcomes are recorded (breaker, instance ejection) when the function has breakers.
+        stream.verdict = admitted.classify.then_some(admitted.verdict);
+        stream.deadline = admitted.deadline;
+        if let Some(d) = admitted.deadline {
             self.timers.push(d, self.last_stream);
         }
-        stream.budget = budget.unwrap_or_default();
-        stream.pool = Some(pool.clone());
-        stream._active = Some(Active::new(&self.shared.active));
-        let method_policy = f.policy_for(method);
-        if let Some(r) = method_policy.retry.filter(|r| r.attempts > 1) {
-            pool.retry_budget.deposit();
-            stream.retry = Some(Retrying {
-                pool: pool.clone(),
-                policy: r,
-                tries: 1,
-                replay: method_policy.idempotent.unwrap_or(false)
-                    && (r.on_unavailable || r.on_timeout)
-                    && f.is_client_streaming(method) != Some(true),
-                copy: stream.request.clone().map(|b| (b, Vec::new(), 0)),
-            });
-        }
-        if let Some(lease) = pool.try_acquire()? {
+        stream.budget = admitted.budget.unwrap_or_default();
+        stream.function = Some(function.clone());
+        stream._active = Some(Active::new(&self.front.active));
+        stream.retry = admitted.retry.map(|attempts| Retrying {
+            attempts,
+            copy: stream.request.clone().map(|b| (b, Vec::new(), 0)),
+        });
+        if let Some(lease) = function.pool.try_acquire()? {
             return Ok(Some(lease));
         }
-        self.queue(&pool, stream.deadline, stream.budget);
+        self.queue(&function, stream.deadline, stream.budget);
         Ok(None)
     }
 
     /// Waits for a slot for the stream routed last.
-    fn queue(&mut self, pool: &Arc<Pool>, deadline: Option<Instant>, budget: Duration) {
-        self.queue_for(self.last_stream, pool.clone(), deadline, budget, None);
+    fn queue(&mut self, function: &Arc<Function>, deadline: Option<Instant>, budget: Duration) {
+        self.queue_for(self.last_stream, function.clone(), deadline, budget, None);
     }
 
     /// Waits for a slot for stream `id`: after `then` (a retry's backoff), and on another
@@ -1111,7 +1074,7 @@ impl Relay<'_> {
     fn queue_for(
         &mut self,
         id: u32,
-        pool: Arc<Pool>,
+        function: Arc<Function>,
         deadline: Option<Instant>,
         budget: Duration,
         then: Option<(Duration, u64)>,
@@ -1119,20 +1082,20 @@ impl Relay<'_> {
         self.queued.push(Box::pin(async move {
             if let Some((wait, avoid)) = then {
                 tokio::time::sleep(wait).await;
-                match pool.try_acquire_other(avoid) {
+                match function.pool.try_acquire_other(avoid) {
                     Ok(Some(lease)) => return (id, Ok(lease)),
                     Ok(None) => {}
                     Err(e) => return (id, Err(e)),
                 }
             }
-            let acquire = pool.acquire();
+            let acquire = function.pool.acquire();
             let result = match deadline {
                 Some(d) => tokio::time::timeout_at(d, acquire).await.unwrap_or_else(|_| {
                     Err(CallError::new(
                         Kind::Timeout,
                         format!(
                             "function {}: deadline of {budget:?} passed while queued (the call was never forwarded)",
-                            pool.name
+                            function.name
                         ),
                     ))
                 }),
@@ -1174,12 +1137,11 @@ impl Relay<'_> {
         waiting.push(id);
         if waiting.len() == 1 {
             self.connecting.push(Box::pin(async move {
-                let stream = match instance.pooled() {
-                    Some(c) => Ok(c.stream),
+                let stream = match instance.take_probe() {
+                    Some(probe) => Ok(probe),
                     None => instance
                         .connect()
                         .await
-                        .map(|c| c.stream)
                         .map_err(|e| format!("connect refused: {e}")),
                 };
                 (instance, stream)
@@ -1275,14 +1237,15 @@ impl Relay<'_> {
             );
         }
         s.attempt_deadline = None;
-        if let (Some(d), Some(r)) = (s.deadline, s.retry.as_ref()) {
-            if r.replay && r.policy.on_timeout && r.copy.is_some() && r.tries < r.policy.attempts {
-                let left = d.saturating_duration_since(Instant::now());
-                let share = left / (r.policy.attempts - r.tries + 1);
-                let at = Instant::now() + share;
-                s.attempt_deadline = Some(at);
-                self.timers.push(at, id);
-            }
+        let share = s
+            .retry
+            .as_ref()
+            .filter(|r| r.copy.is_some())
+            .and_then(|r| r.attempts.share(s.deadline));
+        if let Some(share) = share {
+            let at = Instant::now() + share;
+            s.attempt_deadline = Some(at);
+            self.timers.push(at, id);
         }
         let up_id = up.next_stream;
         up.next_stream += 2;
@@ -1626,8 +1589,8 @@ impl Relay<'_> {
                 r.copy = None;
             }
             if end {
-                let failed = status != Some(200)
-                    || crate::breaker::grpc_status_is_failure(grpc_status.as_deref());
+                let failed =
+                    status != Some(200) || outcome::grpc_status_is_failure(grpc_status.as_deref());
                 s.outcome(failed);
                 write_headers(
                     &mut self.caller.wbuf,
@@ -1652,9 +1615,7 @@ impl Relay<'_> {
             return Ok(());
         }
         // Trailers.
-        s.outcome(crate::breaker::grpc_status_is_failure(
-            grpc_status.as_deref(),
-        ));
+        s.outcome(outcome::grpc_status_is_failure(grpc_status.as_deref()));
         s.trailers = Some(out);
         self.pump_caller(id);
         Ok(())
@@ -1733,11 +1694,11 @@ impl Relay<'_> {
             return;
         };
         if let Some(v) = s.verdict.as_mut() {
-            v.record(crate::breaker::is_failure(e.kind));
+            v.record(outcome::is_failure(e.kind));
         }
         if s.answered {
             let mut b = Vec::new();
-            status_fields(&mut b, grpc::grpc_status(e.kind), &e.to_string());
+            status_fields(&mut b, e.kind.grpc_status(), &e.to_string());
             s.to_caller.clear();
             write_headers(
                 &mut self.caller.wbuf,
@@ -1861,8 +1822,7 @@ impl Relay<'_> {
         }
     }
 
-    /// `grpc.health.v1.Health` `Check` and `Watch`, answered by the sidecar as the h2 engine
-    /// answers them: SERVING while the function can be routed to (at zero instances too),
+    /// `grpc.health.v1.Health` `Check` and `Watch`, answered by the sidecar: SERVING while the function can be routed to (at zero instances too),
     /// NOT_SERVING once draining; an unknown service is NOT_FOUND (`Watch`: SERVICE_UNKNOWN).
     /// A `Watch` gets the status now and again whenever a reload or draining changes it; it ends
     /// when the sidecar drains.
@@ -1876,7 +1836,7 @@ impl Relay<'_> {
             self.fail(id, &e);
             return;
         };
-        let known = service.is_empty() || self.shared.function(&service).is_some();
+        let known = service.is_empty() || self.front.function(&service).is_some();
         s.answered = true;
         let mut b = Vec::new();
         encode_field(&mut b, b":status", b"200", false);
@@ -1906,29 +1866,29 @@ impl Relay<'_> {
             self.watch_update();
             return;
         }
-        let status = health_status(true, *self.shared.draining.borrow());
-        s.to_caller.push_back(health_message(status));
+        let status = grpc::health::status(true, *self.front.draining.borrow());
+        s.to_caller.push_back(grpc::health::message(status));
         s.trailers = Some(ok_trailers());
         self.pump_caller(id);
     }
 
     /// Sends each health `Watch` its status if it changed; ends them once the sidecar drains.
     fn watch_update(&mut self) {
-        let draining = self.draining || *self.shared.draining.borrow();
+        let draining = self.draining || *self.front.draining.borrow();
         let ids: Vec<u32> = self.watches.keys().copied().collect();
         for id in ids {
             let Some((service, sent)) = self.watches.get_mut(&id) else {
                 continue;
             };
-            let known = service.is_empty() || self.shared.function(service).is_some();
-            let now = health_status(known, draining);
+            let known = service.is_empty() || self.front.function(service).is_some();
+            let now = grpc::health::status(known, draining);
             let Some(s) = self.streams.get_mut(&id) else {
                 self.watches.remove(&id);
                 continue;
             };
             if *sent != now {
                 *sent = now;
-                s.to_caller.push_back(health_message(now));
+                s.to_caller.push_back(grpc::health::message(now));
             }
             if draining {
                 s.trailers = Some(ok_trailers());
@@ -1945,14 +1905,11 @@ impl Relay<'_> {
             return;
         };
         let instance = s.lease.as_ref().map_or(0, |l| l.instance.id);
-        let wait = match &s.retry {
-            Some(r) if s.may_retry(why) => crate::retry::next_wait(
-                &r.policy,
-                r.tries,
-                instance,
-                s.deadline,
-                &r.pool.retry_budget,
-            ),
+        let may_retry = s.may_retry(why);
+        let wait = match (s.retry.as_mut(), &s.function) {
+            (Some(r), Some(f)) if may_retry => {
+                r.attempts.next(why, instance, s.deadline, &f.retry_budget)
+            }
             _ => None,
         };
         if wait.is_some() {
@@ -1970,7 +1927,6 @@ impl Relay<'_> {
                 lease.outcome(true);
             }
         }
-        r.tries += 1;
         if s.request.is_none() {
             // The request went out: it goes again from the copy.
             if let Some((block, data, _)) = &r.copy {
@@ -1979,24 +1935,13 @@ impl Relay<'_> {
                 s.up_done = false;
             }
         }
-        let pool = r.pool.clone();
+        let Some(function) = s.function.clone() else {
+            return;
+        };
         let (deadline, budget) = (s.deadline, s.budget);
         self.cancel_up(id, reason::CANCEL);
-        self.queue_for(id, pool, deadline, budget, Some((wait, instance)));
+        self.queue_for(id, function, deadline, budget, Some((wait, instance)));
     }
-}
-
-fn health_status(known: bool, draining: bool) -> u8 {
-    match (known, draining) {
-        (false, _) => 3,    // SERVICE_UNKNOWN
-        (true, false) => 1, // SERVING
-        (true, true) => 2,  // NOT_SERVING
-    }
-}
-
-/// A HealthCheckResponse `{ status }` in a gRPC message frame.
-fn health_message(status: u8) -> Bytes {
-    Bytes::copy_from_slice(&[0, 0, 0, 0, 2, 0x08, status])
 }
 
 fn ok_trailers() -> Vec<u8> {
@@ -2014,23 +1959,21 @@ impl Stream {
 
     /// The function's name, for messages.
     fn function(&self) -> &str {
-        self.pool.as_ref().map_or("", |p| p.name.as_str())
+        self.function.as_ref().map_or("", |f| f.name.as_str())
     }
 
-    /// Whether an attempt that failed this way may be made again (attempts left, and the
-    /// request still at hand: never written, or copied).
+    /// Whether an attempt that failed this way may be made again: the policy allows it with
+    /// attempts left, no response has started, and the request is still at hand (never
+    /// written, or copied).
     fn may_retry(&self, why: Failure) -> bool {
         let Some(r) = &self.retry else {
             return false;
         };
-        if self.answered || r.tries >= r.policy.attempts {
-            return false;
-        }
-        match why {
-            Failure::Connect => r.policy.on_connect && (self.request.is_some() || r.copy.is_some()),
-            Failure::Unavailable => r.replay && r.policy.on_unavailable && r.copy.is_some(),
-            Failure::Timeout => r.replay && r.policy.on_timeout && r.copy.is_some(),
-        }
+        let at_hand = match why {
+            Failure::Connect => self.request.is_some() || r.copy.is_some(),
+            _ => r.copy.is_some(),
+        };
+        !self.answered && at_hand && r.attempts.may_retry(why)
     }
 
     /// The call's outcome, for the breaker and the instance's ejection count.
@@ -2117,7 +2060,7 @@ mod tests {
     }
 
     /// fnmesh's trailers-only answer: status 200, gRPC content type, the status of DESIGN.md's
-    /// table and a percent-encoded message, as the h2 engine sends it.
+    /// table and a percent-encoded message.
     #[test]
     fn errors_are_trailers_only_responses() {
         let e = CallError::new(Kind::Timeout, "function f: deadline passed, 100%");

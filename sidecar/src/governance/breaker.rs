@@ -1,9 +1,8 @@
-//! Circuit breakers, one per method of a function, and the one place outcomes are classified as
-//! failures for both protocols.
+//! Circuit breakers, one per method of a function (outcomes are classified in `outcome.rs`).
 //!
 //! The request path only reads a gate (one atomic load; in half-open, one compare-and-swap for a
 //! trial permit) and adds its outcome to two counters. Whether the breaker opens, half-opens or
-//! closes is decided off the request path, by [`Breaker::tick`], which a task of the pool runs
+//! closes is decided off the request path, by [`Breaker::tick`], which a task of the function runs
 //! every few milliseconds of the window.
 
 use std::{
@@ -22,26 +21,6 @@ use crate::{
     error::{CallError, Kind},
     lock,
 };
-
-/// Whether an error fnmesh answered (or a transport failure it saw) counts against the function:
-/// it failed, crashed, hung or was overwhelmed. Refusals that say nothing about its health
-/// (no route, bad request, a rate limit, an open breaker) do not.
-pub fn is_failure(kind: Kind) -> bool {
-    matches!(kind, Kind::Unavailable | Kind::Timeout | Kind::Overloaded)
-}
-
-/// Thrift: a TApplicationException of type UNKNOWN (0) or INTERNAL_ERROR (6) from the instance
-/// is a failure (as is one whose type cannot be read); declared IDL exceptions travel in REPLY
-/// messages and, like a non-zero `biz-status`, are business outcomes.
-pub fn thrift_exception_is_failure(exception_type: Option<i32>) -> bool {
-    matches!(exception_type, None | Some(0) | Some(6))
-}
-
-/// gRPC: UNKNOWN (2), DEADLINE_EXCEEDED (4), INTERNAL (13) and UNAVAILABLE (14) are failures;
-/// every other status is a business outcome. No status at all is a failure.
-pub fn grpc_status_is_failure(status: Option<&[u8]>) -> bool {
-    matches!(status, None | Some(b"2" | b"4" | b"13" | b"14"))
-}
 
 const CLOSED: u8 = 0;
 const OPEN: u8 = 1;
@@ -340,29 +319,5 @@ mod tests {
         tokio::time::advance(Duration::from_secs(9)).await;
         calls(&b, 1, 0);
         assert_eq!(b.state(), State::Open, "9 of 10 in the window failed");
-    }
-
-    #[test]
-    fn outcomes_are_classified_once_for_both_protocols() {
-        assert!(is_failure(Kind::Unavailable) && is_failure(Kind::Timeout));
-        assert!(is_failure(Kind::Overloaded));
-        for k in [
-            Kind::NoRoute,
-            Kind::BadRequest,
-            Kind::TooLarge,
-            Kind::CircuitOpen,
-        ] {
-            assert!(!is_failure(k), "{k:?}");
-        }
-        assert!(thrift_exception_is_failure(Some(6)) && thrift_exception_is_failure(Some(0)));
-        assert!(thrift_exception_is_failure(None));
-        assert!(!thrift_exception_is_failure(Some(1)) && !thrift_exception_is_failure(Some(7)));
-        for s in ["2", "4", "13", "14"] {
-            assert!(grpc_status_is_failure(Some(s.as_bytes())), "{s}");
-        }
-        for s in ["0", "1", "3", "5", "7", "8", "9", "12", "16"] {
-            assert!(!grpc_status_is_failure(Some(s.as_bytes())), "{s}");
-        }
-        assert!(grpc_status_is_failure(None));
     }
 }

@@ -21,10 +21,10 @@ use tokio::{
 use crate::{
     admin,
     config::{Config, DiscoveryBackend},
-    grpc,
+    grpc::GrpcFront,
+    instances::watchdog::Watchdog,
     mesh::Mesh,
-    thrift,
-    watchdog::Watchdog,
+    thrift::ThriftFront,
     workers::Workers,
 };
 
@@ -130,7 +130,7 @@ async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
     };
     tracing::info!(
         listen = %sidecar.listen,
-        functions = mesh.pools().len(),
+        functions = mesh.functions().len(),
         workers = workers.len(),
         "fnmesh serving"
     );
@@ -221,7 +221,7 @@ pub fn reload(mesh: &Mesh, asked_by: &str) -> Result<String, String> {
 
 /// Reads until the protocol is known (one bounded, timed read phase), then hands the connection
 /// and the bytes already read to the protocol's server.
-async fn connection(mut sock: TcpStream, shared: Arc<thrift::Shared>, grpc: Arc<grpc::Shared>) {
+async fn connection(mut sock: TcpStream, thrift: Arc<ThriftFront>, grpc: Arc<GrpcFront>) {
     let peer = sock.peer_addr().ok();
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let detected = timeout(DETECT_TIMEOUT, async {
@@ -238,9 +238,8 @@ async fn connection(mut sock: TcpStream, shared: Arc<thrift::Shared>, grpc: Arc<
     })
     .await;
     match detected {
-        Ok(Some(Detected::Http2)) if grpc.relay => crate::relay::serve(sock, buf, grpc).await,
-        Ok(Some(Detected::Http2)) => grpc::serve(sock, buf, grpc).await,
-        Ok(Some(d)) => thrift::serve(sock, d, buf, shared).await,
+        Ok(Some(Detected::Http2)) => crate::grpc::serve(sock, buf, grpc).await,
+        Ok(Some(d)) => crate::thrift::serve(sock, d, buf, thrift).await,
         Ok(None) if buf.is_empty() => {}
         Ok(None) => {
             let first = &buf[..buf.len().min(8)];

@@ -1,5 +1,5 @@
 //! The process runtime: a function instance is a child process listening on `127.0.0.1:$PORT`,
-//! in its own process group, registered with the [`Watchdog`](crate::watchdog::Watchdog) so it
+//! in its own process group, registered with the [`Watchdog`](crate::instances::watchdog::Watchdog) so it
 //! dies with the sidecar even when the sidecar is killed with SIGKILL. Signals go to the whole
 //! group: a command that is a wrapper (a shell script running the server as its child) takes
 //! its children with it.
@@ -21,7 +21,7 @@ use tokio::{
     time::{sleep, timeout_at, Instant},
 };
 
-use crate::{config::FunctionConfig, watchdog::Watchdog};
+use crate::{config::FunctionConfig, instances::watchdog::Watchdog};
 
 /// A started, ready instance process.
 #[derive(Debug)]

@@ -62,16 +62,6 @@ pub struct SidecarConfig {
     /// How long a worker keeps polling for events after its last one instead of sleeping
     /// (zero: never). Waking a sleeping CPU costs tens of microseconds on a VM.
     pub busy_poll: Duration,
-    /// What serves gRPC connections: the h2 crate, or fnmesh's own relay (`relay.rs`).
-    pub grpc_engine: GrpcEngine,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GrpcEngine {
-    H2,
-    #[default]
-    Fnmesh,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,8 +238,9 @@ struct RawSidecar {
     workers: Option<Spanned<usize>>,
     #[serde(default = "default_busy_poll", deserialize_with = "busy_poll")]
     busy_poll: Duration,
-    #[serde(default)]
-    grpc_engine: GrpcEngine,
+    /// Removed: gRPC is served by fnmesh's relay only. Kept here so that a file still setting it
+    /// gets an error naming the key and its line rather than serde's "unknown field".
+    grpc_engine: Option<Spanned<toml::Value>>,
 }
 
 fn default_drain() -> Duration {
@@ -553,6 +544,13 @@ impl Config {
             Some(a) => cx.addr(a, "sidecar.advertise")?,
             None => listen,
         };
+        if let Some(engine) = &s.grpc_engine {
+            return cx.invalid(
+                engine.span().start,
+                "sidecar.grpc_engine",
+                "was removed: gRPC is always served by fnmesh's own HTTP/2 relay; delete the key",
+            );
+        }
         if s.max_frame_size < 64 {
             return cx.invalid(
                 raw.sidecar.span().start,
@@ -609,7 +607,6 @@ impl Config {
                 max_frame_size: s.max_frame_size,
                 workers,
                 busy_poll: s.busy_poll,
-                grpc_engine: s.grpc_engine,
             },
             functions,
         })

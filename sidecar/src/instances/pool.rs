@@ -5,14 +5,11 @@
 
 use std::{
     collections::VecDeque,
-    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use bytes::BytesMut;
 use tokio::{
-    net::TcpStream,
     sync::oneshot,
     time::{sleep, Instant},
 };
@@ -20,129 +17,10 @@ use tokio::{
 use crate::{
     config::FunctionConfig,
     error::{CallError, Kind},
-    lock, runtime,
-    watchdog::Watchdog,
+    lock,
 };
 
-/// One running instance.
-#[derive(Debug)]
-pub struct Instance {
-    pub id: u64,
-    pub addr: SocketAddr,
-    /// Idle upstream connections, per worker thread (a connection belongs to the reactor of
-    /// the worker that opened it), plus one list for other threads: one call at a time each, as
-    /// Volo and Kitex servers expect.
-    idle_conns: Box<[Mutex<Vec<Upstream>>]>,
-    /// gRPC: one HTTP/2 connection per worker thread, shared by that worker's streams.
-    h2: Box<[Mutex<Option<crate::grpc::Upstream>>]>,
-    /// gRPC relay: HTTP/2 connections whose caller connection ended, per worker thread, for the
-    /// next caller connection.
-    relay_idle: Box<[Mutex<Vec<crate::relay::IdleUp>>]>,
-    /// The readiness probe's connection, not yet bound to a worker: the first call takes it.
-    probe: Mutex<Option<std::net::TcpStream>>,
-    stop: Mutex<Option<oneshot::Sender<()>>>,
-}
-
-/// An upstream connection and its read buffer.
-#[derive(Debug)]
-pub struct Upstream {
-    pub stream: TcpStream,
-    pub buf: BytesMut,
-}
-
-impl Instance {
-    fn new(
-        id: u64,
-        addr: SocketAddr,
-        workers: usize,
-        probe: Option<std::net::TcpStream>,
-        stop: oneshot::Sender<()>,
-    ) -> Instance {
-        Instance {
-            id,
-            addr,
-            idle_conns: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
-            h2: (0..=workers).map(|_| Mutex::new(None)).collect(),
-            relay_idle: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
-            probe: Mutex::new(probe),
-            stop: Mutex::new(Some(stop)),
-        }
-    }
-
-    /// This thread's idle connections.
-    fn idle(&self) -> &Mutex<Vec<Upstream>> {
-        let last = self.idle_conns.len() - 1;
-        &self.idle_conns[crate::workers::current().map_or(last, |i| i.min(last))]
-    }
-
-    /// This thread's HTTP/2 connection (gRPC).
-    pub fn h2(&self) -> &Mutex<Option<crate::grpc::Upstream>> {
-        let last = self.h2.len() - 1;
-        &self.h2[crate::workers::current().map_or(last, |i| i.min(last))]
-    }
-
-    /// This thread's idle relay connections (gRPC).
-    pub fn relay_idle(&self) -> &Mutex<Vec<crate::relay::IdleUp>> {
-        let last = self.relay_idle.len() - 1;
-        &self.relay_idle[crate::workers::current().map_or(last, |i| i.min(last))]
-    }
-
-    fn clear_idle(&self) {
-        for idle in self.idle_conns.iter() {
-            lock(idle).clear();
-        }
-        for idle in self.relay_idle.iter() {
-            lock(idle).clear();
-        }
-        for h2 in self.h2.iter() {
-            lock(h2).take();
-        }
-        lock(&self.probe).take();
-    }
-
-    /// An idle pooled connection of this thread, if there is one (or the readiness probe's
-    /// connection, which joins this thread's reactor).
-    pub fn pooled(&self) -> Option<Upstream> {
-        if let Some(c) = lock(self.idle()).pop() {
-            return Some(c);
-        }
-        let probe = lock(&self.probe).take()?;
-        let stream = probe
-            .set_nonblocking(true)
-            .and_then(|()| TcpStream::from_std(probe))
-            .ok()?;
-        let _ = stream.set_nodelay(true);
-        Some(Upstream {
-            stream,
-            buf: BytesMut::with_capacity(8 * 1024),
-        })
-    }
-
-    /// A new connection.
-    pub async fn connect(&self) -> std::io::Result<Upstream> {
-        let stream = TcpStream::connect(self.addr).await?;
-        stream.set_nodelay(true)?;
-        Ok(Upstream {
-            stream,
-            buf: BytesMut::with_capacity(8 * 1024),
-        })
-    }
-
-    /// Returns a connection whose call completed cleanly.
-    pub fn recycle(&self, conn: Upstream) {
-        let mut idle = lock(self.idle());
-        if idle.len() < 256 {
-            idle.push(conn);
-        }
-    }
-
-    fn stop(&self) {
-        if let Some(tx) = lock(&self.stop).take() {
-            let _ = tx.send(());
-        }
-        self.clear_idle();
-    }
-}
+use super::{instance::Instance, process, watchdog::Watchdog};
 
 struct Slot {
     instance: Arc<Instance>,
@@ -214,58 +92,11 @@ pub struct Snapshot {
     pub in_flight: usize,
 }
 
-/// A routing table's entry: a function's pool and the IDL service callers name it by.
-pub struct Route {
-    pub pool: Arc<Pool>,
-    pub service: Option<String>,
-}
-
-/// What a function's calls follow: its configuration and the state its policy keeps. A reload
-/// swaps it whole; a call keeps the one it was routed with.
-pub struct Policy {
-    pub function: Arc<FunctionConfig>,
-    /// The function's rate limits, checked before a call queues or touches an instance.
-    pub limits: Arc<crate::limit::Limits>,
-    /// The function's circuit breakers (per method), gated on the request path, moved by a task.
-    pub breakers: Arc<crate::breaker::Breakers>,
-}
-
-impl Policy {
-    fn new(function: Arc<FunctionConfig>) -> Policy {
-        Policy {
-            limits: Arc::new(crate::limit::Limits::new(&function)),
-            breakers: Arc::new(crate::breaker::Breakers::new(&function)),
-            function,
-        }
-    }
-
-    /// `function`'s policy after a reload: the rate limiters and breakers (and their state) carry
-    /// over when nothing they depend on changed.
-    fn next(&self, function: Arc<FunctionConfig>) -> Policy {
-        let (a, b) = (&*self.function, &*function);
-        let names = |f: &FunctionConfig| {
-            f.methods
-                .as_ref()
-                .map(|ms| ms.iter().map(|m| m.name.clone()).collect::<Vec<_>>())
-        };
-        if a.policy == b.policy && a.methods_policy == b.methods_policy && names(a) == names(b) {
-            Policy {
-                function,
-                limits: self.limits.clone(),
-                breakers: self.breakers.clone(),
-            }
-        } else {
-            Policy::new(function)
-        }
-    }
-}
-
 pub struct Pool {
     /// The function's name: fixed for the pool's life.
     pub name: String,
-    policy: arc_swap::ArcSwap<Policy>,
-    /// Limits the function's retries to a fifth of its calls (plus a floor).
-    pub retry_budget: crate::retry::Budget,
+    /// The function's configuration (its scale settings and command) now.
+    config: arc_swap::ArcSwap<FunctionConfig>,
     grace: Duration,
     watchdog: Arc<Watchdog>,
     state: Mutex<State>,
@@ -367,8 +198,7 @@ impl Pool {
     ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             name: function.name.clone(),
-            policy: arc_swap::ArcSwap::from_pointee(Policy::new(function)),
-            retry_budget: crate::retry::Budget::default(),
+            config: arc_swap::ArcSwap::new(function),
             grace,
             watchdog,
             state: Mutex::new(State::default()),
@@ -379,31 +209,19 @@ impl Pool {
         });
         pool.start_to_min();
         tokio::spawn(Pool::reap_idle(Arc::downgrade(&pool)));
-        pool.tick_breakers();
         pool
     }
 
     /// The function's scaling settings now.
     fn scale(&self) -> crate::config::ScaleConfig {
-        self.policy.load().function.scale
-    }
-
-    /// What calls of this function follow now.
-    pub fn policy(&self) -> arc_swap::Guard<Arc<Policy>> {
-        self.policy.load()
+        self.config.load().scale
     }
 
     /// Applies a reloaded configuration of this function (same command, environment and
-    /// protocol) to the calls that follow: calls in flight keep what they were routed with, and
-    /// instances keep running. A raised `min`, `max` or `concurrency` serves waiting calls at once.
+    /// protocol): instances keep running, and a raised `min`, `max` or `concurrency` serves
+    /// waiting calls at once.
     pub fn reconfigure(self: &Arc<Pool>, function: Arc<FunctionConfig>) {
-        let old = self.policy.load_full();
-        let next = old.next(function);
-        let new_breakers = !Arc::ptr_eq(&old.breakers, &next.breakers);
-        self.policy.store(Arc::new(next));
-        if new_breakers {
-            self.tick_breakers();
-        }
+        self.config.store(function);
         let mut st = lock(&self.state);
         self.dispatch(&mut st);
         drop(st);
@@ -695,8 +513,8 @@ impl Pool {
                     let _ = ready_tx.send(instance);
                 }
             };
-            let function = pool.policy().function.clone();
-            match runtime::start(&function, id, &pool.watchdog, on_ready).await {
+            let function = pool.config.load_full();
+            match process::start(&function, id, &pool.watchdog, on_ready).await {
                 Ok(process) => {
                     // `on_ready` has run: the instance is in the ready set.
                     let Ok(instance) = ready_rx.await else { return };
@@ -722,7 +540,7 @@ impl Pool {
         }
     }
 
-    fn start_failed(self: &Arc<Pool>, id: u64, e: runtime::StartError) {
+    fn start_failed(self: &Arc<Pool>, id: u64, e: process::StartError) {
         let name = &self.name;
         tracing::warn!(function = %name, instance = id, error = %e, "instance failed to start");
         let mut st = lock(&self.state);
@@ -741,14 +559,14 @@ impl Pool {
     async fn monitor(
         self: Arc<Pool>,
         instance: Arc<Instance>,
-        process: runtime::Process,
+        process: process::Process,
         stop_rx: oneshot::Receiver<()>,
     ) {
-        let runtime::Process { mut child, pid, .. } = process;
+        let process::Process { mut child, pid, .. } = process;
         tokio::select! {
             status = child.wait() => {
                 // What a wrapper left of the instance goes with it.
-                runtime::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+                process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
                 let name = &self.name;
                 tracing::warn!(function = %name, instance = instance.id, status = ?status, "instance exited");
                 self.remove(&instance);
@@ -764,7 +582,7 @@ impl Pool {
                 }
             }
             _ = stop_rx => {
-                runtime::stop(child, pid, self.grace).await;
+                process::stop(child, pid, self.grace).await;
                 tracing::info!(function = %self.name, instance = instance.id, "instance stopped");
             }
         }
@@ -787,26 +605,6 @@ impl Pool {
     }
 
     /// Stops instances idle for `scale.idle`, down to `scale.min`.
-    /// Moves the current breakers' gates, off the request path, until the pool is gone or a
-    /// reload replaces them.
-    fn tick_breakers(self: &Arc<Pool>) {
-        let breakers = self.policy().breakers.clone();
-        let Some(every) = breakers.tick_every() else {
-            return;
-        };
-        let pool = Arc::downgrade(self);
-        self.control.spawn(async move {
-            loop {
-                sleep(every).await;
-                let Some(pool) = pool.upgrade() else { return };
-                if !Arc::ptr_eq(&pool.policy().breakers, &breakers) {
-                    return;
-                }
-                breakers.tick(Instant::now());
-            }
-        });
-    }
-
     async fn reap_idle(pool: std::sync::Weak<Pool>) {
         loop {
             let period = match pool.upgrade() {

@@ -1,0 +1,180 @@
+//! A function as governance sees it: the pool of its instances, the policy its calls follow, and
+//! the state that policy keeps (rate limiters, breakers, the retry budget). Admission, the one
+//! gate every protocol's calls pass before they may queue, lives here.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::time::{sleep, Instant};
+
+use super::{breaker::Breakers, limit::Limits, outcome::Verdict, retry::Attempts, retry::Budget};
+use crate::{
+    config::FunctionConfig,
+    error::{CallError, Kind},
+    instances::pool::Pool,
+};
+
+/// A routing table's entry: a function and the IDL service callers name it by.
+pub struct Route {
+    pub function: Arc<Function>,
+    pub service: Option<String>,
+}
+
+/// What a function's calls follow: its configuration and the state its policy keeps. A reload
+/// swaps it whole; a call keeps the one it was admitted with.
+pub struct Policy {
+    pub function: Arc<FunctionConfig>,
+    /// The function's rate limits, checked before a call queues or touches an instance.
+    pub limits: Arc<Limits>,
+    /// The function's circuit breakers (per method), gated on the request path, moved by a task.
+    pub breakers: Arc<Breakers>,
+}
+
+impl Policy {
+    fn new(function: Arc<FunctionConfig>) -> Policy {
+        Policy {
+            limits: Arc::new(Limits::new(&function)),
+            breakers: Arc::new(Breakers::new(&function)),
+            function,
+        }
+    }
+
+    /// `function`'s policy after a reload: the rate limiters and breakers (and their state) carry
+    /// over when nothing they depend on changed.
+    fn next(&self, function: Arc<FunctionConfig>) -> Policy {
+        let (a, b) = (&*self.function, &*function);
+        let names = |f: &FunctionConfig| {
+            f.methods
+                .as_ref()
+                .map(|ms| ms.iter().map(|m| m.name.clone()).collect::<Vec<_>>())
+        };
+        if a.policy == b.policy && a.methods_policy == b.methods_policy && names(a) == names(b) {
+            Policy {
+                function,
+                limits: self.limits.clone(),
+                breakers: self.breakers.clone(),
+            }
+        } else {
+            Policy::new(function)
+        }
+    }
+}
+
+/// One function: its instances and its policy.
+pub struct Function {
+    /// The function's name: fixed for its life.
+    pub name: String,
+    pub pool: Arc<Pool>,
+    policy: arc_swap::ArcSwap<Policy>,
+    /// Limits the function's retries to a fifth of its calls (plus a floor).
+    pub retry_budget: Budget,
+    /// The control runtime, where the breakers' task runs whichever thread reloads.
+    control: tokio::runtime::Handle,
+}
+
+/// A call its function admitted: its budget (the policy's timeout capped by the caller's) and
+/// deadline, the verdict it leaves in its method's breaker, whether replies must be read for
+/// failures, and its retry state when the method's policy retries.
+pub struct Admitted {
+    pub budget: Option<Duration>,
+    pub deadline: Option<Instant>,
+    pub verdict: Verdict,
+    /// Replies are read for failures when the function has breakers (also for instance
+    /// ejection).
+    pub classify: bool,
+    pub retry: Option<Attempts>,
+}
+
+impl Function {
+    /// A function serving calls with `pool`'s instances; call it inside the control runtime
+    /// (its breakers are moved by a task there).
+    pub fn new(config: Arc<FunctionConfig>, pool: Arc<Pool>) -> Arc<Function> {
+        let function = Arc::new(Function {
+            name: config.name.clone(),
+            pool,
+            policy: arc_swap::ArcSwap::from_pointee(Policy::new(config)),
+            retry_budget: Budget::default(),
+            control: tokio::runtime::Handle::current(),
+        });
+        function.tick_breakers();
+        function
+    }
+
+    /// What calls of this function follow now.
+    pub fn policy(&self) -> arc_swap::Guard<Arc<Policy>> {
+        self.policy.load()
+    }
+
+    /// The function's configuration now.
+    pub fn config(&self) -> Arc<FunctionConfig> {
+        self.policy.load().function.clone()
+    }
+
+    /// Applies a reloaded configuration of this function (same command, environment and
+    /// protocol) to the calls that follow: calls in flight keep what they were admitted with,
+    /// and instances keep running.
+    pub fn reconfigure(self: &Arc<Function>, config: Arc<FunctionConfig>) {
+        let old = self.policy.load_full();
+        let next = old.next(config.clone());
+        let new_breakers = !Arc::ptr_eq(&old.breakers, &next.breakers);
+        self.policy.store(Arc::new(next));
+        if new_breakers {
+            self.tick_breakers();
+        }
+        self.pool.reconfigure(config);
+    }
+
+    /// The method check, rate limits and breaker a call passes before it may queue; `caller`
+    /// is the caller's own timeout (TTHeader RPCTimeout, `grpc-timeout`), and the shorter of it
+    /// and the policy's bounds the call, queueing included. Only an idempotent method whose
+    /// request is kept whole (not client streaming) may be sent again once an instance got it.
+    pub fn admit(&self, method: &str, caller: Option<Duration>) -> Result<Admitted, CallError> {
+        let policy = self.policy.load();
+        let f = &policy.function;
+        if !f.has_method(method) {
+            return Err(CallError::new(
+                Kind::NoRoute,
+                format!("function {} has no method {method}", f.name),
+            ));
+        }
+        policy.limits.admit(&f.name, method)?;
+        let breaker = policy.breakers.admit(&f.name, method)?;
+        let method_policy = f.policy_for(method);
+        let budget = match (method_policy.timeout, caller) {
+            (Some(p), Some(c)) => Some(p.min(c)),
+            (p, c) => p.or(c),
+        };
+        let deadline = budget.map(|b| Instant::now() + b);
+        let idempotent = method_policy.idempotent.unwrap_or(false)
+            && f.is_client_streaming(method) != Some(true);
+        let retry = Attempts::start(method_policy.retry, idempotent, &self.retry_budget);
+        Ok(Admitted {
+            classify: !policy.breakers.is_empty(),
+            verdict: Verdict::new(breaker, deadline),
+            budget,
+            deadline,
+            retry,
+        })
+    }
+
+    /// Moves the current breakers' gates, off the request path, until the function is gone or a
+    /// reload replaces them.
+    fn tick_breakers(self: &Arc<Function>) {
+        let breakers = self.policy().breakers.clone();
+        let Some(every) = breakers.tick_every() else {
+            return;
+        };
+        let function = Arc::downgrade(self);
+        self.control.spawn(async move {
+            loop {
+                sleep(every).await;
+                let Some(function) = function.upgrade() else {
+                    return;
+                };
+                if !Arc::ptr_eq(&function.policy().breakers, &breakers) {
+                    return;
+                }
+                breakers.tick(Instant::now());
+            }
+        });
+    }
+}

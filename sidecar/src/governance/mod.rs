@@ -1,0 +1,16 @@
+//! Governance: what a call must pass and how its outcome counts, one mechanism for every
+//! protocol. Front ends (`thrift`, `grpc`) call it; it calls the instances layer.
+//!
+//! - `function`: a function's pool and policy, and admission (method check, rate limit, breaker,
+//!   deadline, retry state);
+//! - `retry`: the attempt state machine and the retry budget;
+//! - `outcome`: which errors and replies are failures, how an attempt failed, the breaker verdict;
+//! - `breaker`, `limit`: circuit breakers and rate limiters.
+
+pub mod breaker;
+pub mod function;
+pub mod limit;
+pub mod outcome;
+pub mod retry;
+
+pub use function::{Admitted, Function, Policy, Route};

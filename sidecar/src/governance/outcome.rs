@@ -1,0 +1,111 @@
+//! Outcomes, classified once for every protocol: which errors and replies count as failures (for
+//! breakers and instance ejection), how an attempt failed (for the retry decision), and the
+//! verdict a call leaves in its method's breaker.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::breaker::Breaker;
+use crate::error::Kind;
+
+/// Whether an error fnmesh answered (or a transport failure it saw) counts against the function:
+/// it failed, crashed, hung or was overwhelmed. Refusals that say nothing about its health
+/// (no route, bad request, a rate limit, an open breaker) do not.
+pub fn is_failure(kind: Kind) -> bool {
+    matches!(kind, Kind::Unavailable | Kind::Timeout | Kind::Overloaded)
+}
+
+/// Thrift: a TApplicationException of type UNKNOWN (0) or INTERNAL_ERROR (6) from the instance
+/// is a failure (as is one whose type cannot be read); declared IDL exceptions travel in REPLY
+/// messages and, like a non-zero `biz-status`, are business outcomes.
+pub fn thrift_exception_is_failure(exception_type: Option<i32>) -> bool {
+    matches!(exception_type, None | Some(0) | Some(6))
+}
+
+/// gRPC: UNKNOWN (2), DEADLINE_EXCEEDED (4), INTERNAL (13) and UNAVAILABLE (14) are failures;
+/// every other status is a business outcome. No status at all is a failure.
+pub fn grpc_status_is_failure(status: Option<&[u8]>) -> bool {
+    matches!(status, None | Some(b"2" | b"4" | b"13" | b"14"))
+}
+
+/// How an attempt on an instance failed: what decides whether sending it again is safe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The instance never got the request (connect refused, a failed write, a connection lost
+    /// before the instance said anything, GOAWAY or REFUSED_STREAM): always safe to send again.
+    Connect,
+    /// The instance got it and failed (closed or reset the connection, answered UNAVAILABLE):
+    /// it may have run the call.
+    Unavailable,
+    /// No reply within the attempt's share of the deadline.
+    Timeout,
+    /// The exchange itself went wrong (a malformed reply): never retried.
+    Final,
+}
+
+/// A call's outcome for its method's breaker, recorded once: from the instance's reply, or from
+/// fnmesh's own error. A call dropped unfinished after its deadline (stopped as timed out) counts
+/// as a failure; one whose caller went away before it does not.
+pub struct Verdict {
+    breaker: Option<Arc<Breaker>>,
+    deadline: Option<Instant>,
+    recorded: bool,
+}
+
+impl Verdict {
+    pub fn new(breaker: Option<Arc<Breaker>>, deadline: Option<Instant>) -> Verdict {
+        Verdict {
+            breaker,
+            deadline,
+            recorded: false,
+        }
+    }
+
+    /// Records the outcome (the first call only).
+    pub fn record(&mut self, failed: bool) {
+        if !self.recorded {
+            if let Some(b) = &self.breaker {
+                b.record(failed);
+            }
+            self.recorded = true;
+        }
+    }
+}
+
+impl Drop for Verdict {
+    fn drop(&mut self) {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            self.record(true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_are_classified_once_for_both_protocols() {
+        assert!(is_failure(Kind::Unavailable) && is_failure(Kind::Timeout));
+        assert!(is_failure(Kind::Overloaded));
+        for k in [
+            Kind::NoRoute,
+            Kind::BadRequest,
+            Kind::TooLarge,
+            Kind::CircuitOpen,
+        ] {
+            assert!(!is_failure(k), "{k:?}");
+        }
+        assert!(thrift_exception_is_failure(Some(6)) && thrift_exception_is_failure(Some(0)));
+        assert!(thrift_exception_is_failure(None));
+        assert!(!thrift_exception_is_failure(Some(1)) && !thrift_exception_is_failure(Some(7)));
+        for s in ["2", "4", "13", "14"] {
+            assert!(grpc_status_is_failure(Some(s.as_bytes())), "{s}");
+        }
+        for s in ["0", "1", "3", "5", "7", "8", "9", "12", "16"] {
+            assert!(!grpc_status_is_failure(Some(s.as_bytes())), "{s}");
+        }
+        assert!(grpc_status_is_failure(None));
+    }
+}

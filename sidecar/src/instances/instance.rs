@@ -1,0 +1,149 @@
+//! One running instance of a function, and the idle connections protocol front ends keep to it.
+//!
+//! The instances layer does not know what those connections are: each front end keeps a list of
+//! its own type per worker thread (a connection belongs to the reactor of the worker that opened
+//! it), and the instance only holds the lists and empties them when it stops.
+
+use std::{
+    any::Any,
+    net::SocketAddr,
+    sync::{Mutex, OnceLock},
+};
+
+use tokio::{net::TcpStream, sync::oneshot};
+
+use crate::lock;
+
+/// How many protocols may keep idle connections to an instance (Thrift and gRPC use one each).
+const CONN_KINDS: usize = 4;
+
+/// One running instance.
+pub struct Instance {
+    pub id: u64,
+    pub addr: SocketAddr,
+    /// Idle connections by protocol: each slot, once set, holds one front end's per-worker
+    /// lists ([`PerWorker`]). Set slots are never replaced, so a lookup is an atomic load and a
+    /// type check.
+    idle: [OnceLock<Box<dyn IdleConns>>; CONN_KINDS],
+    /// Worker threads, plus one list for other threads.
+    workers: usize,
+    /// The readiness probe's connection, not yet bound to a worker: the first call takes it.
+    probe: Mutex<Option<std::net::TcpStream>>,
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance")
+            .field("id", &self.id)
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A front end's idle connections of type `T` to one instance, one list per worker thread.
+struct PerWorker<T>(Box<[Mutex<Vec<T>>]>);
+
+/// What the instance needs of [`PerWorker`] lists whatever their type: to empty them.
+trait IdleConns: Any + Send + Sync {
+    fn clear(&self);
+}
+
+impl<T: Send + 'static> IdleConns for PerWorker<T> {
+    fn clear(&self) {
+        for list in self.0.iter() {
+            lock(list).clear();
+        }
+    }
+}
+
+impl Instance {
+    pub(super) fn new(
+        id: u64,
+        addr: SocketAddr,
+        workers: usize,
+        probe: Option<std::net::TcpStream>,
+        stop: oneshot::Sender<()>,
+    ) -> Instance {
+        Instance {
+            id,
+            addr,
+            idle: Default::default(),
+            workers,
+            probe: Mutex::new(probe),
+            stop: Mutex::new(Some(stop)),
+        }
+    }
+
+    /// This worker thread's idle connections of type `T` (one type per protocol front end).
+    pub fn idle<T: Send + 'static>(&self) -> &Mutex<Vec<T>> {
+        let last = self.workers;
+        let worker = crate::workers::current().map_or(last, |i| i.min(last));
+        for slot in &self.idle {
+            let conns: &dyn IdleConns = &**slot.get_or_init(|| {
+                Box::new(PerWorker::<T>(
+                    (0..=self.workers).map(|_| Mutex::new(Vec::new())).collect(),
+                ))
+            });
+            if let Some(PerWorker(lists)) = (conns as &dyn Any).downcast_ref::<PerWorker<T>>() {
+                return &lists[worker];
+            }
+        }
+        // Only reachable with more connection types than CONN_KINDS: a programming error that
+        // every test of a front end would hit.
+        unreachable!("more than {CONN_KINDS} kinds of instance connection")
+    }
+
+    /// The readiness probe's connection, once: already open, so the first call skips a connect.
+    /// It joins this thread's reactor.
+    pub fn take_probe(&self) -> Option<TcpStream> {
+        let probe = lock(&self.probe).take()?;
+        let stream = probe
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(probe))
+            .ok()?;
+        let _ = stream.set_nodelay(true);
+        Some(stream)
+    }
+
+    /// A new connection to the instance.
+    pub async fn connect(&self) -> std::io::Result<TcpStream> {
+        let stream = TcpStream::connect(self.addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    /// Closes the idle connections (calls in flight keep theirs until they finish).
+    pub(super) fn clear_idle(&self) {
+        for conns in self.idle.iter().filter_map(OnceLock::get) {
+            conns.clear();
+        }
+        lock(&self.probe).take();
+    }
+
+    pub(super) fn stop(&self) {
+        if let Some(tx) = lock(&self.stop).take() {
+            let _ = tx.send(());
+        }
+        self.clear_idle();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_front_end_keeps_its_own_idle_connections_until_the_instance_stops() {
+        let (tx, _rx) = oneshot::channel();
+        let i = Instance::new(1, ([127, 0, 0, 1], 9).into(), 2, None, tx);
+        lock(i.idle::<u32>()).push(7);
+        lock(i.idle::<String>()).push("up".into());
+        lock(i.idle::<u32>()).push(8);
+        assert_eq!(*lock(i.idle::<u32>()), [7, 8]);
+        assert_eq!(*lock(i.idle::<String>()), ["up"]);
+        i.stop();
+        assert!(lock(i.idle::<u32>()).is_empty());
+        assert!(lock(i.idle::<String>()).is_empty());
+    }
+}

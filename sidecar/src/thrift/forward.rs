@@ -1,0 +1,365 @@
+//! A routed Thrift call on its way to an instance: a slot (queueing for a cold start), an idle
+//! connection of this worker to the instance, the request as received, one reply frame back,
+//! and retries as the function's policy allows.
+
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use fnmesh_codec::{Frame, FrameDecoder, Limits, MessageType};
+use tokio::{io::AsyncReadExt, net::TcpStream, time::Instant};
+
+use super::{route::Routed, Reply, ThriftFront};
+use crate::{
+    active::Active,
+    error::{CallError, Kind},
+    governance::outcome::{self, Failure},
+    instances::{Instance, Lease},
+    lock,
+};
+
+/// TTHeader int key RPCTimeout.
+const RPC_TIMEOUT: u16 = 12;
+
+/// Idle connections kept per instance and worker.
+const MAX_IDLE: usize = 256;
+
+/// A request on its way to an instance.
+pub(super) enum Outgoing {
+    /// The bytes as received.
+    Ready(Reply),
+    /// A TTHeader frame whose RPCTimeout is set to the call's remaining budget at forwarding.
+    Timed(Box<Frame>),
+}
+
+/// A Thrift connection to an instance and its read buffer: one call at a time, as Volo and
+/// Kitex servers expect; idle ones wait in the instance's list for this worker.
+struct InstanceConn {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl InstanceConn {
+    fn new(stream: TcpStream) -> InstanceConn {
+        InstanceConn {
+            stream,
+            buf: BytesMut::with_capacity(8 * 1024),
+        }
+    }
+
+    /// An idle connection of this worker to `instance` that the instance has not closed (or
+    /// the readiness probe's), else a new one.
+    async fn to(instance: &Instance) -> std::io::Result<InstanceConn> {
+        loop {
+            let idle = lock(instance.idle::<InstanceConn>()).pop();
+            match idle {
+                // A pooled connection the instance has closed (its reactor saw it readable
+                // while idle) is dropped before anything is written to it.
+                Some(conn) if is_stale(&conn.stream) => continue,
+                Some(conn) => return Ok(conn),
+                None => break,
+            }
+        }
+        if let Some(probe) = instance.take_probe() {
+            return Ok(InstanceConn::new(probe));
+        }
+        // Boxed: the rare path's state does not weigh on every call's future.
+        Box::pin(instance.connect()).await.map(InstanceConn::new)
+    }
+
+    /// Gives back a connection whose call completed cleanly.
+    fn recycle(self, instance: &Instance) {
+        let mut idle = lock(instance.idle::<InstanceConn>());
+        if idle.len() < MAX_IDLE {
+            idle.push(self);
+        }
+    }
+}
+
+/// Whether an idle pooled connection was closed by the instance: its reactor reported it
+/// readable while no call was on it. Costs no system call unless it was (`try_read` does not
+/// read while its reactor has not seen the socket readable).
+fn is_stale(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    !matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// One call from routing to its reply. A call's future is written into its connection's slot
+/// (or allocated) once per call, so its size counts: what the levels below need is passed by
+/// reference where it can be.
+pub(super) async fn call(
+    front: &ThriftFront,
+    ticket: Option<u64>,
+    mut routed: Routed,
+    request: Outgoing,
+    oneway: bool,
+) -> (Option<u64>, Result<Option<Reply>, CallError>) {
+    let _active = Active::new(&front.active);
+    let _in_flight = crate::workers::InFlight::enter();
+    let result = exchange(front, &routed, request, oneway).await;
+    routed.verdict.record(match &result {
+        Ok(Some((_, failed))) => *failed,
+        Ok(None) => false,
+        Err(e) => outcome::is_failure(e.kind),
+    });
+    (ticket, result.map(|r| r.map(|(reply, _)| reply)))
+}
+
+/// A reply and whether it counts as a failure (read only when the function classifies replies).
+type Replied = Option<(Reply, bool)>;
+
+/// Waits for a slot (starting an instance if none is ready) and forwards. Under a `retry`
+/// policy a failed attempt is tried again, on another instance when there is one, as
+/// `governance::retry` decides.
+async fn exchange(
+    front: &ThriftFront,
+    routed: &Routed,
+    request: Outgoing,
+    oneway: bool,
+) -> Result<Replied, CallError> {
+    let (function, deadline) = (&routed.function, routed.deadline);
+    let lease = match function.pool.try_acquire()? {
+        Some(lease) => lease,
+        None => {
+            // Boxed: the queueing path's state does not weigh on every call's future.
+            let lease = Box::pin(function.pool.acquire()).await?;
+            // The connection's timer stops a two-way call that waits too long; a oneway call
+            // checks here, and is never forwarded late.
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(CallError::new(
+                    Kind::Timeout,
+                    format!("function {}: deadline passed while queued", function.name),
+                ));
+            }
+            lease
+        }
+    };
+    let request = match (request, deadline) {
+        (Outgoing::Timed(frame), Some(d)) => with_remaining_budget(*frame, d)?,
+        (Outgoing::Timed(frame), None) => frame.into_buf(),
+        (Outgoing::Ready(bytes), _) => bytes,
+    };
+    let attempt = Attempt {
+        limits: &front.limits,
+        routed,
+        oneway,
+    };
+    if routed.retry.is_none() {
+        return attempt.one(lease, request, None).await.map_err(|(e, _)| e);
+    }
+    // Boxed: the retrying path's state does not weigh on every call's future.
+    Box::pin(retrying(attempt, lease, request)).await
+}
+
+/// Attempts until one succeeds or the retry state machine says no more.
+async fn retrying(
+    attempt: Attempt<'_>,
+    mut lease: Lease,
+    request: Reply,
+) -> Result<Replied, CallError> {
+    let Some(mut retry) = attempt.routed.retry else {
+        return attempt.one(lease, request, None).await.map_err(|(e, _)| e);
+    };
+    let function = &attempt.routed.function;
+    let deadline = attempt.routed.deadline;
+    loop {
+        let bytes = request
+            .first_ref()
+            .clone()
+            .chain(request.last_ref().clone());
+        let instance = lease.instance.id;
+        let share = retry.share(deadline);
+        let (e, failure) = match attempt.one(lease, bytes, share).await {
+            Err(failed) => failed,
+            Ok(reply) => return Ok(reply),
+        };
+        let Some(wait) = retry.next(failure, instance, deadline, &function.retry_budget) else {
+            return Err(e);
+        };
+        tracing::debug!(function = %function.name, instance, error = %e, "retrying");
+        tokio::time::sleep(wait).await;
+        lease = match function.pool.try_acquire_other(instance)? {
+            Some(lease) => lease,
+            None => Box::pin(function.pool.acquire()).await?,
+        };
+    }
+}
+
+/// What every attempt of one call shares.
+struct Attempt<'a> {
+    limits: &'a Limits,
+    routed: &'a Routed,
+    oneway: bool,
+}
+
+impl Attempt<'_> {
+    /// One attempt on the leased instance; `share` bounds it when set (a `timeout` retry
+    /// policy).
+    async fn one(
+        &self,
+        mut lease: Lease,
+        request: Reply,
+        share: Option<Duration>,
+    ) -> Result<Replied, (CallError, Failure)> {
+        let name = &self.routed.function.name;
+        let classify = self.routed.classify;
+        lease.set_deadline(self.routed.deadline);
+        let exchange = forward(
+            &lease.instance,
+            name,
+            request,
+            self.oneway,
+            self.limits,
+            classify,
+        );
+        let result = match share {
+            None => exchange.await,
+            // Boxed: the rare path's state does not weigh on every call's future.
+            Some(share) => match Box::pin(tokio::time::timeout(share, exchange)).await {
+                Ok(result) => result,
+                Err(_) => {
+                    lease.outcome(true);
+                    let e = CallError::new(
+                        Kind::Timeout,
+                        format!(
+                            "function {name} instance {}: no reply within {share:?} (this attempt's share of the deadline)",
+                            lease.instance.id
+                        ),
+                    );
+                    return Err((e, Failure::Timeout));
+                }
+            },
+        };
+        match result {
+            Err((e, Failure::Final)) => {
+                lease.outcome(outcome::is_failure(e.kind));
+                Err((e, Failure::Final))
+            }
+            Err(failed) => {
+                lease.evict();
+                Err(failed)
+            }
+            Ok(Some((reply, failed))) => {
+                lease.outcome(classify && failed);
+                Ok(Some((reply, failed)))
+            }
+            Ok(None) => {
+                lease.outcome(false);
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The frame's bytes with TTHeader key 12 (RPCTimeout, decimal milliseconds) set to what is left
+/// until `deadline` (at least 1 ms), so the instance can stop work its caller has given up on.
+/// Rewritten in place when the number keeps its length.
+fn with_remaining_budget(mut frame: Frame, deadline: Instant) -> Result<Reply, CallError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
+    frame
+        .set_int_key(RPC_TIMEOUT, ms.to_string().as_bytes())
+        .map_err(|e| {
+            CallError::new(Kind::BadRequest, format!("cannot set the RPC timeout: {e}"))
+        })?;
+    Ok(frame.into_buf())
+}
+
+/// Whether an instance's reply counts as a failure (`governance::outcome`): an EXCEPTION message
+/// whose TApplicationException is UNKNOWN or INTERNAL_ERROR, or that cannot be read. Only calls
+/// whose method has a breaker pay for reading the reply's headers.
+fn reply_failed(reply: Bytes, limits: Limits) -> bool {
+    let mut buf = BytesMut::from(reply);
+    match FrameDecoder::new(limits).decode(&mut buf) {
+        Ok(Some(f)) if f.kind() == MessageType::Exception => outcome::thrift_exception_is_failure(
+            fnmesh_codec::exception_type(f.payload(), f.protocol(), &limits),
+        ),
+        Ok(Some(_)) => false,
+        _ => true,
+    }
+}
+
+/// Writes the request to an instance connection as received and reads one reply frame, which
+/// is returned as it came (its headers are not even parsed). A failure says whether the
+/// instance got the request ([`Failure::Connect`]: it did not), broke after it
+/// ([`Failure::Unavailable`]), or only this exchange went wrong ([`Failure::Final`]).
+async fn forward(
+    instance: &Instance,
+    function: &str,
+    mut out: Reply,
+    oneway: bool,
+    limits: &Limits,
+    classify: bool,
+) -> Result<Replied, (CallError, Failure)> {
+    let unavailable = |what: String| {
+        CallError::new(
+            Kind::Unavailable,
+            format!("function {function} instance {}: {what}", instance.id),
+        )
+    };
+    let mut conn = InstanceConn::to(instance).await.map_err(|e| {
+        (
+            unavailable(format!("connect refused: {e}")),
+            Failure::Connect,
+        )
+    })?;
+    // A failed write means the instance cannot have the whole frame: it never ran the call.
+    write_all(&mut conn.stream, &mut out)
+        .await
+        .map_err(|e| (unavailable(format!("write failed: {e}")), Failure::Connect))?;
+    if oneway {
+        conn.recycle(instance);
+        return Ok(None);
+    }
+    let mut decoder = FrameDecoder::new(*limits);
+    loop {
+        match decoder.split(&mut conn.buf) {
+            Ok(Some(reply)) => {
+                conn.recycle(instance);
+                let failed = classify && reply_failed(reply.clone().freeze(), *limits);
+                return Ok(Some((reply.freeze().chain(Bytes::new()), failed)));
+            }
+            Ok(None) => {}
+            Err(e) => return Err((unavailable(format!("malformed reply: {e}")), Failure::Final)),
+        }
+        match conn.stream.read_buf(&mut conn.buf).await {
+            Ok(0) => {
+                let e = unavailable("closed the connection before replying".into());
+                return Err((e, Failure::Unavailable));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err((
+                    unavailable(format!("read failed: {e}")),
+                    Failure::Unavailable,
+                ))
+            }
+        }
+    }
+}
+
+/// The (at most two) pieces of `out`, for one vectored write; the count of those in use.
+pub(super) fn pieces(out: &Reply) -> ([std::io::IoSlice<'_>; 2], usize) {
+    let mut slices = [std::io::IoSlice::new(&[]); 2];
+    let n = out.chunks_vectored(&mut slices);
+    (slices, n)
+}
+
+/// Writes all of `out` (as `write_all_buf`, without setting up room for 64 pieces per poll).
+async fn write_all(stream: &mut TcpStream, out: &mut Reply) -> std::io::Result<()> {
+    while out.has_remaining() {
+        let written = std::future::poll_fn(|cx| {
+            let (slices, n) = pieces(out);
+            tokio::io::AsyncWrite::poll_write_vectored(
+                std::pin::Pin::new(&mut *stream),
+                cx,
+                &slices[..n],
+            )
+        })
+        .await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        out.advance(written);
+    }
+    Ok(())
+}

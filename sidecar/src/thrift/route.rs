@@ -1,0 +1,92 @@
+//! Which function a Thrift call goes to (DESIGN.md "Thrift routing"), and its admission.
+
+use std::{sync::Arc, time::Duration};
+
+use fnmesh_codec::Frame;
+use tokio::time::Instant;
+
+use crate::{
+    error::{CallError, Kind},
+    governance::{outcome::Verdict, retry::Attempts, Function, Route},
+};
+
+/// A routed call: its function, deadline, budget, breaker verdict, whether replies are read for
+/// failures, and retry state, as the function's policy was when the call arrived.
+pub(super) struct Routed {
+    pub function: Arc<Function>,
+    pub deadline: Option<Instant>,
+    pub budget: Option<Duration>,
+    pub verdict: Verdict,
+    pub classify: bool,
+    pub retry: Option<Attempts>,
+}
+
+/// ToService, then `isn`, then a `Service:` name prefix (stripped), then the only Thrift
+/// function. A method the IDL lacks is refused without starting anything.
+pub(super) fn route(table: &[Route], frame: &mut Frame) -> Result<Routed, CallError> {
+    let Some(index) = find(table, frame)? else {
+        let asked = asked_service(frame);
+        return Err(CallError::new(
+            Kind::NoRoute,
+            format!("no function for service {asked}"),
+        ));
+    };
+    let function = &table[index].function;
+    let caller = frame
+        .ttheader()
+        .and_then(|h| h.rpc_timeout_ms(frame.head()))
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis);
+    let admitted = function.admit(frame.name(), caller)?;
+    Ok(Routed {
+        function: function.clone(),
+        deadline: admitted.deadline,
+        budget: admitted.budget,
+        verdict: admitted.verdict,
+        classify: admitted.classify,
+        retry: admitted.retry,
+    })
+}
+
+/// The index of the function the call names (stripping a `Service:` prefix it matched).
+fn find(table: &[Route], frame: &mut Frame) -> Result<Option<usize>, CallError> {
+    let by_name = |n: &[u8]| table.iter().position(|r| r.function.name.as_bytes() == n);
+    let by_service = |s: &[u8]| {
+        table
+            .iter()
+            .position(|r| r.service.as_deref().map(str::as_bytes) == Some(s))
+    };
+    if let Some(h) = frame.ttheader() {
+        let found = h
+            .to_service(frame.head())
+            .and_then(by_name)
+            .or_else(|| h.idl_service(frame.head()).and_then(by_service));
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    if let Some((service, _)) = frame.name().split_once(':') {
+        let hit = by_service(service.as_bytes()).or_else(|| by_name(service.as_bytes()));
+        if hit.is_some() {
+            frame
+                .strip_service_prefix()
+                .map_err(|e| CallError::new(Kind::BadRequest, e.to_string()))?;
+            return Ok(hit);
+        }
+    }
+    Ok((table.len() == 1).then_some(0))
+}
+
+/// The service an unroutable call asked for, for its error: the last routing rule that named one
+/// (a `Service:` prefix, else `isn`, else ToService). Only the failure path pays for the text.
+fn asked_service(frame: &Frame) -> String {
+    if let Some((service, _)) = frame.name().split_once(':') {
+        return service.to_owned();
+    }
+    let head = frame.head();
+    frame
+        .ttheader()
+        .and_then(|h| h.idl_service(head).or_else(|| h.to_service(head)))
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .unwrap_or_else(|| "(none named)".into())
+}
