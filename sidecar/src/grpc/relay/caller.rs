@@ -1,0 +1,567 @@
+//! The caller's side of a relay: its frames, routing and admission of new streams, request data
+//! on its way up, response data on its way back, errors, deadlines and retries.
+
+use super::*;
+
+impl Relay<'_> {
+    /// Handles every whole frame the caller sent.
+    pub(super) fn caller_frames(&mut self) -> Result<(), FrameError> {
+        while let Some((head, payload)) = self.caller.next_frame()? {
+            match head.kind {
+                kind::HEADERS | kind::CONTINUATION => {
+                    if let Some((id, end, block)) = self.caller.header_fragment(&head, &payload)? {
+                        self.request_headers(id, end, &block)?;
+                    }
+                }
+                kind::DATA => {
+                    self.caller.received(head.len)?;
+                    let data = frame::unpad(&head, &payload)?;
+                    let data = payload.slice_ref(data);
+                    self.caller_data(head.stream, head.len, data, head.is(flag::END_STREAM));
+                }
+                kind::WINDOW_UPDATE => match frame::window_update(&head, &payload) {
+                    Ok(n) if head.stream == 0 => {
+                        self.caller.send_window += i64::from(n);
+                        let ids: Vec<u32> = self.streams.keys().copied().collect();
+                        for id in ids {
+                            self.pump_caller(id);
+                        }
+                    }
+                    Ok(n) => {
+                        if let Some(s) = self.streams.get_mut(&head.stream) {
+                            s.windows.send_caller += i64::from(n);
+                            self.pump_caller(head.stream);
+                        }
+                    }
+                    Err(e) if e.stream => {
+                        frame::write_rst_stream(&mut self.caller.wbuf, head.stream, e.reason)
+                    }
+                    Err(e) => return Err(e),
+                },
+                kind::SETTINGS => {
+                    let delta = self.caller.settings(&head, &payload)?;
+                    if delta != 0 {
+                        for s in self.streams.values_mut() {
+                            s.windows.send_caller += delta;
+                        }
+                    }
+                }
+                kind::PING => self.caller.ping(&head, &payload)?,
+                kind::RST_STREAM => {
+                    frame::rst_stream(&head, &payload)?;
+                    // The caller cancelled: so is the instance's stream.
+                    self.cancel_up(head.stream, reason::CANCEL);
+                    if let Some(s) = self.streams.remove(&head.stream) {
+                        if !s.answered {
+                            self.early_resets += 1;
+                        }
+                    }
+                    self.watches.remove(&head.stream);
+                    if self.early_resets > MAX_EARLY_RESETS.max(2 * self.answered) {
+                        return Err(FrameError {
+                            kind: head.kind,
+                            what: "too many streams reset before their response",
+                            reason: reason::ENHANCE_YOUR_CALM,
+                            stream: false,
+                        });
+                    }
+                }
+                kind::GOAWAY => {
+                    frame::goaway(&head, &payload)?;
+                    self.caller.going_away = true;
+                }
+                kind::PUSH_PROMISE => {
+                    return Err(FrameError {
+                        kind: head.kind,
+                        what: "PUSH_PROMISE from a client",
+                        reason: reason::PROTOCOL_ERROR,
+                        stream: false,
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A caller's request headers: routed, admitted, and sent on to an instance (or queued).
+    pub(super) fn request_headers(
+        &mut self,
+        id: u32,
+        end: bool,
+        block: &[u8],
+    ) -> Result<(), FrameError> {
+        if self.streams.contains_key(&id) || (id <= self.last_stream && id % 2 == 1) {
+            return self.later_headers(id, end, block);
+        }
+        if id % 2 == 0 {
+            return Err(FrameError {
+                kind: kind::HEADERS,
+                what: "a new stream's identifier must be odd",
+                reason: reason::PROTOCOL_ERROR,
+                stream: false,
+            });
+        }
+        self.last_stream = id;
+        // The path goes into a buffer the connection reuses.
+        let mut path = std::mem::take(&mut self.path);
+        let head = match RequestHead::decode(&mut self.caller.decoder, block, &mut path) {
+            Ok(head) => head,
+            Err(fnmesh_codec::hpack::HpackError::ListTooLarge { .. }) => {
+                frame::write_rst_stream(&mut self.caller.wbuf, id, reason::PROTOCOL_ERROR);
+                self.path = path;
+                return Ok(());
+            }
+            Err(_) => return Err(undecodable()),
+        };
+        if head.malformed || !head.has_path {
+            frame::write_rst_stream(&mut self.caller.wbuf, id, reason::PROTOCOL_ERROR);
+        } else if self.draining || self.streams.len() >= MAX_STREAMS as usize {
+            frame::write_rst_stream(&mut self.caller.wbuf, id, reason::REFUSED_STREAM);
+        } else {
+            let stream = Stream::new(head.block, end, self.caller.peer_window);
+            self.open_stream(id, stream, &path, head.timeout);
+        }
+        self.path = path;
+        Ok(())
+    }
+
+    /// Trailers of a request (gRPC requests have none worth passing), or headers on a stream
+    /// already answered: decoded all the same, to keep the table in step.
+    fn later_headers(&mut self, id: u32, end: bool, block: &[u8]) -> Result<(), FrameError> {
+        if self.caller.decoder.decode(block, |_| ()).is_err() {
+            return Err(undecodable());
+        }
+        if end {
+            self.caller_data(id, 0, Bytes::new(), true);
+        }
+        Ok(())
+    }
+
+    /// A new stream goes to its function (or is answered at once).
+    fn open_stream(&mut self, id: u32, mut stream: Stream, path: &str, timeout: Option<Duration>) {
+        match self.route(path, timeout, &mut stream) {
+            Ok(None) => {
+                self.streams.insert(id, stream);
+            }
+            Ok(Some(lease)) => {
+                self.streams.insert(id, stream);
+                self.leased(id, Ok(lease));
+            }
+            Err(e) => {
+                // Answered now; what the caller still sends on the stream is dropped.
+                stream.verdict = None;
+                self.streams.insert(id, stream);
+                self.fail(id, &e);
+            }
+        }
+    }
+
+    /// Routes a stream; gives a slot on an instance when one is free now, else queues for one.
+    pub(super) fn route(
+        &mut self,
+        path: &str,
+        caller_timeout: Option<Duration>,
+        stream: &mut Stream,
+    ) -> Result<Option<Lease>, CallError> {
+        let (function, method) = match grpc::target(self.front, path)? {
+            grpc::Target::Function(function, method) => (function, method),
+            grpc::Target::Health { watch } => {
+                stream.health = Some(Vec::new());
+                stream.watch = watch;
+                return Ok(None);
+            }
+        };
+        let admitted = function.admit(method, caller_timeout)?;
+        // Outcomes are recorded (breaker, instance ejection) when the function has breakers.
+        stream.verdict = admitted.classify.then_some(admitted.verdict);
+        stream.deadline = admitted.deadline;
+        if let Some(d) = admitted.deadline {
+            self.timers.push(d, self.last_stream);
+        }
+        stream.budget = admitted.budget.unwrap_or_default();
+        stream.function = Some(function.clone());
+        stream._active = Some(Active::new(&self.front.active));
+        stream.retry = admitted.retry.map(|attempts| Retrying {
+            attempts,
+            copy: stream.request.clone().map(|b| (b, Vec::new(), 0)),
+        });
+        if let Some(lease) = function.pool.try_acquire()? {
+            return Ok(Some(lease));
+        }
+        self.queue(&function, stream.deadline, stream.budget);
+        Ok(None)
+    }
+
+    /// Waits for a slot for the stream routed last.
+    pub(super) fn queue(
+        &mut self,
+        function: &Arc<Function>,
+        deadline: Option<Instant>,
+        budget: Duration,
+    ) {
+        self.queue_for(self.last_stream, function.clone(), deadline, budget, None);
+    }
+
+    /// Waits for a slot for stream `id`: after `then` (a retry's backoff), and on another
+    /// instance than `then`'s when one has room.
+    pub(super) fn queue_for(
+        &mut self,
+        id: u32,
+        function: Arc<Function>,
+        deadline: Option<Instant>,
+        budget: Duration,
+        then: Option<(Duration, u64)>,
+    ) {
+        self.queued.push(Box::pin(async move {
+            if let Some((wait, avoid)) = then {
+                tokio::time::sleep(wait).await;
+                match function.pool.try_acquire_other(avoid) {
+                    Ok(Some(lease)) => return (id, Ok(lease)),
+                    Ok(None) => {}
+                    Err(e) => return (id, Err(e)),
+                }
+            }
+            let acquire = function.pool.acquire();
+            let result = match deadline {
+                Some(d) => tokio::time::timeout_at(d, acquire).await.unwrap_or_else(|_| {
+                    Err(CallError::new(
+                        Kind::Timeout,
+                        format!(
+                            "function {}: deadline of {budget:?} passed while queued (the call was never forwarded)",
+                            function.name
+                        ),
+                    ))
+                }),
+                None => acquire.await,
+            };
+            (id, result)
+        }));
+    }
+
+    /// Request data from the caller.
+    pub(super) fn caller_data(&mut self, id: u32, len: usize, data: Bytes, end: bool) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            // A stream already answered or reset: its bytes are dropped, and given back.
+            self.caller.credit(len);
+            return;
+        };
+        if s.caller_done {
+            self.caller.credit(len);
+            return;
+        }
+        s.windows.recv_caller -= len as i64;
+        if s.windows.recv_caller < 0 {
+            // Past the stream's window: the stream ends, the bytes are given back.
+            self.caller.credit(len);
+            frame::write_rst_stream(&mut self.caller.wbuf, id, reason::FLOW_CONTROL_ERROR);
+            s.caller_done = true;
+            self.cancel_up(id, reason::CANCEL);
+            self.streams.remove(&id);
+            return;
+        }
+        // Padding is given back at once; the data when it has gone on.
+        self.caller.credit(len - data.len());
+        s.windows.unacked_caller += (len - data.len()) as u32;
+        s.caller_done = end;
+        if let Some(h) = s.health.as_mut() {
+            h.extend_from_slice(&data);
+            self.caller.credit(data.len());
+            if end {
+                self.health_check(id);
+            }
+            return;
+        }
+        if s.answered && s.up.is_none() {
+            // Answered by fnmesh (an error): nothing goes on.
+            self.caller.credit(data.len());
+            return;
+        }
+        if let Some(r) = s.retry.as_mut() {
+            if let Some((_, copy, size)) = r.copy.as_mut() {
+                *size += data.len();
+                if !data.is_empty() {
+                    copy.push(data.clone());
+                }
+                if *size > REPLAY_LIMIT {
+                    r.copy = None;
+                }
+            }
+        }
+        if !data.is_empty() {
+            s.to_up.push_back(data);
+        }
+        self.pump_up(id);
+    }
+
+    /// Sends what the caller's windows allow of a stream's response data, then its trailers.
+    pub(super) fn pump_caller(&mut self, id: u32) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        // The trailers end the stream, not the data.
+        let (sent, _) = send_within(
+            &mut s.to_caller,
+            &mut s.windows.send_caller,
+            &mut self.caller,
+            id,
+            false,
+        );
+        if sent > 0 {
+            if let Some((i, up_id)) = s.up {
+                let up = &mut self.ups[i];
+                up.link.credit(sent);
+                s.windows.unacked_up += sent as u32;
+                if s.windows.unacked_up >= STREAM_WINDOW / 4 {
+                    frame::write_window_update(&mut up.link.wbuf, up_id, s.windows.unacked_up);
+                    s.windows.recv_up += i64::from(s.windows.unacked_up);
+                    s.windows.unacked_up = 0;
+                }
+            }
+        }
+        if s.to_caller.is_empty() {
+            if let Some(trailers) = s.trailers.take() {
+                write_headers(
+                    &mut self.caller.wbuf,
+                    id,
+                    &trailers,
+                    true,
+                    self.caller.peer_max_frame,
+                );
+                self.finish(id);
+            }
+        }
+    }
+
+    /// Answers a stream with fnmesh's error, trailers-only (or, once response headers went out,
+    /// as trailers), and ends it on the instance's side too.
+    pub(super) fn fail(&mut self, id: u32, e: &CallError) {
+        self.cancel_up(id, reason::CANCEL);
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if let Some(v) = s.verdict.as_mut() {
+            v.record(outcome::is_failure(e.kind));
+        }
+        if s.answered {
+            let mut b = Vec::new();
+            status_fields(&mut b, e.kind.grpc_status(), &e.to_string());
+            s.to_caller.clear();
+            write_headers(
+                &mut self.caller.wbuf,
+                id,
+                &b,
+                true,
+                self.caller.peer_max_frame,
+            );
+        } else {
+            s.answered = true;
+            write_headers(
+                &mut self.caller.wbuf,
+                id,
+                &error_block(e),
+                true,
+                self.caller.peer_max_frame,
+            );
+        }
+        self.finish(id);
+    }
+
+    /// The response has ended: the stream is done. A caller still sending is told to stop.
+    pub(super) fn finish(&mut self, id: u32) {
+        self.watches.remove(&id);
+        let Some(s) = self.streams.remove(&id) else {
+            return;
+        };
+        self.answered += 1;
+        if let Some((i, up_id)) = s.up {
+            let up = &mut self.ups[i];
+            up.streams.remove(&up_id);
+            if !s.up_done {
+                frame::write_rst_stream(&mut up.link.wbuf, up_id, reason::CANCEL);
+            }
+            if up.link.going_away && up.streams.is_empty() && !up.link.closed {
+                up.link.goaway(0, reason::NO_ERROR, "");
+                up.link.closed_after_flush();
+            }
+        }
+        if !s.caller_done {
+            frame::write_rst_stream(&mut self.caller.wbuf, id, reason::NO_ERROR);
+        }
+    }
+
+    /// The earliest deadline of a stream still waiting for it.
+    pub(super) fn next_timer(&mut self) -> Option<Instant> {
+        let streams = &self.streams;
+        self.timers.compact(streams.len(), || {
+            streams.iter().flat_map(|(&id, s)| {
+                let attempt = s.attempt_deadline.filter(|_| !s.answered);
+                [s.deadline, attempt]
+                    .into_iter()
+                    .flatten()
+                    .map(move |at| (at, id))
+            })
+        });
+        self.timers
+            .next(|at, id| streams.get(&id).is_some_and(|s| s.waits_for(at)))
+    }
+
+    /// Streams past their deadline are answered DEADLINE_EXCEEDED; an attempt past its share of
+    /// the deadline is tried again.
+    pub(super) fn expire(&mut self) {
+        let now = Instant::now();
+        while let Some((at, id)) = self.timers.pop_due(now) {
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            if !s.waits_for(at) {
+                continue;
+            }
+            if s.deadline != Some(at) && s.deadline.is_none_or(|d| d > now) {
+                // This attempt's share of the deadline.
+                s.attempt_deadline = None;
+                let instance = s.lease.as_ref().map_or(0, |l| l.instance.id);
+                let e = CallError::new(
+                    Kind::Timeout,
+                    format!(
+                        "function {} instance {instance}: no response within this attempt's share of the deadline",
+                        s.function()
+                    ),
+                );
+                self.cancel_up(id, reason::CANCEL);
+                self.retry_or_fail(id, &e, Failure::Timeout);
+                continue;
+            }
+            let what = if s.answered {
+                "while the response streamed"
+            } else if s.up.is_some() {
+                "waiting for the instance's response"
+            } else {
+                "while queued (the call was never forwarded)"
+            };
+            let e = CallError::new(
+                Kind::Timeout,
+                format!(
+                    "function {}: deadline of {:?} passed {what}",
+                    s.function(),
+                    s.budget
+                ),
+            );
+            if let Some(l) = &s.lease {
+                if s.up.is_some() {
+                    l.outcome(true);
+                }
+            }
+            self.fail(id, &e);
+        }
+    }
+
+    /// Retries a failed attempt when the policy allows (on another instance, after a backoff);
+    /// otherwise answers the caller with `e`.
+    pub(super) fn retry_or_fail(&mut self, id: u32, e: &CallError, why: Failure) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let instance = s.lease.as_ref().map_or(0, |l| l.instance.id);
+        let may_retry = s.may_retry(why);
+        let wait = match (s.retry.as_mut(), &s.function) {
+            (Some(r), Some(f)) if may_retry => {
+                r.attempts.next(why, instance, s.deadline, &f.retry_budget)
+            }
+            _ => None,
+        };
+        if wait.is_some() {
+            tracing::debug!(function = %s.function(), instance, error = %e, "retrying on another instance");
+        }
+        let (Some(wait), Some(r)) = (wait, s.retry.as_mut()) else {
+            if why != Failure::Connect {
+                s.outcome(true);
+            }
+            self.fail(id, e);
+            return;
+        };
+        if let Some(lease) = s.lease.take() {
+            if why != Failure::Connect {
+                lease.outcome(true);
+            }
+        }
+        if s.request.is_none() {
+            // The request went out: it goes again from the copy.
+            if let Some((block, data, _)) = &r.copy {
+                s.request = Some(block.clone());
+                s.to_up = data.iter().cloned().collect();
+                s.up_done = false;
+            }
+        }
+        let Some(function) = s.function.clone() else {
+            return;
+        };
+        let (deadline, budget) = (s.deadline, s.budget);
+        self.cancel_up(id, reason::CANCEL);
+        self.queue_for(id, function, deadline, budget, Some((wait, instance)));
+    }
+}
+
+/// A header block that does not decode: the connection's HPACK state is lost.
+fn undecodable() -> FrameError {
+    FrameError {
+        kind: kind::HEADERS,
+        what: "header block does not decode (HPACK)",
+        reason: reason::COMPRESSION_ERROR,
+        stream: false,
+    }
+}
+
+/// A request's header block as read: re-encoded for the instance without `grpc-timeout`, the
+/// caller's timeout, whether it had a `:path` (written to the caller's buffer), and whether it
+/// is malformed (a pseudo-header after a regular one, a connection-specific header).
+struct RequestHead {
+    block: Vec<u8>,
+    timeout: Option<Duration>,
+    has_path: bool,
+    malformed: bool,
+}
+
+impl RequestHead {
+    fn decode(
+        decoder: &mut Decoder,
+        block: &[u8],
+        path: &mut String,
+    ) -> Result<RequestHead, fnmesh_codec::hpack::HpackError> {
+        path.clear();
+        let mut head = RequestHead {
+            block: Vec::with_capacity(block.len() + 64),
+            timeout: None,
+            has_path: false,
+            malformed: false,
+        };
+        let mut pseudo_done = false;
+        decoder.decode(block, |f| {
+            if f.name.first() == Some(&b':') {
+                head.malformed |= pseudo_done;
+                if f.name == b":path" {
+                    path.push_str(&String::from_utf8_lossy(f.value));
+                    head.has_path = true;
+                }
+            } else {
+                pseudo_done = true;
+                if f.name == b"grpc-timeout" {
+                    head.timeout = std::str::from_utf8(f.value)
+                        .ok()
+                        .and_then(grpc::parse_grpc_timeout);
+                    return;
+                }
+                head.malformed |= matches!(
+                    f.name,
+                    b"connection"
+                        | b"keep-alive"
+                        | b"proxy-connection"
+                        | b"transfer-encoding"
+                        | b"upgrade"
+                );
+            }
+            encode_field(&mut head.block, f.name, f.value, f.sensitive);
+        })?;
+        Ok(head)
+    }
+}

@@ -1,0 +1,583 @@
+//! The instances' side of a relay: connections to instances (opened, reused between caller
+//! connections, parked when the caller leaves), their streams, and what comes back on them.
+
+use super::*;
+
+/// A connection to an instance.
+pub(super) struct Up {
+    pub(super) link: Link,
+    pub(super) instance: Arc<Instance>,
+    pub(super) next_stream: u32,
+    /// Its streams: instance stream -> caller stream.
+    pub(super) streams: ById<u32, u32>,
+    /// The instance has sent a frame: before that, a request on the connection cannot have
+    /// been processed (a server's first frame is its SETTINGS).
+    pub(super) heard: bool,
+}
+
+/// Instance connections kept idle per instance and worker.
+pub(super) const MAX_IDLE: usize = 4;
+/// Past this stream number a connection takes no new streams (HTTP/2 allows up to 2^31-1).
+pub(super) const MAX_STREAM_ID: u32 = 1 << 30;
+
+/// Leaves an instance connection whose caller connection ended: one in good order waits (at
+/// most [`MAX_IDLE`] per instance and worker) for the worker's next caller connection; any
+/// other is closed.
+pub(super) fn park(mut up: Up) {
+    up.link.flush();
+    let reusable = !up.link.closed
+        && !up.link.going_away
+        && up.streams.is_empty()
+        && up.link.wbuf.is_empty()
+        && up.link.block.is_none()
+        && up.next_stream < MAX_STREAM_ID;
+    if reusable {
+        let instance = up.instance.clone();
+        let mut idle = lock(instance.idle::<Up>());
+        if idle.len() < MAX_IDLE {
+            idle.push(up);
+            return;
+        }
+    }
+    up.link.goaway(0, reason::NO_ERROR, "");
+    up.link.flush();
+}
+
+/// An idle connection to `instance` that is still open: what it received while idle (a PING, a
+/// GOAWAY) stays buffered and is handled once it is in use again.
+pub(super) fn take_idle(instance: &Instance) -> Option<Up> {
+    loop {
+        let mut up = lock(instance.idle::<Up>()).pop()?;
+        up.link.rbuf.reserve(4096);
+        match up.link.sock.try_read_buf(&mut up.link.rbuf) {
+            Ok(0) => continue,
+            Ok(_) => return Some(up),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(up),
+            Err(_) => continue,
+        }
+    }
+}
+
+impl Relay<'_> {
+    /// A stream got its slot (or failed to): it goes to a connection to that instance.
+    pub(super) fn leased(&mut self, id: u32, result: Result<Lease, CallError>) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let mut lease = match result {
+            Ok(lease) => lease,
+            Err(e) => {
+                self.fail(id, &e);
+                return;
+            }
+        };
+        lease.set_deadline(s.deadline);
+        let instance = lease.instance.clone();
+        s.lease = Some(lease);
+        let found = self
+            .ups
+            .iter()
+            .position(|u| u.instance.id == instance.id && !u.link.closed && !u.link.going_away);
+        if let Some(i) = found {
+            self.open_up(id, i);
+            return;
+        }
+        if let Some(up) = take_idle(&instance) {
+            let i = self.add_up(up);
+            self.open_up(id, i);
+            return;
+        }
+        let waiting = self.waiting.entry(instance.id).or_default();
+        waiting.push(id);
+        if waiting.len() == 1 {
+            self.connecting.push(Box::pin(async move {
+                let stream = match instance.take_probe() {
+                    Some(probe) => Ok(probe),
+                    None => instance
+                        .connect()
+                        .await
+                        .map_err(|e| format!("connect refused: {e}")),
+                };
+                (instance, stream)
+            }));
+        }
+    }
+
+    /// A connection to an instance is open (or could not be): its waiting streams go on it.
+    pub(super) fn connected(&mut self, instance: Arc<Instance>, result: Result<TcpStream, String>) {
+        let waiting = self.waiting.remove(&instance.id).unwrap_or_default();
+        let sock = match result {
+            Ok(sock) => sock,
+            Err(e) => {
+                for id in waiting {
+                    let Some(s) = self.streams.get(&id) else {
+                        continue;
+                    };
+                    if let Some(l) = &s.lease {
+                        l.evict();
+                    }
+                    let e = CallError::new(
+                        Kind::Unavailable,
+                        format!("function {} instance {}: {e}", s.function(), instance.id),
+                    );
+                    self.retry_or_fail(id, &e, Failure::Connect);
+                }
+                return;
+            }
+        };
+        let _ = sock.set_nodelay(true);
+        let mut link = Link::new(sock, BytesMut::with_capacity(16 << 10));
+        link.wbuf.put_slice(HTTP2_PREFACE);
+        link.greet(true);
+        let up = Up {
+            link,
+            instance,
+            next_stream: 1,
+            streams: ById::default(),
+            heard: false,
+        };
+        let i = self.add_up(up);
+        for id in waiting {
+            self.open_up(id, i);
+        }
+    }
+
+    /// Adds an instance connection, in a closed one's slot when there is one.
+    pub(super) fn add_up(&mut self, up: Up) -> usize {
+        match self
+            .ups
+            .iter()
+            .position(|u| u.link.closed && u.streams.is_empty())
+        {
+            Some(i) => {
+                self.ups[i] = up;
+                i
+            }
+            None => {
+                self.ups.push(up);
+                self.ups.len() - 1
+            }
+        }
+    }
+
+    /// Opens the stream's request on instance connection `i`.
+    pub(super) fn open_up(&mut self, id: u32, i: usize) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let up = &mut self.ups[i];
+        let Some(mut block) = s.request.take() else {
+            return;
+        };
+        if let Some(d) = s.deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let e = CallError::new(
+                    Kind::Timeout,
+                    format!(
+                        "function {}: deadline of {:?} passed before the call was forwarded",
+                        s.function(),
+                        s.budget
+                    ),
+                );
+                self.fail(id, &e);
+                return;
+            }
+            encode_field(
+                &mut block,
+                b"grpc-timeout",
+                grpc::format_grpc_timeout(left).as_bytes(),
+                false,
+            );
+        }
+        s.attempt_deadline = None;
+        let share = s
+            .retry
+            .as_ref()
+            .filter(|r| r.copy.is_some())
+            .and_then(|r| r.attempts.share(s.deadline));
+        if let Some(share) = share {
+            let at = Instant::now() + share;
+            s.attempt_deadline = Some(at);
+            self.timers.push(at, id);
+        }
+        let up_id = up.next_stream;
+        up.next_stream += 2;
+        if up.next_stream >= MAX_STREAM_ID {
+            // Stream numbers run out (after a billion streams): later streams get a new
+            // connection, and this one closes once its streams are done.
+            up.link.going_away = true;
+        }
+        up.streams.insert(up_id, id);
+        s.up = Some((i, up_id));
+        s.windows.send_up = i64::from(up.link.peer_window);
+        let end = s.caller_done && s.to_up.is_empty();
+        s.up_done = end;
+        write_headers(
+            &mut up.link.wbuf,
+            up_id,
+            &block,
+            end,
+            up.link.peer_max_frame,
+        );
+        self.pump_up(id);
+    }
+
+    /// Sends what the instance's windows allow of a stream's request data.
+    pub(super) fn pump_up(&mut self, id: u32) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let Some((i, up_id)) = s.up else {
+            return;
+        };
+        let up = &mut self.ups[i];
+        let (sent, ended) = send_within(
+            &mut s.to_up,
+            &mut s.windows.send_up,
+            &mut up.link,
+            up_id,
+            s.caller_done,
+        );
+        s.up_done |= ended;
+        if s.to_up.is_empty() && s.caller_done && !s.up_done {
+            write_data(&mut up.link.wbuf, up_id, &[], true);
+            s.up_done = true;
+        }
+        if sent > 0 {
+            // What went on is given back to the caller.
+            self.caller.credit(sent);
+            s.windows.unacked_caller += sent as u32;
+            if !s.caller_done && s.windows.unacked_caller >= STREAM_WINDOW / 4 {
+                frame::write_window_update(&mut self.caller.wbuf, id, s.windows.unacked_caller);
+                s.windows.recv_caller += i64::from(s.windows.unacked_caller);
+                s.windows.unacked_caller = 0;
+            }
+        }
+    }
+
+    /// Handles every whole frame instance connection `i` sent; a connection that fails fails
+    /// its streams.
+    pub(super) fn up_frames(&mut self, i: usize) {
+        loop {
+            let next = match self.ups[i].link.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    self.up_failed(i, &e.to_string(), e.reason);
+                    return;
+                }
+            };
+            if let Err(e) = self.up_frame(i, next.0, next.1) {
+                self.up_failed(i, &e.to_string(), e.reason);
+                return;
+            }
+        }
+        if self.ups[i].link.closed && !self.ups[i].streams.is_empty() {
+            self.up_failed(i, "connection lost", reason::NO_ERROR);
+        }
+    }
+
+    /// One frame from instance connection `i`.
+    pub(super) fn up_frame(
+        &mut self,
+        i: usize,
+        head: FrameHead,
+        payload: Bytes,
+    ) -> Result<(), FrameError> {
+        let up = &mut self.ups[i];
+        up.heard = true;
+        match head.kind {
+            kind::HEADERS | kind::CONTINUATION => {
+                if let Some((up_id, end, block)) = up.link.header_fragment(&head, &payload)? {
+                    self.response_headers(i, up_id, end, &block)?;
+                }
+            }
+            kind::DATA => self.up_data(i, &head, payload)?,
+            kind::WINDOW_UPDATE => self.up_window_update(i, &head, &payload)?,
+            kind::SETTINGS => {
+                let delta = up.link.settings(&head, &payload)?;
+                if delta != 0 {
+                    for id in up.streams.values() {
+                        if let Some(s) = self.streams.get_mut(id) {
+                            s.windows.send_up += delta;
+                        }
+                    }
+                }
+            }
+            kind::PING => up.link.ping(&head, &payload)?,
+            kind::RST_STREAM => {
+                let code = frame::rst_stream(&head, &payload)?;
+                if let Some(id) = up.streams.remove(&head.stream) {
+                    if let Some(s) = self.streams.get_mut(&id) {
+                        s.up = None;
+                        s.up_done = true;
+                    }
+                    self.up_reset(id, code);
+                }
+            }
+            kind::GOAWAY => self.up_goaway(i, &head, &payload)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Response data from an instance, on its way to the caller within the stream's window.
+    fn up_data(&mut self, i: usize, head: &FrameHead, payload: Bytes) -> Result<(), FrameError> {
+        let up = &mut self.ups[i];
+        up.link.received(head.len)?;
+        let data = frame::unpad(head, &payload)?;
+        let data = payload.slice_ref(data);
+        up.link.credit(head.len - data.len());
+        let Some(&id) = up.streams.get(&head.stream) else {
+            up.link.credit(data.len());
+            return Ok(());
+        };
+        let Some(s) = self.streams.get_mut(&id) else {
+            up.link.credit(data.len());
+            return Ok(());
+        };
+        s.windows.recv_up -= head.len as i64;
+        s.windows.unacked_up += (head.len - data.len()) as u32;
+        if s.windows.recv_up < 0 {
+            // The instance broke the stream's window: the stream fails.
+            up.link.credit(data.len());
+            if let Some((_, up_id)) = s.up.take() {
+                up.streams.remove(&up_id);
+                frame::write_rst_stream(&mut up.link.wbuf, up_id, reason::FLOW_CONTROL_ERROR);
+            }
+            self.up_reset(id, reason::FLOW_CONTROL_ERROR);
+            return Ok(());
+        }
+        if !data.is_empty() {
+            s.to_caller.push_back(data);
+        }
+        if head.is(flag::END_STREAM) && s.trailers.is_none() {
+            // Ended without trailers: the caller gets the end all the same.
+            s.trailers = Some(Vec::new());
+        }
+        self.pump_caller(id);
+        Ok(())
+    }
+
+    /// More room to send to an instance, on its connection or one stream.
+    fn up_window_update(
+        &mut self,
+        i: usize,
+        head: &FrameHead,
+        payload: &[u8],
+    ) -> Result<(), FrameError> {
+        let up = &mut self.ups[i];
+        match frame::window_update(head, payload) {
+            Ok(n) if head.stream == 0 => {
+                up.link.send_window += i64::from(n);
+                let ids: Vec<u32> = up.streams.values().copied().collect();
+                for id in ids {
+                    self.pump_up(id);
+                }
+            }
+            Ok(n) => {
+                if let Some(&id) = up.streams.get(&head.stream) {
+                    if let Some(s) = self.streams.get_mut(&id) {
+                        s.windows.send_up += i64::from(n);
+                    }
+                    self.pump_up(id);
+                }
+            }
+            Err(e) if e.stream => frame::write_rst_stream(&mut up.link.wbuf, head.stream, e.reason),
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// An instance going away: streams past its last processed one were never seen and may go
+    /// elsewhere.
+    fn up_goaway(&mut self, i: usize, head: &FrameHead, payload: &[u8]) -> Result<(), FrameError> {
+        let up = &mut self.ups[i];
+        let (last, _, _) = frame::goaway(head, payload)?;
+        up.link.going_away = true;
+        let unseen: Vec<u32> = up.streams.keys().copied().filter(|&u| u > last).collect();
+        let unseen: Vec<u32> = unseen
+            .into_iter()
+            .filter_map(|u| up.streams.remove(&u))
+            .collect();
+        for id in unseen {
+            if let Some(s) = self.streams.get_mut(&id) {
+                s.up = None;
+            }
+            self.up_reset(id, reason::REFUSED_STREAM);
+        }
+        Ok(())
+    }
+
+    /// Response headers (or trailers) from an instance, passed to the caller.
+    pub(super) fn response_headers(
+        &mut self,
+        i: usize,
+        up_id: u32,
+        end: bool,
+        block: &[u8],
+    ) -> Result<(), FrameError> {
+        let up = &mut self.ups[i];
+        let mut out = Vec::with_capacity(block.len() + 32);
+        let mut status: Option<u16> = None;
+        let mut grpc_status: Option<Vec<u8>> = None;
+        up.link
+            .decoder
+            .decode(block, |f| {
+                if f.name == b":status" {
+                    status = std::str::from_utf8(f.value)
+                        .ok()
+                        .and_then(|v| v.parse().ok());
+                } else if f.name == b"grpc-status" {
+                    grpc_status = Some(f.value.to_vec());
+                }
+                encode_field(&mut out, f.name, f.value, f.sensitive);
+            })
+            .map_err(|_| FrameError {
+                kind: kind::HEADERS,
+                what: "header block does not decode (HPACK)",
+                reason: reason::COMPRESSION_ERROR,
+                stream: false,
+            })?;
+        let Some(&id) = up.streams.get(&up_id) else {
+            return Ok(());
+        };
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Ok(());
+        };
+        if !s.answered {
+            if status.is_some_and(|c| (100..200).contains(&c)) {
+                // Informational: not passed on.
+                return Ok(());
+            }
+            if end && grpc_status.as_deref() == Some(b"14") && s.may_retry(Failure::Unavailable) {
+                let e = CallError::new(
+                    Kind::Unavailable,
+                    format!(
+                        "function {}: the instance answered UNAVAILABLE",
+                        s.function()
+                    ),
+                );
+                if let Some((_, up_id)) = s.up.take() {
+                    self.ups[i].streams.remove(&up_id);
+                }
+                self.retry_or_fail(id, &e, Failure::Unavailable);
+                return Ok(());
+            }
+            s.answered = true;
+            s.attempt_deadline = None;
+            if let Some(r) = s.retry.as_mut() {
+                r.copy = None;
+            }
+            if end {
+                let failed =
+                    status != Some(200) || outcome::grpc_status_is_failure(grpc_status.as_deref());
+                s.outcome(failed);
+                write_headers(
+                    &mut self.caller.wbuf,
+                    id,
+                    &out,
+                    true,
+                    self.caller.peer_max_frame,
+                );
+                self.finish(id);
+                return Ok(());
+            }
+            if status != Some(200) {
+                s.outcome(true);
+            }
+            write_headers(
+                &mut self.caller.wbuf,
+                id,
+                &out,
+                false,
+                self.caller.peer_max_frame,
+            );
+            return Ok(());
+        }
+        // Trailers.
+        s.outcome(outcome::grpc_status_is_failure(grpc_status.as_deref()));
+        s.trailers = Some(out);
+        self.pump_caller(id);
+        Ok(())
+    }
+
+    /// The instance reset a stream, or will never process it (REFUSED_STREAM).
+    pub(super) fn up_reset(&mut self, id: u32, code: u32) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if s.answered {
+            s.outcome(true);
+            frame::write_rst_stream(&mut self.caller.wbuf, id, code);
+            self.streams.remove(&id);
+            return;
+        }
+        let e = CallError::new(
+            Kind::Unavailable,
+            format!(
+                "function {}: the instance reset the stream (HTTP/2 error {code:#x})",
+                s.function()
+            ),
+        );
+        let why = if code == reason::REFUSED_STREAM {
+            Failure::Connect
+        } else {
+            Failure::Unavailable
+        };
+        self.retry_or_fail(id, &e, why);
+    }
+
+    /// Instance connection `i` failed: every stream on it ends.
+    pub(super) fn up_failed(&mut self, i: usize, why: &str, code: u32) {
+        let up = &mut self.ups[i];
+        if !up.link.closed {
+            up.link.goaway(0, code, why);
+            up.link.flush();
+            up.link.closed = true;
+        }
+        let instance = up.instance.id;
+        let heard = up.heard;
+        let ids: Vec<u32> = up.streams.drain().map(|(_, id)| id).collect();
+        for id in ids {
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            s.up = None;
+            if s.answered {
+                s.outcome(true);
+                frame::write_rst_stream(&mut self.caller.wbuf, id, reason::INTERNAL_ERROR);
+                self.streams.remove(&id);
+                continue;
+            }
+            let e = CallError::new(
+                Kind::Unavailable,
+                format!("function {} instance {instance}: {why}", s.function()),
+            );
+            let failure = if heard {
+                Failure::Unavailable
+            } else {
+                // Lost before the instance said anything: as a refused connect.
+                if let Some(l) = &s.lease {
+                    l.evict();
+                }
+                Failure::Connect
+            };
+            self.retry_or_fail(id, &e, failure);
+        }
+    }
+
+    /// Resets the instance's side of a stream (if it has one and it is still open).
+    pub(super) fn cancel_up(&mut self, id: u32, code: u32) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if let Some((i, up_id)) = s.up.take() {
+            let up = &mut self.ups[i];
+            if up.streams.remove(&up_id).is_some() {
+                frame::write_rst_stream(&mut up.link.wbuf, up_id, code);
+            }
+        }
+    }
+}
