@@ -1,126 +1,134 @@
-//! The admin listener: `/healthz`, `/readyz` and `/admin/functions` (JSON), and
-//! `POST /admin/reload` (what `fnmesh reload` sends), over plain HTTP/1.1. It answers one small
-//! request per connection; nothing here is on the RPC path.
+//! The admin API on `sidecar.admin`, served with hyper's HTTP/1 server: `GET /healthz`,
+//! `GET /readyz`, `GET /admin/functions` (JSON) and `POST /admin/reload` (what `fnmesh reload`
+//! sends). One request per connection; nothing here is on the RPC path.
 
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Arc,
-};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    time::{timeout, Duration},
-};
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde_json::json;
+use tokio::net::TcpListener;
 
-use crate::mesh::Mesh;
+use crate::{governance::breaker, mesh::Mesh};
 
-pub struct Admin {
-    pub mesh: Arc<Mesh>,
-    pub draining: AtomicBool,
-}
+/// How long one admin connection may take.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
-    while let Ok((sock, _)) = listener.accept().await {
-        let admin = admin.clone();
+/// Serves the admin API on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
+    loop {
+        let sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let mesh = mesh.clone();
         tokio::spawn(async move {
-            let _ = timeout(Duration::from_secs(5), answer(sock, &admin)).await;
+            let service = hyper::service::service_fn(move |req| {
+                let response = answer(&mesh, &req);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(sock), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
         });
     }
 }
 
-async fn answer(mut sock: TcpStream, admin: &Admin) -> std::io::Result<()> {
-    let mut req = Vec::with_capacity(512);
-    let mut chunk = [0u8; 512];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = sock.read(&mut chunk).await?;
-        if n == 0 || req.len() > 8 * 1024 {
-            return Ok(());
-        }
-        req.extend_from_slice(&chunk[..n]);
-    }
-    let line = String::from_utf8_lossy(&req);
-    let mut words = line.split_whitespace();
-    let verb = words.next().unwrap_or("GET");
-    let path = words.next().unwrap_or("/");
-    let draining = admin.draining.load(Ordering::SeqCst);
-    let (status, body) = match (verb, path) {
-        ("POST", "/admin/reload") => match crate::server::reload(&admin.mesh, "POST /admin/reload")
-        {
-            Ok(changes) => ("200 OK", format!("reloaded: {changes}\n")),
-            Err(e) => (
-                "422 Unprocessable Entity",
+/// The answer to one admin request.
+fn answer(mesh: &Mesh, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    match (req.method(), path) {
+        (&Method::POST, "/admin/reload") => match mesh.reload_and_log("POST /admin/reload") {
+            Ok(changes) => text(StatusCode::OK, format!("reloaded: {changes}\n")),
+            Err(e) => text(
+                StatusCode::UNPROCESSABLE_ENTITY,
                 format!("reload refused, the old policy stays: {e}\n"),
             ),
         },
-        (_, "/admin/reload") => (
-            "405 Method Not Allowed",
-            "POST to reload the policy file\n".to_owned(),
+        (_, "/admin/reload") => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "POST to reload the policy file\n".into(),
         ),
-        (_, path) => get(path, draining, admin),
-    };
-    let head =
-        format!(
-        "HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-type: {}\r\nconnection: close\r\n\r\n",
-        body.len(),
-        if body.starts_with('{') { "application/json" } else { "text/plain" }
-    );
-    sock.write_all(head.as_bytes()).await?;
-    sock.write_all(body.as_bytes()).await?;
-    sock.shutdown().await
-}
-
-fn get(path: &str, draining: bool, admin: &Admin) -> (&'static str, String) {
-    match path {
-        "/healthz" => ("200 OK", "ok\n".to_owned()),
-        "/readyz" if draining => ("503 Service Unavailable", "draining\n".to_owned()),
-        "/readyz" => (
-            "200 OK",
-            match admin.mesh.registry_health() {
-                // A registry outage is reported, but the sidecar serves: still ready.
-                Some((name, health)) => format!("ready\nregistry {name}: {health}\n"),
-                None => "ready\n".to_owned(),
-            },
-        ),
-        "/admin/functions" => ("200 OK", functions_json(admin)),
-        _ => ("404 Not Found", "not found\n".to_owned()),
+        (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n".into()),
+        (&Method::GET | &Method::HEAD, "/readyz") => ready(mesh),
+        (&Method::GET | &Method::HEAD, "/admin/functions") => {
+            let body = serde_json::to_vec(&functions(mesh)).unwrap_or_default();
+            respond(StatusCode::OK, "application/json", body)
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }
 
-fn functions_json(admin: &Admin) -> String {
-    // Function names are restricted to [A-Za-z0-9._-] by the config, so they need no escaping.
-    let items: Vec<String> = admin
-        .mesh
+/// Ready unless draining. A registry outage is reported, but the sidecar serves: still ready.
+fn ready(mesh: &Mesh) -> Response<Full<Bytes>> {
+    if mesh.drain.is_draining() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
+    }
+    let body = match mesh.registry_health() {
+        Some((name, health)) => format!("ready\nregistry {name}: {health}\n"),
+        None => "ready\n".to_owned(),
+    };
+    text(StatusCode::OK, body)
+}
+
+/// `/admin/functions`: each function's instances, queue and breakers.
+fn functions(mesh: &Mesh) -> serde_json::Value {
+    let functions: Vec<serde_json::Value> = mesh
         .functions()
         .iter()
-        .map(|p| {
-            let s = p.pool.snapshot();
-            // Method names are IDL identifiers: no escaping needed either.
-            let policy = p.policy();
-            let breakers: Vec<String> = policy
+        .map(|f| {
+            let s = f.pool.snapshot();
+            let policy = f.policy();
+            let breakers: serde_json::Map<String, serde_json::Value> = policy
                 .breakers
                 .states()
-                .iter()
-                .map(|(m, st)| {
-                    let st = match st {
-                        crate::governance::breaker::State::Closed => "closed",
-                        crate::governance::breaker::State::Open => "open",
-                        crate::governance::breaker::State::HalfOpen => "half-open",
+                .into_iter()
+                .map(|(method, state)| {
+                    let state = match state {
+                        breaker::State::Closed => "closed",
+                        breaker::State::Open => "open",
+                        breaker::State::HalfOpen => "half-open",
                     };
-                    format!("\"{m}\":\"{st}\"")
+                    (method.to_owned(), state.into())
                 })
                 .collect();
-            format!(
-                "{{\"name\":\"{}\",\"ready\":{},\"starting\":{},\"queued\":{},\"in_flight\":{},\"processes\":{},\"breakers\":{{{}}}}}",
-                p.name,
-                s.ready,
-                s.starting,
-                s.queued,
-                s.in_flight,
-                p.pool.live_processes(),
-                breakers.join(",")
-            )
+            json!({
+                "name": f.name,
+                "ready": s.ready,
+                "starting": s.starting,
+                "queued": s.queued,
+                "in_flight": s.in_flight,
+                "processes": f.pool.live_processes(),
+                "breakers": breakers,
+            })
         })
         .collect();
-    format!("{{\"functions\":[{}]}}\n", items.join(","))
+    json!({ "functions": functions })
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    respond(status, "text/plain; charset=utf-8", body.into_bytes())
+}
+
+/// A response that closes the connection after it (one request per connection, as simple
+/// clients that read to the end expect).
+fn respond(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    h.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    r
 }

@@ -1,71 +1,112 @@
-//! The command line: `fnmesh run`, `fnmesh check`.
+//! The command line (clap): `fnmesh run`, `fnmesh check`, `fnmesh reload`.
 
 use std::{path::PathBuf, process::ExitCode};
 
-use crate::config::Config;
+use clap::{Parser, Subcommand, ValueEnum};
 
-const USAGE: &str = "usage:
-  fnmesh run -c FILE [--log-format json]   serve the functions FILE configures
-  fnmesh check -c FILE                     validate FILE without starting anything
-  fnmesh reload -c FILE                    validate FILE, then have the sidecar serving it
-                                           (at its sidecar.admin address) reload it";
+use crate::{config::Config, server::LogFormat};
+
+/// fnmesh: an RPC-native function mesh sidecar. It serves Thrift (TTHeader, Framed, unframed)
+/// and gRPC functions on one port, starts their instances on demand and stops them when idle,
+/// and applies the policy file's governance.
+#[derive(Debug, Parser)]
+#[command(name = "fnmesh", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the functions FILE configures, until SIGTERM or SIGINT (SIGHUP reloads FILE).
+    Run {
+        #[command(flatten)]
+        config: ConfigFile,
+        /// How logs are written to stderr (RUST_LOG filters them).
+        #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
+        log_format: LogFormatArg,
+    },
+    /// Validate FILE without starting anything: errors name the key and the line.
+    Check {
+        #[command(flatten)]
+        config: ConfigFile,
+    },
+    /// Validate FILE, then have the sidecar serving it (at its `sidecar.admin` address) read
+    /// it again; prints what changed.
+    Reload {
+        #[command(flatten)]
+        config: ConfigFile,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigFile {
+    /// The policy file (fnmesh.toml).
+    #[arg(short, long = "config", value_name = "FILE")]
+    config: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    /// Human-readable lines (coloured only on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Runs the command line in `std::env::args`.
 pub fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(verb) = args.first().map(String::as_str) else {
-        eprintln!("{USAGE}");
-        return ExitCode::from(2);
-    };
-    if verb == "__watchdog" {
+    // The watchdog process the sidecar starts for itself: not a user command.
+    if std::env::args().nth(1).as_deref() == Some("__watchdog") {
         return crate::instances::watchdog::main();
     }
-    let mut file = None;
-    let mut json = false;
-    let mut rest = args[1..].iter();
-    while let Some(a) = rest.next() {
-        match a.as_str() {
-            "-c" | "--config" => file = rest.next().map(PathBuf::from),
-            "--log-format" => json = rest.next().map(String::as_str) == Some("json"),
-            other => {
-                eprintln!("fnmesh: unknown argument {other:?}\n{USAGE}");
-                return ExitCode::from(2);
-            }
-        }
-    }
-    let Some(file) = file else {
-        eprintln!("fnmesh: {verb} needs -c FILE\n{USAGE}");
-        return ExitCode::from(2);
-    };
-    let config = match Config::load(&file) {
-        Ok(c) => c,
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
         Err(e) => {
-            eprintln!("fnmesh: {e}");
-            return ExitCode::from(1);
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS // --help, --version
+            };
         }
     };
-    match verb {
-        "check" => {
-            println!(
-                "{}: ok, {} function(s): {}",
-                file.display(),
-                config.functions.len(),
-                config
-                    .functions
-                    .iter()
-                    .map(|f| f.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            ExitCode::SUCCESS
+    match cli.command {
+        Command::Run { config, log_format } => {
+            let Some(loaded) = load(&config.config) else {
+                return ExitCode::from(1);
+            };
+            let logs = match log_format {
+                LogFormatArg::Text => LogFormat::Text,
+                LogFormatArg::Json => LogFormat::Json,
+            };
+            crate::server::main(config.config, loaded, logs)
         }
-        "run" => crate::server::main(file, config, json),
-        "reload" => reload(&config),
-        other => {
-            eprintln!("fnmesh: unknown command {other:?}\n{USAGE}");
-            ExitCode::from(2)
-        }
+        Command::Check { config } => match load(&config.config) {
+            Some(loaded) => {
+                let names: Vec<&str> = loaded.functions.iter().map(|f| f.name.as_str()).collect();
+                println!(
+                    "{}: ok, {} function(s): {}",
+                    config.config.display(),
+                    names.len(),
+                    names.join(", ")
+                );
+                ExitCode::SUCCESS
+            }
+            None => ExitCode::from(1),
+        },
+        Command::Reload { config } => match load(&config.config) {
+            Some(loaded) => reload(&loaded),
+            None => ExitCode::from(1),
+        },
     }
+}
+
+/// The policy file, or `None` after printing why it is not valid.
+fn load(path: &std::path::Path) -> Option<Config> {
+    Config::load(path)
+        .map_err(|e| eprintln!("fnmesh: {e}"))
+        .ok()
 }
 
 /// `fnmesh reload`: the file is valid (it was just loaded); the running sidecar is asked, at the
@@ -91,7 +132,8 @@ fn reload(config: &Config) -> ExitCode {
     }
 }
 
-/// `POST /admin/reload`; gives whether it succeeded (200) and the answer's body.
+/// `POST /admin/reload`; gives whether it succeeded (200) and the answer's body. One blocking
+/// request over std's TCP: no runtime is needed for it.
 fn post_reload(admin: std::net::SocketAddr) -> std::io::Result<(bool, String)> {
     use std::io::{Read, Write};
     let timeout = std::time::Duration::from_secs(10);
@@ -99,7 +141,7 @@ fn post_reload(admin: std::net::SocketAddr) -> std::io::Result<(bool, String)> {
     s.set_read_timeout(Some(timeout))?;
     write!(
         s,
-        "POST /admin/reload HTTP/1.1\r\nhost: {admin}\r\ncontent-length: 0\r\n\r\n"
+        "POST /admin/reload HTTP/1.1\r\nhost: {admin}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
     )?;
     let mut answer = String::new();
     s.read_to_string(&mut answer)?;

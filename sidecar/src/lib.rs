@@ -8,13 +8,14 @@
 //!    classification, rate limits.
 //! 4. `instances`: each function's pool, scaler, process runtime and watchdog.
 //! 5. Foundations every layer uses: `config`, `error` (the error kinds and their protocol
-//!    mappings), `workers` (the worker threads).
+//!    mappings), `drain` (the drain signal and the work it waits for), `workers` (the worker
+//!    threads).
 #![forbid(unsafe_code)]
 
-pub mod active;
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod drain;
 pub mod error;
 pub mod governance;
 pub mod grpc;

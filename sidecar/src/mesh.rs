@@ -14,6 +14,7 @@ use tokio::time::{sleep, Instant};
 
 use crate::{
     config::{Config, FunctionConfig, Protocol, SidecarConfig},
+    drain::Drain,
     governance::{Function, Route},
     grpc::GrpcFront,
     instances::{watchdog::Watchdog, Pool},
@@ -31,6 +32,8 @@ pub struct Mesh {
     state: Mutex<State>,
     pub thrift: Arc<ThriftFront>,
     pub grpc: Arc<GrpcFront>,
+    /// The sidecar's drain: started by the server, waited on by it, heard by every front end.
+    pub drain: Drain,
     watchdog: Arc<Watchdog>,
     /// Keeps the functions registered in `[discovery]`'s registry (once started), and which
     /// registry that is.
@@ -129,12 +132,13 @@ impl Mesh {
             .map(|f| new_function(&config, f.clone(), &watchdog))
             .collect();
         let (thrift_routes, grpc_routes) = routes(&functions);
+        let drain = Drain::default();
         let thrift = Arc::new(ThriftFront {
             functions: arc_swap::ArcSwap::from_pointee(thrift_routes),
             limits: thrift_limits,
-            active: Default::default(),
+            drain: drain.clone(),
         });
-        let grpc = Arc::new(GrpcFront::new(grpc_routes));
+        let grpc = Arc::new(GrpcFront::new(grpc_routes, drain.clone()));
         Mesh {
             path,
             state: Mutex::new(State {
@@ -145,6 +149,7 @@ impl Mesh {
             }),
             thrift,
             grpc,
+            drain,
             watchdog,
             registrar: Mutex::new(None),
         }
@@ -271,6 +276,21 @@ impl Mesh {
         Ok(changes)
     }
 
+    /// Reloads the policy file (SIGHUP, or `POST /admin/reload` from `fnmesh reload`), logging
+    /// what changed or why the file was refused.
+    pub fn reload_and_log(&self, asked_by: &str) -> Result<String, String> {
+        match self.reload() {
+            Ok(changes) => {
+                tracing::info!(%asked_by, "policy reloaded: {changes}");
+                Ok(changes.to_string())
+            }
+            Err(e) => {
+                tracing::error!(%asked_by, "policy reload refused, the old policy stays: {e}");
+                Err(e)
+            }
+        }
+    }
+
     /// A pool no longer routed to: calls already on it finish (and queued ones get their slot)
     /// within `grace`, then its instances stop.
     fn retire(&self, st: &mut State, pool: &Arc<Pool>, grace: Duration) {
@@ -294,7 +314,7 @@ impl Mesh {
     }
 
     /// Every pool with instances, serving or retired, for the final drain; no reload after this.
-    pub fn drain(&self) -> Vec<Arc<Pool>> {
+    pub fn close(&self) -> Vec<Arc<Pool>> {
         let mut st = lock(&self.state);
         st.draining = true;
         st.functions
@@ -349,6 +369,13 @@ mod tests {
         std::fs::write(path, text).unwrap();
     }
 
+    /// A mesh serving the file at `path` (instances run nothing: no watchdog).
+    fn mesh_at(path: &std::path::Path) -> Mesh {
+        let config = Config::load(path).unwrap();
+        let limits = fnmesh_codec::Limits::default();
+        Mesh::new(path.into(), config, limits, Arc::new(Watchdog::disabled()))
+    }
+
     fn names(routes: &[Route]) -> Vec<&str> {
         routes.iter().map(|r| r.function.name.as_str()).collect()
     }
@@ -368,13 +395,7 @@ mod tests {
                 function("c", "thrift", "/bin/true", ""),
             ],
         );
-        let config = Config::load(&path).unwrap();
-        let mesh = Mesh::new(
-            path.clone(),
-            config,
-            fnmesh_codec::Limits::default(),
-            Arc::new(Watchdog::disabled()),
-        );
+        let mesh = mesh_at(&path);
         let a = mesh.functions()[0].clone();
         let b = mesh.functions()[1].clone();
         let c = mesh.functions()[2].clone();
@@ -452,7 +473,7 @@ mod tests {
         assert_eq!(mesh.functions().len(), 3);
 
         // No reload once draining; retired pools whose instances are gone are forgotten.
-        assert_eq!(mesh.drain().len(), 3);
+        assert_eq!(mesh.close().len(), 3);
         assert!(mesh.reload().unwrap_err().contains("draining"));
         let _ = std::fs::remove_dir_all(dir);
     }

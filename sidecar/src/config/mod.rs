@@ -834,47 +834,8 @@ fn function(
             )
         }
     };
-    // The command: argv, never a shell. A relative program with a '/' is taken from the config
-    // file's directory; a bare name is looked up in PATH.
-    let Some(program) = r.command.get_ref().first() else {
-        return cx.invalid(
-            r.command.span().start,
-            key("command"),
-            "must name a program",
-        );
-    };
-    let resolved = resolve_program(program, base).ok_or(()).or_else(|_| {
-        cx.invalid(
-            r.command.span().start,
-            key("command"),
-            format!("program {program:?} not found or not executable"),
-        )
-    })?;
-    let mut command = r.command.get_ref().clone();
-    command[0] = resolved.display().to_string();
-
-    let scale = r.scale.as_ref().map(|s| *s.get_ref()).unwrap_or_default();
-    let scale_at = r.scale.as_ref().map_or(f.span().start, |s| s.span().start);
-    if scale.max == 0 {
-        return cx.invalid(scale_at, key("scale.max"), "must be at least 1");
-    }
-    if scale.min > scale.max {
-        return cx.invalid(
-            scale_at,
-            key("scale.min"),
-            format!("min ({}) is greater than max ({})", scale.min, scale.max),
-        );
-    }
-    if scale.concurrency == 0 {
-        return cx.invalid(scale_at, key("scale.concurrency"), "must be at least 1");
-    }
-    if scale.startup_timeout.is_zero() {
-        return cx.invalid(
-            scale_at,
-            key("scale.startup_timeout"),
-            "must be greater than zero",
-        );
-    }
+    let command = command(cx, f, base, &key)?;
+    let scale = scale(cx, f, &key)?;
 
     let (service, methods) = match &r.idl {
         Some(idl) => {
@@ -922,6 +883,67 @@ fn function(
         policy: policy_cfg,
         methods_policy,
     })
+}
+
+/// `command`: argv, never a shell. A relative program with a '/' is taken from the config
+/// file's directory; a bare name is looked up in PATH.
+fn command(
+    cx: &Ctx<'_>,
+    f: &Spanned<RawFunction>,
+    base: &Path,
+    key: &dyn Fn(&str) -> String,
+) -> Result<Vec<String>, ConfigError> {
+    let r = f.get_ref();
+    let Some(program) = r.command.get_ref().first() else {
+        return cx.invalid(
+            r.command.span().start,
+            key("command"),
+            "must name a program",
+        );
+    };
+    let resolved = resolve_program(program, base).ok_or(()).or_else(|_| {
+        cx.invalid(
+            r.command.span().start,
+            key("command"),
+            format!("program {program:?} not found or not executable"),
+        )
+    })?;
+    let mut command = r.command.get_ref().clone();
+    command[0] = resolved.display().to_string();
+
+    Ok(command)
+}
+
+/// `[function.scale]`, checked: at least one instance and one call each, min <= max.
+fn scale(
+    cx: &Ctx<'_>,
+    f: &Spanned<RawFunction>,
+    key: &dyn Fn(&str) -> String,
+) -> Result<ScaleConfig, ConfigError> {
+    let r = f.get_ref();
+    let scale = r.scale.as_ref().map(|s| *s.get_ref()).unwrap_or_default();
+    let scale_at = r.scale.as_ref().map_or(f.span().start, |s| s.span().start);
+    if scale.max == 0 {
+        return cx.invalid(scale_at, key("scale.max"), "must be at least 1");
+    }
+    if scale.min > scale.max {
+        return cx.invalid(
+            scale_at,
+            key("scale.min"),
+            format!("min ({}) is greater than max ({})", scale.min, scale.max),
+        );
+    }
+    if scale.concurrency == 0 {
+        return cx.invalid(scale_at, key("scale.concurrency"), "must be at least 1");
+    }
+    if scale.startup_timeout.is_zero() {
+        return cx.invalid(
+            scale_at,
+            key("scale.startup_timeout"),
+            "must be greater than zero",
+        );
+    }
+    Ok(scale)
 }
 
 fn resolve_program(program: &str, base: &Path) -> Option<PathBuf> {

@@ -283,125 +283,127 @@ fn rate_limits_parse_per_function_and_per_method() {
     }
 }
 
+/// Edits of the good file, each with what its error must say: the key and the line.
+const BAD_EDITS: &[(&str, &str, &[&str])] = &[
+    (
+        "[function.scale]\nmin = 0",
+        "[function.scale]\nmin = 0\nmxa = 3",
+        &["mxa", "line 20"],
+    ),
+    (
+        "idle = \"500ms\"",
+        "idle = \"500 parsecs\"",
+        &["bad duration", "line 22"],
+    ),
+    (
+        "min = 0\nmax = 4",
+        "min = 5\nmax = 4",
+        &[
+            "fnmesh.toml:18",
+            "scale.min",
+            "min (5) is greater than max (4)",
+        ],
+    ),
+    (
+        "timeout = \"1s\"\n\n[function.method",
+        "timeout = \"1s\"\nretry = { attempts = 20 }\n\n[function.method",
+        &["fnmesh.toml:28", "policy.retry.attempts", "from 1 to 10"],
+    ),
+    (
+        "timeout = \"1s\"\n\n[function.method",
+        "timeout = \"1s\"\nretry = { on = [\"always\"] }\n\n[function.method",
+        &[
+            "fnmesh.toml:28",
+            "policy.retry.on",
+            "\"always\" is not one of",
+        ],
+    ),
+    (
+        "timeout = \"1s\"\n\n[function.method",
+        "timeout = \"1s\"\nidempotent = \"yes\"\n\n[function.method",
+        &["idempotent", "line 28"],
+    ),
+    (
+        "/bin/true",
+        "/nonexistent/echo-fn",
+        &[
+            "fnmesh.toml:15",
+            "command",
+            "\"/nonexistent/echo-fn\" not found",
+        ],
+    ),
+    (
+        "[function.method.Echo]",
+        "[function.method.Nope]",
+        &["method.Nope", "no such method"],
+    ),
+    (
+        "backend = \"none\"",
+        "backend = \"zookeeper\"",
+        &[
+            "fnmesh.toml:9",
+            "discovery.backend",
+            "not one of none, consul, etcd",
+        ],
+    ),
+    (
+        "backend = \"none\"",
+        "backend = \"consul\"\naddress = \"https://127.0.0.1:8500\"",
+        &[
+            "fnmesh.toml:10",
+            "discovery.address",
+            "is not http://host:port",
+        ],
+    ),
+    (
+        "backend = \"none\"",
+        "backend = \"consul\"\nprefix = \"x\"",
+        &[
+            "fnmesh.toml:10",
+            "discovery.prefix",
+            "does not apply to backend \"consul\"",
+        ],
+    ),
+    (
+        "backend = \"none\"",
+        "backend = \"consul\"\nttl = \"1s\"",
+        &["discovery.ttl", "at least 2s"],
+    ),
+    (
+        "listen = \"127.0.0.1:8888\"",
+        "listen = \"localhost\"",
+        &["fnmesh.toml:3", "sidecar.listen"],
+    ),
+    (
+        "protocol = \"thrift\"",
+        "protocol = \"http\"",
+        &["fnmesh.toml:13", "protocol", "not one of thrift, grpc"],
+    ),
+    (
+        "idl/thrift/echo.thrift",
+        "idl/thrift/missing.thrift",
+        &["fnmesh.toml:14", "idl", "missing.thrift"],
+    ),
+    (
+        "max_frame_size = \"1MiB\"",
+        "max_frame_size = \"1 lightyear\"",
+        &["bad size", "line 6"],
+    ),
+    (
+        "max_frame_size = \"1MiB\"",
+        "max_frame_size = \"1MiB\"\nworkers = 0",
+        &["fnmesh.toml:7", "sidecar.workers", "not between 1 and 256"],
+    ),
+    (
+        "max_frame_size = \"1MiB\"",
+        "max_frame_size = \"1MiB\"\nbusy_poll = \"2ms\"",
+        &["line 7", "busy_poll", "over 1ms"],
+    ),
+];
+
 #[test]
 fn errors_name_the_key_and_the_line() {
-    let cases: &[(&str, &str, &[&str])] = &[
-        (
-            "[function.scale]\nmin = 0",
-            "[function.scale]\nmin = 0\nmxa = 3",
-            &["mxa", "line 20"],
-        ),
-        (
-            "idle = \"500ms\"",
-            "idle = \"500 parsecs\"",
-            &["bad duration", "line 22"],
-        ),
-        (
-            "min = 0\nmax = 4",
-            "min = 5\nmax = 4",
-            &[
-                "fnmesh.toml:18",
-                "scale.min",
-                "min (5) is greater than max (4)",
-            ],
-        ),
-        (
-            "timeout = \"1s\"\n\n[function.method",
-            "timeout = \"1s\"\nretry = { attempts = 20 }\n\n[function.method",
-            &["fnmesh.toml:28", "policy.retry.attempts", "from 1 to 10"],
-        ),
-        (
-            "timeout = \"1s\"\n\n[function.method",
-            "timeout = \"1s\"\nretry = { on = [\"always\"] }\n\n[function.method",
-            &[
-                "fnmesh.toml:28",
-                "policy.retry.on",
-                "\"always\" is not one of",
-            ],
-        ),
-        (
-            "timeout = \"1s\"\n\n[function.method",
-            "timeout = \"1s\"\nidempotent = \"yes\"\n\n[function.method",
-            &["idempotent", "line 28"],
-        ),
-        (
-            "/bin/true",
-            "/nonexistent/echo-fn",
-            &[
-                "fnmesh.toml:15",
-                "command",
-                "\"/nonexistent/echo-fn\" not found",
-            ],
-        ),
-        (
-            "[function.method.Echo]",
-            "[function.method.Nope]",
-            &["method.Nope", "no such method"],
-        ),
-        (
-            "backend = \"none\"",
-            "backend = \"zookeeper\"",
-            &[
-                "fnmesh.toml:9",
-                "discovery.backend",
-                "not one of none, consul, etcd",
-            ],
-        ),
-        (
-            "backend = \"none\"",
-            "backend = \"consul\"\naddress = \"https://127.0.0.1:8500\"",
-            &[
-                "fnmesh.toml:10",
-                "discovery.address",
-                "is not http://host:port",
-            ],
-        ),
-        (
-            "backend = \"none\"",
-            "backend = \"consul\"\nprefix = \"x\"",
-            &[
-                "fnmesh.toml:10",
-                "discovery.prefix",
-                "does not apply to backend \"consul\"",
-            ],
-        ),
-        (
-            "backend = \"none\"",
-            "backend = \"consul\"\nttl = \"1s\"",
-            &["discovery.ttl", "at least 2s"],
-        ),
-        (
-            "listen = \"127.0.0.1:8888\"",
-            "listen = \"localhost\"",
-            &["fnmesh.toml:3", "sidecar.listen"],
-        ),
-        (
-            "protocol = \"thrift\"",
-            "protocol = \"http\"",
-            &["fnmesh.toml:13", "protocol", "not one of thrift, grpc"],
-        ),
-        (
-            "idl/thrift/echo.thrift",
-            "idl/thrift/missing.thrift",
-            &["fnmesh.toml:14", "idl", "missing.thrift"],
-        ),
-        (
-            "max_frame_size = \"1MiB\"",
-            "max_frame_size = \"1 lightyear\"",
-            &["bad size", "line 6"],
-        ),
-        (
-            "max_frame_size = \"1MiB\"",
-            "max_frame_size = \"1MiB\"\nworkers = 0",
-            &["fnmesh.toml:7", "sidecar.workers", "not between 1 and 256"],
-        ),
-        (
-            "max_frame_size = \"1MiB\"",
-            "max_frame_size = \"1MiB\"\nbusy_poll = \"2ms\"",
-            &["line 7", "busy_poll", "over 1ms"],
-        ),
-    ];
-    for (from, to, needles) in cases {
+    for (from, to, needles) in BAD_EDITS {
         assert!(GOOD.contains(from), "{from}");
         let text = err(&GOOD.replacen(from, to, 1));
         for n in *needles {

@@ -1,10 +1,7 @@
 //! The gRPC front end: fnmesh's own HTTP/2 relay (`relay`) and what it shares: routing by
 //! `:path`, `grpc-timeout`, and the health service the sidecar answers itself (`health`).
 
-use std::{
-    sync::{atomic::AtomicUsize, Arc},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
@@ -14,6 +11,7 @@ pub mod relay;
 pub use relay::serve;
 
 use crate::{
+    drain::Drain,
     error::{CallError, Kind},
     governance::{Function, Route},
 };
@@ -24,24 +22,18 @@ pub struct GrpcFront {
     pub functions: Arc<arc_swap::ArcSwap<Vec<Route>>>,
     /// Counts reloads, for health `Watch` streams.
     pub reloads: watch::Sender<u64>,
-    /// Streams between routing and the end of their response, for draining.
-    pub active: Arc<AtomicUsize>,
-    /// Set when the sidecar drains: connections get GOAWAY, health turns NOT_SERVING.
-    pub draining: watch::Sender<bool>,
-    /// Open HTTP/2 connections: after GOAWAY each closes once its streams are done, so draining
-    /// waits for this to reach zero (streams fnmesh answers itself, such as health `Watch`,
-    /// are flushed too).
-    pub connections: Arc<AtomicUsize>,
+    /// The sidecar's drain: connections get GOAWAY and health turns NOT_SERVING when it
+    /// starts; it waits for every stream and every HTTP/2 connection (after GOAWAY each closes
+    /// once its streams are done, those fnmesh answers itself, such as health `Watch`, included).
+    pub drain: Drain,
 }
 
 impl GrpcFront {
-    pub fn new(functions: Vec<Route>) -> GrpcFront {
+    pub fn new(functions: Vec<Route>, drain: Drain) -> GrpcFront {
         GrpcFront {
             functions: Arc::new(arc_swap::ArcSwap::from_pointee(functions)),
             reloads: watch::Sender::new(0),
-            active: Arc::new(AtomicUsize::new(0)),
-            draining: watch::Sender::new(false),
-            connections: Arc::new(AtomicUsize::new(0)),
+            drain,
         }
     }
 

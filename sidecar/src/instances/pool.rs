@@ -101,8 +101,9 @@ pub struct Pool {
     watchdog: Arc<Watchdog>,
     state: Mutex<State>,
     next_id: std::sync::atomic::AtomicU64,
-    /// Instance processes not yet reaped (shutdown waits for this to reach zero).
-    live: std::sync::atomic::AtomicUsize,
+    /// Instance processes not yet reaped: each holds a token while it runs, so a shutdown can
+    /// wait for them all.
+    processes: tokio_util::task::TaskTracker,
     /// Worker threads (each instance keeps idle connections per worker).
     workers: usize,
     /// The runtime instance processes are started and watched on, whichever worker's call
@@ -203,7 +204,7 @@ impl Pool {
             watchdog,
             state: Mutex::new(State::default()),
             next_id: std::sync::atomic::AtomicU64::new(1),
-            live: std::sync::atomic::AtomicUsize::new(0),
+            processes: tokio_util::task::TaskTracker::new(),
             workers,
             control: tokio::runtime::Handle::current(),
         });
@@ -518,7 +519,7 @@ impl Pool {
                 Ok(process) => {
                     // `on_ready` has run: the instance is in the ready set.
                     let Ok(instance) = ready_rx.await else { return };
-                    pool.live.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _running = pool.processes.token();
                     tracing::info!(function = %pool.name, instance = id, addr = %process.addr, "instance started");
                     Pool::monitor(pool, instance, process, stop_rx).await;
                 }
@@ -587,12 +588,17 @@ impl Pool {
             }
         }
         self.watchdog.forget(pid);
-        self.live.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Instance processes still running.
     pub fn live_processes(&self) -> usize {
-        self.live.load(std::sync::atomic::Ordering::SeqCst)
+        self.processes.len()
+    }
+
+    /// Resolves once every instance process has been reaped (after [`Pool::shutdown`]).
+    pub async fn stopped(&self) {
+        self.processes.close();
+        self.processes.wait().await;
     }
 
     /// Takes `instance` out of the ready set; false if it was not there.

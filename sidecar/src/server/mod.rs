@@ -1,66 +1,39 @@
-//! `fnmesh run`: binds the listener and the admin address, serves until SIGTERM/SIGINT, then
-//! drains: stop accepting, let in-flight calls finish within `drain_timeout`, stop instances.
+//! `fnmesh run`: binds the listener and the admin address, serves until SIGTERM or SIGINT
+//! (SIGHUP reloads the policy file), then drains (`shutdown`).
 
-use std::{
-    path::PathBuf,
-    process::ExitCode,
-    sync::{atomic::Ordering, Arc},
-    time::Duration,
-};
+mod listener;
+mod shutdown;
 
-use bytes::BytesMut;
-use fnmesh_codec::{detect, Detected, Detection, Limits};
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use fnmesh_codec::Limits;
 use fnmesh_discovery::Backend;
 use tokio::{
-    io::AsyncReadExt,
-    net::{TcpListener, TcpStream},
-    signal::unix::{signal, SignalKind},
-    time::{sleep, timeout, Instant},
+    net::TcpListener,
+    signal::unix::{signal, Signal, SignalKind},
 };
 
 use crate::{
     admin,
     config::{Config, DiscoveryBackend},
-    grpc::GrpcFront,
     instances::watchdog::Watchdog,
     mesh::Mesh,
-    thrift::ThriftFront,
     workers::Workers,
 };
 
-/// How long deregistering may take when the sidecar drains.
-const DEREGISTER: Duration = Duration::from_secs(2);
-/// How long the listener stays open after deregistering, for callers whose registry view is a
-/// moment old.
-const PROPAGATION: Duration = Duration::from_secs(1);
-
-/// The registry `[discovery]` names. Nothing is sent yet: an unreachable registry is retried
-/// later and never stops the sidecar from serving.
-async fn registry(backend: &DiscoveryBackend) -> Result<Backend, String> {
-    Ok(match backend {
-        DiscoveryBackend::None => Backend::Embedded(Default::default()),
-        DiscoveryBackend::Consul { address } => Backend::Consul(
-            fnmesh_discovery::consul::Consul::new(address)
-                .map_err(|e| format!("discovery.address: {e}"))?,
-        ),
-        #[cfg(feature = "etcd")]
-        DiscoveryBackend::Etcd { endpoints, prefix } => Backend::Etcd(Box::new(
-            fnmesh_discovery::etcd::Etcd::new(endpoints, prefix)
-                .await
-                .map_err(|e| format!("discovery.endpoints: {e}"))?,
-        )),
-        #[cfg(not(feature = "etcd"))]
-        DiscoveryBackend::Etcd { .. } => {
-            return Err("this fnmesh was built without etcd support".into())
-        }
-    })
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines; coloured only when stderr is a terminal.
+    Text,
+    /// One JSON object per line, for machines.
+    Json,
 }
 
-/// How long a new connection may take to send enough bytes to tell its protocol.
-const DETECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-pub fn main(path: PathBuf, config: Config, json_logs: bool) -> ExitCode {
-    init_logs(json_logs);
+/// Runs the sidecar for `config` (read from `path`, which reloads read again) until it has
+/// drained.
+pub fn main(path: PathBuf, config: Config, logs: LogFormat) -> ExitCode {
+    init_logs(logs);
     // The control runtime: accept, admin, signals and instance processes. Connections are
     // served by the worker threads (`workers.rs`).
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -83,171 +56,145 @@ pub fn main(path: PathBuf, config: Config, json_logs: bool) -> ExitCode {
     }
 }
 
-fn init_logs(json: bool) {
+fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
+    match format {
+        LogFormat::Json => builder.json().init(),
+        // Colour codes only where a terminal shows them, never in a file or a pipe.
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
 }
 
+/// The registry `[discovery]` names. Nothing is sent yet: an unreachable registry is retried
+/// later and never stops the sidecar from serving.
+async fn registry(backend: &DiscoveryBackend) -> Result<Backend, String> {
+    Ok(match backend {
+        DiscoveryBackend::None => Backend::Embedded(Default::default()),
+        DiscoveryBackend::Consul { address } => Backend::Consul(
+            fnmesh_discovery::consul::Consul::new(address)
+                .map_err(|e| format!("discovery.address: {e}"))?,
+        ),
+        #[cfg(feature = "etcd")]
+        DiscoveryBackend::Etcd { endpoints, prefix } => Backend::Etcd(Box::new(
+            fnmesh_discovery::etcd::Etcd::new(endpoints, prefix)
+                .await
+                .map_err(|e| format!("discovery.endpoints: {e}"))?,
+        )),
+        #[cfg(not(feature = "etcd"))]
+        DiscoveryBackend::Etcd { .. } => {
+            return Err("this fnmesh was built without etcd support (cargo feature `etcd`)".into())
+        }
+    })
+}
+
+/// A running sidecar: its listener, worker threads and functions.
+struct Sidecar {
+    listener: TcpListener,
+    workers: Workers,
+    mesh: Arc<Mesh>,
+    /// The registry's name (`none` without one).
+    registry: &'static str,
+    grace: Duration,
+}
+
 async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
-    let listener = TcpListener::bind(config.sidecar.listen)
+    let sidecar = start(path, config).await?;
+    let mut signals = Signals::new().map_err(|e| format!("cannot watch signals: {e}"))?;
+    loop {
+        tokio::select! {
+            accepted = sidecar.listener.accept() => sidecar.dispatch(accepted).await,
+            _ = signals.term.recv() => break,
+            _ = signals.int.recv() => break,
+            _ = signals.hup.recv() => { let _ = sidecar.mesh.reload_and_log("SIGHUP"); }
+        }
+    }
+    sidecar.shutdown().await;
+    Ok(())
+}
+
+/// Binds everything, starts the functions and the worker threads, and registers the functions
+/// once the listener is up.
+async fn start(path: PathBuf, config: Config) -> Result<Sidecar, String> {
+    let listen = config.sidecar.listen;
+    let listener = TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.sidecar.listen))?;
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let limits = Limits {
         max_frame_size: config.sidecar.max_frame_size,
         ..Limits::default()
     };
-    let grace = config.sidecar.drain_timeout;
     let watchdog =
         Arc::new(Watchdog::start().map_err(|e| format!("cannot start the watchdog: {e}"))?);
-    let sidecar = config.sidecar.clone();
+    let settings = config.sidecar.clone();
     let backend = registry(&config.discovery.backend).await?;
     let mesh = Arc::new(Mesh::new(path, config, limits, watchdog));
-    let admin = Arc::new(admin::Admin {
-        mesh: mesh.clone(),
-        draining: false.into(),
-    });
-    if let Some(addr) = sidecar.admin {
+    if let Some(addr) = settings.admin {
         let l = TcpListener::bind(addr)
             .await
             .map_err(|e| format!("cannot listen on admin address {addr}: {e}"))?;
-        tokio::spawn(admin::serve(l, admin.clone()));
+        tokio::spawn(admin::serve(l, mesh.clone()));
     }
-    let (shared, grpc_shared) = (mesh.thrift.clone(), mesh.grpc.clone());
-    let workers = {
-        let (shared, grpc_shared) = (shared.clone(), grpc_shared.clone());
-        Workers::start(sidecar.workers, sidecar.busy_poll, move |sock| {
-            connection(sock, shared.clone(), grpc_shared.clone())
-        })
-        .map_err(|e| format!("cannot start the worker threads: {e}"))?
+    let fronts = listener::Fronts {
+        thrift: mesh.thrift.clone(),
+        grpc: mesh.grpc.clone(),
     };
+    let workers = Workers::start(settings.workers, settings.busy_poll, move |sock| {
+        listener::connection(sock, fronts.clone())
+    })
+    .map_err(|e| format!("cannot start the worker threads: {e}"))?;
     tracing::info!(
-        listen = %sidecar.listen,
+        listen = %listen,
         functions = mesh.functions().len(),
         workers = workers.len(),
         "fnmesh serving"
     );
-
     // The listener is up: callers may now find the functions.
     let registry = backend.name();
     mesh.register(backend);
-
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((sock, _)) => workers.dispatch(sock),
-                Err(e) => { tracing::warn!(error = %e, "accept failed"); sleep(Duration::from_millis(10)).await; }
-            },
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => { let _ = reload(&mesh, "SIGHUP"); }
-        }
-    }
-
-    // Drain. First the sidecar says it is going: `/readyz` fails, gRPC health turns NOT_SERVING
-    // and HTTP/2 connections get GOAWAY, and the functions are deregistered; it keeps accepting
-    // meanwhile, and for a moment after, so that callers who resolved it just before are
-    // served. Then no new connections; calls in flight get `drain_timeout` to finish.
-    admin.draining.store(true, Ordering::SeqCst);
-    grpc_shared.draining.send_replace(true);
-    let leave = async {
-        mesh.deregister(DEREGISTER.min(grace)).await;
-        if registry != "none" {
-            sleep(PROPAGATION.min(grace / 2)).await;
-        }
-    };
-    tokio::pin!(leave);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((sock, _)) => workers.dispatch(sock),
-                Err(_) => sleep(Duration::from_millis(10)).await,
-            },
-            () = &mut leave => break,
-        }
-    }
-    drop(listener);
-    // Thrift calls in flight, gRPC streams in flight, and HTTP/2 connections still open after
-    // their GOAWAY (each closes once its streams are done and flushed).
-    let active = || {
-        shared.active.load(Ordering::SeqCst)
-            + grpc_shared.active.load(Ordering::SeqCst)
-            + grpc_shared.connections.load(Ordering::SeqCst)
-    };
-    tracing::info!(in_flight = active(), "draining");
-    let until = Instant::now() + grace;
-    while active() > 0 && Instant::now() < until {
-        sleep(Duration::from_millis(5)).await;
-    }
-    let pools = mesh.drain();
-    for p in &pools {
-        p.shutdown();
-    }
-    // Instances get SIGTERM, then SIGKILL after the grace; wait for them to be reaped.
-    let reap = async {
-        while pools.iter().any(|p| p.live_processes() > 0) {
-            sleep(Duration::from_millis(5)).await;
-        }
-    };
-    let _ = timeout(grace + Duration::from_secs(1), reap).await;
-    tracing::info!("stopped");
-    Ok(())
+    Ok(Sidecar {
+        listener,
+        workers,
+        mesh,
+        registry,
+        grace: settings.drain_timeout,
+    })
 }
 
-/// Reloads the policy file (SIGHUP, or `POST /admin/reload` from `fnmesh reload`), logging what
-/// changed or why the file was refused.
-pub fn reload(mesh: &Mesh, asked_by: &str) -> Result<String, String> {
-    match mesh.reload() {
-        Ok(changes) => {
-            tracing::info!(%asked_by, "policy reloaded: {changes}");
-            Ok(changes.to_string())
-        }
-        Err(e) => {
-            tracing::error!(%asked_by, "policy reload refused, the old policy stays: {e}");
-            Err(e)
-        }
-    }
-}
-
-/// Reads until the protocol is known (one bounded, timed read phase), then hands the connection
-/// and the bytes already read to the protocol's server.
-async fn connection(mut sock: TcpStream, thrift: Arc<ThriftFront>, grpc: Arc<GrpcFront>) {
-    let peer = sock.peer_addr().ok();
-    let mut buf = BytesMut::with_capacity(8 * 1024);
-    let detected = timeout(DETECT_TIMEOUT, async {
-        loop {
-            match detect(&buf) {
-                Detection::Found(d) => return Some(d),
-                Detection::Unknown => return None,
-                Detection::NeedMore(_) => match sock.read_buf(&mut buf).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(_) => {}
-                },
+impl Sidecar {
+    /// Hands an accepted connection to a worker thread.
+    async fn dispatch(
+        &self,
+        accepted: std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)>,
+    ) {
+        match accepted {
+            Ok((sock, _)) => self.workers.dispatch(sock),
+            Err(e) => {
+                // Out of file descriptors, typically: a moment for connections to close.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-    })
-    .await;
-    match detected {
-        Ok(Some(Detected::Http2)) => crate::grpc::serve(sock, buf, grpc).await,
-        Ok(Some(d)) => crate::thrift::serve(sock, d, buf, thrift).await,
-        Ok(None) if buf.is_empty() => {}
-        Ok(None) => {
-            let first = &buf[..buf.len().min(8)];
-            tracing::warn!(?peer, first_bytes = ?first, "not a protocol fnmesh speaks; closing the connection");
-        }
-        Err(_) => tracing::debug!(
-            ?peer,
-            "no protocol detected within 10 s; closing the connection"
-        ),
+    }
+}
+
+/// The signals `fnmesh run` answers.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
     }
 }

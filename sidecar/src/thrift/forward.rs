@@ -10,7 +10,6 @@ use tokio::{io::AsyncReadExt, net::TcpStream, time::Instant};
 
 use super::{route::Routed, Reply, ThriftFront};
 use crate::{
-    active::Active,
     error::{CallError, Kind},
     governance::outcome::{self, Failure},
     instances::{Instance, Lease},
@@ -93,7 +92,7 @@ pub(super) async fn call(
     request: Outgoing,
     oneway: bool,
 ) -> (Option<u64>, Result<Option<Reply>, CallError>) {
-    let _active = Active::new(&front.active);
+    let _active = front.drain.track();
     let _in_flight = crate::workers::InFlight::enter();
     let result = exchange(front, &routed, request, oneway).await;
     routed.verdict.record(match &result {

@@ -6,14 +6,12 @@ mod conn;
 mod forward;
 mod route;
 
-use std::sync::{atomic::AtomicUsize, Arc};
-
 use bytes::{buf::Chain, Buf, Bytes};
 use fnmesh_codec::{encode_exception, Limits, ReplyTarget};
 
 pub use conn::serve;
 
-use crate::{error::CallError, governance::Route};
+use crate::{drain::Drain, error::CallError, governance::Route};
 
 /// A reply on its way to the caller: at most two pieces (a rewritten head and the rest), written
 /// with one vectored write.
@@ -24,8 +22,8 @@ pub struct ThriftFront {
     /// The Thrift functions; a reload swaps the table.
     pub functions: arc_swap::ArcSwap<Vec<Route>>,
     pub limits: Limits,
-    /// Calls between decode and reply, for draining.
-    pub active: Arc<AtomicUsize>,
+    /// The sidecar's drain, which waits for calls between decode and reply.
+    pub drain: Drain,
 }
 
 /// The one place errors become Thrift replies (DESIGN.md's table): an EXCEPTION message in the

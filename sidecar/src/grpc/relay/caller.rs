@@ -181,7 +181,7 @@ impl Relay<'_> {
         }
         stream.budget = admitted.budget.unwrap_or_default();
         stream.function = Some(function.clone());
-        stream._active = Some(Active::new(&self.front.active));
+        stream._active = Some(self.front.drain.track());
         stream.retry = admitted.retry.map(|attempts| Retrying {
             attempts,
             copy: stream.request.clone().map(|b| (b, Vec::new(), 0)),

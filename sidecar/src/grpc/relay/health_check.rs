@@ -47,7 +47,7 @@ impl Relay<'_> {
             self.watch_update();
             return;
         }
-        let status = grpc::health::status(true, *self.front.draining.borrow());
+        let status = grpc::health::status(true, self.front.drain.is_draining());
         s.to_caller.push_back(grpc::health::message(status));
         s.trailers = Some(ok_trailers());
         self.pump_caller(id);
@@ -55,7 +55,7 @@ impl Relay<'_> {
 
     /// Sends each health `Watch` its status if it changed; ends them once the sidecar drains.
     pub(super) fn watch_update(&mut self) {
-        let draining = self.draining || *self.front.draining.borrow();
+        let draining = self.draining || self.front.drain.is_draining();
         let ids: Vec<u32> = self.watches.keys().copied().collect();
         for id in ids {
             let Some((service, sent)) = self.watches.get_mut(&id) else {

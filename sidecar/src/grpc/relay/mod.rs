@@ -32,6 +32,7 @@ use fnmesh_codec::{
 };
 use futures_util::{stream::FuturesUnordered, StreamExt};
 use tokio::{net::TcpStream, time::Instant};
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 mod caller;
 mod deadlines;
@@ -46,7 +47,6 @@ use stream::*;
 use upstream::*;
 
 use crate::{
-    active::Active,
     error::{CallError, Kind},
     governance::{
         outcome::{self, Failure, Verdict},
@@ -139,7 +139,7 @@ struct Relay<'a> {
 /// Serves one HTTP/2 connection whose preface (`head`) detection has read.
 pub async fn serve(sock: TcpStream, head: BytesMut, front: Arc<GrpcFront>) {
     let _ = sock.set_nodelay(true);
-    let _open = Active::new(&front.connections);
+    let _open = front.drain.track();
     let mut relay = Relay::new(&front, Link::new(sock, head));
     // The preface is what detection saw; what follows it is frames.
     if relay.caller.rbuf.len() < HTTP2_PREFACE.len() {
@@ -170,17 +170,10 @@ struct Signals {
 
 impl Signals {
     fn new(front: &GrpcFront) -> Signals {
-        let mut draining = front.draining.subscribe();
         Signals {
             timer: Box::pin(tokio::time::sleep_until(Instant::now())),
             armed: None,
-            drained: Box::pin(async move {
-                while !*draining.borrow_and_update() {
-                    if draining.changed().await.is_err() {
-                        return;
-                    }
-                }
-            }),
+            drained: Box::pin(front.drain.started()),
             reloads: front.reloads.subscribe(),
             reloaded: None,
         }

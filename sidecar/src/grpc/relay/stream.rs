@@ -33,7 +33,7 @@ pub(super) struct Stream {
     pub(super) retry: Option<Retrying>,
     /// This attempt's share of the deadline, when a later attempt may follow a timeout.
     pub(super) attempt_deadline: Option<Instant>,
-    pub(super) _active: Option<Active>,
+    pub(super) _active: Option<TaskTrackerToken>,
 }
 
 /// A stream's flow control, on both sides.

@@ -1,0 +1,60 @@
+//! The drain after SIGTERM or SIGINT. First the sidecar says it is going: `/readyz` fails, gRPC
+//! health turns NOT_SERVING, HTTP/2 connections get GOAWAY, and the functions are deregistered.
+//! It keeps accepting meanwhile, and for a moment after (with a registry), so that callers who
+//! resolved it just before are served. Then it stops accepting; calls in flight get
+//! `drain_timeout` to finish, and the instances are stopped.
+
+use std::time::Duration;
+
+use tokio::time::{sleep, timeout};
+
+use super::Sidecar;
+
+/// How long deregistering may take when the sidecar drains.
+const DEREGISTER: Duration = Duration::from_secs(2);
+/// How long the listener stays open after deregistering, for callers whose registry view is a
+/// moment old.
+const PROPAGATION: Duration = Duration::from_secs(1);
+
+impl Sidecar {
+    pub(super) async fn shutdown(self) {
+        let (grace, mesh) = (self.grace, self.mesh.clone());
+        mesh.drain.start();
+        let leave = async {
+            mesh.deregister(DEREGISTER.min(grace)).await;
+            if self.registry != "none" {
+                sleep(PROPAGATION.min(grace / 2)).await;
+            }
+        };
+        tokio::pin!(leave);
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => self.dispatch(accepted).await,
+                () = &mut leave => break,
+            }
+        }
+        // No new connections; the worker threads serve those they have until the end.
+        let Sidecar {
+            listener, workers, ..
+        } = self;
+        drop(listener);
+        // Thrift calls and gRPC streams in flight, and HTTP/2 connections still open after
+        // their GOAWAY (each closes once its streams are done and flushed).
+        tracing::info!(in_flight = mesh.drain.in_progress(), "draining");
+        if timeout(grace, mesh.drain.finished()).await.is_err() {
+            tracing::warn!(
+                in_flight = mesh.drain.in_progress(),
+                "drain_timeout passed with calls still in flight"
+            );
+        }
+        // Instances get SIGTERM, then SIGKILL after the grace; wait for them to be reaped.
+        let pools = mesh.close();
+        for p in &pools {
+            p.shutdown();
+        }
+        let reaped = futures_util::future::join_all(pools.iter().map(|p| p.stopped()));
+        let _ = timeout(grace + Duration::from_secs(1), reaped).await;
+        drop(workers);
+        tracing::info!("stopped");
+    }
+}
