@@ -28,7 +28,8 @@ if ! python3 -c "import grpc, grpc_health.v1.health_pb2" >/dev/null 2>&1; then
 fi
 
 # Debian packages: etcd (a real etcd for the discovery tests), and protoc with the well-known
-# protos (etcd-client, behind fnmesh's `etcd` feature, generates its gRPC code at build time).
+# protos (etcd-client, the tests' independent etcd client, generates its gRPC code at build
+# time; fnmesh itself needs no protoc).
 missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
@@ -63,8 +64,7 @@ fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
-# Both builds are checked: the default one (no etcd, as the quickstart builds it) and the one
-# with the etcd backend, which the tests use.
+# Both builds are checked: the default one, and the one with the etcd tests' independent client.
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy --workspace --all-targets --features fnmesh-tests/etcd -- -D warnings

@@ -1,7 +1,11 @@
-//! etcd (v3 API through `etcd-client`), in the layout of Kitex's registry-etcd: key
-//! `{prefix}/{name}/{host}:{port}`, value `{"network","address","weight","tags"}`, attached to a
-//! lease that renewals keep alive. A lease that ran out, or a key that vanished, is reported
-//! lost, so the registrar puts it again.
+//! etcd, through its v3 JSON gateway (`POST /v3/...` on the client URL, which etcd serves by
+//! default), in the layout of Kitex's registry-etcd: key `{prefix}/{name}/{host}:{port}`, value
+//! `{"network","address","weight","tags"}`, attached to a lease that renewals keep alive. A lease
+//! that ran out, or a key that vanished, is reported lost, so the registrar puts it again.
+//!
+//! Why the gateway and not etcd's gRPC API: the gRPC client (`etcd-client`, over tonic) needs
+//! `protoc` at build time and a second HTTP/2 stack; the gateway takes the same hyper client as
+//! Consul, so etcd support costs the build nothing.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -10,18 +14,27 @@ use std::{
     time::Duration,
 };
 
-use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions, WatchOptions, WatchStream};
+use base64::{engine::general_purpose::STANDARD as B64, Engine};
+use bytes::BytesMut;
 use futures_util::Stream;
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 
-use crate::{Endpoint, Error, Registration, Registry, Resolver};
+use crate::{http::Http, Endpoint, Error, Registration, Registry, Resolver};
 
 const NAME: &str = "etcd";
+/// How long one request may take.
+const REQUEST: Duration = Duration::from_secs(5);
+/// The longest line a watch may send (one change notification).
+const MAX_WATCH_LINE: usize = 4 << 20;
 
 /// An etcd cluster.
 #[derive(Clone)]
 pub struct Etcd {
-    client: Client,
+    /// The members, tried in turn until one answers.
+    members: Vec<Http>,
     prefix: String,
     /// Each registration's lease, by key.
     leases: Arc<Mutex<HashMap<String, i64>>>,
@@ -37,24 +50,68 @@ struct Value {
     tags: BTreeMap<String, String>,
 }
 
-fn unreachable(e: etcd_client::Error) -> Error {
-    Error::Unreachable {
-        registry: NAME,
-        detail: e.to_string(),
+/// The parts of gateway answers fnmesh reads. 64-bit numbers come as strings.
+#[derive(Deserialize, Default)]
+struct Answer {
+    #[serde(default, rename = "ID")]
+    id: Option<String>,
+    #[serde(default, rename = "TTL")]
+    ttl: Option<String>,
+    #[serde(default)]
+    kvs: Vec<KeyValue>,
+    #[serde(default)]
+    header: Header,
+    #[serde(default)]
+    events: Vec<serde_json::Value>,
+    #[serde(default)]
+    canceled: bool,
+    #[serde(default)]
+    result: Option<Box<Answer>>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize, Default)]
+struct Header {
+    #[serde(default)]
+    revision: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct KeyValue {
+    #[serde(default)]
+    value: String,
+}
+
+fn number(text: Option<&str>) -> i64 {
+    text.and_then(|t| t.parse().ok()).unwrap_or(0)
+}
+
+/// The range of every key that starts with `prefix`, base64 as the gateway takes it: `prefix`
+/// and the key just past it (its last byte incremented).
+fn prefix_range(prefix: &str) -> (String, String) {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            break;
+        }
     }
+    (B64.encode(prefix), B64.encode(end))
 }
 
 impl Etcd {
     /// A client of the cluster at `endpoints` (`http://host:port`); nothing is sent yet.
     pub async fn new(endpoints: &[String], prefix: &str) -> Result<Etcd, String> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(5));
-        let client = Client::connect(endpoints, Some(options))
-            .await
-            .map_err(|e| format!("etcd at {endpoints:?}: {e}"))?;
+        let members = endpoints
+            .iter()
+            .map(|e| Http::new(NAME, e).map_err(|e| format!("etcd: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if members.is_empty() {
+            return Err("etcd: no endpoints".into());
+        }
         Ok(Etcd {
-            client,
+            members,
             prefix: prefix.trim_end_matches('/').to_owned(),
             leases: Arc::default(),
         })
@@ -67,7 +124,7 @@ impl Etcd {
 
     /// The stored value for `r`.
     pub fn value(r: &Registration) -> String {
-        serde_json::json!({
+        json!({
             "network": "tcp",
             "address": r.address.to_string(),
             "weight": r.weight,
@@ -83,28 +140,117 @@ impl Etcd {
             .get(key)
             .copied()
     }
+
+    /// `POST /v3/{call}` with `body` on the first member that answers.
+    async fn call(&self, call: &str, body: serde_json::Value) -> Result<Answer, Error> {
+        let path = format!("/v3/{call}");
+        let body = body.to_string().into_bytes();
+        let mut last = None;
+        for member in &self.members {
+            match member
+                .send(Method::POST, &path, Some(body.clone()), REQUEST)
+                .await
+            {
+                Ok(a) => return answer(call, a.status, &a.body),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(Error::Unreachable {
+            registry: NAME,
+            detail: "no endpoints".into(),
+        }))
+    }
+
+    /// The values under `prefix` and the revision they were read at.
+    async fn list(&self, prefix: &str) -> Result<(Vec<Endpoint>, i64), Error> {
+        let (key, range_end) = prefix_range(prefix);
+        let got = self
+            .call("kv/range", json!({ "key": key, "range_end": range_end }))
+            .await?;
+        let values: Vec<Vec<u8>> = got
+            .kvs
+            .iter()
+            .filter_map(|kv| B64.decode(&kv.value).ok())
+            .collect();
+        let list = endpoints(values.iter().map(Vec::as_slice));
+        Ok((list, number(got.header.revision.as_deref())))
+    }
+
+    /// A watch of every key under `prefix` from `revision` on: a body of one JSON answer per
+    /// line, read as it comes.
+    async fn watch(&self, prefix: &str, revision: i64) -> Result<Watch, Error> {
+        let (key, range_end) = prefix_range(prefix);
+        let body = json!({ "create_request": {
+            "key": key, "range_end": range_end, "start_revision": revision,
+        }});
+        let body = body.to_string().into_bytes();
+        let mut last = None;
+        for member in &self.members {
+            match member
+                .open(Method::POST, "/v3/watch", Some(body.clone()), REQUEST)
+                .await
+            {
+                Ok((StatusCode::OK, body)) => {
+                    return Ok(Watch {
+                        body,
+                        buf: BytesMut::new(),
+                    })
+                }
+                Ok((status, _)) => last = Some(refused("watch", status, b"")),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(Error::Unreachable {
+            registry: NAME,
+            detail: "no endpoints".into(),
+        }))
+    }
+}
+
+/// A gateway answer, or the error it carries.
+fn answer(call: &str, status: StatusCode, body: &[u8]) -> Result<Answer, Error> {
+    if status != StatusCode::OK {
+        return Err(refused(call, status, body));
+    }
+    let a: Answer = serde_json::from_slice(body).map_err(|e| Error::Refused {
+        registry: NAME,
+        detail: format!("{call}: unreadable answer: {e}"),
+    })?;
+    match a.error {
+        Some(e) => Err(Error::Refused {
+            registry: NAME,
+            detail: format!("{call}: {e}"),
+        }),
+        None => Ok(a),
+    }
+}
+
+fn refused(call: &str, status: StatusCode, body: &[u8]) -> Error {
+    Error::Refused {
+        registry: NAME,
+        detail: format!("{call}: {status} {}", String::from_utf8_lossy(body).trim()),
+    }
 }
 
 impl Registry for Etcd {
     async fn register(&self, r: &Registration, ttl: Duration) -> Result<(), Error> {
-        let mut c = self.client.clone();
         let key = self.key(r);
         let ttl = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let lease = c.lease_grant(ttl, None).await.map_err(unreachable)?.id();
-        c.put(
-            key.as_str(),
-            Self::value(r),
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .map_err(unreachable)?;
+        let granted = self.call("lease/grant", json!({ "TTL": ttl })).await?;
+        let lease = number(granted.id.as_deref());
+        let put = json!({
+            "key": B64.encode(&key),
+            "value": B64.encode(Self::value(r)),
+            "lease": lease,
+        });
+        self.call("kv/put", put).await?;
         let old = self
             .leases
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key, lease);
         if let Some(old) = old.filter(|o| *o != lease) {
-            let _ = c.lease_revoke(old).await;
+            let _ = self.call("lease/revoke", json!({ "ID": old })).await;
         }
         Ok(())
     }
@@ -118,15 +264,15 @@ impl Registry for Etcd {
         let Some(lease) = self.lease(&key) else {
             return Err(lost("never registered"));
         };
-        let mut c = self.client.clone();
-        let (mut keeper, mut answers) = c.lease_keep_alive(lease).await.map_err(unreachable)?;
-        keeper.keep_alive().await.map_err(unreachable)?;
-        match answers.message().await.map_err(unreachable)? {
-            Some(a) if a.ttl() > 0 => {}
-            _ => return Err(lost("the lease ran out")),
+        let kept = self.call("lease/keepalive", json!({ "ID": lease })).await?;
+        let ttl = kept.result.as_ref().map_or(0, |a| number(a.ttl.as_deref()));
+        if ttl <= 0 {
+            return Err(lost("the lease ran out"));
         }
-        let got = c.get(key.as_str(), None).await.map_err(unreachable)?;
-        if got.kvs().is_empty() {
+        let got = self
+            .call("kv/range", json!({ "key": B64.encode(&key) }))
+            .await?;
+        if got.kvs.is_empty() {
             return Err(lost("the key was removed"));
         }
         Ok(())
@@ -134,15 +280,15 @@ impl Registry for Etcd {
 
     async fn deregister(&self, r: &Registration) -> Result<(), Error> {
         let key = self.key(r);
-        let mut c = self.client.clone();
-        c.delete(key.as_str(), None).await.map_err(unreachable)?;
+        self.call("kv/deleterange", json!({ "key": B64.encode(&key) }))
+            .await?;
         let lease = self
             .leases
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&key);
         if let Some(lease) = lease {
-            let _ = c.lease_revoke(lease).await;
+            let _ = self.call("lease/revoke", json!({ "ID": lease })).await;
         }
         Ok(())
     }
@@ -164,10 +310,39 @@ fn endpoints<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<Endpoint> {
     out
 }
 
+/// An open watch: its body, and what has come of the line being read.
+struct Watch {
+    body: hyper::body::Incoming,
+    buf: BytesMut,
+}
+
+impl Watch {
+    /// The next answer on the watch; `None` once it has ended or broken.
+    async fn next(&mut self) -> Option<Answer> {
+        loop {
+            if let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
+                let line = self.buf.split_to(end + 1);
+                let mut parsed: Answer = serde_json::from_slice(&line).ok()?;
+                return Some(match parsed.result.take() {
+                    Some(result) => *result,
+                    None => parsed,
+                });
+            }
+            if self.buf.len() > MAX_WATCH_LINE {
+                return None;
+            }
+            let frame = self.body.frame().await?.ok()?;
+            if let Ok(data) = frame.into_data() {
+                self.buf.extend_from_slice(&data);
+            }
+        }
+    }
+}
+
 /// Where a resolution stands: watching from a revision, or to (re)start.
 enum Follow {
     Start { after_error: bool },
-    Watching(Box<WatchStream>),
+    Watching(Box<Watch>),
 }
 
 impl Resolver for Etcd {
@@ -176,11 +351,11 @@ impl Resolver for Etcd {
         &self,
         name: &str,
     ) -> impl Stream<Item = Result<Vec<Endpoint>, Error>> + Send + 'static {
-        let client = self.client.clone();
+        let etcd = self.clone();
         let prefix = format!("{}/{}/", self.prefix, name);
         let start = Follow::Start { after_error: false };
         futures_util::stream::unfold(start, move |state| {
-            let (mut c, prefix) = (client.clone(), prefix.clone());
+            let (etcd, prefix) = (etcd.clone(), prefix.clone());
             async move {
                 let mut state = state;
                 loop {
@@ -189,31 +364,23 @@ impl Resolver for Etcd {
                             if after_error {
                                 tokio::time::sleep(Duration::from_millis(500)).await;
                             }
-                            let got = match c
-                                .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-                                .await
-                            {
+                            let (list, revision) = match etcd.list(&prefix).await {
                                 Ok(got) => got,
                                 Err(e) => {
                                     let next = Follow::Start { after_error: true };
-                                    return Some((Err(unreachable(e)), next));
+                                    return Some((Err(e), next));
                                 }
                             };
-                            let list = endpoints(got.kvs().iter().map(|kv| kv.value()));
-                            let revision = got.header().map_or(0, |h| h.revision());
-                            let options = WatchOptions::new()
-                                .with_prefix()
-                                .with_start_revision(revision + 1);
-                            let next = match c.watch(prefix.as_str(), Some(options)).await {
-                                Ok(stream) => Follow::Watching(Box::new(stream)),
+                            let next = match etcd.watch(&prefix, revision + 1).await {
+                                Ok(watch) => Follow::Watching(Box::new(watch)),
                                 Err(_) => Follow::Start { after_error: true },
                             };
                             return Some((Ok(list), next));
                         }
-                        Follow::Watching(mut stream) => match stream.message().await {
-                            Ok(Some(answer)) if !answer.canceled() => {
-                                if answer.events().is_empty() {
-                                    Follow::Watching(stream)
+                        Follow::Watching(mut watch) => match watch.next().await {
+                            Some(answer) if !answer.canceled && answer.error.is_none() => {
+                                if answer.events.is_empty() {
+                                    Follow::Watching(watch)
                                 } else {
                                     // Read the whole list again: simpler than applying events,
                                     // and as fresh.
@@ -260,5 +427,28 @@ mod tests {
             back[0].tags.get("protocol").map(String::as_str),
             Some("grpc")
         );
+    }
+
+    #[test]
+    fn a_prefix_range_ends_just_past_the_prefix() {
+        let (key, end) = prefix_range("kitex/registry-etcd/echo/");
+        assert_eq!(B64.decode(key).unwrap(), b"kitex/registry-etcd/echo/");
+        assert_eq!(B64.decode(end).unwrap(), b"kitex/registry-etcd/echo0");
+        let (_, end) = prefix_range("a\u{7f}");
+        assert_eq!(B64.decode(end).unwrap(), b"a\x80");
+    }
+
+    #[test]
+    fn gateway_answers_are_read_with_their_64_bit_numbers_as_text() {
+        let granted = br#"{"header":{"revision":"7"},"ID":"7587899357015709445","TTL":"5"}"#;
+        let a = answer("lease/grant", StatusCode::OK, granted).unwrap();
+        assert_eq!(number(a.id.as_deref()), 7_587_899_357_015_709_445);
+        assert_eq!(number(a.header.revision.as_deref()), 7);
+        let kept = br#"{"result":{"header":{},"ID":"12345"}}"#;
+        let a = answer("lease/keepalive", StatusCode::OK, kept).unwrap();
+        assert_eq!(a.result.map_or(0, |r| number(r.ttl.as_deref())), 0);
+        let failed = br#"{"error":"etcdserver: requested lease not found","code":5}"#;
+        assert!(answer("lease/revoke", StatusCode::OK, failed).is_err());
+        assert!(answer("kv/put", StatusCode::BAD_REQUEST, b"no").is_err());
     }
 }

@@ -1,5 +1,6 @@
-//! A thin HTTP/1.1 client over hyper for registry APIs: one request per connection (these are
-//! a few requests per TTL, not a data path), bounded by a timeout.
+//! A thin HTTP/1.1 client over hyper for registry APIs (Consul's agent API, etcd's JSON
+//! gateway): one request per connection (these are a few requests per TTL, not a data path),
+//! bounded by a timeout; or a response body read as it streams (etcd watches).
 
 use std::time::Duration;
 
@@ -61,12 +62,49 @@ impl Http {
             .map_err(|_| self.unreachable(format!("no answer within {within:?}")))?
     }
 
+    /// Sends one request and gives the answer's status and its body as it arrives (the
+    /// connection stays open while the body is read); the head must come within `within`.
+    pub async fn open(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        within: Duration,
+    ) -> Result<(StatusCode, hyper::body::Incoming), Error> {
+        let resp = tokio::time::timeout(within, self.request(method, path, body))
+            .await
+            .map_err(|_| self.unreachable(format!("no answer within {within:?}")))??;
+        Ok((resp.status(), resp.into_body()))
+    }
+
     async fn exchange(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Answer, Error> {
+        let resp = self.request(method, path, body).await?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.unreachable(e))?
+            .to_bytes();
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, Error> {
         let stream = TcpStream::connect(&self.authority)
             .await
             .map_err(|e| self.unreachable(e))?;
@@ -89,23 +127,10 @@ impl Http {
                 registry: self.registry,
                 detail: format!("cannot build the request for {path}: {e}"),
             })?;
-        let resp = sender
+        sender
             .send_request(req)
             .await
-            .map_err(|e| self.unreachable(e))?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| self.unreachable(e))?
-            .to_bytes();
-        Ok(Answer {
-            status,
-            headers,
-            body,
-        })
+            .map_err(|e| self.unreachable(e))
     }
 }
 

@@ -10,7 +10,6 @@ use futures_util::Stream;
 
 pub mod consul;
 pub mod embedded;
-#[cfg(feature = "etcd")]
 pub mod etcd;
 mod http;
 mod registrar;
@@ -140,7 +139,6 @@ pub trait Resolver: Send + Sync + 'static {
 pub enum Backend {
     Embedded(embedded::Embedded),
     Consul(consul::Consul),
-    #[cfg(feature = "etcd")]
     Etcd(Box<etcd::Etcd>),
 }
 
@@ -150,7 +148,6 @@ impl Backend {
         match self {
             Backend::Embedded(_) => "none",
             Backend::Consul(_) => "consul",
-            #[cfg(feature = "etcd")]
             Backend::Etcd(_) => "etcd",
         }
     }
@@ -161,7 +158,6 @@ impl Registry for Backend {
         match self {
             Backend::Embedded(b) => b.register(r, ttl).await,
             Backend::Consul(b) => b.register(r, ttl).await,
-            #[cfg(feature = "etcd")]
             Backend::Etcd(b) => b.register(r, ttl).await,
         }
     }
@@ -170,7 +166,6 @@ impl Registry for Backend {
         match self {
             Backend::Embedded(b) => b.renew(r).await,
             Backend::Consul(b) => b.renew(r).await,
-            #[cfg(feature = "etcd")]
             Backend::Etcd(b) => b.renew(r).await,
         }
     }
@@ -179,7 +174,6 @@ impl Registry for Backend {
         match self {
             Backend::Embedded(b) => b.deregister(r).await,
             Backend::Consul(b) => b.deregister(r).await,
-            #[cfg(feature = "etcd")]
             Backend::Etcd(b) => b.deregister(r).await,
         }
     }

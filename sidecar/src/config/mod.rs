@@ -441,13 +441,6 @@ fn discovery(cx: &Ctx<'_>, d: &Spanned<RawDiscovery>) -> Result<DiscoveryConfig,
             DiscoveryBackend::Consul { address }
         }
         "etcd" => {
-            if !cfg!(feature = "etcd") {
-                return cx.invalid(
-                    backend.span().start,
-                    "discovery.backend",
-                    "this fnmesh was built without etcd support (cargo build --features etcd)",
-                );
-            }
             let endpoints = match &raw.endpoints {
                 Some(list) if list.get_ref().is_empty() => {
                     return cx.invalid(list.span().start, "discovery.endpoints", "is empty")

@@ -460,20 +460,14 @@ fn discovery_backends_parse_with_their_defaults() {
         }
     );
     let etcd = parse(&GOOD.replacen("backend = \"none\"", "backend = \"etcd\"", 1));
-    if cfg!(feature = "etcd") {
-        assert_eq!(
-            etcd.unwrap().discovery.backend,
-            DiscoveryBackend::Etcd {
-                endpoints: vec!["http://127.0.0.1:2379".into()],
-                prefix: "kitex/registry-etcd".into(),
-            }
-        );
-    } else {
-        assert!(etcd
-            .unwrap_err()
-            .to_string()
-            .contains("without etcd support"));
-    }
+    // etcd is in every build.
+    assert_eq!(
+        etcd.unwrap().discovery.backend,
+        DiscoveryBackend::Etcd {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: "kitex/registry-etcd".into(),
+        }
+    );
 }
 
 #[test]

@@ -79,16 +79,11 @@ async fn registry(backend: &DiscoveryBackend) -> Result<Backend, String> {
             fnmesh_discovery::consul::Consul::new(address)
                 .map_err(|e| format!("discovery.address: {e}"))?,
         ),
-        #[cfg(feature = "etcd")]
         DiscoveryBackend::Etcd { endpoints, prefix } => Backend::Etcd(Box::new(
             fnmesh_discovery::etcd::Etcd::new(endpoints, prefix)
                 .await
                 .map_err(|e| format!("discovery.endpoints: {e}"))?,
         )),
-        #[cfg(not(feature = "etcd"))]
-        DiscoveryBackend::Etcd { .. } => {
-            return Err("this fnmesh was built without etcd support (cargo feature `etcd`)".into())
-        }
     })
 }
 
