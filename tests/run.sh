@@ -21,10 +21,11 @@ if ! python3 -c "import thrift" >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check thrift
 fi
 
-# Python grpcio and its health stub: an independent gRPC client for the end-to-end tests.
-if ! python3 -c "import grpc, grpc_health.v1.health_pb2" >/dev/null 2>&1; then
-    echo "== installing PyPI grpcio, grpcio-health-checking"
-    python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-health-checking
+# Python grpcio and its health stub: an independent gRPC client for the end-to-end tests; and
+# grpcio-tools, which generates the stubs of the documented Python function (examples/).
+if ! python3 -c "import grpc, grpc_health.v1.health_pb2, grpc_tools.protoc" >/dev/null 2>&1; then
+    echo "== installing PyPI grpcio, grpcio-health-checking, grpcio-tools"
+    python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-health-checking grpcio-tools
 fi
 
 # Debian packages: etcd (a real etcd for the discovery tests), and protoc with the well-known

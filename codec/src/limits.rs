@@ -15,7 +15,7 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// 16 MiB, the default `max_frame_size` of DESIGN.md.
+    /// 16 MiB, the default `max_frame_size` of docs/design.md.
     pub const DEFAULT_MAX_FRAME_SIZE: usize = 16 * 1024 * 1024;
 }
 

@@ -121,7 +121,7 @@ fn build(
     h: &Header,
     body: &[u8],
 ) -> Vec<u8> {
-    // Framed means a 0x8001 or 0x82 marker after the length (DESIGN.md), so the old non-strict
+    // Framed means a 0x8001 or 0x82 marker after the length (docs/design.md), so the old non-strict
     // form is only generated unframed or inside a TTHeader.
     let strict = strict || p == Protocol::Compact || t == Transport::Framed;
     let b = h.builder();

@@ -1,5 +1,5 @@
 //! Service discovery for fnmesh: each function registered as an ordinary RPC service in Consul or
-//! etcd (formats of DESIGN.md, readable by CloudWeGo's registries), kept alive while the sidecar
+//! etcd (formats of docs/design.md, readable by CloudWeGo's registries), kept alive while the sidecar
 //! runs, and resolved back into endpoints, also as a `volo::discovery::Discover` so a Volo client
 //! can call a function by name.
 #![forbid(unsafe_code)]

@@ -1,5 +1,5 @@
 //! The errors fnmesh makes, by kind, and the one table of what each kind is in every protocol
-//! (DESIGN.md "Errors fnmesh makes"). Errors stay typed until the one place per protocol that
+//! (docs/design.md "Errors fnmesh makes"). Errors stay typed until the one place per protocol that
 //! turns them into replies (`thrift::rescue`, the gRPC relay's `error_block`).
 
 use fnmesh_codec::ExceptionType;

@@ -7,6 +7,7 @@ usage: grpc_echo_client.py PORT unary MESSAGE
        grpc_echo_client.py PORT deadline SLEEP_MS TIMEOUT_S
        grpc_echo_client.py PORT check SERVICE
        grpc_echo_client.py PORT watch SERVICE      (prints each status as it arrives)
+       grpc_echo_client.py PORT repeat N           (N unary calls on one channel; prints "N ok")
 Each prints one line per result; errors print "error CODE_NAME message".
 """
 import sys
@@ -63,6 +64,12 @@ def main():
             call = channel.unary_unary("/echo.Echo/UnaryEcho", ident, decode_response)
             msg, inst = call(encode_request(sys.argv[3]), timeout=10)
             print(f"{msg} {inst}")
+        elif mode == "repeat":
+            call = channel.unary_unary("/echo.Echo/UnaryEcho", ident, decode_response)
+            n = int(sys.argv[3])
+            for _ in range(n):
+                call(encode_request("benchmark"), timeout=10)
+            print(f"{n} ok")
         elif mode == "stream":
             call = channel.unary_stream("/echo.Echo/ServerStreamingEcho", ident, decode_response)
             for msg, inst in call(encode_request(sys.argv[3]), timeout=10):

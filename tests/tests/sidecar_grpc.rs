@@ -13,7 +13,7 @@ use std::{
 use fnmesh_tests::{
     proto::proto_gen::echo::{EchoClientBuilder, EchoRequest},
     sidecar::{
-        echo_function, grpc_echo_fn, grpc_echo_function, kill_instance, two_instances, Sidecar,
+        echo_function, grpc_echo_fn, grpc_echo_function, idl, kill_instance, two_instances, Sidecar,
     },
 };
 use futures_util::StreamExt;
@@ -606,6 +606,44 @@ fn grpcio(port: u16, args: &[&str]) -> Vec<String> {
         .chain(args.iter().copied())
         .collect();
     fnmesh_tests::sidecar::python("grpc_echo_client.py", &all)
+}
+
+/// The Python grpcio function of docs/functions.md (`examples/grpc-python`), with its stubs
+/// generated as the doc says, serves a grpcio caller through fnmesh from zero instances.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_documented_python_grpcio_function_serves_from_zero() {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/grpc-python");
+    let dir = std::env::temp_dir().join(format!("fnmesh-pyfn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("echo_fn.py");
+    std::fs::copy(example.join("echo_fn.py"), &script).unwrap();
+    let protos = idl("proto");
+    let generated = std::process::Command::new("python3")
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(&protos)
+        .arg(format!("--python_out={}", dir.display()))
+        .arg(format!("--grpc_python_out={}", dir.display()))
+        .arg(protos.join("echo.proto"))
+        .status()
+        .expect("python3 runs");
+    assert!(
+        generated.success(),
+        "grpc_tools.protoc (tests/run.sh installs grpcio-tools)"
+    );
+    let function = format!(
+        "[[function]]\nname = \"echo-py\"\nprotocol = \"grpc\"\nidl = \"{}\"\ncommand = [\"{}\"]\n\n[function.scale]\nconcurrency = 8\n",
+        protos.join("echo.proto").display(),
+        script.display()
+    );
+    let sc = Sidecar::start(&function);
+    let port = sc.addr.port();
+    let lines = tokio::task::spawn_blocking(move || grpcio(port, &["unary", "from grpcio"]))
+        .await
+        .unwrap();
+    assert_eq!(lines, ["from grpcio 1"]);
+    assert_eq!(sc.stat("echo-py", "ready"), 1);
+    drop(sc);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread")]

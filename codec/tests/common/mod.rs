@@ -1,11 +1,11 @@
-//! Frames for the codec's tests: the request DESIGN.md documents (captured from a Volo 0.12 client)
+//! Frames for the codec's tests: the request docs/design.md documents (captured from a Volo 0.12 client)
 //! and builders for every transport and protocol.
 #![allow(dead_code)]
 
 use bytes::{BufMut, BytesMut};
 use fnmesh_codec::{MessageHeader, MessageType, Protocol, TTHeaderBuilder, Transport};
 
-/// `Echo("hi")` from a Volo 0.12 client, TTHeader + Framed + Binary, as DESIGN.md shows it.
+/// `Echo("hi")` from a Volo 0.12 client, TTHeader + Framed + Binary, as docs/design.md shows it.
 pub fn volo_echo_request() -> Vec<u8> {
     let mut b = BytesMut::new();
     b.put_slice(&[0, 0, 0, 0x88, 0x10, 0x00, 0, 0, 0, 0, 0, 0, 0x00, 0x17]);

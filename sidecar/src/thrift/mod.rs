@@ -26,7 +26,7 @@ pub struct ThriftFront {
     pub drain: Drain,
 }
 
-/// The one place errors become Thrift replies (DESIGN.md's table): an EXCEPTION message in the
+/// The one place errors become Thrift replies (docs/design.md's table): an EXCEPTION message in the
 /// request's transport, TTHeader key `fnmesh-error` = the kind.
 fn rescue(target: &ReplyTarget<'_>, e: &CallError) -> Reply {
     let text = e.to_string();

@@ -1,4 +1,4 @@
-//! Which function a Thrift call goes to (DESIGN.md "Thrift routing"), and its admission.
+//! Which function a Thrift call goes to (docs/design.md "Thrift routing"), and its admission.
 
 use std::{sync::Arc, time::Duration};
 

@@ -349,7 +349,7 @@ pub(super) fn write_data(dst: &mut BytesMut, stream: u32, data: &[u8], end_strea
     dst.put_slice(data);
 }
 
-/// A trailers-only response for `e` (DESIGN.md's table), as a header block.
+/// A trailers-only response for `e` (docs/design.md's table), as a header block.
 pub(super) fn error_block(e: &CallError) -> Vec<u8> {
     let mut b = Vec::with_capacity(128);
     encode_field(&mut b, b":status", b"200", false);

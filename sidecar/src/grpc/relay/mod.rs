@@ -404,7 +404,7 @@ mod tests {
         assert_eq!(d.len(), 1);
     }
 
-    /// fnmesh's trailers-only answer: status 200, gRPC content type, the status of DESIGN.md's
+    /// fnmesh's trailers-only answer: status 200, gRPC content type, the status of docs/design.md's
     /// table and a percent-encoded message.
     #[test]
     fn errors_are_trailers_only_responses() {
