@@ -18,6 +18,7 @@ pub struct Drain {
 
 impl Drain {
     /// Counts one call, stream or connection as in progress for as long as the token lives.
+    #[inline]
     pub fn track(&self) -> TaskTrackerToken {
         self.in_progress.token()
     }

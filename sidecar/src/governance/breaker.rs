@@ -94,6 +94,7 @@ impl Breaker {
     }
 
     /// Counts an admitted call's outcome.
+    #[inline]
     pub fn record(&self, failed: bool) {
         let counter = if failed { &self.failed } else { &self.ok };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -184,11 +185,13 @@ impl Breakers {
         b
     }
 
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.methods.is_empty() && self.function.is_none()
     }
 
     /// The breaker a call of `method` goes through, if any.
+    #[inline]
     pub fn get(&self, method: &str) -> Option<&Arc<Breaker>> {
         if self.methods.is_empty() {
             return self.function.as_ref();
@@ -198,6 +201,7 @@ impl Breakers {
 
     /// Admits a call of `method`, or answers `circuit-open`; gives the breaker to record its
     /// outcome in.
+    #[inline]
     pub fn admit(&self, function: &str, method: &str) -> Result<Option<Arc<Breaker>>, CallError> {
         let Some(b) = self.get(method) else {
             return Ok(None);

@@ -127,6 +127,7 @@ impl Function {
     /// is the caller's own timeout (TTHeader RPCTimeout, `grpc-timeout`), and the shorter of it
     /// and the policy's bounds the call, queueing included. Only an idempotent method whose
     /// request is kept whole (not client streaming) may be sent again once an instance got it.
+    #[inline]
     pub fn admit(&self, method: &str, caller: Option<Duration>) -> Result<Admitted, CallError> {
         let policy = self.policy.load();
         let f = &policy.function;
@@ -144,9 +145,12 @@ impl Function {
             (p, c) => p.or(c),
         };
         let deadline = budget.map(|b| Instant::now() + b);
-        let idempotent = method_policy.idempotent.unwrap_or(false)
-            && f.is_client_streaming(method) != Some(true);
-        let retry = Attempts::start(method_policy.retry, idempotent, &self.retry_budget);
+        let retry = method_policy.retry.and_then(|policy| {
+            // Read only for a method that retries: it looks the method up by name.
+            let idempotent = method_policy.idempotent.unwrap_or(false)
+                && f.is_client_streaming(method) != Some(true);
+            Attempts::start(Some(policy), idempotent, &self.retry_budget)
+        });
         Ok(Admitted {
             classify: !policy.breakers.is_empty(),
             verdict: Verdict::new(breaker, deadline),

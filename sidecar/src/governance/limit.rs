@@ -40,6 +40,7 @@ impl Bucket {
     }
 
     /// Takes a token if there is one.
+    #[inline]
     pub fn try_take(&self) -> bool {
         let now = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let mut due = self.due.load(Ordering::Relaxed);
@@ -82,6 +83,7 @@ impl Limits {
     }
 
     /// Admits a call of `method` of `function`, or answers `overloaded`.
+    #[inline]
     pub fn admit(&self, function: &str, method: &str) -> Result<(), CallError> {
         let bucket = match self.methods.is_empty() {
             true => self.function.as_ref(),

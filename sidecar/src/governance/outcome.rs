@@ -54,6 +54,7 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    #[inline]
     pub fn new(breaker: Option<Arc<Breaker>>, deadline: Option<Instant>) -> Verdict {
         Verdict {
             breaker,
@@ -63,6 +64,7 @@ impl Verdict {
     }
 
     /// Records the outcome (the first call only).
+    #[inline]
     pub fn record(&mut self, failed: bool) {
         if !self.recorded {
             if let Some(b) = &self.breaker {
@@ -75,7 +77,7 @@ impl Verdict {
 
 impl Drop for Verdict {
     fn drop(&mut self) {
-        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+        if !self.recorded && self.deadline.is_some_and(|d| Instant::now() >= d) {
             self.record(true);
         }
     }

@@ -25,6 +25,7 @@ pub struct Attempts {
 impl Attempts {
     /// The retry state of a call under `policy` (none unless it allows more than one attempt);
     /// the call counts towards the function's retry `budget`.
+    #[inline]
     pub fn start(policy: Option<Retry>, idempotent: bool, budget: &Budget) -> Option<Attempts> {
         let policy = policy.filter(|r| r.attempts > 1)?;
         budget.deposit();

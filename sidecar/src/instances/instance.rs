@@ -76,6 +76,7 @@ impl Instance {
     }
 
     /// This worker thread's idle connections of type `T` (one type per protocol front end).
+    #[inline]
     pub fn idle<T: Send + 'static>(&self) -> &Mutex<Vec<T>> {
         let last = self.workers;
         let worker = crate::workers::current().map_or(last, |i| i.min(last));

@@ -70,31 +70,28 @@ pub async fn serve(
                 routed,
                 request,
                 oneway,
-                track,
+                ticket,
+                rearm,
             } = read;
-            let ticket = track.as_ref().map(|_| replies.next_ticket());
+            if let Some(at) = rearm {
+                timer.as_mut().reset(at);
+            }
             let timed = routed.deadline.is_some();
             let call = call(front, ticket, routed, request, oneway);
-            let abort = if lane.is_none() {
+            if lane.is_none() {
                 // Stopped by dropping it.
                 lane.set(Some(call));
                 lane_ticket = ticket;
-                None
-            } else {
-                // Only a call with a deadline can be stopped (which costs an allocation).
-                let (call, abort) = match (ticket, timed) {
-                    (Some(_), true) => {
-                        let (abort, registration) = AbortHandle::new_pair();
-                        let call = Abortable::new(call, registration);
-                        (Either::Right(call), Some(abort))
-                    }
-                    _ => (Either::Left(call.map(Ok)), None),
-                };
-                calls.push(Box::pin(call));
-                abort
-            };
-            if let Some(at) = track.and_then(|t| replies.track(t, abort)) {
-                timer.as_mut().reset(at);
+                continue;
+            }
+            // Only a call with a deadline can be stopped (which costs an allocation).
+            match ticket.filter(|_| timed) {
+                Some(ticket) => {
+                    let (abort, registration) = AbortHandle::new_pair();
+                    calls.push(Box::pin(Either::Right(Abortable::new(call, registration))));
+                    replies.set_abort(ticket, abort);
+                }
+                None => calls.push(Box::pin(Either::Left(call.map(Ok)))),
             }
         }
         if replies.write_ready(&wr).is_err() {
@@ -148,21 +145,15 @@ pub async fn serve(
     let _ = wr.shutdown().await;
 }
 
-/// A call read and routed, ready to start; `track` is what its reply needs (none for oneway).
+/// A call read and routed, ready to start: a two-way call's reply already has its place
+/// (`ticket`), and `rearm` is where the connection's timer goes when its deadline is the
+/// earliest.
 struct NewCall {
     routed: Routed,
     request: Outgoing,
     oneway: bool,
-    track: Option<Tracked>,
-}
-
-/// What the connection keeps of a two-way call until its reply.
-struct Tracked {
-    answer: Answer,
-    /// When it times out, its budget and function (for the message).
-    timeout: Option<(Instant, Duration, Arc<Function>)>,
-    /// The caller allows this call's reply out of order.
-    unordered: bool,
+    ticket: Option<u64>,
+    rearm: Option<Instant>,
 }
 
 /// The reading side of a connection: frames decoded and routed.
@@ -189,6 +180,7 @@ impl<'a> Reader<'a> {
     /// The next call in `buf` that can go to an instance. Calls that cannot (not routed,
     /// malformed) are answered in `replies` on the way; `None` when more bytes are needed or
     /// reading has stopped.
+    #[inline]
     fn next_call(&mut self, buf: &mut BytesMut, replies: &mut Replies) -> Option<NewCall> {
         while self.reading {
             let mut frame = match self.decoder.decode(buf) {
@@ -218,7 +210,7 @@ impl<'a> Reader<'a> {
             }
             let unordered = out_of_order(&frame);
             match route(self.table.load(), &mut frame) {
-                Ok(routed) => return Some(prepare(frame, routed, oneway, unordered)),
+                Ok(routed) => return Some(prepare(frame, routed, oneway, unordered, replies)),
                 Err(e) if oneway => tracing::debug!(error = %e, "oneway call not routed"),
                 Err(e) => replies.refused(rescue(&ReplyTarget::of(&frame), &e), unordered),
             }
@@ -252,6 +244,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Whether `frame`'s reply may overtake the replies of earlier calls.
+#[inline]
 fn out_of_order(frame: &Frame) -> bool {
     frame
         .ttheader()
@@ -260,8 +253,15 @@ fn out_of_order(frame: &Frame) -> bool {
 
 /// A routed frame as the call that forwards it: a TTHeader call with a deadline is kept as a
 /// frame until it is forwarded, when its RPCTimeout (key 12) is set to what is left of the
-/// budget; any other goes as its bytes.
-fn prepare(frame: Frame, routed: Routed, oneway: bool, unordered: bool) -> NewCall {
+/// budget; any other goes as its bytes. A two-way call's reply gets its place in `replies`.
+#[inline]
+fn prepare(
+    frame: Frame,
+    routed: Routed,
+    oneway: bool,
+    unordered: bool,
+    replies: &mut Replies,
+) -> NewCall {
     let mut answer = (!oneway).then(|| Answer::of(&frame));
     let request = match routed.deadline {
         Some(_) if frame.ttheader().is_some() => {
@@ -278,19 +278,23 @@ fn prepare(frame: Frame, routed: Routed, oneway: bool, unordered: bool) -> NewCa
             Outgoing::Ready(request)
         }
     };
-    let timeout = match (routed.deadline, routed.budget) {
-        (Some(at), Some(budget)) => Some((at, budget, routed.function.clone())),
-        _ => None,
+    let (ticket, rearm) = match answer {
+        Some(answer) => {
+            let timeout = match (routed.deadline, routed.budget) {
+                (Some(at), Some(budget)) => Some((at, budget, routed.function.clone())),
+                _ => None,
+            };
+            let (ticket, rearm) = replies.track(answer, timeout, unordered);
+            (Some(ticket), rearm)
+        }
+        None => (None, None),
     };
     NewCall {
-        track: answer.map(|answer| Tracked {
-            answer,
-            timeout,
-            unordered,
-        }),
         routed,
         request,
         oneway,
+        ticket,
+        rearm,
     }
 }
 
@@ -303,6 +307,7 @@ struct Answer {
 }
 
 impl Answer {
+    #[inline]
     fn of(frame: &Frame) -> Answer {
         let m = frame.message();
         let tt = frame.ttheader();
@@ -346,6 +351,7 @@ struct Pending {
 }
 
 impl Pending {
+    #[inline]
     fn answered(reply: Reply) -> Pending {
         Pending {
             reply: Some(reply),
@@ -357,6 +363,7 @@ impl Pending {
     }
 
     /// Sets the call's reply: in its place, or (out of order) to go out next.
+    #[inline]
     fn set_reply(&mut self, reply: Reply, loose: &mut VecDeque<Reply>) {
         if self.unordered {
             loose.push_back(reply);
@@ -394,21 +401,25 @@ impl Default for Replies {
 
 impl Replies {
     /// The ticket the next two-way call gets.
+    #[inline]
     fn next_ticket(&self) -> u64 {
         self.next + self.pending.len() as u64
     }
 
     /// Calls and replies held.
+    #[inline]
     fn len(&self) -> usize {
         self.pending.len() + self.loose.len()
     }
 
     /// Nothing is left to answer or write.
+    #[inline]
     fn is_done(&self) -> bool {
         self.pending.is_empty() && self.loose.is_empty() && !self.out.has_remaining()
     }
 
     /// A reply known at once, in its place.
+    #[inline]
     fn answered(&mut self, reply: Reply) {
         self.pending.push_back(Pending::answered(reply));
     }
@@ -422,14 +433,16 @@ impl Replies {
         }
     }
 
-    /// Holds the place of a call now running (ticket [`Replies::next_ticket`]); gives the
-    /// instant to set the timer to when its deadline is the earliest.
-    fn track(&mut self, call: Tracked, abort: Option<AbortHandle>) -> Option<Instant> {
-        let Tracked {
-            answer,
-            timeout,
-            unordered,
-        } = call;
+    /// Holds the place of a two-way call about to run; gives its ticket, and the instant to set
+    /// the timer to when its deadline is the earliest.
+    #[inline]
+    fn track(
+        &mut self,
+        answer: Answer,
+        timeout: Option<(Instant, Duration, Arc<Function>)>,
+        unordered: bool,
+    ) -> (u64, Option<Instant>) {
+        let ticket = self.next_ticket();
         let mut rearm = None;
         if let Some((at, ..)) = &timeout {
             if self.armed.is_none_or(|a| *at < a) {
@@ -439,15 +452,24 @@ impl Replies {
         }
         self.pending.push_back(Pending {
             reply: None,
-            abort: timeout.as_ref().and(abort),
             timeout,
             answer: Some(answer),
+            abort: None,
             unordered,
         });
-        rearm
+        (ticket, rearm)
+    }
+
+    /// How to stop the call with `ticket` at its deadline (a call beyond the connection's lane).
+    fn set_abort(&mut self, ticket: u64, abort: AbortHandle) {
+        let at = ticket.checked_sub(self.next).map(|i| i as usize);
+        if let Some(p) = at.and_then(|i| self.pending.get_mut(i)) {
+            p.abort = Some(abort);
+        }
     }
 
     /// Whether the call with `ticket` has its reply.
+    #[inline]
     fn is_answered(&self, ticket: u64) -> bool {
         ticket
             .checked_sub(self.next)
@@ -457,6 +479,7 @@ impl Replies {
 
     /// Gives a finished call's result to its ticket, unless that was answered already
     /// (`timeout`).
+    #[inline]
     fn settle(&mut self, ticket: Option<u64>, result: Result<Option<Reply>, CallError>) {
         let next = self.next;
         let Some(p) = ticket
@@ -519,6 +542,7 @@ impl Replies {
     /// Moves the replies that may go out now into `out`, one after another, and writes each as
     /// far as the socket takes it without waiting (the usual case: all of it); what it does not
     /// take is written by the connection's loop. An error means the caller is gone.
+    #[inline]
     fn write_ready(&mut self, wr: &WriteHalf<'_>) -> std::io::Result<()> {
         while !self.out.has_remaining() {
             if let Some(reply) = self.loose.pop_front() {
@@ -541,6 +565,7 @@ impl Replies {
 }
 
 /// Writes what the socket takes of `out` now, without waiting; an error means the caller is gone.
+#[inline]
 fn write_now(wr: &WriteHalf<'_>, out: &mut Reply) -> std::io::Result<()> {
     let (slices, n) = pieces(out);
     match wr.try_write_vectored(&slices[..n]) {

@@ -66,6 +66,7 @@ impl InstanceConn {
     }
 
     /// Gives back a connection whose call completed cleanly.
+    #[inline]
     fn recycle(self, instance: &Instance) {
         let mut idle = lock(instance.idle::<InstanceConn>());
         if idle.len() < MAX_IDLE {
@@ -337,6 +338,7 @@ async fn forward(
 }
 
 /// The (at most two) pieces of `out`, for one vectored write; the count of those in use.
+#[inline]
 pub(super) fn pieces(out: &Reply) -> ([std::io::IoSlice<'_>; 2], usize) {
     let mut slices = [std::io::IoSlice::new(&[]); 2];
     let n = out.chunks_vectored(&mut slices);

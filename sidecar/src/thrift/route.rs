@@ -23,6 +23,7 @@ pub(super) struct Routed {
 
 /// ToService, then `isn`, then a `Service:` name prefix (stripped), then the only Thrift
 /// function. A method the IDL lacks is refused without starting anything.
+#[inline]
 pub(super) fn route(table: &[Route], frame: &mut Frame) -> Result<Routed, CallError> {
     let Some(index) = find(table, frame)? else {
         let asked = asked_service(frame);
@@ -49,6 +50,7 @@ pub(super) fn route(table: &[Route], frame: &mut Frame) -> Result<Routed, CallEr
 }
 
 /// The index of the function the call names (stripping a `Service:` prefix it matched).
+#[inline]
 fn find(table: &[Route], frame: &mut Frame) -> Result<Option<usize>, CallError> {
     let by_name = |n: &[u8]| table.iter().position(|r| r.function.name.as_bytes() == n);
     let by_service = |s: &[u8]| {
