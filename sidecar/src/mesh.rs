@@ -29,7 +29,7 @@ pub struct Mesh {
     /// The file `fnmesh run` was started with: a reload reads it again.
     path: PathBuf,
     /// What is in force; also serializes reloads.
-    state: Mutex<State>,
+    state: Mutex<InForce>,
     pub thrift: Arc<ThriftFront>,
     pub grpc: Arc<GrpcFront>,
     /// The sidecar's drain: started by the server, waited on by it, heard by every front end.
@@ -40,7 +40,7 @@ pub struct Mesh {
     registrar: Mutex<Option<(&'static str, Registrar)>>,
 }
 
-struct State {
+struct InForce {
     config: Config,
     /// The functions, in the file's order.
     functions: Vec<Arc<Function>>,
@@ -141,7 +141,7 @@ impl Mesh {
         let grpc = Arc::new(GrpcFront::new(grpc_routes, drain.clone()));
         Mesh {
             path,
-            state: Mutex::new(State {
+            state: Mutex::new(InForce {
                 config,
                 functions,
                 retired: Vec::new(),
@@ -293,7 +293,7 @@ impl Mesh {
 
     /// A pool no longer routed to: calls already on it finish (and queued ones get their slot)
     /// within `grace`, then its instances stop.
-    fn retire(&self, st: &mut State, pool: &Arc<Pool>, grace: Duration) {
+    fn retire(&self, st: &mut InForce, pool: &Arc<Pool>, grace: Duration) {
         st.retired.push(pool.clone());
         let pool = pool.clone();
         tokio::spawn(async move {

@@ -1,9 +1,9 @@
 //! Thread per core. Each worker thread runs its own single-threaded runtime and serves the
 //! connections handed to it from start to end, so a call's read, upstream exchange and reply all
-//! happen on one thread and no call wakes another one. (With tokio's multi-threaded runtime every
-//! call cost two futex calls and a wake-up of the other core on the benchmark machine: about
-//! 20 us of CPU per call.) Upstream connections are pooled per worker, since each is registered
-//! with its worker's reactor; the control runtime (accept, admin, instance processes) stays apart.
+//! happen on one thread and no call wakes another one. (With tokio's multi-threaded runtime
+//! every call cost two futex calls and a wake-up of the other core.) Connections to instances
+//! are kept per worker, since each is registered with its worker's reactor; the control runtime
+//! (accept, admin, instance processes) stays apart.
 
 use std::{
     cell::Cell,

@@ -6,7 +6,9 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::time::{sleep, Instant};
 
-use super::{breaker::Breakers, limit::Limits, outcome::Verdict, retry::Attempts, retry::Budget};
+use super::{
+    breaker::Breakers, limit::RateLimits, outcome::Verdict, retry::Attempts, retry::Budget,
+};
 use crate::{
     config::FunctionConfig,
     error::{CallError, Kind},
@@ -24,7 +26,7 @@ pub struct Route {
 pub struct Policy {
     pub function: Arc<FunctionConfig>,
     /// The function's rate limits, checked before a call queues or touches an instance.
-    pub limits: Arc<Limits>,
+    pub limits: Arc<RateLimits>,
     /// The function's circuit breakers (per method), gated on the request path, moved by a task.
     pub breakers: Arc<Breakers>,
 }
@@ -32,7 +34,7 @@ pub struct Policy {
 impl Policy {
     fn new(function: Arc<FunctionConfig>) -> Policy {
         Policy {
-            limits: Arc::new(Limits::new(&function)),
+            limits: Arc::new(RateLimits::new(&function)),
             breakers: Arc::new(Breakers::new(&function)),
             function,
         }

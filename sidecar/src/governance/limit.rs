@@ -1,6 +1,8 @@
 //! Rate limits: a token bucket per function, and per method where a method sets its own, kept
 //! as one atomic "theoretical arrival time" (GCRA, the token bucket's exact equivalent): the
-//! request path admits or refuses with one compare-and-swap, no lock, no timer.
+//! request path admits or refuses with one compare-and-swap, no lock, no timer. Written here
+//! rather than with a rate-limiting crate: one atomic per bucket is all it takes, and the
+//! buckets live in the policy a reload swaps.
 
 use std::{
     collections::HashMap,
@@ -65,14 +67,14 @@ impl Bucket {
 /// A function's buckets: its own, and those of methods that set their own limit (which then
 /// replaces the function's for that method, as every per-method key does).
 #[derive(Debug, Default)]
-pub struct Limits {
+pub struct RateLimits {
     function: Option<Bucket>,
     methods: HashMap<String, Bucket>,
 }
 
-impl Limits {
-    pub fn new(f: &FunctionConfig) -> Limits {
-        Limits {
+impl RateLimits {
+    pub fn new(f: &FunctionConfig) -> RateLimits {
+        RateLimits {
             function: f.policy.rate_limit.map(Bucket::new),
             methods: f
                 .methods_policy

@@ -74,7 +74,7 @@ fn ejection_clock(ready: &[Slot]) -> Option<Instant> {
 }
 
 #[derive(Default)]
-struct State {
+struct Scaling {
     ready: Vec<Slot>,
     starting: usize,
     waiters: VecDeque<oneshot::Sender<Grant>>,
@@ -99,7 +99,7 @@ pub struct Pool {
     config: arc_swap::ArcSwap<FunctionConfig>,
     grace: Duration,
     watchdog: Arc<Watchdog>,
-    state: Mutex<State>,
+    state: Mutex<Scaling>,
     next_id: std::sync::atomic::AtomicU64,
     /// Instance processes not yet reaped: each holds a token while it runs, so a shutdown can
     /// wait for them all.
@@ -202,7 +202,7 @@ impl Pool {
             config: arc_swap::ArcSwap::new(function),
             grace,
             watchdog,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(Scaling::default()),
             next_id: std::sync::atomic::AtomicU64::new(1),
             processes: tokio_util::task::TaskTracker::new(),
             workers,
@@ -246,6 +246,7 @@ impl Pool {
         }
     }
 
+    /// Instances and calls now, for the admin API and tests.
     pub fn snapshot(&self) -> Snapshot {
         let st = lock(&self.state);
         Snapshot {
@@ -339,13 +340,13 @@ impl Pool {
     }
 
     /// The least-loaded ready instance with room, its in-flight count raised.
-    fn take_slot(st: &mut State, concurrency: usize) -> Option<Arc<Instance>> {
+    fn take_slot(st: &mut Scaling, concurrency: usize) -> Option<Arc<Instance>> {
         Self::take_slot_avoiding(st, concurrency, None)
     }
 
     /// As [`Pool::take_slot`], never on instance `avoid`.
     fn take_slot_avoiding(
-        st: &mut State,
+        st: &mut Scaling,
         concurrency: usize,
         avoid: Option<u64>,
     ) -> Option<Arc<Instance>> {
@@ -364,7 +365,7 @@ impl Pool {
 
     /// Instances to start so that ready + starting can serve everything in flight and queued,
     /// within `max`.
-    fn starts_needed(&self, st: &State) -> usize {
+    fn starts_needed(&self, st: &Scaling) -> usize {
         let s = self.scale();
         let demand: usize = st.ready.iter().map(|x| x.in_flight).sum::<usize>() + st.waiters.len();
         let wanted = demand.div_ceil(s.concurrency).min(s.max);
@@ -375,6 +376,8 @@ impl Pool {
         wanted.saturating_sub(serving + st.starting).min(room)
     }
 
+    /// Frees a slot on `instance` and counts how its call went (`None`: unknown), which may
+    /// eject the instance after failures in a row; the slot goes to the next waiting call.
     fn release(self: &Arc<Pool>, instance: &Arc<Instance>, failed: Option<bool>) {
         let mut st = lock(&self.state);
         let Some(slot) = st
@@ -451,7 +454,7 @@ impl Pool {
     }
 
     /// Hands free slots to waiting calls, oldest first.
-    fn dispatch(&self, st: &mut State) {
+    fn dispatch(&self, st: &mut Scaling) {
         if st.waiters.is_empty() {
             return;
         }
@@ -483,12 +486,15 @@ impl Pool {
         }
     }
 
-    fn fail_waiters(st: &mut State, error: &CallError) {
+    /// Answers every waiting call with `error`.
+    fn fail_waiters(st: &mut Scaling, error: &CallError) {
         for tx in st.waiters.drain(..) {
             let _ = tx.send(Err(error.clone()));
         }
     }
 
+    /// Starts one instance on the control runtime after `delay` (a restart backoff), and
+    /// watches it until it exits or is stopped.
     fn spawn_start(self: &Arc<Pool>, delay: Duration) {
         let pool = self.clone();
         let id = self

@@ -281,7 +281,11 @@ fn prepare(
     let (ticket, rearm) = match answer {
         Some(answer) => {
             let timeout = match (routed.deadline, routed.budget) {
-                (Some(at), Some(budget)) => Some((at, budget, routed.function.clone())),
+                (Some(at), Some(budget)) => Some(Timeout {
+                    at,
+                    budget,
+                    function: routed.function.clone(),
+                }),
                 _ => None,
             };
             let (ticket, rearm) = replies.track(answer, timeout, unordered);
@@ -337,12 +341,19 @@ impl Answer {
     }
 }
 
+/// When a running call times out: its deadline, its budget and its function (for the message).
+struct Timeout {
+    at: Instant,
+    budget: Duration,
+    function: Arc<Function>,
+}
+
 /// A two-way call of a connection, from decode until its reply is written.
 struct Pending {
     reply: Option<Reply>,
     /// While the call runs: when it times out, its budget and function (for the message), what
     /// its error reply needs, and how to stop it.
-    timeout: Option<(Instant, Duration, Arc<Function>)>,
+    timeout: Option<Timeout>,
     answer: Option<Answer>,
     abort: Option<AbortHandle>,
     /// The caller allows this call's reply out of order: once known, it goes to the
@@ -439,15 +450,15 @@ impl Replies {
     fn track(
         &mut self,
         answer: Answer,
-        timeout: Option<(Instant, Duration, Arc<Function>)>,
+        timeout: Option<Timeout>,
         unordered: bool,
     ) -> (u64, Option<Instant>) {
         let ticket = self.next_ticket();
         let mut rearm = None;
-        if let Some((at, ..)) = &timeout {
-            if self.armed.is_none_or(|a| *at < a) {
-                self.armed = Some(*at);
-                rearm = Some(*at);
+        if let Some(Timeout { at, .. }) = timeout {
+            if self.armed.is_none_or(|a| at < a) {
+                self.armed = Some(at);
+                rearm = Some(at);
             }
         }
         self.pending.push_back(Pending {
@@ -513,7 +524,12 @@ impl Replies {
         let now = Instant::now();
         let mut earliest: Option<Instant> = None;
         for p in self.pending.iter_mut() {
-            let Some((at, budget, function)) = &p.timeout else {
+            let Some(Timeout {
+                at,
+                budget,
+                function,
+            }) = &p.timeout
+            else {
                 continue;
             };
             let (at, budget) = (*at, *budget);

@@ -184,7 +184,11 @@ impl Relay<'_> {
         stream._active = Some(self.front.drain.track());
         stream.retry = admitted.retry.map(|attempts| Retrying {
             attempts,
-            copy: stream.request.clone().map(|b| (b, Vec::new(), 0)),
+            copy: stream.request.clone().map(|block| RequestCopy {
+                block,
+                data: Vec::new(),
+                size: 0,
+            }),
         });
         if let Some(lease) = function.pool.try_acquire()? {
             return Ok(Some(lease));
@@ -278,7 +282,10 @@ impl Relay<'_> {
             return;
         }
         if let Some(r) = s.retry.as_mut() {
-            if let Some((_, copy, size)) = r.copy.as_mut() {
+            if let Some(RequestCopy {
+                data: copy, size, ..
+            }) = r.copy.as_mut()
+            {
                 *size += data.len();
                 if !data.is_empty() {
                     copy.push(data.clone());
@@ -487,7 +494,7 @@ impl Relay<'_> {
         }
         if s.request.is_none() {
             // The request went out: it goes again from the copy.
-            if let Some((block, data, _)) = &r.copy {
+            if let Some(RequestCopy { block, data, .. }) = &r.copy {
                 s.request = Some(block.clone());
                 s.to_up = data.iter().cloned().collect();
                 s.up_done = false;

@@ -106,7 +106,7 @@ impl std::hash::Hasher for IdHasher {
 }
 
 /// A stream's way to an instance that is not there yet.
-type Pending = Pin<Box<dyn Future<Output = (u32, Result<Lease, CallError>)> + Send>>;
+type Queued = Pin<Box<dyn Future<Output = (u32, Result<Lease, CallError>)> + Send>>;
 type Connecting = Pin<Box<dyn Future<Output = (Arc<Instance>, Result<TcpStream, String>)> + Send>>;
 
 /// One caller connection and the instance connections its streams use.
@@ -118,7 +118,7 @@ struct Relay<'a> {
     last_stream: u32,
     ups: Vec<Up>,
     /// Streams waiting for a slot on an instance (cold start, or every instance busy).
-    queued: FuturesUnordered<Pending>,
+    queued: FuturesUnordered<Queued>,
     /// Instance connections being opened, and the streams waiting for each.
     connecting: FuturesUnordered<Connecting>,
     waiting: ById<u64, Vec<u32>>,
@@ -147,18 +147,18 @@ pub async fn serve(sock: TcpStream, head: BytesMut, front: Arc<GrpcFront>) {
     }
     relay.caller.rbuf.advance(HTTP2_PREFACE.len());
     relay.caller.greet(false);
-    let mut signals = Signals::new(&front);
+    let mut triggers = Triggers::new(&front);
     while relay.turn() {
-        signals.arm(relay.next_timer(), !relay.watches.is_empty());
-        let events = std::future::poll_fn(|cx| relay.poll(&mut signals, cx)).await;
-        relay.handle(events, &mut signals);
+        triggers.arm(relay.next_timer(), !relay.watches.is_empty());
+        let events = std::future::poll_fn(|cx| relay.poll(&mut triggers, cx)).await;
+        relay.handle(events, &mut triggers);
     }
     relay.close();
 }
 
 /// What a relay's task waits on besides its sockets: the earliest deadline, the sidecar's drain,
 /// and reloads (which change what health `Watch` streams report).
-struct Signals {
+struct Triggers {
     timer: Pin<Box<tokio::time::Sleep>>,
     armed: Option<Instant>,
     /// Resolves once the sidecar drains (at once for a connection opened while it does).
@@ -168,9 +168,9 @@ struct Signals {
     reloaded: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
-impl Signals {
-    fn new(front: &GrpcFront) -> Signals {
-        Signals {
+impl Triggers {
+    fn new(front: &GrpcFront) -> Triggers {
+        Triggers {
             timer: Box::pin(tokio::time::sleep_until(Instant::now())),
             armed: None,
             drained: Box::pin(front.drain.started()),
@@ -251,7 +251,7 @@ impl Relay<'_> {
     }
 
     /// Polls every socket and signal once; ready when any made progress.
-    fn poll(&mut self, signals: &mut Signals, cx: &mut Context<'_>) -> Poll<Events> {
+    fn poll(&mut self, triggers: &mut Triggers, cx: &mut Context<'_>) -> Poll<Events> {
         let mut events = Events::default();
         // A peer that does not read what it is sent is not read from either: its PINGs and
         // SETTINGS (each answered) cannot grow the buffer without bound.
@@ -271,9 +271,9 @@ impl Relay<'_> {
                 events.connected = Some(c);
             }
         }
-        events.expired = signals.armed.is_some() && signals.timer.as_mut().poll(cx).is_ready();
-        events.drain = !self.draining && signals.drained.as_mut().poll(cx).is_ready();
-        events.reload = signals
+        events.expired = triggers.armed.is_some() && triggers.timer.as_mut().poll(cx).is_ready();
+        events.drain = !self.draining && triggers.drained.as_mut().poll(cx).is_ready();
+        events.reload = triggers
             .reloaded
             .as_mut()
             .is_some_and(|r| r.as_mut().poll(cx).is_ready());
@@ -286,7 +286,7 @@ impl Relay<'_> {
         }
     }
 
-    fn handle(&mut self, events: Events, signals: &mut Signals) {
+    fn handle(&mut self, events: Events, triggers: &mut Triggers) {
         if let Some((stream, result)) = events.lease {
             self.leased(stream, result);
         }
@@ -294,12 +294,12 @@ impl Relay<'_> {
             self.connected(instance, result);
         }
         if events.expired {
-            signals.armed = None;
+            triggers.armed = None;
             self.expire();
         }
         if events.reload {
-            signals.reloaded = None;
-            signals.reloads.borrow_and_update();
+            triggers.reloaded = None;
+            triggers.reloads.borrow_and_update();
             self.watch_update();
         }
         if events.drain && !self.draining {

@@ -49,13 +49,20 @@ pub(super) struct Windows {
     pub(super) recv_up: i64,
 }
 
-/// A stream's retry state: the attempts (`governance::retry`), and a copy of the request's
-/// header block (without `grpc-timeout`) and data so far while it may be sent again after an
-/// instance got it, with its size; the copy is dropped once over [`REPLAY_LIMIT`] or once the
-/// response starts.
+/// A stream's retry state: the attempts (`governance::retry`), and a copy of the request
+/// while it may be sent again after an instance got it; the copy is dropped once over
+/// [`REPLAY_LIMIT`] or once the response starts.
 pub(super) struct Retrying {
     pub(super) attempts: Attempts,
-    pub(super) copy: Option<(Vec<u8>, Vec<Bytes>, usize)>,
+    pub(super) copy: Option<RequestCopy>,
+}
+
+/// A request as it may go again: its header block (without `grpc-timeout`), its data so far,
+/// and the data's size.
+pub(super) struct RequestCopy {
+    pub(super) block: Vec<u8>,
+    pub(super) data: Vec<Bytes>,
+    pub(super) size: usize,
 }
 
 /// The most of a request kept for sending it again.
