@@ -1,0 +1,598 @@
+//! From the file as written to a validated [`Config`]: every check, each error naming the key
+//! and the line.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use toml::Spanned;
+
+use super::{
+    raw::{parse_duration, RawDiscovery, RawFile, RawFunction, RawPolicy},
+    CircuitBreaker, Config, ConfigError, DiscoveryBackend, DiscoveryConfig, FunctionConfig,
+    PolicyConfig, Protocol, RateLimit, Retry, ScaleConfig, SidecarConfig,
+};
+
+/// `[discovery]`, checked: a known backend with an `http://` address, keys only for it.
+fn discovery(cx: &Ctx<'_>, d: &Spanned<RawDiscovery>) -> Result<DiscoveryConfig, ConfigError> {
+    let raw = d.get_ref();
+    let backend = &raw.backend;
+    let ttl = raw.ttl.unwrap_or(Duration::from_secs(10));
+    if ttl < Duration::from_secs(2) {
+        return cx.invalid(
+            d.span().start,
+            "discovery.ttl",
+            "must be at least 2s (etcd grants no shorter lease)",
+        );
+    }
+    let http = |v: &Spanned<String>, key: &str| -> Result<String, ConfigError> {
+        let s = v.get_ref();
+        match s.strip_prefix("http://") {
+            Some(rest)
+                if !rest.trim_end_matches('/').is_empty()
+                    && !rest.trim_end_matches('/').contains('/') =>
+            {
+                Ok(s.clone())
+            }
+            _ => cx.invalid(
+                v.span().start,
+                key,
+                format!("{s:?} is not http://host:port"),
+            ),
+        }
+    };
+    // Which keys each backend takes: any other one set is an error.
+    let name = backend.get_ref().as_str();
+    let takes: &[&str] = match name {
+        "consul" => &["address"],
+        "etcd" => &["endpoints", "prefix"],
+        _ => &[],
+    };
+    let set = [
+        ("address", raw.address.as_ref().map(|a| a.span().start)),
+        ("endpoints", raw.endpoints.as_ref().map(|e| e.span().start)),
+        ("prefix", raw.prefix.as_ref().map(|p| p.span().start)),
+    ];
+    if ["none", "consul", "etcd"].contains(&name) {
+        for (key, at) in set {
+            if let Some(at) = at.filter(|_| !takes.contains(&key)) {
+                return cx.invalid(
+                    at,
+                    format!("discovery.{key}"),
+                    format!("does not apply to backend \"{name}\""),
+                );
+            }
+        }
+    }
+    let backend = match name {
+        "none" => DiscoveryBackend::None,
+        "consul" => {
+            let address = match &raw.address {
+                Some(a) => http(a, "discovery.address")?,
+                None => "http://127.0.0.1:8500".to_owned(),
+            };
+            DiscoveryBackend::Consul { address }
+        }
+        "etcd" => {
+            let endpoints = match &raw.endpoints {
+                Some(list) if list.get_ref().is_empty() => {
+                    return cx.invalid(list.span().start, "discovery.endpoints", "is empty")
+                }
+                Some(list) => {
+                    let mut out = Vec::new();
+                    for e in list.get_ref() {
+                        let spanned = Spanned::new(list.span(), e.clone());
+                        out.push(http(&spanned, "discovery.endpoints")?);
+                    }
+                    out
+                }
+                None => vec!["http://127.0.0.1:2379".to_owned()],
+            };
+            let prefix = raw
+                .prefix
+                .as_ref()
+                .map_or("kitex/registry-etcd".to_owned(), |p| p.get_ref().clone());
+            DiscoveryBackend::Etcd { endpoints, prefix }
+        }
+        other => {
+            return cx.invalid(
+                backend.span().start,
+                "discovery.backend",
+                format!("{other:?} is not one of none, consul, etcd"),
+            )
+        }
+    };
+    Ok(DiscoveryConfig { backend, ttl })
+}
+
+struct Ctx<'a> {
+    path: &'a str,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line(&self, at: usize) -> usize {
+        self.text[..at.min(self.text.len())].matches('\n').count() + 1
+    }
+
+    fn invalid<T>(
+        &self,
+        at: usize,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Result<T, ConfigError> {
+        Err(ConfigError::Invalid {
+            path: self.path.to_owned(),
+            line: self.line(at),
+            key: key.into(),
+            message: message.into(),
+        })
+    }
+
+    fn addr(&self, v: &Spanned<String>, key: &str) -> Result<SocketAddr, ConfigError> {
+        v.get_ref().parse().or_else(|_| {
+            self.invalid(
+                v.span().start,
+                key,
+                format!("{:?} is not an ip:port address", v.get_ref()),
+            )
+        })
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`. Relative `idl` paths and commands are taken from the file's
+    /// directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Config::parse(&text, &shown, &base)
+    }
+
+    pub fn parse(text: &str, path: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let cx = Ctx { path, text };
+        let s = raw.sidecar.get_ref();
+        let listen = cx.addr(&s.listen, "sidecar.listen")?;
+        let admin = s
+            .admin
+            .as_ref()
+            .map(|a| cx.addr(a, "sidecar.admin"))
+            .transpose()?;
+        let advertise = match &s.advertise {
+            Some(a) => cx.addr(a, "sidecar.advertise")?,
+            None => listen,
+        };
+        if let Some(engine) = &s.grpc_engine {
+            return cx.invalid(
+                engine.span().start,
+                "sidecar.grpc_engine",
+                "was removed: gRPC is always served by fnmesh's own HTTP/2 relay; delete the key",
+            );
+        }
+        if s.max_frame_size < 64 {
+            return cx.invalid(
+                raw.sidecar.span().start,
+                "sidecar.max_frame_size",
+                "must be at least 64 bytes",
+            );
+        }
+        let discovery = match &raw.discovery {
+            Some(d) => discovery(&cx, d)?,
+            None => DiscoveryConfig::default(),
+        };
+        // A registry must be given an address callers can reach.
+        if discovery.backend != DiscoveryBackend::None && advertise.ip().is_unspecified() {
+            let at = s
+                .advertise
+                .as_ref()
+                .map_or(s.listen.span().start, |a| a.span().start);
+            return cx.invalid(
+                at,
+                "sidecar.advertise",
+                format!("{advertise} cannot be registered: set an address callers can reach"),
+            );
+        }
+        let mut functions: Vec<FunctionConfig> = Vec::new();
+        for f in &raw.function {
+            let fc = function(&cx, f, base)?;
+            if functions.iter().any(|o| o.name == fc.name) {
+                return cx.invalid(
+                    f.get_ref().name.span().start,
+                    "function.name",
+                    format!("{:?} is configured twice", fc.name),
+                );
+            }
+            functions.push(fc);
+        }
+        let workers = match &s.workers {
+            Some(w) if !(1..=256).contains(w.get_ref()) => {
+                return cx.invalid(
+                    w.span().start,
+                    "sidecar.workers",
+                    format!("{} is not between 1 and 256", w.get_ref()),
+                )
+            }
+            Some(w) => *w.get_ref(),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        Ok(Config {
+            discovery,
+            sidecar: SidecarConfig {
+                listen,
+                admin,
+                advertise,
+                drain_timeout: s.drain_timeout,
+                max_frame_size: s.max_frame_size,
+                workers,
+                busy_poll: s.busy_poll,
+            },
+            functions,
+        })
+    }
+}
+
+fn policy(cx: &Ctx<'_>, p: &Spanned<RawPolicy>, key: &str) -> Result<PolicyConfig, ConfigError> {
+    let r = p.get_ref();
+    if r.timeout == Some(Duration::ZERO) {
+        return cx.invalid(
+            p.span().start,
+            format!("{key}.timeout"),
+            "must be greater than zero",
+        );
+    }
+    let rate_limit = match &r.rate_limit {
+        Some(v) => Some(rate_limit(cx, v, &format!("{key}.rate_limit"))?),
+        None => None,
+    };
+    let circuit_breaker = match &r.circuit_breaker {
+        Some(v) => Some(circuit_breaker(cx, v, &format!("{key}.circuit_breaker"))?),
+        None => None,
+    };
+    let retry = match &r.retry {
+        Some(v) => Some(retry(cx, v, &format!("{key}.retry"))?),
+        None => None,
+    };
+    Ok(PolicyConfig {
+        timeout: r.timeout,
+        rate_limit,
+        circuit_breaker,
+        retry,
+        idempotent: r.idempotent.as_ref().map(|b| *b.get_ref()),
+    })
+}
+
+/// A policy key's inline table (`{ ... }`, shaped like `example`) holding only `keys`, and where
+/// it starts (for the line in errors).
+fn policy_table<'v>(
+    cx: &Ctx<'_>,
+    v: &'v Spanned<toml::Value>,
+    key: &str,
+    keys: &[&str],
+    example: &str,
+) -> Result<(&'v toml::Table, usize), ConfigError> {
+    let at = v.span().start;
+    let Some(t) = v.get_ref().as_table() else {
+        return cx.invalid(at, key, format!("must be a table: {example}"));
+    };
+    if let Some(other) = t.keys().find(|k| !keys.contains(&k.as_str())) {
+        return cx.invalid(
+            at,
+            key,
+            format!("unknown key {other:?} ({})", keys.join(", ")),
+        );
+    }
+    Ok((t, at))
+}
+
+/// `{ attempts = 2, backoff = "10ms", on = ["connect"] }`; attempts 1-10, each key optional.
+fn retry(cx: &Ctx<'_>, v: &Spanned<toml::Value>, key: &str) -> Result<Retry, ConfigError> {
+    let (t, at) = policy_table(
+        cx,
+        v,
+        key,
+        &["attempts", "backoff", "on"],
+        "{ attempts = 2, backoff = \"10ms\", on = [\"connect\"] }",
+    )?;
+    let mut r = Retry {
+        attempts: 2,
+        backoff: Duration::from_millis(10),
+        on_connect: true,
+        on_unavailable: false,
+        on_timeout: false,
+    };
+    for (k, value) in t {
+        let sub = format!("{key}.{k}");
+        match k.as_str() {
+            "attempts" => match value.as_integer() {
+                Some(n) if (1..=10).contains(&n) => r.attempts = n as u32,
+                _ => {
+                    return cx.invalid(
+                        at,
+                        &sub,
+                        "must be a whole number from 1 to 10 (tries in all)",
+                    )
+                }
+            },
+            "backoff" => match value.as_str().map(parse_duration) {
+                Some(Ok(d)) if d <= Duration::from_secs(10) => r.backoff = d,
+                Some(Ok(_)) => return cx.invalid(at, &sub, "must be at most 10s"),
+                Some(Err(e)) => return cx.invalid(at, &sub, e),
+                None => return cx.invalid(at, &sub, "must be a duration such as \"10ms\""),
+            },
+            "on" => {
+                let Some(list) = value.as_array() else {
+                    return cx.invalid(
+                        at,
+                        &sub,
+                        "must be a list of \"connect\", \"unavailable\", \"timeout\"",
+                    );
+                };
+                (r.on_connect, r.on_unavailable, r.on_timeout) = (false, false, false);
+                for item in list {
+                    match item.as_str() {
+                        Some("connect") => r.on_connect = true,
+                        Some("unavailable") => r.on_unavailable = true,
+                        Some("timeout") => r.on_timeout = true,
+                        _ => {
+                            return cx.invalid(
+                                at,
+                                &sub,
+                                format!(
+                                "{item} is not one of \"connect\", \"unavailable\", \"timeout\""
+                            ),
+                            )
+                        }
+                    }
+                }
+            }
+            // `policy_table` let no other key through.
+            _ => {}
+        }
+    }
+    Ok(r)
+}
+
+/// `{ window = "10s", min_requests = 20, failure_ratio = 0.5, open = "5s" }`, each optional.
+fn circuit_breaker(
+    cx: &Ctx<'_>,
+    v: &Spanned<toml::Value>,
+    key: &str,
+) -> Result<CircuitBreaker, ConfigError> {
+    let (t, at) = policy_table(
+        cx,
+        v,
+        key,
+        &["window", "min_requests", "failure_ratio", "open"],
+        "{ window = \"10s\", min_requests = 20, failure_ratio = 0.5, open = \"5s\" }",
+    )?;
+    let mut b = CircuitBreaker::default();
+    for (k, value) in t {
+        let sub = format!("{key}.{k}");
+        let duration = || match value.as_str().map(parse_duration) {
+            Some(Ok(d)) if !d.is_zero() => Ok(d),
+            Some(Ok(_)) => cx.invalid(at, &sub, "must be greater than zero"),
+            Some(Err(e)) => cx.invalid(at, &sub, e),
+            None => cx.invalid(at, &sub, "must be a duration such as \"10s\""),
+        };
+        match k.as_str() {
+            "window" => b.window = duration()?,
+            "open" => b.open = duration()?,
+            "min_requests" => match value.as_integer() {
+                Some(n) if (1..=i64::from(u32::MAX)).contains(&n) => b.min_requests = n as u32,
+                _ => return cx.invalid(at, &sub, "must be a whole number, at least 1"),
+            },
+            "failure_ratio" => match value.as_float().or(value.as_integer().map(|n| n as f64)) {
+                Some(r) if r > 0.0 && r <= 1.0 => b.failure_ratio = r,
+                _ => return cx.invalid(at, &sub, "must be a number in (0, 1]"),
+            },
+            // `policy_table` let no other key through.
+            _ => {}
+        }
+    }
+    Ok(b)
+}
+
+/// `{ rps = N, burst = M }`: rps a positive number, burst a positive integer.
+fn rate_limit(cx: &Ctx<'_>, v: &Spanned<toml::Value>, key: &str) -> Result<RateLimit, ConfigError> {
+    let (t, at) = policy_table(cx, v, key, &["rps", "burst"], "{ rps = 100, burst = 10 }")?;
+    let rps = match t.get("rps") {
+        Some(toml::Value::Integer(n)) => *n as f64,
+        Some(toml::Value::Float(x)) => *x,
+        Some(_) => return cx.invalid(at, format!("{key}.rps"), "must be a number"),
+        None => return cx.invalid(at, format!("{key}.rps"), "is required"),
+    };
+    if !(rps.is_finite() && rps > 0.0 && rps <= 1e9) {
+        return cx.invalid(
+            at,
+            format!("{key}.rps"),
+            format!("{rps} is not between 0 (excluded) and 1e9"),
+        );
+    }
+    let burst = match t.get("burst") {
+        Some(toml::Value::Integer(n)) if (1..=i64::from(u32::MAX)).contains(n) => *n as u32,
+        Some(_) => {
+            return cx.invalid(
+                at,
+                format!("{key}.burst"),
+                "must be a whole number of calls, at least 1",
+            )
+        }
+        None => rps.ceil().clamp(1.0, f64::from(u32::MAX)) as u32,
+    };
+    Ok(RateLimit { rps, burst })
+}
+
+fn function(
+    cx: &Ctx<'_>,
+    f: &Spanned<RawFunction>,
+    base: &Path,
+) -> Result<FunctionConfig, ConfigError> {
+    let r = f.get_ref();
+    let name = r.name.get_ref().clone();
+    let key = |k: &str| format!("function[{name}].{k}");
+    let valid_name = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !valid_name {
+        return cx.invalid(
+            r.name.span().start,
+            "function.name",
+            format!("{name:?}: use letters, digits, '-', '_' or '.'"),
+        );
+    }
+    let protocol = match r.protocol.get_ref().as_str() {
+        "thrift" => Protocol::Thrift,
+        "grpc" => Protocol::Grpc,
+        other => {
+            return cx.invalid(
+                r.protocol.span().start,
+                key("protocol"),
+                format!("{other:?} is not one of thrift, grpc"),
+            )
+        }
+    };
+    let command = command(cx, f, base, &key)?;
+    let scale = scale(cx, f, &key)?;
+
+    let (service, methods) = match &r.idl {
+        Some(idl) => {
+            let path = base.join(idl.get_ref());
+            let catalog = fnmesh_idl::Catalog::load(&path, &[])
+                .or_else(|e| cx.invalid(idl.span().start, key("idl"), e.to_string()))?;
+            let wanted = r.service.as_ref().map(|s| s.get_ref().as_str());
+            let svc = catalog.select(wanted).or_else(|e| {
+                cx.invalid(
+                    r.service.as_ref().unwrap_or(idl).span().start,
+                    key("service"),
+                    e.to_string(),
+                )
+            })?;
+            (Some(svc.name.clone()), Some(svc.methods.clone()))
+        }
+        None => (r.service.as_ref().map(|s| s.get_ref().clone()), None),
+    };
+
+    let policy_cfg = match &r.policy {
+        Some(p) => policy(cx, p, &key("policy"))?,
+        None => PolicyConfig::default(),
+    };
+    let mut methods_policy = BTreeMap::new();
+    for (m, p) in &r.method {
+        if let Some(ms) = &methods {
+            if ms.iter().all(|x| &x.name != m) {
+                return cx.invalid(
+                    p.span().start,
+                    key(&format!("method.{m}")),
+                    "the IDL declares no such method",
+                );
+            }
+        }
+        methods_policy.insert(m.clone(), policy(cx, p, &key(&format!("method.{m}")))?);
+    }
+    Ok(FunctionConfig {
+        name,
+        protocol,
+        service,
+        methods,
+        command,
+        env: r.env.clone(),
+        scale,
+        policy: policy_cfg,
+        methods_policy,
+    })
+}
+
+/// `command`: argv, never a shell. A relative program with a '/' is taken from the config
+/// file's directory; a bare name is looked up in PATH.
+fn command(
+    cx: &Ctx<'_>,
+    f: &Spanned<RawFunction>,
+    base: &Path,
+    key: &dyn Fn(&str) -> String,
+) -> Result<Vec<String>, ConfigError> {
+    let r = f.get_ref();
+    let Some(program) = r.command.get_ref().first() else {
+        return cx.invalid(
+            r.command.span().start,
+            key("command"),
+            "must name a program",
+        );
+    };
+    let resolved = resolve_program(program, base).ok_or(()).or_else(|_| {
+        cx.invalid(
+            r.command.span().start,
+            key("command"),
+            format!("program {program:?} not found or not executable"),
+        )
+    })?;
+    let mut command = r.command.get_ref().clone();
+    command[0] = resolved.display().to_string();
+
+    Ok(command)
+}
+
+/// `[function.scale]`, checked: at least one instance and one call each, min <= max.
+fn scale(
+    cx: &Ctx<'_>,
+    f: &Spanned<RawFunction>,
+    key: &dyn Fn(&str) -> String,
+) -> Result<ScaleConfig, ConfigError> {
+    let r = f.get_ref();
+    let scale = r.scale.as_ref().map(|s| *s.get_ref()).unwrap_or_default();
+    let scale_at = r.scale.as_ref().map_or(f.span().start, |s| s.span().start);
+    if scale.max == 0 {
+        return cx.invalid(scale_at, key("scale.max"), "must be at least 1");
+    }
+    if scale.min > scale.max {
+        return cx.invalid(
+            scale_at,
+            key("scale.min"),
+            format!("min ({}) is greater than max ({})", scale.min, scale.max),
+        );
+    }
+    if scale.concurrency == 0 {
+        return cx.invalid(scale_at, key("scale.concurrency"), "must be at least 1");
+    }
+    if scale.startup_timeout.is_zero() {
+        return cx.invalid(
+            scale_at,
+            key("scale.startup_timeout"),
+            "must be greater than zero",
+        );
+    }
+    Ok(scale)
+}
+
+fn resolve_program(program: &str, base: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    let p = Path::new(program);
+    if p.is_absolute() {
+        return executable(p).then(|| p.to_path_buf());
+    }
+    if program.contains('/') {
+        let joined = base.join(p);
+        return executable(&joined).then_some(joined);
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|c| executable(c))
+}
