@@ -43,7 +43,7 @@ impl Relay<'_> {
         );
         if s.watch {
             // Sent by `watch_update`, which sees a status differing from this one.
-            self.watches.insert(id, (service, 0));
+            self.watches.insert(id, Watching { service, sent: 0 });
             self.watch_update();
             return;
         }
@@ -58,7 +58,7 @@ impl Relay<'_> {
         let draining = self.draining || self.front.drain.is_draining();
         let ids: Vec<u32> = self.watches.keys().copied().collect();
         for id in ids {
-            let Some((service, sent)) = self.watches.get_mut(&id) else {
+            let Some(Watching { service, sent }) = self.watches.get_mut(&id) else {
                 continue;
             };
             let known = service.is_empty() || self.front.function(service).is_some();

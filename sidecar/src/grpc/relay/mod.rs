@@ -105,6 +105,12 @@ impl std::hash::Hasher for IdHasher {
     }
 }
 
+/// A health `Watch` stream: the service it watches and the status it was last sent.
+struct Watching {
+    service: String,
+    sent: u8,
+}
+
 /// A stream's way to an instance that is not there yet.
 type Queued = Pin<Box<dyn Future<Output = (u32, Result<Lease, CallError>)> + Send>>;
 type Connecting = Pin<Box<dyn Future<Output = (Arc<Instance>, Result<TcpStream, String>)> + Send>>;
@@ -124,8 +130,8 @@ struct Relay<'a> {
     waiting: ById<u64, Vec<u32>>,
     /// GOAWAY went to the caller (the sidecar drains).
     draining: bool,
-    /// Health `Watch` streams: the service each watches and the status it was last sent.
-    watches: ById<u32, (String, u8)>,
+    /// Health `Watch` streams, by stream.
+    watches: ById<u32, Watching>,
     /// The last request's `:path`.
     path: String,
     /// Streams the caller reset before their response, and streams answered.
