@@ -524,6 +524,40 @@ async fn bad_frames_close_only_their_own_connection() {
     good.await.unwrap();
 }
 
+/// The IDL decides a method's message type: a ONEWAY message for a two-way method (whose reply
+/// would be left on the instance connection for the next caller) and a CALL for a oneway method
+/// (whose reply never comes) are answered `bad-request` and never reach the function.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_type_the_idl_does_not_declare_is_refused_and_never_forwarded() {
+    let sc = Sidecar::start(&echo_function("echo", "max = 1\nidle = \"10s\"", ""));
+    echo(sc.addr, "warm", None, 5000).await.unwrap();
+    let oneway_echo = framed_message(MessageType::Oneway, "Echo", 7, "not a oneway method");
+    let frames = raw_exchange(sc.addr, &oneway_echo);
+    assert_eq!(frames.len(), 1, "one reply, then the connection closes");
+    assert_exception(&frames[0], 7, "two-way", None);
+    let call_ping = framed_message(MessageType::Call, "Ping", 8, "not a two-way method");
+    let frames = raw_exchange(sc.addr, &call_ping);
+    assert_eq!(frames.len(), 1, "one reply, then the connection closes");
+    assert_exception(&frames[0], 7, "oneway", None);
+    // The function saw only the warm-up call, and serves as before.
+    let (count, _) = echo(sc.addr, "__count__", None, 5000).await.unwrap();
+    assert_eq!(count, "1");
+}
+
+/// A Framed Binary message of type `kind` calling `method` with an echo request.
+fn framed_message(kind: MessageType, method: &str, seqid: i32, message: &str) -> Vec<u8> {
+    let mut m = BytesMut::new();
+    fnmesh_codec::MessageHeader::encode(&mut m, Protocol::Binary, true, kind, method, seqid);
+    m.put_slice(&[0x0c, 0, 1, 0x0b, 0, 1]);
+    m.put_u32(message.len() as u32);
+    m.put_slice(message.as_bytes());
+    m.put_slice(&[0, 0]);
+    let mut out = BytesMut::new();
+    out.put_u32(m.len() as u32);
+    out.put_slice(&m);
+    out.to_vec()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_in_flight_calls_finish_then_stops_instances() {
     let sc = Sidecar::start(&echo_function("echo", "max = 2\nconcurrency = 4", ""));

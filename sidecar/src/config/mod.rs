@@ -244,13 +244,6 @@ impl FunctionConfig {
             .is_none_or(|ms| ms.iter().any(|m| m.name == method))
     }
 
-    /// Whether the IDL declares `method` client streaming (unknown without an IDL).
-    pub fn is_client_streaming(&self, method: &str) -> Option<bool> {
-        self.methods
-            .as_ref()
-            .map(|ms| ms.iter().any(|m| m.name == method && m.client_streaming))
-    }
-
     pub fn is_oneway(&self, method: &str) -> bool {
         self.methods
             .as_ref()

@@ -127,17 +127,35 @@ impl Function {
 
     /// The method check, rate limits and breaker a call passes before it may queue; `caller`
     /// is the caller's own timeout (TTHeader RPCTimeout, `grpc-timeout`), and the shorter of it
-    /// and the policy's bounds the call, queueing included. Only an idempotent method whose
-    /// request is kept whole (not client streaming) may be sent again once an instance got it.
+    /// and the policy's bounds the call, queueing included. `oneway` is what the call's message
+    /// says it is (Thrift), which must be what the IDL declares: the IDL decides whether a reply
+    /// comes. Only an idempotent method whose request is kept whole (not client streaming) may
+    /// be sent again once an instance got it.
     #[inline]
-    pub fn admit(&self, method: &str, caller: Option<Duration>) -> Result<Admitted, CallError> {
+    pub fn admit(
+        &self,
+        method: &str,
+        caller: Option<Duration>,
+        oneway: Option<bool>,
+    ) -> Result<Admitted, CallError> {
         let policy = self.policy.load();
         let f = &policy.function;
-        if !f.has_method(method) {
-            return Err(CallError::new(
-                Kind::NoRoute,
-                format!("function {} has no method {method}", f.name),
-            ));
+        let declared = match &f.methods {
+            None => None,
+            Some(methods) => match methods.iter().find(|m| m.name == method) {
+                Some(m) => Some(m),
+                None => {
+                    return Err(CallError::new(
+                        Kind::NoRoute,
+                        format!("function {} has no method {method}", f.name),
+                    ))
+                }
+            },
+        };
+        if let (Some(m), Some(oneway)) = (declared, oneway) {
+            if m.oneway != oneway {
+                return Err(mistyped(&f.name, method, m.oneway));
+            }
         }
         policy.limits.admit(&f.name, method)?;
         let breaker = policy.breakers.admit(&f.name, method)?;
@@ -148,9 +166,8 @@ impl Function {
         };
         let deadline = budget.map(|b| Instant::now() + b);
         let retry = method_policy.retry.and_then(|policy| {
-            // Read only for a method that retries: it looks the method up by name.
             let idempotent = method_policy.idempotent.unwrap_or(false)
-                && f.is_client_streaming(method) != Some(true);
+                && !declared.is_some_and(|m| m.client_streaming);
             Attempts::start(Some(policy), idempotent, &self.retry_budget)
         });
         Ok(Admitted {
@@ -183,4 +200,16 @@ impl Function {
             }
         });
     }
+}
+
+/// A call whose message type is not the one its IDL declares: `bad-request`.
+fn mistyped(function: &str, method: &str, declared_oneway: bool) -> CallError {
+    let (declared, sent) = match declared_oneway {
+        true => ("oneway", "CALL"),
+        false => ("two-way", "ONEWAY"),
+    };
+    CallError::new(
+        Kind::BadRequest,
+        format!("function {function} method {method} is {declared} in the IDL; a {sent} message cannot call it"),
+    )
 }

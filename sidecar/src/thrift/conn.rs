@@ -211,6 +211,15 @@ impl<'a> Reader<'a> {
             let unordered = out_of_order(&frame);
             match route(self.table.load(), &mut frame) {
                 Ok(routed) => return Some(prepare(frame, routed, oneway, unordered, replies)),
+                Err(e) if e.kind == Kind::BadRequest => {
+                    // The caller broke the protocol (a message type its IDL does not declare):
+                    // answered after every earlier call, even a oneway one, and nothing more is
+                    // read, so no later reply can be taken for this one.
+                    tracing::debug!(error = %e, "refusing a call; closing the connection");
+                    replies.answered(rescue(&ReplyTarget::of(&frame), &e));
+                    self.reading = false;
+                    return None;
+                }
                 Err(e) if oneway => tracing::debug!(error = %e, "oneway call not routed"),
                 Err(e) => replies.refused(rescue(&ReplyTarget::of(&frame), &e), unordered),
             }

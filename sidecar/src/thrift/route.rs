@@ -2,7 +2,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use fnmesh_codec::Frame;
+use fnmesh_codec::{Frame, MessageType};
 use tokio::time::Instant;
 
 use crate::{
@@ -38,7 +38,8 @@ pub(super) fn route(table: &[Route], frame: &mut Frame) -> Result<Routed, CallEr
         .and_then(|h| h.rpc_timeout_ms(frame.head()))
         .filter(|ms| *ms > 0)
         .map(Duration::from_millis);
-    let admitted = function.admit(frame.name(), caller)?;
+    let oneway = frame.kind() == MessageType::Oneway;
+    let admitted = function.admit(frame.name(), caller, Some(oneway))?;
     Ok(Routed {
         function: function.clone(),
         deadline: admitted.deadline,

@@ -172,7 +172,7 @@ impl Relay<'_> {
                 return Ok(None);
             }
         };
-        let admitted = function.admit(method, caller_timeout)?;
+        let admitted = function.admit(method, caller_timeout, None)?;
         // Outcomes are recorded (breaker, instance ejection) when the function has breakers.
         stream.verdict = admitted.classify.then_some(admitted.verdict);
         stream.deadline = admitted.deadline;
