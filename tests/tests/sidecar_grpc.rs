@@ -982,6 +982,39 @@ async fn a_caller_resetting_streams_at_once_is_cut_off() {
     assert_eq!(unary(sc.addr, "after").await.unwrap().0, "after");
 }
 
+/// The rapid-reset guard counts only streams an instance answered: a caller cannot buy resets
+/// with streams fnmesh answers itself (an unknown path costs it nothing to ask).
+#[tokio::test(flavor = "multi_thread")]
+async fn resets_cannot_hide_behind_streams_fnmesh_answers_itself() {
+    use fnmesh_codec::http2::{self, reason};
+    use std::io::{Read, Write};
+    let sc = Sidecar::start(&grpc_echo_function("echo", "min = 1", ""));
+    let addr = sc.addr;
+    let code = tokio::task::spawn_blocking(move || {
+        let mut s = raw_caller(addr);
+        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut frames = Vec::new();
+        for i in 0..3000u32 {
+            let id = 1 + 6 * i;
+            frames.extend(request_headers(id, "/nope.Nope/Answered"));
+            for reset in [id + 2, id + 4] {
+                frames.extend(request_headers(reset, "/echo.Echo/UnaryEcho"));
+                http2::write_rst_stream(&mut frames, reset, reason::CANCEL);
+            }
+        }
+        // The sidecar may close before it has read everything.
+        let _ = s.write_all(&frames);
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        error_code(&got, 0)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(reason::ENHANCE_YOUR_CALM));
+    assert_eq!(unary(sc.addr, "after").await.unwrap().0, "after");
+}
+
 /// The port instance `instance` of function `function` listens on (its `PORT`), for a sidecar's
 /// instance started directly by it or under a shell.
 fn instance_port(sc: &Sidecar, function: &str, instance: &str) -> u16 {

@@ -380,7 +380,11 @@ impl Relay<'_> {
         let Some(s) = self.streams.remove(&id) else {
             return;
         };
-        self.answered += 1;
+        if s.lease.is_some() {
+            // Only what an instance served buys resets (MAX_EARLY_RESETS): streams fnmesh
+            // answers itself cost a caller nothing to ask for.
+            self.answered += 1;
+        }
         if let Some((i, up_id)) = s.up {
             let up = &mut self.ups[i];
             up.streams.remove(&up_id);

@@ -134,7 +134,7 @@ struct Relay<'a> {
     watches: ById<u32, Watching>,
     /// The last request's `:path`.
     path: String,
-    /// Streams the caller reset before their response, and streams answered.
+    /// Streams the caller reset before their response, and streams an instance answered.
     early_resets: u64,
     answered: u64,
     /// Deadlines and attempt deadlines, earliest first. An entry whose stream has ended or moved
