@@ -1015,6 +1015,125 @@ async fn resets_cannot_hide_behind_streams_fnmesh_answers_itself() {
     assert_eq!(unary(sc.addr, "after").await.unwrap().0, "after");
 }
 
+/// A caller that advertises the largest windows (SETTINGS_INITIAL_WINDOW_SIZE and a connection
+/// WINDOW_UPDATE to 2^31-1), asks for a 256 MiB server stream and never reads cannot grow the
+/// sidecar: whatever window it grants, the relay holds at most its write limit toward it, and
+/// the instance is held back by flow control. Another caller is served meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_granting_huge_windows_and_never_reading_cannot_grow_the_sidecar() {
+    use fnmesh_codec::http2::{self, flag, kind, setting, FrameHead, MAX_WINDOW};
+    use std::io::Write;
+    let sc = Sidecar::start(&grpc_echo_function("echo", "min = 1\nmax = 1", ""));
+    assert_eq!(unary(sc.addr, "warm").await.unwrap().0, "warm");
+    let before = sc.rss_kb();
+    let addr = sc.addr;
+    let hostile = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let mut out = fnmesh_codec::HTTP2_PREFACE.to_vec();
+        http2::write_settings(
+            &mut out,
+            &[(setting::INITIAL_WINDOW_SIZE, MAX_WINDOW)],
+            false,
+        );
+        http2::write_window_update(&mut out, 0, MAX_WINDOW - 65_535);
+        out.extend(request_headers(1, "/echo.Echo/ServerStreamingEcho"));
+        let text = b"__bulk__ 256";
+        let mut message = vec![0, 0, 0, 0, text.len() as u8 + 2, 0x0a, text.len() as u8];
+        message.extend_from_slice(text);
+        FrameHead {
+            len: message.len(),
+            kind: kind::DATA,
+            flags: flag::END_STREAM,
+            stream: 1,
+        }
+        .write(&mut out);
+        out.extend_from_slice(&message);
+        s.write_all(&out).unwrap();
+        s // never read
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let held = sc.rss_kb().saturating_sub(before);
+    assert_eq!(unary(sc.addr, "meanwhile").await.unwrap().0, "meanwhile");
+    assert!(
+        held < 32 * 1024,
+        "the sidecar grew by {held} KiB for a caller that does not read"
+    );
+    // Once the caller reads, everything held back goes on: all 256 MiB, then the trailers.
+    let data = tokio::task::spawn_blocking(move || stream_data_until_trailers(hostile, 1))
+        .await
+        .unwrap();
+    assert!(data >= 256 << 20, "{data} bytes of DATA");
+}
+
+/// Reads frames from `s` until the trailers of `stream`; the DATA bytes of that stream.
+fn stream_data_until_trailers(mut s: std::net::TcpStream, stream: u32) -> usize {
+    use fnmesh_codec::http2::{flag, kind, FrameHead, FRAME_HEAD_LEN};
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let (mut buf, mut data) = (Vec::new(), 0usize);
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        while let Some(head) = FrameHead::parse(&buf) {
+            if buf.len() < FRAME_HEAD_LEN + head.len {
+                break;
+            }
+            if head.stream == stream && head.kind == kind::DATA {
+                data += head.len;
+            }
+            if head.stream == stream && head.kind == kind::HEADERS && head.is(flag::END_STREAM) {
+                return data;
+            }
+            buf.drain(..FRAME_HEAD_LEN + head.len);
+        }
+        let n = s.read(&mut chunk).expect("the stream goes on");
+        assert!(n > 0, "closed after {data} bytes of DATA");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A WINDOW_UPDATE that would take a window past 2^31-1 is a FLOW_CONTROL_ERROR (RFC 9113
+/// 6.9.1): on the connection, GOAWAY; on a stream, RST_STREAM.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_window_update_past_the_largest_window_is_a_flow_control_error() {
+    use fnmesh_codec::http2::{self, reason, setting, MAX_WINDOW};
+    use std::io::{Read, Write};
+    let sc = Sidecar::start(&grpc_echo_function("echo", "min = 1", ""));
+    let addr = sc.addr;
+    let (stream, connection, initial) = tokio::task::spawn_blocking(move || {
+        let send = |frames: Vec<u8>| {
+            let mut s = raw_caller(addr);
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(&frames).unwrap();
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            got
+        };
+        let mut on_stream = request_headers(1, "/echo.Echo/BidirectionalStreamingEcho");
+        http2::write_window_update(&mut on_stream, 1, MAX_WINDOW);
+        let on_stream = error_code(&send(on_stream), 1);
+        let mut on_connection = Vec::new();
+        http2::write_window_update(&mut on_connection, 0, MAX_WINDOW);
+        let on_connection = error_code(&send(on_connection), 0);
+        // RFC 9113 6.5.2: so is an initial window over 2^31-1.
+        let mut settings = Vec::new();
+        http2::write_settings(
+            &mut settings,
+            &[(setting::INITIAL_WINDOW_SIZE, 1 << 31)],
+            false,
+        );
+        let initial = error_code(&send(settings), 0);
+        (on_stream, on_connection, initial)
+    })
+    .await
+    .unwrap();
+    assert_eq!(stream, Some(reason::FLOW_CONTROL_ERROR));
+    assert_eq!(connection, Some(reason::FLOW_CONTROL_ERROR));
+    assert_eq!(initial, Some(reason::FLOW_CONTROL_ERROR));
+    assert_eq!(unary(sc.addr, "after").await.unwrap().0, "after");
+}
+
 /// The port instance `instance` of function `function` listens on (its `PORT`), for a sidecar's
 /// instance started directly by it or under a shell.
 fn instance_port(sc: &Sidecar, function: &str, instance: &str) -> u16 {

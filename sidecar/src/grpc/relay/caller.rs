@@ -19,25 +19,7 @@ impl Relay<'_> {
                     let data = payload.slice_ref(data);
                     self.caller_data(head.stream, head.len, data, head.is(flag::END_STREAM));
                 }
-                kind::WINDOW_UPDATE => match frame::window_update(&head, &payload) {
-                    Ok(n) if head.stream == 0 => {
-                        self.caller.send_window += i64::from(n);
-                        let ids: Vec<u32> = self.streams.keys().copied().collect();
-                        for id in ids {
-                            self.pump_caller(id);
-                        }
-                    }
-                    Ok(n) => {
-                        if let Some(s) = self.streams.get_mut(&head.stream) {
-                            s.windows.send_caller += i64::from(n);
-                            self.pump_caller(head.stream);
-                        }
-                    }
-                    Err(e) if e.stream => {
-                        frame::write_rst_stream(&mut self.caller.wbuf, head.stream, e.reason)
-                    }
-                    Err(e) => return Err(e),
-                },
+                kind::WINDOW_UPDATE => self.caller_window_update(&head, &payload)?,
                 kind::SETTINGS => {
                     let delta = self.caller.settings(&head, &payload)?;
                     if delta != 0 {
@@ -155,6 +137,35 @@ impl Relay<'_> {
                 self.fail(id, &e);
             }
         }
+    }
+
+    /// More room to send to the caller, on its connection or one stream. Past 2^31-1 the
+    /// connection fails, or the stream is reset (and so is the instance's).
+    fn caller_window_update(&mut self, head: &FrameHead, payload: &[u8]) -> Result<(), FrameError> {
+        let grown = frame::window_update(head, payload).and_then(|n| match head.stream {
+            0 => grow_window(&mut self.caller.send_window, n, false),
+            id => match self.streams.get_mut(&id) {
+                Some(s) => grow_window(&mut s.windows.send_caller, n, true),
+                None => Ok(()),
+            },
+        });
+        match grown {
+            Ok(()) if head.stream == 0 => {
+                let ids: Vec<u32> = self.streams.keys().copied().collect();
+                for id in ids {
+                    self.pump_caller(id);
+                }
+            }
+            Ok(()) => self.pump_caller(head.stream),
+            Err(e) if e.stream => {
+                frame::write_rst_stream(&mut self.caller.wbuf, head.stream, e.reason);
+                self.cancel_up(head.stream, reason::CANCEL);
+                self.streams.remove(&head.stream);
+                self.watches.remove(&head.stream);
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(())
     }
 
     /// Routes a stream; gives a slot on an instance when one is free now, else queues for one.

@@ -26,6 +26,9 @@ pub(super) struct Link {
     pub(super) closed: bool,
     /// The peer sent GOAWAY: no new streams.
     pub(super) going_away: bool,
+    /// DATA for this peer waits with its streams because [`WRITE_LIMIT`] was reached: it is
+    /// sent on once the peer has read enough.
+    pub(super) held_back: bool,
 }
 
 impl Link {
@@ -43,6 +46,7 @@ impl Link {
             block: None,
             closed: false,
             going_away: false,
+            held_back: false,
         }
     }
 
@@ -190,10 +194,15 @@ impl Link {
             _ => {}
         })?;
         if let Some(what) = bad {
+            // RFC 9113 6.5.2: an initial window over 2^31-1 is a FLOW_CONTROL_ERROR.
+            let reason = match what {
+                "initial window over 2^31-1" => reason::FLOW_CONTROL_ERROR,
+                _ => reason::PROTOCOL_ERROR,
+            };
             return Err(FrameError {
                 kind: kind::SETTINGS,
                 what,
-                reason: reason::PROTOCOL_ERROR,
+                reason,
                 stream: false,
             });
         }
@@ -320,6 +329,12 @@ pub(super) fn send_within(
     let mut sent = 0usize;
     let mut ended = false;
     while let Some(front) = queue.front_mut() {
+        if link.wbuf.len() >= WRITE_LIMIT {
+            // Whatever window the peer grants, no more than this waits to be written to it: the
+            // rest stays with its stream, and flow control holds back the side it came from.
+            link.held_back = true;
+            break;
+        }
         let room = (*window).min(link.send_window).max(0) as usize;
         let n = front.len().min(room).min(link.peer_max_frame);
         if n == 0 {
@@ -385,4 +400,24 @@ pub(super) fn ok_trailers() -> Vec<u8> {
     let mut t = Vec::new();
     encode_field(&mut t, b"grpc-status", b"0", false);
     t
+}
+
+/// A window grown by `increment` past 2^31-1 (RFC 9113 6.9.1): a FLOW_CONTROL_ERROR, of the
+/// stream or (`stream` false) of the connection.
+pub(super) fn grow_window(
+    window: &mut i64,
+    increment: u32,
+    stream: bool,
+) -> Result<(), FrameError> {
+    let grown = *window + i64::from(increment);
+    if grown > i64::from(MAX_WINDOW) {
+        return Err(FrameError {
+            kind: kind::WINDOW_UPDATE,
+            what: "WINDOW_UPDATE past the largest window (2^31-1)",
+            reason: reason::FLOW_CONTROL_ERROR,
+            stream,
+        });
+    }
+    *window = grown;
+    Ok(())
 }

@@ -330,10 +330,30 @@ impl Relay<'_> {
             park(up);
         }
     }
+    /// Writes what every socket takes now; data held back for a peer that was not reading goes
+    /// on once it has read half of what waited.
     fn flush(&mut self) {
         self.caller.flush();
         for up in self.ups.iter_mut() {
             up.link.flush();
+        }
+        if self.caller.held_back && self.caller.wbuf.len() < WRITE_LIMIT / 2 {
+            self.caller.held_back = false;
+            let waiting = self.streams.iter().filter(|(_, s)| !s.to_caller.is_empty());
+            let ids: Vec<u32> = waiting.map(|(id, _)| *id).collect();
+            for id in ids {
+                self.pump_caller(id);
+            }
+        }
+        for i in 0..self.ups.len() {
+            let link = &mut self.ups[i].link;
+            if link.held_back && link.wbuf.len() < WRITE_LIMIT / 2 {
+                link.held_back = false;
+                let ids: Vec<u32> = self.ups[i].streams.values().copied().collect();
+                for id in ids {
+                    self.pump_up(id);
+                }
+            }
         }
     }
 }

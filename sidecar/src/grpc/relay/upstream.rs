@@ -368,23 +368,37 @@ impl Relay<'_> {
         payload: &[u8],
     ) -> Result<(), FrameError> {
         let up = &mut self.ups[i];
-        match frame::window_update(head, payload) {
-            Ok(n) if head.stream == 0 => {
-                up.link.send_window += i64::from(n);
+        let caller_stream = up.streams.get(&head.stream).copied();
+        let grown = frame::window_update(head, payload).and_then(|n| match caller_stream {
+            _ if head.stream == 0 => grow_window(&mut up.link.send_window, n, false),
+            Some(id) => match self.streams.get_mut(&id) {
+                Some(s) => grow_window(&mut s.windows.send_up, n, true),
+                None => Ok(()),
+            },
+            None => Ok(()),
+        });
+        match grown {
+            Ok(()) if head.stream == 0 => {
                 let ids: Vec<u32> = up.streams.values().copied().collect();
                 for id in ids {
                     self.pump_up(id);
                 }
             }
-            Ok(n) => {
-                if let Some(&id) = up.streams.get(&head.stream) {
-                    if let Some(s) = self.streams.get_mut(&id) {
-                        s.windows.send_up += i64::from(n);
-                    }
+            Ok(()) => {
+                if let Some(id) = caller_stream {
                     self.pump_up(id);
                 }
             }
-            Err(e) if e.stream => frame::write_rst_stream(&mut up.link.wbuf, head.stream, e.reason),
+            Err(e) if e.stream => {
+                frame::write_rst_stream(&mut up.link.wbuf, head.stream, e.reason);
+                if let Some(id) = caller_stream {
+                    up.streams.remove(&head.stream);
+                    if let Some(s) = self.streams.get_mut(&id) {
+                        s.up = None;
+                    }
+                    self.up_reset(id, reason::INTERNAL_ERROR);
+                }
+            }
             Err(e) => return Err(e),
         }
         Ok(())
