@@ -1093,6 +1093,77 @@ fn stream_data_until_trailers(mut s: std::net::TcpStream, stream: u32) -> usize 
     }
 }
 
+/// Health check requests are a service name: a caller that sends megabytes on many health
+/// streams gets RESOURCE_EXHAUSTED on each once it passes 64 KiB, and cannot grow the sidecar.
+#[tokio::test(flavor = "multi_thread")]
+async fn huge_health_check_requests_are_refused_and_cannot_grow_the_sidecar() {
+    use fnmesh_codec::http2::{kind, FrameHead};
+    use std::io::Write;
+    let sc = Sidecar::start(&grpc_echo_function("echo", "min = 1", ""));
+    assert_eq!(unary(sc.addr, "warm").await.unwrap().0, "warm");
+    let before = sc.rss_kb();
+    let addr = sc.addr;
+    let hostile = tokio::task::spawn_blocking(move || {
+        let mut s = raw_caller(addr);
+        let filler = vec![0u8; 16 << 10];
+        for i in 0..256u32 {
+            let id = 1 + 2 * i;
+            let mut out = request_headers(id, "/grpc.health.v1.Health/Check");
+            for _ in 0..64 {
+                FrameHead {
+                    len: filler.len(),
+                    kind: kind::DATA,
+                    flags: 0,
+                    stream: id,
+                }
+                .write(&mut out);
+                out.extend_from_slice(&filler);
+            }
+            // The sidecar may stop reading a caller that does not read: then so do we.
+            if s.write_all(&out).is_err() {
+                break;
+            }
+        }
+        s
+    });
+    let hostile = tokio::time::timeout(Duration::from_secs(20), hostile)
+        .await
+        .expect("the sidecar keeps reading the caller")
+        .unwrap();
+    let held = sc.rss_kb().saturating_sub(before);
+    assert_eq!(unary(sc.addr, "meanwhile").await.unwrap().0, "meanwhile");
+    assert!(held < 32 * 1024, "the sidecar grew by {held} KiB");
+    // Each stream was answered RESOURCE_EXHAUSTED (8).
+    let mut s = hostile;
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut got);
+    assert_eq!(grpc_status_of(&got, 1).as_deref(), Some("8"));
+}
+
+/// The `grpc-status` fnmesh answered on `stream` (trailers-only or trailers), from raw frames.
+fn grpc_status_of(got: &[u8], stream: u32) -> Option<String> {
+    use fnmesh_codec::http2::{kind, FrameHead, FRAME_HEAD_LEN};
+    let mut decoder = fnmesh_codec::hpack::Decoder::new(4096, 1 << 16);
+    let mut rest = got;
+    let mut status = None;
+    while let Some(head) = FrameHead::parse(rest) {
+        let payload = rest.get(FRAME_HEAD_LEN..FRAME_HEAD_LEN + head.len)?;
+        if head.kind == kind::HEADERS {
+            decoder
+                .decode(payload, |f| {
+                    if head.stream == stream && f.name == b"grpc-status" {
+                        status = Some(String::from_utf8_lossy(f.value).into_owned());
+                    }
+                })
+                .ok()?;
+        }
+        rest = &rest[FRAME_HEAD_LEN + head.len..];
+    }
+    status
+}
+
 /// A WINDOW_UPDATE that would take a window past 2^31-1 is a FLOW_CONTROL_ERROR (RFC 9113
 /// 6.9.1): on the connection, GOAWAY; on a stream, RST_STREAM.
 #[tokio::test(flavor = "multi_thread")]

@@ -280,8 +280,18 @@ impl Relay<'_> {
         s.windows.unacked_caller += (len - data.len()) as u32;
         s.caller_done = end;
         if let Some(h) = s.health.as_mut() {
-            h.extend_from_slice(&data);
             self.caller.credit(data.len());
+            if h.len() + data.len() > MAX_HEALTH_REQUEST {
+                // A HealthCheckRequest is a service name: nothing this large is one.
+                s.health = None;
+                let e = CallError::new(
+                    Kind::TooLarge,
+                    format!("health check request over {MAX_HEALTH_REQUEST} bytes"),
+                );
+                self.fail(id, &e);
+                return;
+            }
+            h.extend_from_slice(&data);
             if end {
                 self.health_check(id);
             }

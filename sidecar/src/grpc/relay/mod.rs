@@ -75,6 +75,8 @@ const WRITE_LIMIT: usize = 2 * CONN_WINDOW as usize;
 /// Streams a caller may reset before their response beyond those answered, before its
 /// connection is closed (HTTP/2 "rapid reset": each such stream costs an instance a request).
 const MAX_EARLY_RESETS: u64 = 1000;
+/// The largest health check request read (a HealthCheckRequest is a service name).
+const MAX_HEALTH_REQUEST: usize = 64 << 10;
 
 /// Maps keyed by stream (or instance) number: a multiplication instead of SipHash, which cost
 /// more than a tenth of the relay's own work per call. The keys come from the peers, but a map
