@@ -114,6 +114,15 @@ fn sidecar_changes(a: &SidecarConfig, b: &SidecarConfig) -> Vec<&'static str> {
     check(a.max_frame_size != b.max_frame_size, "max_frame_size");
     check(a.workers != b.workers, "workers");
     check(a.busy_poll != b.busy_poll, "busy_poll");
+    check(a.connections.max != b.connections.max, "max_connections");
+    check(
+        a.connections.header_timeout != b.connections.header_timeout,
+        "header_timeout",
+    );
+    check(
+        a.connections.idle_timeout != b.connections.idle_timeout,
+        "idle_timeout",
+    );
     out
 }
 
@@ -136,6 +145,7 @@ impl Mesh {
         let thrift = Arc::new(ThriftFront {
             functions: arc_swap::ArcSwap::from_pointee(thrift_routes),
             limits: thrift_limits,
+            connections: config.sidecar.connections,
             drain: drain.clone(),
         });
         let grpc = Arc::new(GrpcFront::new(grpc_routes, drain.clone()));

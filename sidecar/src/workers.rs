@@ -6,11 +6,11 @@
 //! (accept, admin, instance processes) stays apart.
 
 use std::{
-    cell::Cell,
+    cell::{Cell, RefCell},
     future::Future,
     sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
     },
     task::{Poll, Waker},
     time::{Duration, Instant},
@@ -26,6 +26,100 @@ thread_local! {
     static POLLER: Cell<Option<Waker>> = const { Cell::new(None) };
     /// Calls in flight on this worker.
     static IN_FLIGHT: Cell<usize> = const { Cell::new(0) };
+    /// The sweep of the workers this thread is one of.
+    static SWEEPER: RefCell<Option<Arc<Sweeper>>> = const { RefCell::new(None) };
+}
+
+/// Coarse time for connection housekeeping (stalled frames, idle connections): the control
+/// runtime ticks it and wakes every connection that asked, so a connection checks its timeouts
+/// by comparing a tick count instead of arming a timer per call, and the workers keep no timer
+/// (a worker with one pays for it at every park).
+pub struct Sweeper {
+    tick: AtomicU64,
+    wakers: Mutex<Wakers>,
+}
+
+/// Connections' wakers, by slot; freed slots are reused.
+#[derive(Default)]
+struct Wakers {
+    slots: Vec<Option<Waker>>,
+    free: Vec<usize>,
+}
+
+impl Sweeper {
+    fn new() -> Arc<Sweeper> {
+        Arc::new(Sweeper {
+            tick: AtomicU64::new(0),
+            wakers: Mutex::new(Wakers::default()),
+        })
+    }
+
+    /// Ticks every `every` and wakes the connections, until the sidecar stops.
+    async fn run(self: Arc<Sweeper>, every: Duration) {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.tick.fetch_add(1, Ordering::Relaxed);
+            for w in crate::lock(&self.wakers).slots.iter().flatten() {
+                w.wake_by_ref();
+            }
+        }
+    }
+}
+
+/// A connection's place in its workers' sweep: woken at every tick until dropped.
+pub struct Swept {
+    sweeper: Option<Arc<Sweeper>>,
+    slot: usize,
+}
+
+impl Swept {
+    /// Wakes `waker` (a connection's task) at every tick of this worker's sweep (never, off a
+    /// worker thread).
+    pub fn register(waker: Waker) -> Swept {
+        let Some(sweeper) = SWEEPER.with(|s| s.borrow().clone()) else {
+            return Swept {
+                sweeper: None,
+                slot: 0,
+            };
+        };
+        let slot = {
+            let mut w = crate::lock(&sweeper.wakers);
+            match w.free.pop() {
+                Some(i) => {
+                    w.slots[i] = Some(waker);
+                    i
+                }
+                None => {
+                    w.slots.push(Some(waker));
+                    w.slots.len() - 1
+                }
+            }
+        };
+        Swept {
+            sweeper: Some(sweeper),
+            slot,
+        }
+    }
+
+    /// The sweep's ticks so far.
+    #[inline]
+    pub fn tick(&self) -> u64 {
+        self.sweeper
+            .as_ref()
+            .map_or(0, |s| s.tick.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for Swept {
+    fn drop(&mut self) {
+        if let Some(s) = &self.sweeper {
+            let mut w = crate::lock(&s.wakers);
+            w.slots[self.slot] = None;
+            w.free.push(self.slot);
+        }
+    }
 }
 
 /// Most calls a worker may have in flight and still poll busily. Busy polling pays for a few
@@ -132,12 +226,20 @@ impl Drop for Counted {
 }
 
 impl Workers {
-    /// Starts `n` worker threads; each serves a connection it is given with `serve`.
-    pub fn start<F, Fut>(n: usize, busy_poll: Duration, serve: F) -> std::io::Result<Workers>
+    /// Starts `n` worker threads; each serves a connection it is given with `serve`. Their
+    /// connections' sweep ticks every `sweep_every` on the calling (control) runtime.
+    pub fn start<F, Fut>(
+        n: usize,
+        busy_poll: Duration,
+        sweep_every: Duration,
+        serve: F,
+    ) -> std::io::Result<Workers>
     where
         F: Fn(TcpStream) -> Fut + Clone + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        let sweeper = Sweeper::new();
+        tokio::spawn(sweeper.clone().run(sweep_every));
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -147,6 +249,7 @@ impl Workers {
             let conns = Arc::new(AtomicUsize::new(0));
             let serve = serve.clone();
             let counted = conns.clone();
+            let sweeper = sweeper.clone();
             std::thread::Builder::new()
                 .name(format!("fnmesh-worker-{i}"))
                 .spawn(move || {
@@ -154,6 +257,7 @@ impl Workers {
                     if !busy_poll.is_zero() {
                         rt.spawn(poll_busily(busy_poll));
                     }
+                    SWEEPER.with(|s| *s.borrow_mut() = Some(sweeper.clone()));
                     rt.block_on(async move {
                         while let Some(sock) = rx.recv().await {
                             let guard = Counted(counted.clone());

@@ -558,6 +558,82 @@ fn framed_message(kind: MessageType, method: &str, seqid: i32, message: &str) ->
     out.to_vec()
 }
 
+/// A frame begun but not finished within `header_timeout` is answered `bad-request` and its
+/// connection closed; a connection with no call for `idle_timeout` is closed; callers past
+/// `max_connections` are closed at accept. Other callers are served throughout.
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_frames_idle_connections_and_the_excess_are_closed() {
+    let sc = Sidecar::start_with(
+        "header_timeout = \"300ms\"\nidle_timeout = \"600ms\"",
+        &echo_function("echo", "idle = \"10s\"", ""),
+    );
+    echo(sc.addr, "warm", None, 5000).await.unwrap();
+    let addr = sc.addr;
+    let (stalled, idle) = tokio::task::spawn_blocking(move || {
+        // Six bytes of a TTHeader frame, then nothing.
+        let started = Instant::now();
+        let frame = ttheader_call("echo", "EchoService", "Echo");
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&frame[..6]).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).expect("closed by the sidecar");
+        let stalled = (started.elapsed(), out);
+        // One call, then quiet.
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&framed_echo(1, "then quiet", 0)).unwrap();
+        let mut reply = [0u8; 4];
+        s.read_exact(&mut reply).unwrap();
+        let len = u32::from_be_bytes(reply) as usize;
+        let mut rest = vec![0u8; len];
+        s.read_exact(&mut rest).unwrap();
+        let quiet = Instant::now();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).expect("closed by the sidecar");
+        (stalled, quiet.elapsed())
+    })
+    .await
+    .unwrap();
+    let (took, out) = stalled;
+    assert!(took < Duration::from_secs(2), "closed after {took:?}");
+    let mut buf = BytesMut::from(&out[..]);
+    let reply = FrameDecoder::new(Limits::default())
+        .decode(&mut buf)
+        .unwrap()
+        .expect("a reply before the close");
+    assert_exception(&reply, 7, "header_timeout", Some("bad-request"));
+    assert!(
+        idle >= Duration::from_millis(500) && idle < Duration::from_secs(3),
+        "idle connection closed after {idle:?}"
+    );
+    assert_eq!(echo(sc.addr, "still", None, 5000).await.unwrap().0, "still");
+
+    let limited = Sidecar::start_with("max_connections = 3", &echo_function("echo", "", ""));
+    // The harness's readiness probes (connections closed at once) are gone by then.
+    std::thread::sleep(Duration::from_millis(500));
+    let held: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(limited.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut excess = TcpStream::connect(limited.addr).unwrap();
+    excess
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut out = Vec::new();
+    let closed = excess.read_to_end(&mut out);
+    assert!(
+        closed.is_ok() && out.is_empty(),
+        "the excess connection is closed at once"
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        echo(limited.addr, "room", None, 5000).await.unwrap().0,
+        "room"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_in_flight_calls_finish_then_stops_instances() {
     let sc = Sidecar::start(&echo_function("echo", "max = 2\nconcurrency = 4", ""));

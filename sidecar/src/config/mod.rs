@@ -62,6 +62,31 @@ pub struct SidecarConfig {
     /// How long a worker keeps polling for events after its last one instead of sleeping
     /// (zero: never). Waking a sleeping CPU costs tens of microseconds on a VM.
     pub busy_poll: Duration,
+    /// What one caller connection may hold, and for how long.
+    pub connections: ConnectionLimits,
+}
+
+/// `[sidecar]` limits on caller connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Caller connections open at once; more are closed at accept.
+    pub max: usize,
+    /// How long a started frame may take to arrive whole.
+    pub header_timeout: Duration,
+    /// How long a connection with no call in flight stays open (zero: for ever).
+    pub idle_timeout: Duration,
+}
+
+impl ConnectionLimits {
+    /// How often connections check these timeouts: a quarter of the shorter, so a stall is seen
+    /// within a quarter past its timeout.
+    pub fn sweep_every(&self) -> Duration {
+        let shortest = match self.idle_timeout.is_zero() {
+            true => self.header_timeout,
+            false => self.header_timeout.min(self.idle_timeout),
+        };
+        (shortest / 4).max(Duration::from_millis(10))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

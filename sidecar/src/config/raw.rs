@@ -31,6 +31,11 @@ pub(super) struct RawSidecar {
     pub(super) workers: Option<Spanned<usize>>,
     #[serde(default = "default_busy_poll", deserialize_with = "busy_poll")]
     pub(super) busy_poll: Duration,
+    pub(super) max_connections: Option<Spanned<usize>>,
+    #[serde(default = "default_header_timeout", deserialize_with = "duration")]
+    pub(super) header_timeout: Duration,
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    pub(super) idle_timeout: Duration,
     /// Removed: gRPC is served by fnmesh's relay only. Kept here so that a file still setting it
     /// gets an error naming the key and its line rather than serde's "unknown field".
     pub(super) grpc_engine: Option<Spanned<toml::Value>>,
@@ -38,6 +43,12 @@ pub(super) struct RawSidecar {
 
 pub(super) fn default_drain() -> Duration {
     Duration::from_secs(10)
+}
+pub(super) fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+pub(super) fn default_idle_timeout() -> Duration {
+    Duration::from_secs(300)
 }
 pub(super) fn default_busy_poll() -> Duration {
     Duration::from_micros(50)

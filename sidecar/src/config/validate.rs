@@ -11,12 +11,48 @@ use std::{
 use toml::Spanned;
 
 use super::{
-    raw::{parse_duration, RawDiscovery, RawFile, RawFunction, RawPolicy},
-    CircuitBreaker, Config, ConfigError, DiscoveryBackend, DiscoveryConfig, FunctionConfig,
-    PolicyConfig, Protocol, RateLimit, Retry, ScaleConfig, SidecarConfig,
+    raw::{parse_duration, RawDiscovery, RawFile, RawFunction, RawPolicy, RawSidecar},
+    CircuitBreaker, Config, ConfigError, ConnectionLimits, DiscoveryBackend, DiscoveryConfig,
+    FunctionConfig, PolicyConfig, Protocol, RateLimit, Retry, ScaleConfig, SidecarConfig,
 };
 
 /// `[discovery]`, checked: a known backend with an `http://` address, keys only for it.
+/// `max_connections`, `header_timeout` and `idle_timeout`.
+fn connection_limits(cx: &Ctx<'_>, s: &RawSidecar) -> Result<ConnectionLimits, ConfigError> {
+    let max = match &s.max_connections {
+        Some(m) if *m.get_ref() == 0 => {
+            return cx.invalid(
+                m.span().start,
+                "sidecar.max_connections",
+                "must be at least 1",
+            )
+        }
+        Some(m) => *m.get_ref(),
+        None => default_max_connections(),
+    };
+    if s.header_timeout.is_zero() {
+        return cx.invalid(
+            s.listen.span().start,
+            "sidecar.header_timeout",
+            "must be greater than zero",
+        );
+    }
+    Ok(ConnectionLimits {
+        max,
+        header_timeout: s.header_timeout,
+        idle_timeout: s.idle_timeout,
+    })
+}
+
+/// Half of what the process may open beyond a reserve for instances, registries and the admin
+/// API: a caller connection can take a second descriptor, its connection to an instance.
+fn default_max_connections() -> usize {
+    let files = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    let files = usize::try_from(files).unwrap_or(usize::MAX);
+    (files.saturating_sub(256) / 2).clamp(64, 1 << 20)
+}
+
 fn discovery(cx: &Ctx<'_>, d: &Spanned<RawDiscovery>) -> Result<DiscoveryConfig, ConfigError> {
     let raw = d.get_ref();
     let backend = &raw.backend;
@@ -236,6 +272,7 @@ impl Config {
                 max_frame_size: s.max_frame_size,
                 workers,
                 busy_poll: s.busy_poll,
+                connections: connection_limits(&cx, s)?,
             },
             functions,
         })

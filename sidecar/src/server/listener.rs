@@ -1,7 +1,10 @@
 //! A new connection: one bounded, timed read phase until the protocol is known, then the
 //! connection and the bytes already read go to that protocol's front end.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc,
+};
 
 use bytes::BytesMut;
 use fnmesh_codec::{detect, Detected, Detection};
@@ -9,21 +12,39 @@ use tokio::{io::AsyncReadExt, net::TcpStream, time::timeout};
 
 use crate::{grpc::GrpcFront, thrift::ThriftFront};
 
-/// How long a new connection may take to send enough bytes to tell its protocol.
-const DETECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The front ends a connection can go to.
+/// The front ends a connection can go to, and the count of open caller connections.
 #[derive(Clone)]
 pub struct Fronts {
     pub thrift: Arc<ThriftFront>,
     pub grpc: Arc<GrpcFront>,
+    pub open: Arc<AtomicUsize>,
 }
 
-/// Serves one accepted connection (on a worker thread).
+/// Gives back a connection's place in the count (taken at accept) when it ends.
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Takes a place for a new connection, unless `max` are open.
+pub fn admit(open: &AtomicUsize, max: usize) -> bool {
+    open.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+        (n < max).then_some(n + 1)
+    })
+    .is_ok()
+}
+
+/// Serves one accepted connection (on a worker thread); its place was taken by [`admit`].
 pub async fn connection(mut sock: TcpStream, fronts: Fronts) {
+    let _open = Open(fronts.open.clone());
     let peer = sock.peer_addr().ok();
     let mut buf = BytesMut::with_capacity(8 * 1024);
-    let detected = timeout(DETECT_TIMEOUT, async {
+    // A new connection has `header_timeout` to send enough bytes to tell its protocol.
+    let within = fronts.thrift.connections.header_timeout;
+    let detected = timeout(within, async {
         loop {
             match detect(&buf) {
                 Detection::Found(d) => return Some(d),
@@ -46,7 +67,7 @@ pub async fn connection(mut sock: TcpStream, fronts: Fronts) {
         }
         Err(_) => tracing::debug!(
             ?peer,
-            "no protocol detected within 10 s; closing the connection"
+            "no protocol detected within header_timeout; closing the connection"
         ),
     }
 }

@@ -4,13 +4,20 @@
 mod listener;
 mod shutdown;
 
-use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    cell::Cell,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{atomic::AtomicUsize, Arc},
+    time::Duration,
+};
 
 use fnmesh_codec::Limits;
 use fnmesh_discovery::Backend;
 use tokio::{
     net::TcpListener,
     signal::unix::{signal, Signal, SignalKind},
+    time::Instant,
 };
 
 use crate::{
@@ -95,6 +102,12 @@ struct Sidecar {
     /// The registry's name (`none` without one).
     registry: &'static str,
     grace: Duration,
+    /// Caller connections open, and how many may be.
+    open: Arc<AtomicUsize>,
+    max_connections: usize,
+    /// Connections closed at accept for the limit, and when that was last logged.
+    refused: Cell<u64>,
+    refusals_logged: Cell<Option<Instant>>,
 }
 
 async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
@@ -134,13 +147,19 @@ async fn start(path: PathBuf, config: Config) -> Result<Sidecar, String> {
             .map_err(|e| format!("cannot listen on admin address {addr}: {e}"))?;
         tokio::spawn(admin::serve(l, mesh.clone()));
     }
+    let open = Arc::new(AtomicUsize::new(0));
     let fronts = listener::Fronts {
         thrift: mesh.thrift.clone(),
         grpc: mesh.grpc.clone(),
+        open: open.clone(),
     };
-    let workers = Workers::start(settings.workers, settings.busy_poll, move |sock| {
-        listener::connection(sock, fronts.clone())
-    })
+    let sweep_every = settings.connections.sweep_every();
+    let workers = Workers::start(
+        settings.workers,
+        settings.busy_poll,
+        sweep_every,
+        move |sock| listener::connection(sock, fronts.clone()),
+    )
     .map_err(|e| format!("cannot start the worker threads: {e}"))?;
     tracing::info!(
         listen = %listen,
@@ -157,17 +176,42 @@ async fn start(path: PathBuf, config: Config) -> Result<Sidecar, String> {
         mesh,
         registry,
         grace: settings.drain_timeout,
+        open,
+        max_connections: settings.connections.max,
+        refused: Cell::new(0),
+        refusals_logged: Cell::new(None),
     })
 }
 
 impl Sidecar {
-    /// Hands an accepted connection to a worker thread.
+    /// Hands an accepted connection to a worker thread, or closes it when `max_connections`
+    /// are open (counted, and logged at most once a second).
     async fn dispatch(
         &self,
         accepted: std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)>,
     ) {
         match accepted {
-            Ok((sock, _)) => self.workers.dispatch(sock),
+            Ok((sock, _)) if listener::admit(&self.open, self.max_connections) => {
+                self.workers.dispatch(sock)
+            }
+            Ok((sock, peer)) => {
+                drop(sock);
+                self.refused.set(self.refused.get() + 1);
+                let now = Instant::now();
+                let due = self
+                    .refusals_logged
+                    .get()
+                    .is_none_or(|at| now >= at + Duration::from_secs(1));
+                if due {
+                    self.refusals_logged.set(Some(now));
+                    tracing::warn!(
+                        %peer,
+                        refused = self.refused.get(),
+                        max_connections = self.max_connections,
+                        "connection closed at accept: max_connections are open"
+                    );
+                }
+            }
             Err(e) => {
                 // Out of file descriptors, typically: a moment for connections to close.
                 tracing::warn!(error = %e, "accept failed");

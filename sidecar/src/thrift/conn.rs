@@ -27,8 +27,10 @@ use super::{
     Reply, ThriftFront,
 };
 use crate::{
+    config::ConnectionLimits,
     error::{CallError, Kind},
     governance::{Function, Route},
+    workers::Swept,
 };
 
 /// Most calls (and replies not yet written) one connection may have at once: past this, the
@@ -64,20 +66,15 @@ pub async fn serve(
     let mut lane_ticket = None;
     let timer = tokio::time::sleep_until(Instant::now());
     tokio::pin!(timer);
+    let waker = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
+    let mut sweep = Sweep::new(front.connections, waker);
     loop {
         while let Some(read) = reader.next_call(&mut buf, &mut replies) {
-            let NewCall {
-                routed,
-                request,
-                oneway,
-                ticket,
-                rearm,
-            } = read;
-            if let Some(at) = rearm {
+            if let Some(at) = read.rearm {
                 timer.as_mut().reset(at);
             }
-            let timed = routed.deadline.is_some();
-            let call = call(front, ticket, routed, request, oneway);
+            let (ticket, timed) = (read.ticket, read.routed.deadline.is_some());
+            let call = call(front, ticket, read.routed, read.request, read.oneway);
             if lane.is_none() {
                 // Stopped by dropping it.
                 lane.set(Some(call));
@@ -140,6 +137,13 @@ pub async fn serve(
                 Ok(0) | Err(_) => reader.closed(&buf, &mut replies),
                 Ok(_) => crate::workers::busy(),
             },
+            // The sweep wakes this task at each tick: an atomic read per poll.
+            () = std::future::poll_fn(|_| sweep.poll_ticked()) => {
+                let in_flight = busy || !calls.is_empty() || !replies.is_done();
+                if sweep.closes(&mut reader, &buf, in_flight, &mut replies) {
+                    break;
+                }
+            }
         }
     }
     let _ = wr.shutdown().await;
@@ -160,6 +164,8 @@ struct NewCall {
 struct Reader<'a> {
     detected: Detected,
     decoder: FrameDecoder,
+    /// Frames decoded so far: progress, for [`Sweep`].
+    frames: u64,
     /// The routing table as of the last call: checked against the current one with a pointer
     /// comparison instead of a full load per call.
     table: arc_swap::Cache<&'a arc_swap::ArcSwap<Vec<Route>>, Arc<Vec<Route>>>,
@@ -172,6 +178,7 @@ impl<'a> Reader<'a> {
         Reader {
             detected,
             decoder: FrameDecoder::for_transport(detected, front.limits),
+            frames: 0,
             table: arc_swap::Cache::new(&front.functions),
             reading: true,
         }
@@ -184,7 +191,10 @@ impl<'a> Reader<'a> {
     fn next_call(&mut self, buf: &mut BytesMut, replies: &mut Replies) -> Option<NewCall> {
         while self.reading {
             let mut frame = match self.decoder.decode(buf) {
-                Ok(Some(frame)) => frame,
+                Ok(Some(frame)) => {
+                    self.frames += 1;
+                    frame
+                }
                 Ok(None) => return None,
                 Err(err) => {
                     let kind = if err.is_too_large() {
@@ -249,6 +259,109 @@ impl<'a> Reader<'a> {
         let target = ReplyTarget::for_detected(self.detected);
         replies.answered(rescue(&target, &e));
         self.reading = false;
+    }
+}
+
+/// The connection's watch on what must not last: a frame begun but not whole within
+/// `header_timeout`, and no call for `idle_timeout`. It looks at its worker's sweep ticks (a few
+/// per timeout) instead of timing each frame, so calls pay nothing for it; a stall is seen
+/// between its timeout and a tick after.
+struct Sweep {
+    every: Duration,
+    limits: ConnectionLimits,
+    /// The worker's tick and the frames decoded when last looked at, and how long the
+    /// connection has been stuck in one frame, or idle, as of then.
+    tick: u64,
+    frames: u64,
+    in_frame: Duration,
+    idle: Duration,
+    swept: Swept,
+}
+
+/// What a [`Sweep`] found.
+enum Stalled {
+    No,
+    /// In the middle of a frame for longer than `header_timeout`.
+    InFrame,
+    /// No call and no bytes for longer than `idle_timeout`.
+    Idle,
+}
+
+impl Sweep {
+    /// A watch woken by this worker's sweep (`waker`: the connection's task).
+    fn new(limits: ConnectionLimits, waker: std::task::Waker) -> Sweep {
+        let swept = Swept::register(waker);
+        Sweep {
+            every: limits.sweep_every(),
+            limits,
+            tick: swept.tick(),
+            frames: 0,
+            in_frame: Duration::ZERO,
+            idle: Duration::ZERO,
+            swept,
+        }
+    }
+
+    /// Ready once the sweep has ticked since the last look (an atomic read; the sweep itself
+    /// wakes the task).
+    #[inline]
+    fn poll_ticked(&self) -> Poll<()> {
+        match self.swept.tick() != self.tick {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        }
+    }
+
+    /// At a tick: refuses a frame stuck for longer than `header_timeout` (answered
+    /// `bad-request`, nothing more read); true when the connection has been idle for longer
+    /// than `idle_timeout` and closes.
+    fn closes(
+        &mut self,
+        reader: &mut Reader<'_>,
+        buf: &BytesMut,
+        in_flight: bool,
+        replies: &mut Replies,
+    ) -> bool {
+        match self.check(reader, buf, in_flight) {
+            Stalled::No => false,
+            Stalled::Idle => true,
+            Stalled::InFrame => {
+                let e = CallError::new(
+                    Kind::BadRequest,
+                    format!(
+                        "frame not whole within header_timeout ({} bytes of it received)",
+                        buf.len()
+                    ),
+                );
+                reader.refuse(replies, e);
+                false
+            }
+        }
+    }
+
+    /// At a tick: whether the connection is stuck in a frame or idle for too long.
+    fn check(&mut self, reader: &Reader<'_>, buf: &BytesMut, in_flight: bool) -> Stalled {
+        let now = self.swept.tick();
+        let passed = self.every * u32::try_from(now - self.tick).unwrap_or(u32::MAX);
+        self.tick = now;
+        let progressed = reader.frames != self.frames;
+        self.frames = reader.frames;
+        let in_frame = reader.reading && !buf.is_empty();
+        self.in_frame = match (in_frame, progressed) {
+            (true, false) => self.in_frame + passed,
+            _ => Duration::ZERO,
+        };
+        self.idle = match in_flight || in_frame || progressed {
+            true => Duration::ZERO,
+            false => self.idle + passed,
+        };
+        if self.in_frame >= self.limits.header_timeout {
+            Stalled::InFrame
+        } else if !self.limits.idle_timeout.is_zero() && self.idle >= self.limits.idle_timeout {
+            Stalled::Idle
+        } else {
+            Stalled::No
+        }
     }
 }
 

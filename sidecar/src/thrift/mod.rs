@@ -11,7 +11,7 @@ use fnmesh_codec::{encode_exception, Limits, ReplyTarget};
 
 pub use conn::serve;
 
-use crate::{drain::Drain, error::CallError, governance::Route};
+use crate::{config::ConnectionLimits, drain::Drain, error::CallError, governance::Route};
 
 /// A reply on its way to the caller: at most two pieces (a rewritten head and the rest), written
 /// with one vectored write.
@@ -22,6 +22,8 @@ pub struct ThriftFront {
     /// The Thrift functions; a reload swaps the table.
     pub functions: arc_swap::ArcSwap<Vec<Route>>,
     pub limits: Limits,
+    /// How long a started frame may take, and an idle connection may stay.
+    pub connections: ConnectionLimits,
     /// The sidecar's drain, which waits for calls between decode and reply.
     pub drain: Drain,
 }
