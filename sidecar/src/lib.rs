@@ -7,9 +7,9 @@
 //! 3. `governance`: routing admission, deadlines, retries and their budget, breakers and outcome
 //!    classification, rate limits.
 //! 4. `instances`: each function's pool, scaler, process runtime and watchdog.
-//! 5. Foundations every layer uses: `config`, `error` (the error kinds and their protocol
-//!    mappings), `drain` (the drain signal and the work it waits for), `workers` (the worker
-//!    threads).
+//! 5. Foundations every layer uses: `drain` (the drain signal and the work it waits for) and
+//!    `workers` (the worker threads, and the sweep that watches connections for stalls), on
+//!    `config` and `error` (the error kinds and their protocol mappings).
 #![forbid(unsafe_code)]
 
 pub mod admin;

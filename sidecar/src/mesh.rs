@@ -148,7 +148,11 @@ impl Mesh {
             connections: config.sidecar.connections,
             drain: drain.clone(),
         });
-        let grpc = Arc::new(GrpcFront::new(grpc_routes, drain.clone()));
+        let grpc = Arc::new(GrpcFront::new(
+            grpc_routes,
+            drain.clone(),
+            config.sidecar.connections,
+        ));
         Mesh {
             path,
             state: Mutex::new(InForce {

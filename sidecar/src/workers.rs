@@ -18,6 +18,8 @@ use std::{
 
 use tokio::{net::TcpStream, sync::mpsc};
 
+use crate::config::ConnectionLimits;
+
 thread_local! {
     static INDEX: Cell<Option<usize>> = const { Cell::new(None) };
     /// Events this worker has handled (requests read, replies come back), and the busy poller
@@ -302,6 +304,83 @@ impl Workers {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot hand a connection to a worker"),
+        }
+    }
+}
+
+/// A connection's watch on what must not last: a frame begun but not whole within
+/// `header_timeout`, and no call for `idle_timeout`. It looks at the sweep's ticks (a few per
+/// timeout) instead of timing each frame, so calls pay nothing for it; a stall is seen between
+/// its timeout and a tick after.
+pub struct Stalls {
+    every: Duration,
+    limits: ConnectionLimits,
+    /// The sweep's tick and the connection's progress (frames read) when last looked at, and
+    /// how long the connection has been stuck in one frame, or idle, as of then.
+    tick: u64,
+    progress: u64,
+    in_frame: Duration,
+    idle: Duration,
+    swept: Swept,
+}
+
+/// What a look at a connection found.
+pub enum Stalled {
+    No,
+    /// In the middle of a frame for longer than `header_timeout`.
+    InFrame,
+    /// No call and no bytes for longer than `idle_timeout`.
+    Idle,
+}
+
+impl Stalls {
+    /// A watch woken by the sweep (`waker`: the connection's task).
+    pub fn new(limits: ConnectionLimits, waker: Waker) -> Stalls {
+        let swept = Swept::register(waker);
+        Stalls {
+            every: limits.sweep_every(),
+            limits,
+            tick: swept.tick(),
+            progress: 0,
+            in_frame: Duration::ZERO,
+            idle: Duration::ZERO,
+            swept,
+        }
+    }
+
+    /// Ready once the sweep has ticked since the last look (an atomic read; the sweep itself
+    /// wakes the task).
+    #[inline]
+    pub fn poll_ticked(&self) -> Poll<()> {
+        match self.swept.tick() != self.tick {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        }
+    }
+
+    /// At a tick: whether the connection is stuck in a frame or idle for too long, given how
+    /// many frames it has read (`progress`), whether it holds part of one, and whether it has
+    /// calls in flight.
+    pub fn check(&mut self, progress: u64, in_frame: bool, in_flight: bool) -> Stalled {
+        let now = self.swept.tick();
+        let passed = self.every * u32::try_from(now - self.tick).unwrap_or(u32::MAX);
+        self.tick = now;
+        let progressed = progress != self.progress;
+        self.progress = progress;
+        self.in_frame = match (in_frame, progressed) {
+            (true, false) => self.in_frame + passed,
+            _ => Duration::ZERO,
+        };
+        self.idle = match in_flight || in_frame || progressed {
+            true => Duration::ZERO,
+            false => self.idle + passed,
+        };
+        if self.in_frame >= self.limits.header_timeout {
+            Stalled::InFrame
+        } else if !self.limits.idle_timeout.is_zero() && self.idle >= self.limits.idle_timeout {
+            Stalled::Idle
+        } else {
+            Stalled::No
         }
     }
 }

@@ -11,7 +11,8 @@ use std::{
 
 /// Top-level modules by layer, lowest first. A new module must be placed here.
 const LAYERS: &[&[&str]] = &[
-    &["", "config", "error", "drain", "workers"],
+    &["", "config", "error"],
+    &["drain", "workers"],
     &["instances"],
     &["governance"],
     &["thrift", "grpc"],

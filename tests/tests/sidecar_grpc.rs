@@ -1205,6 +1205,44 @@ async fn a_window_update_past_the_largest_window_is_a_flow_control_error() {
     assert_eq!(unary(sc.addr, "after").await.unwrap().0, "after");
 }
 
+/// An HTTP/2 caller stuck in a frame past `header_timeout` gets GOAWAY PROTOCOL_ERROR, and one
+/// with no stream for `idle_timeout` GOAWAY NO_ERROR; both are closed, others are served.
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_and_idle_http2_callers_are_closed() {
+    use fnmesh_codec::http2::reason;
+    use std::io::{Read, Write};
+    let sc = Sidecar::start_with(
+        "header_timeout = \"300ms\"\nidle_timeout = \"600ms\"",
+        &grpc_echo_function("echo", "min = 1", ""),
+    );
+    let addr = sc.addr;
+    let (stalled, idle) = tokio::task::spawn_blocking(move || {
+        let wait = |mut s: std::net::TcpStream| {
+            let started = std::time::Instant::now();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).expect("closed by the sidecar");
+            (started.elapsed(), error_code(&got, 0))
+        };
+        // Five bytes of a frame's nine-byte head, then nothing.
+        let mut s = raw_caller(addr);
+        s.write_all(&[0, 0, 4, 8, 0]).unwrap();
+        let stalled = wait(s);
+        let idle = wait(raw_caller(addr));
+        (stalled, idle)
+    })
+    .await
+    .unwrap();
+    assert_eq!(stalled.1, Some(reason::PROTOCOL_ERROR), "{stalled:?}");
+    assert!(stalled.0 < Duration::from_secs(2), "{stalled:?}");
+    assert_eq!(idle.1, Some(reason::NO_ERROR), "{idle:?}");
+    assert!(
+        idle.0 >= Duration::from_millis(500) && idle.0 < Duration::from_secs(3),
+        "{idle:?}"
+    );
+    assert_eq!(unary(sc.addr, "still").await.unwrap().0, "still");
+}
+
 /// The port instance `instance` of function `function` listens on (its `PORT`), for a sidecar's
 /// instance started directly by it or under a shell.
 fn instance_port(sc: &Sidecar, function: &str, instance: &str) -> u16 {

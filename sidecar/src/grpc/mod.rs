@@ -11,6 +11,7 @@ pub mod relay;
 pub use relay::serve;
 
 use crate::{
+    config::ConnectionLimits,
     drain::Drain,
     error::{CallError, Kind},
     governance::{Function, Route},
@@ -26,14 +27,17 @@ pub struct GrpcFront {
     /// starts; it waits for every stream and every HTTP/2 connection (after GOAWAY each closes
     /// once its streams are done, those fnmesh answers itself, such as health `Watch`, included).
     pub drain: Drain,
+    /// How long a started frame may take, and an idle connection may stay.
+    pub connections: ConnectionLimits,
 }
 
 impl GrpcFront {
-    pub fn new(functions: Vec<Route>, drain: Drain) -> GrpcFront {
+    pub fn new(functions: Vec<Route>, drain: Drain, connections: ConnectionLimits) -> GrpcFront {
         GrpcFront {
             functions: Arc::new(arc_swap::ArcSwap::from_pointee(functions)),
             reloads: watch::Sender::new(0),
             drain,
+            connections,
         }
     }
 

@@ -30,7 +30,7 @@ use crate::{
     config::ConnectionLimits,
     error::{CallError, Kind},
     governance::{Function, Route},
-    workers::Swept,
+    workers::{Stalled, Stalls},
 };
 
 /// Most calls (and replies not yet written) one connection may have at once: past this, the
@@ -262,54 +262,18 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The connection's watch on what must not last: a frame begun but not whole within
-/// `header_timeout`, and no call for `idle_timeout`. It looks at its worker's sweep ticks (a few
-/// per timeout) instead of timing each frame, so calls pay nothing for it; a stall is seen
-/// between its timeout and a tick after.
-struct Sweep {
-    every: Duration,
-    limits: ConnectionLimits,
-    /// The worker's tick and the frames decoded when last looked at, and how long the
-    /// connection has been stuck in one frame, or idle, as of then.
-    tick: u64,
-    frames: u64,
-    in_frame: Duration,
-    idle: Duration,
-    swept: Swept,
-}
-
-/// What a [`Sweep`] found.
-enum Stalled {
-    No,
-    /// In the middle of a frame for longer than `header_timeout`.
-    InFrame,
-    /// No call and no bytes for longer than `idle_timeout`.
-    Idle,
-}
+/// The connection's watch on stalls (`workers::Stalls`), with what a Thrift connection does
+/// about them.
+struct Sweep(Stalls);
 
 impl Sweep {
-    /// A watch woken by this worker's sweep (`waker`: the connection's task).
     fn new(limits: ConnectionLimits, waker: std::task::Waker) -> Sweep {
-        let swept = Swept::register(waker);
-        Sweep {
-            every: limits.sweep_every(),
-            limits,
-            tick: swept.tick(),
-            frames: 0,
-            in_frame: Duration::ZERO,
-            idle: Duration::ZERO,
-            swept,
-        }
+        Sweep(Stalls::new(limits, waker))
     }
 
-    /// Ready once the sweep has ticked since the last look (an atomic read; the sweep itself
-    /// wakes the task).
     #[inline]
     fn poll_ticked(&self) -> Poll<()> {
-        match self.swept.tick() != self.tick {
-            true => Poll::Ready(()),
-            false => Poll::Pending,
-        }
+        self.0.poll_ticked()
     }
 
     /// At a tick: refuses a frame stuck for longer than `header_timeout` (answered
@@ -322,7 +286,8 @@ impl Sweep {
         in_flight: bool,
         replies: &mut Replies,
     ) -> bool {
-        match self.check(reader, buf, in_flight) {
+        let in_frame = reader.reading && !buf.is_empty();
+        match self.0.check(reader.frames, in_frame, in_flight) {
             Stalled::No => false,
             Stalled::Idle => true,
             Stalled::InFrame => {
@@ -336,31 +301,6 @@ impl Sweep {
                 reader.refuse(replies, e);
                 false
             }
-        }
-    }
-
-    /// At a tick: whether the connection is stuck in a frame or idle for too long.
-    fn check(&mut self, reader: &Reader<'_>, buf: &BytesMut, in_flight: bool) -> Stalled {
-        let now = self.swept.tick();
-        let passed = self.every * u32::try_from(now - self.tick).unwrap_or(u32::MAX);
-        self.tick = now;
-        let progressed = reader.frames != self.frames;
-        self.frames = reader.frames;
-        let in_frame = reader.reading && !buf.is_empty();
-        self.in_frame = match (in_frame, progressed) {
-            (true, false) => self.in_frame + passed,
-            _ => Duration::ZERO,
-        };
-        self.idle = match in_flight || in_frame || progressed {
-            true => Duration::ZERO,
-            false => self.idle + passed,
-        };
-        if self.in_frame >= self.limits.header_timeout {
-            Stalled::InFrame
-        } else if !self.limits.idle_timeout.is_zero() && self.idle >= self.limits.idle_timeout {
-            Stalled::Idle
-        } else {
-            Stalled::No
         }
     }
 }

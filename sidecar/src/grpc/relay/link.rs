@@ -29,6 +29,8 @@ pub(super) struct Link {
     /// DATA for this peer waits with its streams because [`WRITE_LIMIT`] was reached: it is
     /// sent on once the peer has read enough.
     pub(super) held_back: bool,
+    /// Frames read from the peer so far: progress, for the stall watch.
+    pub(super) frames: u64,
 }
 
 impl Link {
@@ -47,6 +49,7 @@ impl Link {
             closed: false,
             going_away: false,
             held_back: false,
+            frames: 0,
         }
     }
 
@@ -162,6 +165,7 @@ impl Link {
             });
         }
         self.rbuf.advance(FRAME_HEAD_LEN);
+        self.frames += 1;
         Ok(Some((head, self.rbuf.split_to(head.len).freeze())))
     }
 

@@ -56,6 +56,7 @@ use crate::{
     grpc::{self, GrpcFront},
     instances::{Instance, Lease},
     lock,
+    workers::{Stalled, Stalls},
 };
 
 /// The window fnmesh grants each stream, on both sides: what it may hold of one stream.
@@ -155,7 +156,8 @@ pub async fn serve(sock: TcpStream, head: BytesMut, front: Arc<GrpcFront>) {
     }
     relay.caller.rbuf.advance(HTTP2_PREFACE.len());
     relay.caller.greet(false);
-    let mut triggers = Triggers::new(&front);
+    let waker = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
+    let mut triggers = Triggers::new(&front, waker);
     while relay.turn() {
         triggers.arm(relay.next_timer(), !relay.watches.is_empty());
         let events = std::future::poll_fn(|cx| relay.poll(&mut triggers, cx)).await;
@@ -174,11 +176,15 @@ struct Triggers {
     reloads: tokio::sync::watch::Receiver<u64>,
     /// Waits for the next reload while the connection has `Watch` streams.
     reloaded: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// The caller's stalls: a frame not whole within `header_timeout`, no stream for
+    /// `idle_timeout`.
+    stalls: Stalls,
 }
 
 impl Triggers {
-    fn new(front: &GrpcFront) -> Triggers {
+    fn new(front: &GrpcFront, waker: std::task::Waker) -> Triggers {
         Triggers {
+            stalls: Stalls::new(front.connections, waker),
             timer: Box::pin(tokio::time::sleep_until(Instant::now())),
             armed: None,
             drained: Box::pin(front.drain.started()),
@@ -214,6 +220,7 @@ struct Events {
     expired: bool,
     drain: bool,
     reload: bool,
+    swept: bool,
 }
 
 impl<'a> Relay<'a> {
@@ -285,7 +292,8 @@ impl Relay<'_> {
             .reloaded
             .as_mut()
             .is_some_and(|r| r.as_mut().poll(cx).is_ready());
-        ready |= events.lease.is_some() || events.connected.is_some();
+        events.swept = triggers.stalls.poll_ticked().is_ready();
+        ready |= events.lease.is_some() || events.connected.is_some() || events.swept;
         ready |= events.expired || events.drain || events.reload;
         if ready {
             Poll::Ready(events)
@@ -310,12 +318,33 @@ impl Relay<'_> {
             triggers.reloads.borrow_and_update();
             self.watch_update();
         }
+        if events.swept {
+            self.sweep(&mut triggers.stalls);
+        }
         if events.drain && !self.draining {
             self.draining = true;
             self.caller
                 .goaway(self.last_stream, reason::NO_ERROR, "draining");
             self.watch_update();
         }
+    }
+
+    /// At a sweep tick: a caller stuck in a frame for `header_timeout` gets GOAWAY
+    /// PROTOCOL_ERROR, one with no stream for `idle_timeout` GOAWAY NO_ERROR; either closes.
+    fn sweep(&mut self, stalls: &mut Stalls) {
+        let in_frame = !self.caller.rbuf.is_empty() || self.caller.block.is_some();
+        let in_flight = !self.streams.is_empty();
+        let (code, why) = match stalls.check(self.caller.frames, in_frame, in_flight) {
+            Stalled::No => return,
+            Stalled::InFrame => (
+                reason::PROTOCOL_ERROR,
+                "frame not whole within header_timeout",
+            ),
+            Stalled::Idle => (reason::NO_ERROR, "idle_timeout"),
+        };
+        tracing::debug!(why, "closing an HTTP/2 connection");
+        self.caller.goaway(self.last_stream, code, why);
+        self.caller.closed_after_flush();
     }
 
     /// The caller's connection has ended: streams still open end with it (the instances see
