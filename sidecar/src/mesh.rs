@@ -123,6 +123,10 @@ fn sidecar_changes(a: &SidecarConfig, b: &SidecarConfig) -> Vec<&'static str> {
         a.connections.idle_timeout != b.connections.idle_timeout,
         "idle_timeout",
     );
+    check(
+        a.connections.buffer != b.connections.buffer,
+        "connection_buffer",
+    );
     out
 }
 

@@ -634,6 +634,54 @@ async fn stalled_frames_idle_connections_and_the_excess_are_closed() {
     );
 }
 
+/// A caller that pipelines large calls and never reads the replies stops being read once its
+/// connection holds `connection_buffer` of requests and replies: the sidecar does not grow with
+/// it, others are served, and once it reads, every reply comes, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_that_does_not_read_its_replies_is_held_to_its_connection_buffer() {
+    let sc = Sidecar::start_with(
+        "connection_buffer = \"4MiB\"",
+        &echo_function("echo", "max = 1\nconcurrency = 8\nidle = \"10s\"", ""),
+    );
+    echo(sc.addr, "warm", None, 5000).await.unwrap();
+    let before = sc.rss_kb();
+    let big = "x".repeat(1 << 20);
+    let mut calls = Vec::new();
+    for seqid in 1..=96 {
+        calls.extend(framed_echo(seqid, &big, 0));
+    }
+    let mut s = TcpStream::connect(sc.addr).unwrap();
+    let writer = {
+        let mut s = s.try_clone().unwrap();
+        std::thread::spawn(move || s.write_all(&calls).is_ok())
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let held = sc.rss_kb().saturating_sub(before);
+    assert_eq!(
+        echo(sc.addr, "meanwhile", None, 5000).await.unwrap().0,
+        "meanwhile"
+    );
+    assert!(held < 32 * 1024, "the sidecar grew by {held} KiB");
+    // Now it reads: 96 replies in order.
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = BytesMut::new();
+    let mut decoder = FrameDecoder::new(Limits::default());
+    let mut seqids = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    while seqids.len() < 96 {
+        match decoder.decode(&mut buf).unwrap() {
+            Some(f) => seqids.push(f.message().seqid),
+            None => {
+                let n = s.read(&mut chunk).expect("the replies come");
+                assert!(n > 0, "closed after {} replies", seqids.len());
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+    }
+    assert_eq!(seqids, (1..=96).collect::<Vec<i32>>());
+    assert!(writer.join().unwrap(), "every call was taken");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_in_flight_calls_finish_then_stops_instances() {
     let sc = Sidecar::start(&echo_function("echo", "max = 2\nconcurrency = 4", ""));

@@ -75,6 +75,9 @@ pub struct ConnectionLimits {
     pub header_timeout: Duration,
     /// How long a connection with no call in flight stays open (zero: for ever).
     pub idle_timeout: Duration,
+    /// Bytes of requests in flight and replies not yet written a connection may hold before
+    /// it is no longer read (until its caller reads).
+    pub buffer: usize,
 }
 
 impl ConnectionLimits {

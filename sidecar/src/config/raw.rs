@@ -36,6 +36,8 @@ pub(super) struct RawSidecar {
     pub(super) header_timeout: Duration,
     #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
     pub(super) idle_timeout: Duration,
+    #[serde(default = "default_connection_buffer", deserialize_with = "size")]
+    pub(super) connection_buffer: usize,
     /// Removed: gRPC is served by fnmesh's relay only. Kept here so that a file still setting it
     /// gets an error naming the key and its line rather than serde's "unknown field".
     pub(super) grpc_engine: Option<Spanned<toml::Value>>,
@@ -43,6 +45,9 @@ pub(super) struct RawSidecar {
 
 pub(super) fn default_drain() -> Duration {
     Duration::from_secs(10)
+}
+pub(super) fn default_connection_buffer() -> usize {
+    16 << 20
 }
 pub(super) fn default_header_timeout() -> Duration {
     Duration::from_secs(10)

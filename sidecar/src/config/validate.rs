@@ -37,10 +37,18 @@ fn connection_limits(cx: &Ctx<'_>, s: &RawSidecar) -> Result<ConnectionLimits, C
             "must be greater than zero",
         );
     }
+    if s.connection_buffer < 64 << 10 {
+        return cx.invalid(
+            s.listen.span().start,
+            "sidecar.connection_buffer",
+            "must be at least 64KiB",
+        );
+    }
     Ok(ConnectionLimits {
         max,
         header_timeout: s.header_timeout,
         idle_timeout: s.idle_timeout,
+        buffer: s.connection_buffer,
     })
 }
 

@@ -99,7 +99,8 @@ pub async fn serve(
         if !reader.reading && !busy && calls.is_empty() && replies.is_done() {
             break;
         }
-        let room = calls.len() + replies.len() + usize::from(busy) < MAX_PENDING;
+        let room = calls.len() + replies.len() + usize::from(busy) < MAX_PENDING
+            && replies.held() < front.connections.buffer;
         tokio::select! {
             biased;
             (ticket, result) = std::future::poll_fn(|cx| {
@@ -350,7 +351,11 @@ fn prepare(
                 }),
                 _ => None,
             };
-            let (ticket, rearm) = replies.track(answer, timeout, unordered);
+            let cost = match &request {
+                Outgoing::Ready(bytes) => bytes.remaining(),
+                Outgoing::Timed(frame) => frame.len(),
+            };
+            let (ticket, rearm) = replies.track(answer, timeout, unordered, cost);
             (Some(ticket), rearm)
         }
         None => (None, None),
@@ -421,6 +426,8 @@ struct Pending {
     /// The caller allows this call's reply out of order: once known, it goes to the
     /// connection's `loose` replies and this entry keeps an empty one, only to hold its place.
     unordered: bool,
+    /// The request's bytes, held while the call runs.
+    cost: usize,
 }
 
 impl Pending {
@@ -432,6 +439,7 @@ impl Pending {
             answer: None,
             abort: None,
             unordered: false,
+            cost: 0,
         }
     }
 
@@ -458,6 +466,9 @@ struct Replies {
     out: Reply,
     /// The earliest deadline of a call still running, which the connection's timer is set to.
     armed: Option<Instant>,
+    /// Bytes of the requests of calls running and of replies waiting (not `out`), against the
+    /// connection's `connection_buffer`.
+    held: usize,
 }
 
 impl Default for Replies {
@@ -468,6 +479,7 @@ impl Default for Replies {
             next: 0,
             out: empty(),
             armed: None,
+            held: 0,
         }
     }
 }
@@ -491,15 +503,23 @@ impl Replies {
         self.pending.is_empty() && self.loose.is_empty() && !self.out.has_remaining()
     }
 
+    /// Bytes held: requests of calls running, replies not yet written.
+    #[inline]
+    fn held(&self) -> usize {
+        self.held + self.out.remaining()
+    }
+
     /// A reply known at once, in its place.
     #[inline]
     fn answered(&mut self, reply: Reply) {
+        self.held += reply.remaining();
         self.pending.push_back(Pending::answered(reply));
     }
 
     /// A refusal: in its place, or next when the caller allows it out of order.
     fn refused(&mut self, reply: Reply, unordered: bool) {
         if unordered {
+            self.held += reply.remaining();
             self.loose.push_back(reply);
         } else {
             self.answered(reply);
@@ -514,6 +534,7 @@ impl Replies {
         answer: Answer,
         timeout: Option<Timeout>,
         unordered: bool,
+        cost: usize,
     ) -> (u64, Option<Instant>) {
         let ticket = self.next_ticket();
         let mut rearm = None;
@@ -523,12 +544,14 @@ impl Replies {
                 rearm = Some(at);
             }
         }
+        self.held += cost;
         self.pending.push_back(Pending {
             reply: None,
             timeout,
             answer: Some(answer),
             abort: None,
             unordered,
+            cost,
         });
         (ticket, rearm)
     }
@@ -573,6 +596,8 @@ impl Replies {
             }),
             Err(e) => p.answer.as_ref().map_or_else(empty, |a| a.reply(&e)),
         };
+        self.held = self.held.saturating_sub(p.cost) + reply.remaining();
+        p.cost = 0;
         p.set_reply(reply, &mut self.loose);
         p.answer = None;
         p.abort = None;
@@ -610,6 +635,8 @@ impl Replies {
                 ),
             );
             let reply = p.answer.take().map_or_else(empty, |a| a.reply(&e));
+            self.held = self.held.saturating_sub(p.cost) + reply.remaining();
+            p.cost = 0;
             p.set_reply(reply, &mut self.loose);
             p.timeout = None;
         }
@@ -624,11 +651,13 @@ impl Replies {
     fn write_ready(&mut self, wr: &WriteHalf<'_>) -> std::io::Result<()> {
         while !self.out.has_remaining() {
             if let Some(reply) = self.loose.pop_front() {
+                self.held = self.held.saturating_sub(reply.remaining());
                 self.out = reply;
             } else if self.pending.front().is_some_and(|p| p.reply.is_some()) {
                 let Some(reply) = self.pending.pop_front().and_then(|p| p.reply) else {
                     break;
                 };
+                self.held = self.held.saturating_sub(reply.remaining());
                 self.out = reply;
                 self.next += 1;
             } else {
