@@ -1243,6 +1243,62 @@ async fn stalled_and_idle_http2_callers_are_closed() {
     assert_eq!(unary(sc.addr, "still").await.unwrap().0, "still");
 }
 
+/// Malformed requests (RFC 9113 8.2.2, 8.3) are reset with PROTOCOL_ERROR and never reach an
+/// instance: duplicate or unknown pseudo-headers, a missing :method, `te` other than
+/// `trailers`. The connection goes on serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_request_headers_are_reset_with_protocol_error() {
+    use fnmesh_codec::http2::{flag, kind, reason, FrameHead};
+    use std::io::{Read, Write};
+    let sc = Sidecar::start(&grpc_echo_function("echo", "min = 1", ""));
+    let addr = sc.addr;
+    let codes = tokio::task::spawn_blocking(move || {
+        let base = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/echo.Echo/UnaryEcho"),
+            ("content-type", "application/grpc"),
+        ];
+        let mut cases: Vec<Vec<(&str, &str)>> = Vec::new();
+        let with = |extra: (&'static str, &'static str)| {
+            let mut v = base.to_vec();
+            v.push(extra);
+            v
+        };
+        cases.push(with((":path", "/echo.Echo/UnaryEcho")));
+        cases.push(with((":status", "200")));
+        cases.push(base[1..].to_vec());
+        cases.push(with(("te", "gzip")));
+        let mut s = raw_caller(addr);
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut out = Vec::new();
+        for (i, fields) in cases.iter().enumerate() {
+            let mut block = Vec::new();
+            for (n, v) in fields {
+                fnmesh_codec::hpack::encode_field(&mut block, n.as_bytes(), v.as_bytes(), false);
+            }
+            FrameHead {
+                len: block.len(),
+                kind: kind::HEADERS,
+                flags: flag::END_HEADERS | flag::END_STREAM,
+                stream: 1 + 2 * i as u32,
+            }
+            .write(&mut out);
+            out.extend_from_slice(&block);
+        }
+        s.write_all(&out).unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        (0..cases.len() as u32)
+            .map(|i| error_code(&got, 1 + 2 * i))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert_eq!(codes, vec![Some(reason::PROTOCOL_ERROR); 4]);
+    assert_eq!(unary(sc.addr, "after").await.unwrap().0, "after");
+}
+
 /// The port instance `instance` of function `function` listens on (its `PORT`), for a sidecar's
 /// instance started directly by it or under a shell.
 fn instance_port(sc: &Sidecar, function: &str, instance: &str) -> u16 {

@@ -568,10 +568,20 @@ impl RequestHead {
             malformed: false,
         };
         let mut pseudo_done = false;
+        // Pseudo-headers seen, one bit each (:method, :scheme, :path, :authority).
+        let mut seen = 0u8;
         decoder.decode(block, |f| {
             if f.name.first() == Some(&b':') {
-                head.malformed |= pseudo_done;
-                if f.name == b":path" {
+                let bit = match f.name {
+                    b":method" => 1,
+                    b":scheme" => 2,
+                    b":path" => 4,
+                    b":authority" => 8,
+                    _ => 16, // unknown in a request (":status" included)
+                };
+                head.malformed |= pseudo_done || seen & bit != 0 || bit == 16;
+                seen |= bit;
+                if bit == 4 {
                     path.push_str(&String::from_utf8_lossy(f.value));
                     head.has_path = true;
                 }
@@ -590,10 +600,12 @@ impl RequestHead {
                         | b"proxy-connection"
                         | b"transfer-encoding"
                         | b"upgrade"
-                );
+                ) || (f.name == b"te" && f.value != b"trailers");
             }
             encode_field(&mut head.block, f.name, f.value, f.sensitive);
         })?;
+        // :method, :scheme and :path are required.
+        head.malformed |= seen & 7 != 7;
         Ok(head)
     }
 }
