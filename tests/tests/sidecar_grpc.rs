@@ -956,19 +956,26 @@ async fn a_caller_flooding_pings_without_reading_cannot_grow_the_sidecar() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_caller_resetting_streams_at_once_is_cut_off() {
     use fnmesh_codec::http2::{self, reason};
-    use std::io::{Read, Write};
     let sc = Sidecar::start(&grpc_echo_function("echo", "min = 1", ""));
-    let addr = sc.addr;
-    let code = tokio::task::spawn_blocking(move || {
+    let mut frames = Vec::new();
+    for i in 0..5000u32 {
+        let id = 1 + 2 * i;
+        frames.extend(request_headers(id, "/echo.Echo/UnaryEcho"));
+        http2::write_rst_stream(&mut frames, id, reason::CANCEL);
+    }
+    let code = goaway_after(sc.addr, frames).await;
+    assert_eq!(code, Some(reason::ENHANCE_YOUR_CALM));
+    assert_eq!(unary(sc.addr, "after").await.unwrap().0, "after");
+}
+
+/// Sends `frames` on a new raw HTTP/2 connection, reads until the sidecar closes it (or 15 s
+/// pass), and gives the error code of its GOAWAY.
+async fn goaway_after(addr: SocketAddr, frames: Vec<u8>) -> Option<u32> {
+    use std::io::{Read, Write};
+    tokio::task::spawn_blocking(move || {
         let mut s = raw_caller(addr);
         s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        let mut frames = Vec::new();
-        for i in 0..5000u32 {
-            let id = 1 + 2 * i;
-            frames.extend(request_headers(id, "/echo.Echo/UnaryEcho"));
-            http2::write_rst_stream(&mut frames, id, reason::CANCEL);
-        }
         // The sidecar may close before it has read everything.
         let _ = s.write_all(&frames);
         let mut got = Vec::new();
@@ -977,9 +984,7 @@ async fn a_caller_resetting_streams_at_once_is_cut_off() {
         error_code(&got, 0)
     })
     .await
-    .unwrap();
-    assert_eq!(code, Some(reason::ENHANCE_YOUR_CALM));
-    assert_eq!(unary(sc.addr, "after").await.unwrap().0, "after");
+    .unwrap()
 }
 
 /// The rapid-reset guard counts only streams an instance answered: a caller cannot buy resets
@@ -987,30 +992,17 @@ async fn a_caller_resetting_streams_at_once_is_cut_off() {
 #[tokio::test(flavor = "multi_thread")]
 async fn resets_cannot_hide_behind_streams_fnmesh_answers_itself() {
     use fnmesh_codec::http2::{self, reason};
-    use std::io::{Read, Write};
     let sc = Sidecar::start(&grpc_echo_function("echo", "min = 1", ""));
-    let addr = sc.addr;
-    let code = tokio::task::spawn_blocking(move || {
-        let mut s = raw_caller(addr);
-        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        let mut frames = Vec::new();
-        for i in 0..3000u32 {
-            let id = 1 + 6 * i;
-            frames.extend(request_headers(id, "/nope.Nope/Answered"));
-            for reset in [id + 2, id + 4] {
-                frames.extend(request_headers(reset, "/echo.Echo/UnaryEcho"));
-                http2::write_rst_stream(&mut frames, reset, reason::CANCEL);
-            }
+    let mut frames = Vec::new();
+    for i in 0..3000u32 {
+        let id = 1 + 6 * i;
+        frames.extend(request_headers(id, "/nope.Nope/Answered"));
+        for reset in [id + 2, id + 4] {
+            frames.extend(request_headers(reset, "/echo.Echo/UnaryEcho"));
+            http2::write_rst_stream(&mut frames, reset, reason::CANCEL);
         }
-        // The sidecar may close before it has read everything.
-        let _ = s.write_all(&frames);
-        let mut got = Vec::new();
-        let _ = s.read_to_end(&mut got);
-        error_code(&got, 0)
-    })
-    .await
-    .unwrap();
+    }
+    let code = goaway_after(sc.addr, frames).await;
     assert_eq!(code, Some(reason::ENHANCE_YOUR_CALM));
     assert_eq!(unary(sc.addr, "after").await.unwrap().0, "after");
 }
