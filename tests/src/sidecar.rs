@@ -179,6 +179,7 @@ impl Sidecar {
     /// GET an admin path; returns (status line, body).
     pub fn admin_get(&self, path: &str) -> (String, String) {
         let mut s = TcpStream::connect(self.admin).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();

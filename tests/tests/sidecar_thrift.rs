@@ -682,6 +682,39 @@ async fn a_caller_that_does_not_read_its_replies_is_held_to_its_connection_buffe
     assert!(writer.join().unwrap(), "every call was taken");
 }
 
+/// Running out of file descriptors stops neither the listener nor the admin API: accepts that
+/// fail (EMFILE) are retried, and once descriptors are free both serve again.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_listeners_outlive_running_out_of_file_descriptors() {
+    let sc = Sidecar::start(&echo_function("echo", "idle = \"10s\"", ""));
+    echo(sc.addr, "warm", None, 5000).await.unwrap();
+    let pid = sc.child.id();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    // The soft limit only: raising a hard limit again may take a capability the test lacks.
+    let limit = |n: usize| {
+        let ok = std::process::Command::new("prlimit")
+            .arg(format!("--pid={pid}"))
+            .arg(format!("--nofile={n}:"))
+            .status()
+            .expect("prlimit (util-linux) runs");
+        assert!(ok.success());
+    };
+    limit(open + 4);
+    let held: Vec<TcpStream> = (0..32)
+        .flat_map(|_| [TcpStream::connect(sc.addr), TcpStream::connect(sc.admin)])
+        .filter_map(Result::ok)
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    limit(1024);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sc.admin_get("/healthz").0, "HTTP/1.1 200 OK");
+    assert_eq!(echo(sc.addr, "after", None, 5000).await.unwrap().0, "after");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_in_flight_calls_finish_then_stops_instances() {
     let sc = Sidecar::start(&echo_function("echo", "max = 2\nconcurrency = 4", ""));
