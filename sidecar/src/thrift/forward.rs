@@ -11,7 +11,10 @@ use tokio::{io::AsyncReadExt, net::TcpStream, time::Instant};
 use super::{route::Routed, Reply, ThriftFront};
 use crate::{
     error::{CallError, Kind},
-    governance::outcome::{self, Failure},
+    governance::{
+        outcome::{self, Failure},
+        retry::Attempts,
+    },
     instances::{Instance, Lease},
     lock,
 };
@@ -143,22 +146,20 @@ async fn exchange(
         routed,
         oneway,
     };
-    if routed.retry.is_none() {
+    let Some(retry) = routed.retry else {
         return attempt.one(lease, request, None).await.map_err(|(e, _)| e);
-    }
+    };
     // Boxed: the retrying path's state does not weigh on every call's future.
-    Box::pin(retrying(attempt, lease, request)).await
+    Box::pin(retrying(attempt, retry, lease, request)).await
 }
 
 /// Attempts until one succeeds or the retry state machine says no more.
 async fn retrying(
     attempt: Attempt<'_>,
+    mut retry: Attempts,
     mut lease: Lease,
     request: Reply,
 ) -> Result<Replied, CallError> {
-    let Some(mut retry) = attempt.routed.retry else {
-        return attempt.one(lease, request, None).await.map_err(|(e, _)| e);
-    };
     let function = &attempt.routed.function;
     let deadline = attempt.routed.deadline;
     loop {

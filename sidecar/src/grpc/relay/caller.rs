@@ -349,13 +349,7 @@ impl Relay<'_> {
         }
         if s.to_caller.is_empty() {
             if let Some(trailers) = s.trailers.take() {
-                write_headers(
-                    &mut self.caller.wbuf,
-                    id,
-                    &trailers,
-                    true,
-                    self.caller.peer_max_frame,
-                );
+                self.caller.send_headers(id, &trailers, true);
                 self.finish(id);
             }
         }
@@ -375,22 +369,10 @@ impl Relay<'_> {
             let mut b = Vec::new();
             status_fields(&mut b, e.kind.grpc_status(), &e.to_string());
             s.to_caller.clear();
-            write_headers(
-                &mut self.caller.wbuf,
-                id,
-                &b,
-                true,
-                self.caller.peer_max_frame,
-            );
+            self.caller.send_headers(id, &b, true);
         } else {
             s.answered = true;
-            write_headers(
-                &mut self.caller.wbuf,
-                id,
-                &error_block(e),
-                true,
-                self.caller.peer_max_frame,
-            );
+            self.caller.send_headers(id, &error_block(e), true);
         }
         self.finish(id);
     }

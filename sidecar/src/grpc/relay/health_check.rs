@@ -24,23 +24,11 @@ impl Relay<'_> {
         encode_field(&mut b, b"content-type", b"application/grpc", false);
         if !known && !s.watch {
             status_fields(&mut b, 5, &format!("unknown service {service}"));
-            write_headers(
-                &mut self.caller.wbuf,
-                id,
-                &b,
-                true,
-                self.caller.peer_max_frame,
-            );
+            self.caller.send_headers(id, &b, true);
             self.finish(id);
             return;
         }
-        write_headers(
-            &mut self.caller.wbuf,
-            id,
-            &b,
-            false,
-            self.caller.peer_max_frame,
-        );
+        self.caller.send_headers(id, &b, false);
         if s.watch {
             // Sent by `watch_update`, which sees a status differing from this one.
             self.watches.insert(id, Watching { service, sent: 0 });

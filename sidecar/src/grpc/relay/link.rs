@@ -34,6 +34,17 @@ pub(super) struct Link {
 }
 
 impl Link {
+    /// Writes a header block on `stream`, split into frames this peer accepts.
+    pub(super) fn send_headers(&mut self, stream: u32, block: &[u8], end_stream: bool) {
+        write_headers(
+            &mut self.wbuf,
+            stream,
+            block,
+            end_stream,
+            self.peer_max_frame,
+        );
+    }
+
     pub(super) fn new(sock: TcpStream, rbuf: BytesMut) -> Link {
         Link {
             sock,

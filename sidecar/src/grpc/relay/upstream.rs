@@ -213,13 +213,7 @@ impl Relay<'_> {
         s.windows.send_up = i64::from(up.link.peer_window);
         let end = s.caller_done && s.to_up.is_empty();
         s.up_done = end;
-        write_headers(
-            &mut up.link.wbuf,
-            up_id,
-            &block,
-            end,
-            up.link.peer_max_frame,
-        );
+        up.link.send_headers(up_id, &block, end);
         self.pump_up(id);
     }
 
@@ -488,26 +482,14 @@ impl Relay<'_> {
                 let failed =
                     status != Some(200) || outcome::grpc_status_is_failure(grpc_status.as_deref());
                 s.outcome(failed);
-                write_headers(
-                    &mut self.caller.wbuf,
-                    id,
-                    &out,
-                    true,
-                    self.caller.peer_max_frame,
-                );
+                self.caller.send_headers(id, &out, true);
                 self.finish(id);
                 return Ok(());
             }
             if status != Some(200) {
                 s.outcome(true);
             }
-            write_headers(
-                &mut self.caller.wbuf,
-                id,
-                &out,
-                false,
-                self.caller.peer_max_frame,
-            );
+            self.caller.send_headers(id, &out, false);
             return Ok(());
         }
         // Trailers.
