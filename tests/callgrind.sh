@@ -17,7 +17,8 @@ trap 'rm -rf "$scratch"' EXIT
 
 # The sidecar's total instructions for `calls` calls of `protocol`.
 instructions() {
-    local protocol=$1 calls=$2 port=$((20000 + RANDOM % 20000))
+    local protocol=$1 calls=$2 port
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     local fn=echo-fn idl=idl/thrift/echo.thrift
     if [ "$protocol" = grpc ]; then fn=grpc-echo-fn idl=idl/proto/echo.proto; fi
     cat > "$scratch/fnmesh.toml" <<TOML
@@ -49,7 +50,11 @@ TOML
     else
         target/release/echo-call "127.0.0.1:$port" "$calls" >/dev/null
     fi
-    kill -TERM "$pid"
+    if ! kill -TERM "$pid" 2>/dev/null; then
+        echo "callgrind.sh: the sidecar exited early:" >&2
+        cat "$scratch/log" >&2
+        exit 1
+    fi
     wait "$pid" || true
     # The sidecar's own process (not the watchdog it starts).
     grep -h '^summary:' "$scratch/out.$pid" | awk '{print $2}'
