@@ -185,3 +185,37 @@ pub fn raw_ttheader_call(to_service: &str, isn: &str, method: &str, text: &str) 
     out.put_slice(&m);
     out.to_vec()
 }
+
+/// Fault hook for tests (`ECHO_FN_CLOSE_HOOK=1`): the echo server sits behind a byte-copying
+/// front in the same process, which closes a caller's connection, without a reply, on a request
+/// that carries `__close__`: a live function that drops a connection (its process, and every
+/// other connection, go on).
+pub async fn closing_front(outer: tokio::net::TcpListener, inner: std::net::SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    while let Ok((caller, _)) = outer.accept().await {
+        tokio::spawn(async move {
+            let Ok(server) = tokio::net::TcpStream::connect(inner).await else {
+                return;
+            };
+            let (mut from_caller, mut to_caller) = caller.into_split();
+            let (mut from_server, mut to_server) = server.into_split();
+            let replies = tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut from_server, &mut to_caller).await;
+            });
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = match from_caller.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if buf[..n].windows(9).any(|w| w == b"__close__") {
+                    break;
+                }
+                if to_server.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            replies.abort();
+        });
+    }
+}

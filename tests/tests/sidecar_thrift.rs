@@ -401,6 +401,30 @@ async fn a_crash_mid_call_is_unavailable_and_the_next_call_gets_a_fresh_instance
     assert_eq!(instance, "2", "a fresh instance");
 }
 
+/// An instance that closes a connection without replying stays (issue 17): the connection is
+/// dropped and the call counts as one failure; only failures in a row eject the instance.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_connection_counts_as_a_failure_and_never_stops_the_instance() {
+    let mut f = echo_function("echo", "idle = \"10s\"\nmax = 4", "");
+    f.push_str("[function.env]\nECHO_FN_CLOSE_HOOK = \"1\"\n");
+    let sc = Sidecar::start(&f);
+    assert_eq!(echo(sc.addr, "before", None, 5000).await.unwrap().1, "1");
+    let (kind, message) = echo(sc.addr, "__close__", None, 5000).await.unwrap_err();
+    assert_eq!(kind, ApplicationExceptionKind::INTERNAL_ERROR);
+    assert!(message.contains("closed the connection"), "{message}");
+    let (text, instance) = echo(sc.addr, "after", None, 5000).await.unwrap();
+    assert_eq!(
+        (text.as_str(), instance.as_str()),
+        ("after", "1"),
+        "one dropped connection leaves the instance serving"
+    );
+    // Outlier detection: five failed calls in a row eject it, and a second instance serves.
+    for _ in 0..5 {
+        echo(sc.addr, "__close__", None, 5000).await.unwrap_err();
+    }
+    assert_eq!(echo(sc.addr, "ejected", None, 5000).await.unwrap().1, "2");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_command_that_never_becomes_ready_fails_every_queued_caller_quickly() {
     let f = "[[function]]\nname = \"stuck\"\nprotocol = \"thrift\"\ncommand = [\"/bin/sleep\", \"30\"]\n\n[function.scale]\nstartup_timeout = \"500ms\"\n";
@@ -764,8 +788,9 @@ async fn no_instance_outlives_a_sidecar_killed_with_sigkill() {
     assert!(children.len() >= 2, "{children:?}");
     let watchdog = sc.watchdog().expect("a watchdog runs beside the sidecar");
     sc.signal("KILL");
+    // The watchdog kills the instances, then exits: both within the deadline.
     let until = Instant::now() + Duration::from_secs(3);
-    while children.iter().any(|p| alive(*p)) && Instant::now() < until {
+    while children.iter().chain([&watchdog]).any(|p| alive(*p)) && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(10));
     }
     for pid in children {

@@ -30,6 +30,8 @@ pub struct Instance {
     /// The readiness probe's connection, not yet bound to a worker: the first call takes it.
     probe: Mutex<Option<std::net::TcpStream>>,
     stop: Mutex<Option<oneshot::Sender<()>>>,
+    /// Cancelled when its process has exited (crashed) or been stopped.
+    exited: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for Instance {
@@ -72,7 +74,22 @@ impl Instance {
             workers,
             probe: Mutex::new(probe),
             stop: Mutex::new(Some(stop)),
+            exited: tokio_util::sync::CancellationToken::new(),
         }
+    }
+
+    /// Whether its process exits within `grace`: a front end whose connection broke asks,
+    /// so that a crash takes the instance out (its monitor reaps it) before the next call
+    /// could pick it, while a live instance that only dropped a connection stays.
+    pub async fn exits_within(&self, grace: std::time::Duration) -> bool {
+        tokio::time::timeout(grace, self.exited.cancelled())
+            .await
+            .is_ok()
+    }
+
+    /// Its process has exited or been stopped.
+    pub(super) fn exited(&self) {
+        self.exited.cancel();
     }
 
     /// This worker thread's idle connections of type `T` (one type per protocol front end).

@@ -8,4 +8,4 @@ pub mod process;
 pub mod watchdog;
 
 pub use instance::Instance;
-pub use pool::{Lease, Pool};
+pub use pool::{is_local, Lease, Pool, EXIT_GRACE};

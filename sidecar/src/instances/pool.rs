@@ -148,15 +148,37 @@ impl Lease {
         self.outcome.store(v, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Takes this lease's instance out of balancing and stops it: it refused a connection or
-    /// closed one without replying, so it has crashed or is crashing. Calls after this one start
-    /// or use another instance instead of racing the crash's reaping.
-    pub fn evict(&self) {
-        if self.pool.remove(&self.instance) {
-            tracing::warn!(function = %self.pool.name, instance = self.instance.id, "instance evicted after a failed call");
-            self.instance.stop();
+    /// Records that a connection to the instance broke: it refused a connect, closed without
+    /// replying, or sent what cannot be read. The connection is never pooled again; unless the
+    /// cause was local (`local`: fnmesh ran out of file descriptors or memory), the call counts
+    /// as failed on the instance, toward its ejection. Only ejection, or the process exiting,
+    /// takes an instance out of balancing: one broken connection never does.
+    pub fn broken(&self, local: bool) {
+        if !local {
+            self.outcome(true);
         }
     }
+}
+
+/// How long a front end whose instance connection broke waits to see whether the instance's
+/// process exited (a crash), so that the next call does not pick a dead instance.
+pub const EXIT_GRACE: Duration = Duration::from_millis(50);
+
+/// Whether a failed connect or read is fnmesh's own (out of descriptors, memory or local
+/// ports), not the instance's.
+pub fn is_local(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|code| {
+        [
+            Errno::EMFILE,
+            Errno::ENFILE,
+            Errno::ENOMEM,
+            Errno::ENOBUFS,
+            Errno::EADDRNOTAVAIL,
+        ]
+        .iter()
+        .any(|errno| *errno as i32 == code)
+    })
 }
 
 impl Drop for Lease {
@@ -572,6 +594,7 @@ impl Pool {
         let process::Process { mut child, pid, .. } = process;
         tokio::select! {
             status = child.wait() => {
+                instance.exited();
                 // What a wrapper left of the instance goes with it.
                 process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
                 let name = &self.name;
@@ -590,6 +613,7 @@ impl Pool {
             }
             _ = stop_rx => {
                 process::stop(child, pid, self.grace).await;
+                instance.exited();
                 tracing::info!(function = %self.name, instance = instance.id, "instance stopped");
             }
         }
@@ -607,13 +631,12 @@ impl Pool {
         self.processes.wait().await;
     }
 
-    /// Takes `instance` out of the ready set; false if it was not there.
-    fn remove(&self, instance: &Arc<Instance>) -> bool {
-        let mut st = lock(&self.state);
-        let before = st.ready.len();
-        st.ready.retain(|s| !Arc::ptr_eq(&s.instance, instance));
+    /// Takes `instance` out of the ready set.
+    fn remove(&self, instance: &Arc<Instance>) {
+        lock(&self.state)
+            .ready
+            .retain(|s| !Arc::ptr_eq(&s.instance, instance));
         instance.clear_idle();
-        st.ready.len() != before
     }
 
     /// Stops instances idle for `scale.idle`, down to `scale.min`.
@@ -688,6 +711,17 @@ fn backoff(failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn running_out_of_descriptors_is_fnmesh_s_failure_not_the_instance_s() {
+        use nix::errno::Errno;
+        let os = |e: Errno| std::io::Error::from_raw_os_error(e as i32);
+        assert!(is_local(&os(Errno::EMFILE)));
+        assert!(is_local(&os(Errno::ENFILE)));
+        assert!(!is_local(&os(Errno::ECONNREFUSED)));
+        assert!(!is_local(&os(Errno::ECONNRESET)));
+        assert!(!is_local(&std::io::ErrorKind::UnexpectedEof.into()));
+    }
 
     #[test]
     fn ejections_grow_from_one_second_to_thirty() {

@@ -15,7 +15,7 @@ use crate::{
         outcome::{self, Failure},
         retry::Attempts,
     },
-    instances::{Instance, Lease},
+    instances::{is_local, Instance, Lease, EXIT_GRACE},
     lock,
 };
 
@@ -231,13 +231,18 @@ impl Attempt<'_> {
             },
         };
         match result {
-            Err((e, Failure::Final)) => {
+            Err(Broke(e, Failure::Final, _)) => {
                 lease.outcome(outcome::is_failure(e.kind));
                 Err((e, Failure::Final))
             }
-            Err(failed) => {
-                lease.evict();
-                Err(failed)
+            Err(Broke(e, failure, local)) => {
+                lease.broken(local);
+                // A crash takes the instance out before the next call (or this call's retry)
+                // could pick it; a live instance that dropped a connection stays.
+                if !local {
+                    lease.instance.exits_within(EXIT_GRACE).await;
+                }
+                Err((e, failure))
             }
             Ok(Some((reply, failed))) => {
                 lease.outcome(classify && failed);
@@ -279,6 +284,10 @@ fn reply_failed(reply: Bytes, limits: Limits) -> bool {
     }
 }
 
+/// An exchange that failed: the error, how (for the retry decision), and whether the cause was
+/// local (fnmesh's own descriptors or memory, not the instance).
+struct Broke(CallError, Failure, bool);
+
 /// Writes the request to an instance connection as received and reads one reply frame, which
 /// is returned as it came (its headers are not even parsed). A failure says whether the
 /// instance got the request ([`Failure::Connect`]: it did not), broke after it
@@ -290,7 +299,7 @@ async fn forward(
     oneway: bool,
     limits: &Limits,
     classify: bool,
-) -> Result<Replied, (CallError, Failure)> {
+) -> Result<Replied, Broke> {
     let unavailable = |what: String| {
         CallError::new(
             Kind::Unavailable,
@@ -298,15 +307,22 @@ async fn forward(
         )
     };
     let mut conn = InstanceConn::to(instance).await.map_err(|e| {
-        (
-            unavailable(format!("connect refused: {e}")),
+        let local = is_local(&e);
+        Broke(
+            unavailable(format!("connect failed: {e}")),
             Failure::Connect,
+            local,
         )
     })?;
     // A failed write means the instance cannot have the whole frame: it never ran the call.
-    write_all(&mut conn.stream, &mut out)
-        .await
-        .map_err(|e| (unavailable(format!("write failed: {e}")), Failure::Connect))?;
+    write_all(&mut conn.stream, &mut out).await.map_err(|e| {
+        let local = is_local(&e);
+        Broke(
+            unavailable(format!("write failed: {e}")),
+            Failure::Connect,
+            local,
+        )
+    })?;
     if oneway {
         conn.recycle(instance);
         return Ok(None);
@@ -320,19 +336,21 @@ async fn forward(
                 return Ok(Some((reply.freeze().chain(Bytes::new()), failed)));
             }
             Ok(None) => {}
-            Err(e) => return Err((unavailable(format!("malformed reply: {e}")), Failure::Final)),
+            Err(e) => {
+                let e = unavailable(format!("malformed reply: {e}"));
+                return Err(Broke(e, Failure::Final, false));
+            }
         }
         match conn.stream.read_buf(&mut conn.buf).await {
             Ok(0) => {
                 let e = unavailable("closed the connection before replying".into());
-                return Err((e, Failure::Unavailable));
+                return Err(Broke(e, Failure::Unavailable, false));
             }
             Ok(_) => {}
             Err(e) => {
-                return Err((
-                    unavailable(format!("read failed: {e}")),
-                    Failure::Unavailable,
-                ))
+                let local = is_local(&e);
+                let e = unavailable(format!("read failed: {e}"));
+                return Err(Broke(e, Failure::Unavailable, local));
             }
         }
     }

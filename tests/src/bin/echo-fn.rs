@@ -4,7 +4,7 @@
 #![forbid(unsafe_code)]
 
 use fnmesh_tests::{
-    echo::{EchoHandler, SeenTimeout},
+    echo::{closing_front, EchoHandler, SeenTimeout},
     gen::volo_gen::echo::EchoServiceServer,
 };
 
@@ -14,9 +14,17 @@ async fn main() {
         .ok()
         .and_then(|p| p.parse().ok())
         .unwrap_or(8083);
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+    let mut listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .unwrap_or_else(|e| panic!("echo-fn: cannot listen on 127.0.0.1:{port}: {e}"));
+    if std::env::var_os("ECHO_FN_CLOSE_HOOK").is_some() {
+        let inner = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("echo-fn: cannot listen for the close hook's front");
+        let addr = inner.local_addr().expect("a bound address");
+        let outer = std::mem::replace(&mut listener, inner);
+        tokio::spawn(closing_front(outer, addr));
+    }
     let server = EchoServiceServer::new(EchoHandler::from_env())
         .layer_front(SeenTimeout)
         .run(volo::net::incoming::DefaultIncoming::from(listener));

@@ -54,7 +54,7 @@ use crate::{
         Function,
     },
     grpc::{self, GrpcFront},
-    instances::{Instance, Lease},
+    instances::{is_local, Instance, Lease, EXIT_GRACE},
     lock,
     workers::{Stalled, Stalls},
 };
@@ -116,7 +116,10 @@ struct Watching {
 
 /// A stream's way to an instance that is not there yet.
 type Queued = Pin<Box<dyn Future<Output = (u32, Result<Lease, CallError>)> + Send>>;
-type Connecting = Pin<Box<dyn Future<Output = (Arc<Instance>, Result<TcpStream, String>)> + Send>>;
+/// A connection being opened to an instance; a failure says why and whether the cause was local
+/// (fnmesh's own descriptors or memory).
+type Connecting = Pin<Box<dyn Future<Output = Connected> + Send>>;
+type Connected = (Arc<Instance>, Result<TcpStream, (String, bool)>);
 
 /// One caller connection and the instance connections its streams use.
 struct Relay<'a> {
@@ -216,7 +219,7 @@ impl Triggers {
 #[derive(Default)]
 struct Events {
     lease: Option<(u32, Result<Lease, CallError>)>,
-    connected: Option<(Arc<Instance>, Result<TcpStream, String>)>,
+    connected: Option<Connected>,
     expired: bool,
     drain: bool,
     reload: bool,

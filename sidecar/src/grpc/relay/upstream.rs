@@ -93,10 +93,15 @@ impl Relay<'_> {
             self.connecting.push(Box::pin(async move {
                 let stream = match instance.take_probe() {
                     Some(probe) => Ok(probe),
-                    None => instance
-                        .connect()
-                        .await
-                        .map_err(|e| format!("connect refused: {e}")),
+                    None => match instance.connect().await {
+                        Ok(stream) => Ok(stream),
+                        Err(e) if is_local(&e) => Err((format!("connect failed: {e}"), true)),
+                        Err(e) => {
+                            // A crash takes the instance out before a retry could pick it.
+                            instance.exits_within(EXIT_GRACE).await;
+                            Err((format!("connect failed: {e}"), false))
+                        }
+                    },
                 };
                 (instance, stream)
             }));
@@ -104,17 +109,21 @@ impl Relay<'_> {
     }
 
     /// A connection to an instance is open (or could not be): its waiting streams go on it.
-    pub(super) fn connected(&mut self, instance: Arc<Instance>, result: Result<TcpStream, String>) {
+    pub(super) fn connected(
+        &mut self,
+        instance: Arc<Instance>,
+        result: Result<TcpStream, (String, bool)>,
+    ) {
         let waiting = self.waiting.remove(&instance.id).unwrap_or_default();
         let sock = match result {
             Ok(sock) => sock,
-            Err(e) => {
+            Err((e, local)) => {
                 for id in waiting {
                     let Some(s) = self.streams.get(&id) else {
                         continue;
                     };
                     if let Some(l) = &s.lease {
-                        l.evict();
+                        l.broken(local);
                     }
                     let e = CallError::new(
                         Kind::Unavailable,
@@ -556,7 +565,7 @@ impl Relay<'_> {
             } else {
                 // Lost before the instance said anything: as a refused connect.
                 if let Some(l) = &s.lease {
-                    l.evict();
+                    l.broken(false);
                 }
                 Failure::Connect
             };
