@@ -7,7 +7,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use crate::{
     detect::{detect, Detected, Detection},
     message::{MessageHeader, MessageType, Protocol},
-    skip::walk_struct,
+    skip::Walker,
     ttheader::TTHeader,
     wire::Stop,
     CodecError, Limits,
@@ -140,6 +140,8 @@ pub struct FrameDecoder {
     transport: Option<Detected>,
     /// Do not look again until the buffer holds this many bytes.
     need: usize,
+    /// The walk of a partial unframed message, kept so that more bytes resume it.
+    walk: Option<Walker>,
 }
 
 fn first4(buf: &[u8]) -> [u8; 4] {
@@ -156,6 +158,7 @@ impl FrameDecoder {
             limits,
             transport: None,
             need: 0,
+            walk: None,
         }
     }
 
@@ -165,6 +168,7 @@ impl FrameDecoder {
             limits,
             transport: Some(detected),
             need: 0,
+            walk: None,
         }
     }
 
@@ -341,10 +345,14 @@ impl FrameDecoder {
             Ok(m) => m,
             Err(stop) => return self.wait_or_fail(stop),
         };
-        let end = match walk_struct(buf, message.end, message.protocol, &self.limits) {
+        // Resumed where the last read left it: a message dripped a byte at a time is walked
+        // once, not again from its start on every read.
+        let walk = self.walk.get_or_insert_with(|| Walker::new(message.end));
+        let end = match walk.resume(buf, message.protocol, &self.limits) {
             Ok(end) => end,
             Err(stop) => return self.wait_or_fail(stop),
         };
+        self.walk = None;
         if end > self.limits.max_frame_size {
             return Err(self.too_large(end as u64));
         }

@@ -332,6 +332,60 @@ async fn sc_count(sc: &Sidecar) -> (String, u64) {
     }
 }
 
+/// A caller that drips a large unframed message costs the sidecar one walk of it, not one per
+/// read (issue 17, CPU): 2 MiB of one-byte list elements in 1 KiB pieces, one a millisecond.
+/// Re-walked from its start on every read, it kept a worker busy for the whole drip (2.45 s of
+/// CPU over 2.6 s here); walked once, 0.35 s (a debug build, reads included).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dripped_unframed_message_is_walked_once() {
+    let sc = Sidecar::start(&echo_function("echo", "min = 1", ""));
+    echo(sc.addr, "warm", None, 5000).await.unwrap();
+    const N: usize = 2 << 20;
+    let mut m = BytesMut::new();
+    fnmesh_codec::MessageHeader::encode(
+        &mut m,
+        Protocol::Binary,
+        true,
+        MessageType::Call,
+        "nothing",
+        9,
+    );
+    m.put_slice(&[15, 0, 1, 12]); // field 1: a list of structs
+    m.put_u32(N as u32);
+    m.put_bytes(0, N); // each an empty struct: its STOP byte
+    m.put_u8(0);
+    let before = sc.cpu_time();
+    let addr = sc.addr;
+    let drip = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        for piece in m.chunks(1024) {
+            s.write_all(piece).unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&reply).contains("has no method nothing") {
+            let n = s.read(&mut buf).expect("a reply to the whole message");
+            assert!(n > 0, "closed without a reply: {reply:?}");
+            reply.extend_from_slice(&buf[..n]);
+        }
+    });
+    // Another caller is served meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        echo(sc.addr, "meanwhile", None, 5000).await.unwrap().0,
+        "meanwhile"
+    );
+    drip.await.unwrap();
+    let spent = sc.cpu_time() - before;
+    assert!(
+        spent < Duration::from_secs(1),
+        "the sidecar spent {spent:?} of CPU on one dripped message"
+    );
+}
+
 /// Busy polling (`sidecar.busy_poll`) spins only for its window after an event: a sidecar whose
 /// callers went quiet goes back to sleep instead of spinning on.
 #[tokio::test(flavor = "multi_thread")]
