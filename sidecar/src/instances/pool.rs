@@ -101,8 +101,8 @@ pub struct Pool {
     watchdog: Arc<Watchdog>,
     state: Mutex<Scaling>,
     next_id: std::sync::atomic::AtomicU64,
-    /// Instance processes not yet reaped: each holds a token while it runs, so a shutdown can
-    /// wait for them all.
+    /// Instance processes not yet reaped: each holds a token from its start until it is reaped,
+    /// so a shutdown can wait for them all.
     processes: tokio_util::task::TaskTracker,
     /// Worker threads (each instance keeps idle connections per worker).
     workers: usize,
@@ -526,6 +526,9 @@ impl Pool {
             if !delay.is_zero() {
                 sleep(delay).await;
             }
+            // Held from the start: the first call can be served (on the thread that found the
+            // instance ready) before this task runs again.
+            let _running = pool.processes.token();
             let (stop_tx, stop_rx) = oneshot::channel();
             let (ready_tx, ready_rx) = oneshot::channel();
             let on_ready = {
@@ -547,7 +550,6 @@ impl Pool {
                 Ok(process) => {
                     // `on_ready` has run: the instance is in the ready set.
                     let Ok(instance) = ready_rx.await else { return };
-                    let _running = pool.processes.token();
                     tracing::info!(function = %pool.name, instance = id, addr = %process.addr, "instance started");
                     Pool::monitor(pool, instance, process, stop_rx).await;
                 }
@@ -620,7 +622,7 @@ impl Pool {
         self.watchdog.forget(pid);
     }
 
-    /// Instance processes still running.
+    /// Instance processes starting or running.
     pub fn live_processes(&self) -> usize {
         self.processes.len()
     }
