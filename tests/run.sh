@@ -28,6 +28,12 @@ if ! python3 -c "import grpc, grpc_health.v1.health_pb2, grpc_tools.protoc" >/de
     python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-health-checking grpcio-tools
 fi
 
+# Python h2 (with hpack and hyperframe): the HTTP/2 conformance cases' independent client.
+if ! python3 -c "import h2, hpack" >/dev/null 2>&1; then
+    echo "== installing PyPI h2"
+    python3 -m pip install --quiet --disable-pip-version-check h2
+fi
+
 # Debian packages: etcd (a real etcd for the discovery tests), and protoc with the well-known
 # protos (etcd-client, the tests' independent etcd client, generates its gRPC code at build
 # time; fnmesh itself needs no protoc).

@@ -131,6 +131,49 @@ impl FrameHead {
     }
 }
 
+/// RFC 9113 section 6: SETTINGS, PING and GOAWAY belong to the connection, and on a stream are a
+/// connection error; DATA, HEADERS, PRIORITY, RST_STREAM, PUSH_PROMISE and CONTINUATION belong to
+/// a stream, and on stream 0 are one too (both PROTOCOL_ERROR).
+pub fn check_stream(head: &FrameHead) -> Result<(), FrameError> {
+    let (ok, what) = match head.kind {
+        kind::SETTINGS | kind::PING | kind::GOAWAY => {
+            (head.stream == 0, "a connection frame on a stream")
+        }
+        kind::DATA
+        | kind::HEADERS
+        | kind::PRIORITY
+        | kind::RST_STREAM
+        | kind::PUSH_PROMISE
+        | kind::CONTINUATION => (head.stream != 0, "a stream frame on stream 0"),
+        _ => (true, ""),
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(FrameError::connection(
+        head.kind,
+        reason::PROTOCOL_ERROR,
+        what,
+    ))
+}
+
+/// The stream a PRIORITY frame's payload (or a HEADERS frame's priority fields) makes this stream
+/// depend on. A PRIORITY frame that is not 5 bytes is a stream error (RFC 9113 6.3).
+pub fn priority(head: &FrameHead, fields: &[u8]) -> Result<u32, FrameError> {
+    let Some(b) = fields
+        .get(..4)
+        .filter(|_| head.kind != kind::PRIORITY || fields.len() == 5)
+    else {
+        return Err(FrameError {
+            kind: head.kind,
+            what: "PRIORITY is not 5 bytes",
+            reason: reason::FRAME_SIZE_ERROR,
+            stream: true,
+        });
+    };
+    Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & MAX_WINDOW)
+}
+
 /// The payload of a DATA or HEADERS frame without its padding.
 pub fn unpad<'a>(head: &FrameHead, payload: &'a [u8]) -> Result<&'a [u8], FrameError> {
     if !head.is(flag::PADDED) {
@@ -153,19 +196,29 @@ pub fn unpad<'a>(head: &FrameHead, payload: &'a [u8]) -> Result<&'a [u8], FrameE
     Ok(&rest[..keep])
 }
 
-/// The header block fragment of a HEADERS frame: padding and priority removed.
+/// The header block fragment of a HEADERS frame: padding and priority removed. A stream that
+/// depends on itself is a PROTOCOL_ERROR (RFC 9113 5.3.1; of the connection here, since the
+/// block must still be decoded to keep the HPACK table in step).
 pub fn header_block<'a>(head: &FrameHead, payload: &'a [u8]) -> Result<&'a [u8], FrameError> {
     let block = unpad(head, payload)?;
     if !head.is(flag::PRIORITY) {
         return Ok(block);
     }
-    block.get(5..).ok_or_else(|| {
+    let rest = block.get(5..).ok_or_else(|| {
         FrameError::connection(
             head.kind,
             reason::FRAME_SIZE_ERROR,
             "PRIORITY without its 5 bytes",
         )
-    })
+    })?;
+    if priority(head, block)? == head.stream {
+        return Err(FrameError::connection(
+            head.kind,
+            reason::PROTOCOL_ERROR,
+            "a stream that depends on itself",
+        ));
+    }
+    Ok(rest)
 }
 
 /// Hands each (identifier, value) of a SETTINGS payload to `f`.
@@ -383,6 +436,8 @@ mod tests {
         assert!(settings(&ack, &b[FRAME_HEAD_LEN..], |_, _| ()).is_err());
         let on_stream = FrameHead { stream: 1, ..h };
         assert!(settings(&on_stream, &[], |_, _| ()).is_err());
+        assert!(check_stream(&on_stream).is_err());
+        assert!(check_stream(&h).is_ok());
 
         let mut b = Vec::new();
         write_window_update(&mut b, 3, 1000);

@@ -40,6 +40,30 @@ pub struct Field<'a> {
     pub value: &'a [u8],
     /// Sent as "never indexed" (RFC 7541 6.2.3): a relay must forward it the same way.
     pub sensitive: bool,
+    /// Valid HTTP/2 field text (RFC 9113 8.2.1): a name of lowercase visible characters (a colon
+    /// only first), a value without NUL, CR or LF and without whitespace at either end. A field
+    /// that is not makes its message malformed: an error of its stream, not of the connection.
+    /// Checked once per literal (a field from the static table is valid; one from the dynamic
+    /// table is as valid as when it was added).
+    pub valid: bool,
+}
+
+/// RFC 9113 8.2.1: a field name holds no character in 0x00-0x20, 0x41-0x5a (uppercase) or
+/// 0x7f-0xff, and a colon only as a pseudo-header's first character.
+fn name_ok(name: &[u8]) -> bool {
+    let Some((first, rest)) = name.split_first() else {
+        return false;
+    };
+    let plain = |b: &u8| matches!(b, 0x21..=0x40 | 0x5b..=0x7e) && *b != b':';
+    (plain(first) || *first == b':') && rest.iter().all(plain)
+}
+
+/// RFC 9113 8.2.1: a field value holds no NUL, CR or LF, and starts and ends with no space or tab.
+fn value_ok(value: &[u8]) -> bool {
+    let edge = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
+    !edge(value.first())
+        && !edge(value.last())
+        && !value.iter().any(|b| matches!(b, 0 | b'\r' | b'\n'))
 }
 
 /// The default size of a dynamic table, before SETTINGS_HEADER_TABLE_SIZE says otherwise.
@@ -102,12 +126,14 @@ impl Decoder {
                 // Indexed field.
                 let index = integer(&mut block, 7)?;
                 let (name, value) = self.lookup(index)?;
+                let (name_ok, value_ok) = self.ok(index);
                 list += name.len() + value.len() + ENTRY_OVERHEAD;
                 if list <= self.max_list {
                     field(Field {
                         name,
                         value,
                         sensitive: false,
+                        valid: name_ok && value_ok,
                     });
                 }
             } else if byte & 0xe0 == 0x20 {
@@ -139,12 +165,18 @@ impl Decoder {
                     _ => None,
                 };
                 let value = string(&mut block, &mut self.scratch)?;
+                let (name_is_ok, _) = self.ok(index);
                 let Decoder { table, scratch, .. } = &*self;
-                let name_bytes = match name {
-                    Some(t) => text(t, scratch),
-                    None => lookup(table, index)?.0,
+                let (name_bytes, name_is_ok) = match name {
+                    Some(t) => {
+                        let n = text(t, scratch);
+                        (n, name_ok(n))
+                    }
+                    None => (lookup(table, index)?.0, name_is_ok),
                 };
                 let value_bytes = text(value, scratch);
+                let ok = (name_is_ok, value_ok(value_bytes));
+                let valid = ok.0 && ok.1;
                 list += name_bytes.len() + value_bytes.len() + ENTRY_OVERHEAD;
                 if indexing {
                     let name_len = name_bytes.len();
@@ -155,14 +187,16 @@ impl Decoder {
                             name,
                             value,
                             sensitive,
+                            valid,
                         });
                     }
-                    self.table.insert(bytes, name_len);
+                    self.table.insert(bytes, name_len, ok);
                 } else if list <= self.max_list {
                     field(Field {
                         name: name_bytes,
                         value: value_bytes,
                         sensitive,
+                        valid,
                     });
                 }
             }
@@ -178,6 +212,14 @@ impl Decoder {
 
     fn lookup(&self, index: usize) -> Result<(&[u8], &[u8]), HpackError> {
         lookup(&self.table, index)
+    }
+
+    /// Whether the entry at `index` has valid name and value text (the static table's do).
+    fn ok(&self, index: usize) -> (bool, bool) {
+        match index.checked_sub(62) {
+            Some(i) => self.table.ok(i),
+            None => (true, true),
+        }
     }
 }
 

@@ -143,6 +143,8 @@ pub fn static_pair(first: usize, name: &[u8], value: &[u8]) -> Option<usize> {
 struct Entry {
     bytes: Box<[u8]>,
     name_len: usize,
+    /// Whether the name and the value are valid HTTP/2 field text (see `super::name_ok`).
+    ok: (bool, bool),
 }
 
 /// A decoder's dynamic table: newest entry first, bounded by a size in the units of RFC 7541 4.1.
@@ -174,6 +176,11 @@ impl Dynamic {
         self.entries.get(i).map(|e| e.bytes.split_at(e.name_len))
     }
 
+    /// Whether entry `i`'s name and value are valid field text, as found when it was added.
+    pub fn ok(&self, i: usize) -> (bool, bool) {
+        self.entries.get(i).map_or((true, true), |e| e.ok)
+    }
+
     /// A new maximum size; entries are evicted, oldest first, until the table fits.
     pub fn resize(&mut self, max: usize) {
         self.max = max;
@@ -182,7 +189,7 @@ impl Dynamic {
 
     /// Adds `name: value` (its bytes given as one allocation), evicting old entries to make room;
     /// an entry larger than the whole table empties it and is not added (RFC 7541 4.4).
-    pub fn insert(&mut self, bytes: Box<[u8]>, name_len: usize) {
+    pub fn insert(&mut self, bytes: Box<[u8]>, name_len: usize, ok: (bool, bool)) {
         let size = bytes.len() + ENTRY_OVERHEAD;
         if size > self.max {
             self.entries.clear();
@@ -191,7 +198,11 @@ impl Dynamic {
         }
         self.evict(size);
         self.size += size;
-        self.entries.push_front(Entry { bytes, name_len });
+        self.entries.push_front(Entry {
+            bytes,
+            name_len,
+            ok,
+        });
     }
 
     /// Evicts until `room` more fits.

@@ -360,3 +360,39 @@ fn no_input_panics() {
         assert!(d.table_size() <= 256);
     }
 }
+
+#[test]
+fn fields_that_are_not_valid_http2_text_are_marked_but_still_decoded() {
+    let valid = |block: &[u8], d: &mut Decoder| {
+        let mut out = Vec::new();
+        d.decode(block, |f| out.push(f.valid)).unwrap();
+        out
+    };
+    let mut d = Decoder::new(4096, 16 << 10);
+    // Literals without indexing, new names: `x-ok: v`, `X-Up: v`, `x-crlf: a\r\nb`, `x-sp:  v`.
+    let mut block = Vec::new();
+    for (name, value) in [
+        ("x-ok", "v"),
+        ("X-Up", "v"),
+        ("x-crlf", "a\r\nb"),
+        ("x-sp", " v"),
+        ("x:colon", "v"),
+    ] {
+        block.push(0x00);
+        block.push(name.len() as u8);
+        block.extend_from_slice(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    assert_eq!(valid(&block, &mut d), [true, false, false, false, false]);
+    // Added to the dynamic table with a NUL in the value, then referenced by index: still
+    // marked; its name alone (with a new value) is fine.
+    let mut add = vec![0x40, 4];
+    add.extend_from_slice(b"x-nu");
+    add.extend_from_slice(&[3, b'a', 0, b'b']);
+    assert_eq!(valid(&add, &mut d), [false]);
+    assert_eq!(valid(&[0xbe], &mut d), [false]);
+    assert_eq!(valid(&[0x0f, 0x2f, 1, b'v'], &mut d), [true]);
+    // The static table's fields are valid.
+    assert_eq!(valid(&[0x82, 0x84], &mut d), [true, true]);
+}

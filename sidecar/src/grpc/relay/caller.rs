@@ -14,12 +14,21 @@ impl Relay<'_> {
                     }
                 }
                 kind::DATA => {
+                    self.not_idle(&head)?;
                     self.caller.received(head.len)?;
                     let data = frame::unpad(&head, &payload)?;
+                    if self.ended_by_caller(head.stream) {
+                        self.caller.credit(head.len);
+                        self.reset(head.stream, reason::STREAM_CLOSED);
+                        continue;
+                    }
                     let data = payload.slice_ref(data);
                     self.caller_data(head.stream, head.len, data, head.is(flag::END_STREAM));
                 }
-                kind::WINDOW_UPDATE => self.caller_window_update(&head, &payload)?,
+                kind::WINDOW_UPDATE => {
+                    self.not_idle(&head)?;
+                    self.caller_window_update(&head, &payload)?;
+                }
                 kind::SETTINGS => {
                     let delta = self.caller.settings(&head, &payload)?;
                     if delta != 0 {
@@ -29,8 +38,15 @@ impl Relay<'_> {
                     }
                 }
                 kind::PING => self.caller.ping(&head, &payload)?,
+                kind::PRIORITY => match frame::priority(&head, &payload) {
+                    Ok(on) if on != head.stream => {}
+                    Ok(_) => self.reset(head.stream, reason::PROTOCOL_ERROR),
+                    Err(e) => self.reset(head.stream, e.reason),
+                },
                 kind::RST_STREAM => {
+                    self.not_idle(&head)?;
                     frame::rst_stream(&head, &payload)?;
+                    self.caller_closed.push(head.stream);
                     // The caller cancelled: so is the instance's stream.
                     self.cancel_up(head.stream, reason::CANCEL);
                     if let Some(s) = self.streams.remove(&head.stream) {
@@ -66,6 +82,41 @@ impl Relay<'_> {
         Ok(())
     }
 
+    /// RFC 9113 5.1: DATA, RST_STREAM or WINDOW_UPDATE on a stream the caller has not opened
+    /// (idle: above the highest it opened, or even) is a connection error PROTOCOL_ERROR.
+    fn not_idle(&self, head: &FrameHead) -> Result<(), FrameError> {
+        let id = head.stream;
+        if id != 0 && (id > self.last_stream || id % 2 == 0) {
+            return Err(FrameError {
+                kind: head.kind,
+                what: "a frame on an idle stream",
+                reason: reason::PROTOCOL_ERROR,
+                stream: false,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the caller has ended stream `id` (its END_STREAM, or its RST_STREAM a moment
+    /// ago): DATA or HEADERS on it is then a stream error STREAM_CLOSED (RFC 9113 5.1). Frames on
+    /// streams fnmesh reset, or that fnmesh answered while the caller was still sending, are
+    /// ignored instead, as the RFC asks.
+    fn ended_by_caller(&mut self, id: u32) -> bool {
+        match self.streams.get(&id) {
+            Some(s) => s.caller_done,
+            None => self.caller_closed.take(id),
+        }
+    }
+
+    /// Ends stream `id` with RST_STREAM `code`: the instance's side is cancelled.
+    pub(super) fn reset(&mut self, id: u32, code: u32) {
+        frame::write_rst_stream(&mut self.caller.wbuf, id, code);
+        self.reset_here.push(id);
+        self.cancel_up(id, reason::CANCEL);
+        self.streams.remove(&id);
+        self.watches.remove(&id);
+    }
+
     /// A caller's request headers: routed, admitted, and sent on to an instance (or queued).
     pub(super) fn request_headers(
         &mut self,
@@ -90,18 +141,21 @@ impl Relay<'_> {
         let head = match RequestHead::decode(&mut self.caller.decoder, block, &mut path) {
             Ok(head) => head,
             Err(fnmesh_codec::hpack::HpackError::ListTooLarge { .. }) => {
-                frame::write_rst_stream(&mut self.caller.wbuf, id, reason::PROTOCOL_ERROR);
+                self.reset(id, reason::PROTOCOL_ERROR);
                 self.path = path;
                 return Ok(());
             }
             Err(_) => return Err(undecodable()),
         };
-        if head.malformed || !head.has_path {
-            frame::write_rst_stream(&mut self.caller.wbuf, id, reason::PROTOCOL_ERROR);
+        // A request that ends with its headers and declares a body is malformed too.
+        let empty_but_declared = end && head.content_length.is_some_and(|n| n != 0);
+        if head.malformed || !head.has_path || empty_but_declared {
+            self.reset(id, reason::PROTOCOL_ERROR);
         } else if self.draining || self.streams.len() >= MAX_STREAMS as usize {
-            frame::write_rst_stream(&mut self.caller.wbuf, id, reason::REFUSED_STREAM);
+            self.reset(id, reason::REFUSED_STREAM);
         } else {
-            let stream = Stream::new(head.block, end, self.caller.peer_window);
+            let mut stream = Stream::new(head.block, end, self.caller.peer_window);
+            stream.content_left = head.content_length;
             self.open_stream(id, stream, &path, head.timeout);
         }
         self.path = path;
@@ -109,12 +163,33 @@ impl Relay<'_> {
     }
 
     /// Trailers of a request (gRPC requests have none worth passing), or headers on a stream
-    /// already answered: decoded all the same, to keep the table in step.
+    /// already answered: decoded all the same, to keep the table in step. Trailers must end the
+    /// stream and hold no pseudo-header (RFC 9113 8.1); headers on a stream the caller ended
+    /// are STREAM_CLOSED (5.1).
     fn later_headers(&mut self, id: u32, end: bool, block: &[u8]) -> Result<(), FrameError> {
-        if self.caller.decoder.decode(block, |_| ()).is_err() {
+        let mut pseudo = false;
+        let decoded = self
+            .caller
+            .decoder
+            .decode(block, |f| pseudo |= f.name.first() == Some(&b':'));
+        if decoded.is_err() {
             return Err(undecodable());
         }
-        if end {
+        let open = self.streams.contains_key(&id);
+        if self.ended_by_caller(id) {
+            self.reset(id, reason::STREAM_CLOSED);
+        } else if !open && !self.reset_here.contains(id) {
+            // RFC 9113 5.1.1: a stream below the highest opened that was never opened (or was
+            // closed long ago: fnmesh keeps no record of every stream).
+            return Err(FrameError {
+                kind: kind::HEADERS,
+                what: "HEADERS on a closed stream, or a stream identifier below the last",
+                reason: reason::PROTOCOL_ERROR,
+                stream: false,
+            });
+        } else if open && (pseudo || !end) {
+            self.reset(id, reason::PROTOCOL_ERROR);
+        } else if end {
             self.caller_data(id, 0, Bytes::new(), true);
         }
         Ok(())
@@ -157,12 +232,7 @@ impl Relay<'_> {
                 }
             }
             Ok(()) => self.pump_caller(head.stream),
-            Err(e) if e.stream => {
-                frame::write_rst_stream(&mut self.caller.wbuf, head.stream, e.reason);
-                self.cancel_up(head.stream, reason::CANCEL);
-                self.streams.remove(&head.stream);
-                self.watches.remove(&head.stream);
-            }
+            Err(e) if e.stream => self.reset(head.stream, e.reason),
             Err(e) => return Err(e),
         }
         Ok(())
@@ -269,11 +339,19 @@ impl Relay<'_> {
         if s.windows.recv_caller < 0 {
             // Past the stream's window: the stream ends, the bytes are given back.
             self.caller.credit(len);
-            frame::write_rst_stream(&mut self.caller.wbuf, id, reason::FLOW_CONTROL_ERROR);
-            s.caller_done = true;
-            self.cancel_up(id, reason::CANCEL);
-            self.streams.remove(&id);
+            self.reset(id, reason::FLOW_CONTROL_ERROR);
             return;
+        }
+        if let Some(left) = s.content_left {
+            // RFC 9113 8.1.1: DATA that does not add up to the declared content-length.
+            match left.checked_sub(data.len() as u64) {
+                Some(left) if !end || left == 0 => s.content_left = Some(left),
+                _ => {
+                    self.caller.credit(len);
+                    self.reset(id, reason::PROTOCOL_ERROR);
+                    return;
+                }
+            }
         }
         // Padding is given back at once; the data when it has gone on.
         self.caller.credit(len - data.len());
@@ -399,8 +477,11 @@ impl Relay<'_> {
                 up.link.closed_after_flush();
             }
         }
-        if !s.caller_done {
+        if s.caller_done {
+            self.caller_closed.push(id);
+        } else {
             frame::write_rst_stream(&mut self.caller.wbuf, id, reason::NO_ERROR);
+            self.reset_here.push(id);
         }
     }
 
@@ -534,6 +615,8 @@ struct RequestHead {
     timeout: Option<Duration>,
     has_path: bool,
     malformed: bool,
+    /// The `content-length` the caller declared (RFC 9113 8.1.1: the DATA must add up to it).
+    content_length: Option<u64>,
 }
 
 impl RequestHead {
@@ -548,11 +631,13 @@ impl RequestHead {
             timeout: None,
             has_path: false,
             malformed: false,
+            content_length: None,
         };
         let mut pseudo_done = false;
         // Pseudo-headers seen, one bit each (:method, :scheme, :path, :authority).
         let mut seen = 0u8;
         decoder.decode(block, |f| {
+            head.malformed |= !f.valid;
             if f.name.first() == Some(&b':') {
                 let bit = match f.name {
                     b":method" => 1,
@@ -566,6 +651,7 @@ impl RequestHead {
                 if bit == 4 {
                     path.push_str(&String::from_utf8_lossy(f.value));
                     head.has_path = true;
+                    head.malformed |= f.value.is_empty();
                 }
             } else {
                 pseudo_done = true;
@@ -574,6 +660,13 @@ impl RequestHead {
                         .ok()
                         .and_then(grpc::parse_grpc_timeout);
                     return;
+                }
+                if f.name == b"content-length" {
+                    let n = std::str::from_utf8(f.value)
+                        .ok()
+                        .and_then(|v| v.parse().ok());
+                    head.malformed |= n.is_none() || head.content_length.is_some();
+                    head.content_length = n;
                 }
                 head.malformed |= matches!(
                     f.name,

@@ -164,6 +164,7 @@ impl Link {
             return Ok(None);
         };
         head.check(MAX_FRAME)?;
+        frame::check_stream(&head)?;
         if self.rbuf.len() < FRAME_HEAD_LEN + head.len {
             return Ok(None);
         }
@@ -206,6 +207,7 @@ impl Link {
                 self.peer_max_frame = value as usize;
             }
             setting::MAX_FRAME_SIZE => bad = Some("max frame size out of range"),
+            setting::ENABLE_PUSH if value > 1 => bad = Some("ENABLE_PUSH other than 0 or 1"),
             _ => {}
         })?;
         if let Some(what) = bad {

@@ -146,6 +146,42 @@ struct Relay<'a> {
     /// Deadlines and attempt deadlines, earliest first. An entry whose stream has ended or moved
     /// on is dropped when it comes up (or when stale entries outnumber the streams).
     timers: Deadlines,
+    /// The streams the caller closed last (its RST_STREAM, or its END_STREAM and fnmesh's).
+    caller_closed: Recent,
+    /// The streams fnmesh reset last while the caller could still send on them: what the
+    /// caller sends on them is ignored, as RFC 9113 5.1 asks.
+    reset_here: Recent,
+}
+
+/// The last few stream ids closed one way or another (see [`Relay::caller_closed`] and
+/// [`Relay::reset_here`]).
+#[derive(Default)]
+struct Recent {
+    ids: [u32; 16],
+    next: usize,
+}
+
+impl Recent {
+    fn push(&mut self, id: u32) {
+        self.ids[self.next % self.ids.len()] = id;
+        self.next = self.next.wrapping_add(1);
+    }
+
+    fn contains(&self, id: u32) -> bool {
+        id != 0 && self.ids.contains(&id)
+    }
+
+    /// Whether `id` is there; it is forgotten (once answered STREAM_CLOSED, the stream was reset
+    /// by fnmesh, and later frames are ignored).
+    fn take(&mut self, id: u32) -> bool {
+        match self.ids.iter_mut().find(|x| **x == id && id != 0) {
+            Some(x) => {
+                *x = 0;
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// Serves one HTTP/2 connection whose preface (`head`) detection has read.
@@ -243,6 +279,8 @@ impl<'a> Relay<'a> {
             early_resets: 0,
             answered: 0,
             timers: Deadlines::default(),
+            caller_closed: Recent::default(),
+            reset_here: Recent::default(),
         }
     }
 }

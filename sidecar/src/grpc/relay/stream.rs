@@ -33,6 +33,8 @@ pub(super) struct Stream {
     pub(super) retry: Option<Retrying>,
     /// This attempt's share of the deadline, when a later attempt may follow a timeout.
     pub(super) attempt_deadline: Option<Instant>,
+    /// What the caller's DATA must still add up to, when it declared a `content-length`.
+    pub(super) content_left: Option<u64>,
     pub(super) _active: Option<TaskTrackerToken>,
 }
 
@@ -98,6 +100,7 @@ impl Stream {
             watch: false,
             retry: None,
             attempt_deadline: None,
+            content_left: None,
             _active: None,
         }
     }
