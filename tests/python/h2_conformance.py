@@ -675,6 +675,42 @@ def _(c):
     c.stream_error(1, [FLOW_CONTROL_ERROR])
 
 
+def data_of(c, size, what):
+    """The next DATA on stream 1 is `size` bytes."""
+    _, _, _, payload = c.until(lambda f: f[0] == DATA and f[2] == 1, what)
+    if len(payload) != size:
+        raise Failed("%s: DATA of %d bytes, wanted %d" % (what, len(payload), size))
+
+
+@case("6.5.3/1", "sends multiple values of SETTINGS_INITIAL_WINDOW_SIZE (the last counts)")
+def _(c):
+    c.send(settings((4, 100), (4, 1)))
+    c.headers(1, request_fields(), flags=END_HEADERS)
+    c.send(frame(DATA, END_STREAM, 1, grpc_message("last value counts")))
+    data_of(c, 1, "a window of 1")
+
+
+@case("6.9.2/1", "changes SETTINGS_INITIAL_WINDOW_SIZE after sending HEADERS")
+def _(c):
+    c.send(settings((4, 0)))
+    c.headers(1, request_fields(), flags=END_HEADERS)
+    c.send(frame(DATA, END_STREAM, 1, grpc_message("window opened later")))
+    c.send(settings((4, 1)))
+    data_of(c, 1, "the window opened to 1")
+
+
+@case("6.9.2/2", "sends a SETTINGS frame that makes a stream window negative")
+def _(c):
+    c.send(settings((4, 3)))
+    c.headers(1, request_fields(), flags=END_HEADERS)
+    c.send(frame(DATA, END_STREAM, 1, grpc_message("negative window")))
+    data_of(c, 3, "a window of 3")
+    # 3 sent in a window now 2: -1; a WINDOW_UPDATE of 2 leaves room for 1.
+    c.send(settings((4, 2)))
+    c.send(frame(WINDOW_UPDATE, 0, 1, struct.pack(">I", 2)))
+    data_of(c, 1, "a window of -1 + 2")
+
+
 @case("6.9.2/3", "sends SETTINGS_INITIAL_WINDOW_SIZE over the maximum")
 def _(c):
     c.send(settings((4, 2 ** 31)))

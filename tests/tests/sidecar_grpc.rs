@@ -617,7 +617,7 @@ async fn the_relay_passes_the_h2spec_server_cases_from_python_h2() {
     assert!(failing.is_empty(), "{failing:#?}");
     assert_eq!(
         lines.last().map(String::as_str),
-        Some("cases ok 100, failing 0")
+        Some("cases ok 103, failing 0")
     );
     assert_eq!(unary(sc.addr, "after").await.unwrap().0, "after");
 }
