@@ -318,3 +318,92 @@ pub fn print_machine() {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
 }
+
+/// `h2load` (Debian's `nghttp2-client`), an independent HTTP/2 load generator, against each
+/// path: `requests` POSTs of `body` to `url_path` over 4 connections of 32 streams each, in
+/// `ROUNDS` rounds taking turns. Prints requests per second against the direct path and the
+/// proxy's CPU per request; skipped (with a line saying so) when h2load is not installed.
+pub fn h2load(paths: &mut [Path], url_path: &str, headers: &[&str], body: &[u8], requests: u64) {
+    if Command::new("h2load").arg("--version").output().is_err() {
+        println!("\nh2load not installed (apt-get install nghttp2-client): its table is skipped");
+        return;
+    }
+    let file = std::env::temp_dir().join(format!("fnmesh-h2load-{}", std::process::id()));
+    std::fs::write(&file, body).expect("h2load's request body");
+    let per_round = requests / ROUNDS as u64;
+    let mut totals: Vec<(u64, Duration, Duration, u64)> = vec![Default::default(); paths.len()];
+    for _ in 0..ROUNDS {
+        for (p, total) in paths.iter().zip(totals.iter_mut()) {
+            let cpu = p.proxy.map(cpu_time);
+            let mut cmd = Command::new("h2load");
+            cmd.args([
+                "-n",
+                &per_round.to_string(),
+                "-c",
+                "4",
+                "-m",
+                "32",
+                "-t",
+                "1",
+            ])
+            .arg(format!("--data={}", file.display()));
+            for h in headers {
+                cmd.args(["-H", h]);
+            }
+            let out = cmd
+                .arg(format!("http://{}{url_path}", p.addr))
+                .stderr(Stdio::null())
+                .output()
+                .expect("h2load runs");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let (secs, ok) = h2load_figures(&text)
+                .unwrap_or_else(|| panic!("h2load against {}: no figures in {text}", p.name));
+            total.0 += ok;
+            total.1 += secs;
+            if let (Some(pid), Some(before)) = (p.proxy, cpu) {
+                total.2 += cpu_time(pid).saturating_sub(before);
+            }
+            total.3 += per_round;
+        }
+    }
+    let _ = std::fs::remove_file(&file);
+    let rps = |t: &(u64, Duration, Duration, u64)| t.0 as f64 / t.1.as_secs_f64();
+    let direct = rps(&totals[0]);
+    println!("\nh2load: {requests} unary calls per path, 4 connections x 32 streams ({ROUNDS} rounds taking turns)");
+    println!("| path | calls/s | vs direct | succeeded | proxy CPU per call |");
+    println!("|---|---|---|---|---|");
+    for (p, t) in paths.iter().zip(&totals) {
+        let cpu = match p.proxy {
+            Some(_) => format!("{:.1} us", us(t.2) / t.3.max(1) as f64),
+            None => String::new(),
+        };
+        println!(
+            "| {} | {:.0} | {:.2}x | {}/{} | {cpu} |",
+            p.name,
+            rps(t),
+            rps(t) / direct,
+            t.0,
+            t.3
+        );
+    }
+}
+
+/// From h2load's report: the run's duration ("finished in 1.23s, ...") and the requests that
+/// succeeded ("requests: ... N succeeded, ...").
+fn h2load_figures(report: &str) -> Option<(Duration, u64)> {
+    let finished = report
+        .lines()
+        .find_map(|l| l.strip_prefix("finished in "))?;
+    let secs = finished.split(',').next()?.trim();
+    let secs = match secs.strip_suffix("ms") {
+        Some(ms) => ms.parse::<f64>().ok()? / 1e3,
+        None => secs.strip_suffix('s')?.parse::<f64>().ok()?,
+    };
+    let requests = report.lines().find_map(|l| l.strip_prefix("requests: "))?;
+    let ok = requests
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" succeeded"))?
+        .parse()
+        .ok()?;
+    Some((Duration::from_secs_f64(secs), ok))
+}

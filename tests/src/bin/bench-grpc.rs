@@ -3,16 +3,19 @@
 //! reference L7 gRPC proxy, and through `copy-proxy`, which copies bytes without reading them
 //! (the floor: what carrying the connection costs, with no HTTP/2 work at all).
 //!
-//! Run: `cargo run --release -p fnmesh-tests --bin bench-grpc` (haproxy from Debian's package
-//! when installed). It prints figures; it asserts nothing.
+//! Last, `h2load` (an independent HTTP/2 load generator, Debian's `nghttp2-client`) drives the
+//! same paths.
+//!
+//! Run: `cargo run --release -p fnmesh-tests --bin bench-grpc` (haproxy and h2load from Debian's
+//! packages when installed). It prints figures; it asserts nothing.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 
 use fnmesh_tests::{
     bench::{
-        print_machine, proxy_paths, sequential, start_copy_proxy, start_function, start_haproxy,
-        throughput, Caller, HaproxyMode, Path,
+        h2load, print_machine, proxy_paths, sequential, start_copy_proxy, start_function,
+        start_haproxy, throughput, Caller, HaproxyMode, Path,
     },
     proto::proto_gen::echo::{EchoClient, EchoClientBuilder, EchoRequest},
     sidecar::{grpc_echo_fn, grpc_echo_function, Sidecar},
@@ -57,4 +60,14 @@ async fn main() {
     ));
     sequential::<Grpc>(&mut paths, "unary calls, one client").await;
     throughput::<Grpc>(&mut paths, "concurrent unary streams on one client", true).await;
+    // A gRPC frame of EchoRequest { message: "benchmark" }.
+    let mut body = vec![0, 0, 0, 0, 11, 0x0a, 9];
+    body.extend_from_slice(b"benchmark");
+    h2load(
+        &mut paths,
+        "/echo.Echo/UnaryEcho",
+        &["content-type: application/grpc", "te: trailers"],
+        &body,
+        100_000,
+    );
 }
