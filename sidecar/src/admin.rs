@@ -18,11 +18,14 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves the admin API on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
+    let failed = crate::Throttled::default();
     loop {
         let sock = match listener.accept().await {
             Ok((sock, _)) => sock,
             Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
+                if let Some(failed) = failed.due() {
+                    tracing::warn!(error = %e, failed, "admin accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }

@@ -30,3 +30,27 @@ pub mod workers;
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// Counts a repeated event (a refused or failed accept) and says when to log it: at most once a
+/// second, with the count so far, so that a flood of them cannot flood the log.
+#[derive(Default)]
+pub(crate) struct Throttled {
+    count: std::cell::Cell<u64>,
+    logged: std::cell::Cell<Option<std::time::Instant>>,
+}
+
+impl Throttled {
+    /// Counts one more; the count so far when it is time to log it.
+    pub(crate) fn due(&self) -> Option<u64> {
+        self.count.set(self.count.get() + 1);
+        let now = std::time::Instant::now();
+        let due = self
+            .logged
+            .get()
+            .is_none_or(|at| now >= at + std::time::Duration::from_secs(1));
+        due.then(|| {
+            self.logged.set(Some(now));
+            self.count.get()
+        })
+    }
+}

@@ -105,6 +105,9 @@ impl Sidecar {
         );
         let path = dir.join("fnmesh.toml");
         std::fs::write(&path, format!("{head}{functions}")).unwrap();
+        // The log goes to a file the test can read (`Sidecar::log`), and is printed when the
+        // test fails.
+        let log = std::fs::File::create(dir.join("fnmesh.log")).unwrap();
         let child = Command::new(fnmesh_bin())
             .args(["run", "-c"])
             .arg(&path)
@@ -113,6 +116,7 @@ impl Sidecar {
                 std::env::var("FNMESH_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdin(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("fnmesh-under-test starts");
         let mut s = Sidecar {
@@ -134,6 +138,11 @@ impl Sidecar {
             std::thread::sleep(Duration::from_millis(5));
         }
         Ok(s)
+    }
+
+    /// What the sidecar has logged so far (its stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("fnmesh.log")).unwrap_or_default()
     }
 
     /// The policy file the sidecar was started with.
@@ -287,6 +296,14 @@ impl Drop for Sidecar {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(100).collect();
+            eprintln!("--- the sidecar's log, last {} lines:", tail.len());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

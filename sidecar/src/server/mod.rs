@@ -5,7 +5,6 @@ mod listener;
 mod shutdown;
 
 use std::{
-    cell::Cell,
     path::PathBuf,
     process::ExitCode,
     sync::{atomic::AtomicUsize, Arc},
@@ -17,7 +16,6 @@ use fnmesh_discovery::Backend;
 use tokio::{
     net::TcpListener,
     signal::unix::{signal, Signal, SignalKind},
-    time::Instant,
 };
 
 use crate::{
@@ -26,6 +24,7 @@ use crate::{
     instances::watchdog::Watchdog,
     mesh::Mesh,
     workers::Workers,
+    Throttled,
 };
 
 /// How logs are written.
@@ -105,9 +104,10 @@ struct Sidecar {
     /// Caller connections open, and how many may be.
     open: Arc<AtomicUsize>,
     max_connections: usize,
-    /// Connections closed at accept for the limit, and when that was last logged.
-    refused: Cell<u64>,
-    refusals_logged: Cell<Option<Instant>>,
+    /// Connections closed at accept for the limit, and failed accepts: counted, logged at most
+    /// once a second.
+    refused: Throttled,
+    failed: Throttled,
 }
 
 async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
@@ -178,8 +178,8 @@ async fn start(path: PathBuf, config: Config) -> Result<Sidecar, String> {
         grace: settings.drain_timeout,
         open,
         max_connections: settings.connections.max,
-        refused: Cell::new(0),
-        refusals_logged: Cell::new(None),
+        refused: Throttled::default(),
+        failed: Throttled::default(),
     })
 }
 
@@ -196,17 +196,10 @@ impl Sidecar {
             }
             Ok((sock, peer)) => {
                 drop(sock);
-                self.refused.set(self.refused.get() + 1);
-                let now = Instant::now();
-                let due = self
-                    .refusals_logged
-                    .get()
-                    .is_none_or(|at| now >= at + Duration::from_secs(1));
-                if due {
-                    self.refusals_logged.set(Some(now));
+                if let Some(refused) = self.refused.due() {
                     tracing::warn!(
                         %peer,
-                        refused = self.refused.get(),
+                        refused,
                         max_connections = self.max_connections,
                         "connection closed at accept: max_connections are open"
                     );
@@ -214,7 +207,9 @@ impl Sidecar {
             }
             Err(e) => {
                 // Out of file descriptors, typically: a moment for connections to close.
-                tracing::warn!(error = %e, "accept failed");
+                if let Some(failed) = self.failed.due() {
+                    tracing::warn!(error = %e, failed, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
