@@ -622,6 +622,48 @@ async fn the_relay_passes_the_h2spec_server_cases_from_python_h2() {
     assert_eq!(unary(sc.addr, "after").await.unwrap().0, "after");
 }
 
+/// The instance's HTTP/2 limits hold (issue 17): fnmesh opens no more streams on a connection
+/// than the instance's SETTINGS_MAX_CONCURRENT_STREAMS (it opens another connection instead),
+/// and a request whose headers are over its SETTINGS_MAX_HEADER_LIST_SIZE is answered
+/// RESOURCE_EXHAUSTED without being sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_instances_stream_and_header_list_limits_are_kept() {
+    let mut f = grpc_echo_function("echo", "min = 1\nmax = 1\nconcurrency = 64", "");
+    f.push_str(
+        "[function.env]\nGRPC_ECHO_MAX_STREAMS = \"2\"\nGRPC_ECHO_MAX_HEADER_LIST = \"2048\"\n",
+    );
+    let sc = Sidecar::start(&f);
+    assert_eq!(unary(sc.addr, "warm").await.unwrap().0, "warm");
+    // Sixteen calls at once on one caller connection, each held 200 ms by the instance.
+    let client = client!(sc.addr);
+    let calls: Vec<_> = (0..16)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let r = client.unary_echo(req(&format!("call {i}"), 200)).await;
+                r.map(|r| r.into_inner().message.to_string())
+            })
+        })
+        .collect();
+    for (i, c) in calls.into_iter().enumerate() {
+        assert_eq!(c.await.unwrap().expect("served"), format!("call {i}"));
+    }
+    let mut big = Request::new(req("big", 0));
+    big.metadata_mut()
+        .insert("x-big", "a".repeat(4096).parse().unwrap());
+    let e = client
+        .unary_echo(big)
+        .await
+        .expect_err("over the instance's limit");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message()
+            .contains("SETTINGS_MAX_HEADER_LIST_SIZE of 2048"),
+        "{e:?}"
+    );
+    assert_eq!(unary(sc.addr, "after").await.unwrap().0, "after");
+}
+
 // ---- Python grpcio, an independent client --------------------------------------------------------
 
 fn grpcio(port: u16, args: &[&str]) -> Vec<String> {

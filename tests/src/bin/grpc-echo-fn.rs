@@ -1,6 +1,7 @@
 //! The example gRPC function: a plain volo-grpc `echo.Echo` server on 127.0.0.1:$PORT (default
 //! 8084). It knows nothing of fnmesh; FNMESH_INSTANCE, when set, is echoed back so tests can tell
-//! instances apart.
+//! instances apart. GRPC_ECHO_MAX_STREAMS and GRPC_ECHO_MAX_HEADER_LIST, when set, are the
+//! SETTINGS_MAX_CONCURRENT_STREAMS and SETTINGS_MAX_HEADER_LIST_SIZE it announces.
 #![forbid(unsafe_code)]
 
 use fnmesh_tests::{grpc_echo::GrpcEcho, proto::proto_gen::echo::EchoServer};
@@ -15,7 +16,16 @@ async fn main() {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .unwrap_or_else(|e| panic!("grpc-echo-fn: cannot listen on 127.0.0.1:{port}: {e}"));
-    let server = Server::new()
+    // Test knobs: the HTTP/2 limits the server announces.
+    let setting = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
+    let mut server = Server::new();
+    if let Some(n) = setting("GRPC_ECHO_MAX_STREAMS") {
+        server = server.http2_max_concurrent_streams(n);
+    }
+    if let Some(n) = setting("GRPC_ECHO_MAX_HEADER_LIST") {
+        server = server.http2_max_header_list_size(n);
+    }
+    let server = server
         .add_service(ServiceBuilder::new(EchoServer::new(GrpcEcho::from_env())).build())
         .run(volo::net::incoming::DefaultIncoming::from(listener));
     if let Err(e) = server.await {

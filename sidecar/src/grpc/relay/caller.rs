@@ -156,6 +156,7 @@ impl Relay<'_> {
         } else {
             let mut stream = Stream::new(head.block, end, self.caller.peer_window);
             stream.content_left = head.content_length;
+            stream.list_size = head.list_size;
             self.open_stream(id, stream, &path, head.timeout);
         }
         self.path = path;
@@ -617,6 +618,8 @@ struct RequestHead {
     malformed: bool,
     /// The `content-length` the caller declared (RFC 9113 8.1.1: the DATA must add up to it).
     content_length: Option<u64>,
+    /// The header list's size as SETTINGS_MAX_HEADER_LIST_SIZE counts it.
+    list_size: usize,
 }
 
 impl RequestHead {
@@ -632,12 +635,14 @@ impl RequestHead {
             has_path: false,
             malformed: false,
             content_length: None,
+            list_size: 0,
         };
         let mut pseudo_done = false;
         // Pseudo-headers seen, one bit each (:method, :scheme, :path, :authority).
         let mut seen = 0u8;
         decoder.decode(block, |f| {
             head.malformed |= !f.valid;
+            head.list_size += f.name.len() + f.value.len() + fnmesh_codec::hpack::ENTRY_OVERHEAD;
             if f.name.first() == Some(&b':') {
                 let bit = match f.name {
                     b":method" => 1,

@@ -12,9 +12,13 @@ pub(super) struct Link {
     pub(super) decoder: Decoder,
     /// What we may still send on the connection (the peer's connection window).
     pub(super) send_window: i64,
-    /// The peer's SETTINGS_INITIAL_WINDOW_SIZE and SETTINGS_MAX_FRAME_SIZE.
+    /// The peer's SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS and SETTINGS_MAX_HEADER_LIST_SIZE (the last two
+    /// unlimited until it says).
     pub(super) peer_window: u32,
     pub(super) peer_max_frame: usize,
+    pub(super) peer_max_streams: usize,
+    pub(super) peer_max_list: usize,
     /// Received DATA bytes passed on (or dropped) but not yet given back to the peer.
     pub(super) unacked: u32,
     /// What the peer may still send on the connection: DATA past it breaks flow control.
@@ -54,6 +58,8 @@ impl Link {
             send_window: i64::from(DEFAULT_WINDOW),
             peer_window: DEFAULT_WINDOW,
             peer_max_frame: DEFAULT_MAX_FRAME,
+            peer_max_streams: usize::MAX,
+            peer_max_list: usize::MAX,
             unacked: 0,
             recv_window: i64::from(DEFAULT_WINDOW),
             block: None,
@@ -208,6 +214,8 @@ impl Link {
             }
             setting::MAX_FRAME_SIZE => bad = Some("max frame size out of range"),
             setting::ENABLE_PUSH if value > 1 => bad = Some("ENABLE_PUSH other than 0 or 1"),
+            setting::MAX_CONCURRENT_STREAMS => self.peer_max_streams = value as usize,
+            setting::MAX_HEADER_LIST_SIZE => self.peer_max_list = value as usize,
             _ => {}
         })?;
         if let Some(what) = bad {

@@ -35,6 +35,8 @@ pub(super) struct Stream {
     pub(super) attempt_deadline: Option<Instant>,
     /// What the caller's DATA must still add up to, when it declared a `content-length`.
     pub(super) content_left: Option<u64>,
+    /// The request's header list size (SETTINGS_MAX_HEADER_LIST_SIZE's measure).
+    pub(super) list_size: usize,
     pub(super) _active: Option<TaskTrackerToken>,
 }
 
@@ -101,6 +103,7 @@ impl Stream {
             retry: None,
             attempt_deadline: None,
             content_left: None,
+            list_size: 0,
             _active: None,
         }
     }

@@ -13,6 +13,33 @@ pub(super) struct Up {
     /// The instance has sent a frame: before that, a request on the connection cannot have
     /// been processed (a server's first frame is its SETTINGS).
     pub(super) heard: bool,
+    /// The instance's SETTINGS have come: until then its SETTINGS_MAX_CONCURRENT_STREAMS is not
+    /// known, and streams wait in `pending` instead of being opened past it.
+    pub(super) settled: bool,
+    pub(super) pending: Vec<u32>,
+}
+
+impl Up {
+    fn new(link: Link, instance: Arc<Instance>) -> Up {
+        Up {
+            link,
+            instance,
+            next_stream: 1,
+            streams: ById::default(),
+            heard: false,
+            settled: false,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Whether a new stream to `instance` may go on this connection: open, and within the
+    /// instance's SETTINGS_MAX_CONCURRENT_STREAMS (once known).
+    fn takes(&self, instance: u64) -> bool {
+        self.instance.id == instance
+            && !self.link.closed
+            && !self.link.going_away
+            && (!self.settled || self.streams.len() < self.link.peer_max_streams)
+    }
 }
 
 /// Instance connections kept idle per instance and worker.
@@ -28,6 +55,7 @@ pub(super) fn park(mut up: Up) {
     let reusable = !up.link.closed
         && !up.link.going_away
         && up.streams.is_empty()
+        && up.pending.is_empty()
         && up.link.wbuf.is_empty()
         && up.link.block.is_none()
         && up.next_stream < MAX_STREAM_ID;
@@ -74,17 +102,19 @@ impl Relay<'_> {
         lease.set_deadline(s.deadline);
         let instance = lease.instance.clone();
         s.lease = Some(lease);
-        let found = self
-            .ups
-            .iter()
-            .position(|u| u.instance.id == instance.id && !u.link.closed && !u.link.going_away);
-        if let Some(i) = found {
-            self.open_up(id, i);
+        self.place(id, instance);
+    }
+
+    /// Puts a stream that has its slot on a connection to its instance: one open with room
+    /// under the instance's stream limit, an idle one, or a new one.
+    fn place(&mut self, id: u32, instance: Arc<Instance>) {
+        if let Some(i) = self.ups.iter().position(|u| u.takes(instance.id)) {
+            self.start_on(id, i);
             return;
         }
         if let Some(up) = take_idle(&instance) {
             let i = self.add_up(up);
-            self.open_up(id, i);
+            self.start_on(id, i);
             return;
         }
         let waiting = self.waiting.entry(instance.id).or_default();
@@ -105,6 +135,33 @@ impl Relay<'_> {
                 };
                 (instance, stream)
             }));
+        }
+    }
+
+    /// Opens the stream on connection `i`, or has it wait there for the instance's SETTINGS.
+    fn start_on(&mut self, id: u32, i: usize) {
+        if self.ups[i].settled {
+            self.open_up(id, i);
+        } else {
+            self.ups[i].pending.push(id);
+        }
+    }
+
+    /// The instance's first SETTINGS on connection `i`: its waiting streams open, as many as
+    /// its stream limit takes; the rest go to other connections.
+    fn settled(&mut self, i: usize) {
+        let up = &mut self.ups[i];
+        up.settled = true;
+        let instance = up.instance.clone();
+        for id in std::mem::take(&mut up.pending) {
+            if self.streams.get(&id).is_none_or(|s| s.request.is_none()) {
+                continue; // ended (or moved on) meanwhile
+            }
+            if self.ups[i].takes(instance.id) {
+                self.open_up(id, i);
+            } else {
+                self.place(id, instance.clone());
+            }
         }
     }
 
@@ -138,17 +195,8 @@ impl Relay<'_> {
         let mut link = Link::new(sock, BytesMut::with_capacity(16 << 10));
         link.wbuf.put_slice(HTTP2_PREFACE);
         link.greet(true);
-        let up = Up {
-            link,
-            instance,
-            next_stream: 1,
-            streams: ById::default(),
-            heard: false,
-        };
-        let i = self.add_up(up);
-        for id in waiting {
-            self.open_up(id, i);
-        }
+        let i = self.add_up(Up::new(link, instance));
+        self.ups[i].pending = waiting;
     }
 
     /// Adds an instance connection, in a closed one's slot when there is one.
@@ -156,7 +204,7 @@ impl Relay<'_> {
         match self
             .ups
             .iter()
-            .position(|u| u.link.closed && u.streams.is_empty())
+            .position(|u| u.link.closed && u.streams.is_empty() && u.pending.is_empty())
         {
             Some(i) => {
                 self.ups[i] = up;
@@ -175,6 +223,19 @@ impl Relay<'_> {
             return;
         };
         let up = &mut self.ups[i];
+        if s.list_size > up.link.peer_max_list {
+            let e = CallError::new(
+                Kind::TooLarge,
+                format!(
+                    "function {}: request headers of {} bytes are over the instance's SETTINGS_MAX_HEADER_LIST_SIZE of {}",
+                    s.function(),
+                    s.list_size,
+                    up.link.peer_max_list
+                ),
+            );
+            self.fail(id, &e);
+            return;
+        }
         let Some(mut block) = s.request.take() else {
             return;
         };
@@ -307,6 +368,9 @@ impl Relay<'_> {
                         }
                     }
                 }
+                if !up.settled && !head.is(flag::ACK) {
+                    self.settled(i);
+                }
             }
             kind::PING => up.link.ping(&head, &payload)?,
             kind::RST_STREAM => {
@@ -413,6 +477,14 @@ impl Relay<'_> {
         let up = &mut self.ups[i];
         let (last, _, _) = frame::goaway(head, payload)?;
         up.link.going_away = true;
+        // Streams never sent on it go elsewhere.
+        let instance = up.instance.clone();
+        for id in std::mem::take(&mut up.pending) {
+            if self.streams.get(&id).is_some_and(|s| s.request.is_some()) {
+                self.place(id, instance.clone());
+            }
+        }
+        let up = &mut self.ups[i];
         let unseen: Vec<u32> = up.streams.keys().copied().filter(|&u| u > last).collect();
         let unseen: Vec<u32> = unseen
             .into_iter()
@@ -544,11 +616,20 @@ impl Relay<'_> {
         }
         let instance = up.instance.id;
         let heard = up.heard;
-        let ids: Vec<u32> = up.streams.drain().map(|(_, id)| id).collect();
-        for id in ids {
+        let mut ids: Vec<u32> = up.streams.drain().map(|(_, id)| id).collect();
+        // Streams still waiting for its SETTINGS were never sent: as lost before the instance
+        // said anything.
+        let unsent = std::mem::take(&mut up.pending);
+        let sent = ids.len();
+        ids.extend(unsent);
+        for (n, id) in ids.into_iter().enumerate() {
+            let heard = heard && n < sent;
             let Some(s) = self.streams.get_mut(&id) else {
                 continue;
             };
+            if n >= sent && s.request.is_none() {
+                continue; // moved on to another connection meanwhile
+            }
             s.up = None;
             if s.answered {
                 s.outcome(true);
