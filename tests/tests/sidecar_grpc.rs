@@ -1125,6 +1125,55 @@ async fn a_caller_granting_huge_windows_and_never_reading_cannot_grow_the_sideca
     assert!(data >= 256 << 20, "{data} bytes of DATA");
 }
 
+/// A caller that never reads cannot hold a function's slots (issue 17): with every slot taken by
+/// its unary calls, the instance's answers wait for it in the relay and the slots are free for
+/// other callers at once. Before, each slot stayed taken until the caller read its response.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_that_never_reads_cannot_hold_the_functions_slots() {
+    use fnmesh_codec::http2::{self, flag, kind, setting, FrameHead};
+    use std::io::Write;
+    let sc = Sidecar::start(&grpc_echo_function(
+        "echo",
+        "min = 1\nmax = 1\nconcurrency = 4",
+        "",
+    ));
+    assert_eq!(unary(sc.addr, "warm").await.unwrap().0, "warm");
+    let addr = sc.addr;
+    let _hostile = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let mut out = fnmesh_codec::HTTP2_PREFACE.to_vec();
+        // A window of 0: no response byte may be sent to it.
+        http2::write_settings(&mut out, &[(setting::INITIAL_WINDOW_SIZE, 0)], false);
+        for stream in (1..=15).step_by(2) {
+            out.extend(request_headers(stream, "/echo.Echo/UnaryEcho"));
+            let text = b"hold";
+            let mut message = vec![0, 0, 0, 0, text.len() as u8 + 2, 0x0a, text.len() as u8];
+            message.extend_from_slice(text);
+            FrameHead {
+                len: message.len(),
+                kind: kind::DATA,
+                flags: flag::END_STREAM,
+                stream,
+            }
+            .write(&mut out);
+            out.extend_from_slice(&message);
+        }
+        s.write_all(&out).unwrap();
+        s // never read
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..8 {
+        let text = format!("{i}");
+        let call = tokio::time::timeout(Duration::from_secs(3), unary(sc.addr, &text));
+        let got = call
+            .await
+            .expect("served while the slots' callers do not read");
+        assert_eq!(got.unwrap().0, text);
+    }
+}
+
 /// Reads frames from `s` until the trailers of `stream`; the DATA bytes of that stream.
 fn stream_data_until_trailers(mut s: std::net::TcpStream, stream: u32) -> usize {
     use fnmesh_codec::http2::{flag, kind, FrameHead, FRAME_HEAD_LEN};

@@ -133,6 +133,13 @@ impl Stream {
         !self.answered && at_hand && r.attempts.may_retry(why)
     }
 
+    /// The instance has answered all of it: its slot is free for other calls at once, while
+    /// the response waits for a caller that reads slowly (or never: a caller that does not read
+    /// cannot hold a function's slots with answered calls).
+    pub(super) fn instance_done(&mut self) {
+        self.lease = None;
+    }
+
     /// The call's outcome, for the breaker and the instance's ejection count.
     pub(super) fn outcome(&mut self, failed: bool) {
         if let Some(v) = self.verdict.as_mut() {

@@ -422,6 +422,7 @@ impl Relay<'_> {
         if head.is(flag::END_STREAM) && s.trailers.is_none() {
             // Ended without trailers: the caller gets the end all the same.
             s.trailers = Some(Vec::new());
+            s.instance_done();
         }
         self.pump_caller(id);
         Ok(())
@@ -576,6 +577,7 @@ impl Relay<'_> {
         // Trailers.
         s.outcome(outcome::grpc_status_is_failure(grpc_status.as_deref()));
         s.trailers = Some(out);
+        s.instance_done();
         self.pump_caller(id);
         Ok(())
     }
