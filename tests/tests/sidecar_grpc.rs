@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -1533,4 +1534,262 @@ async fn a_caller_ignoring_flow_control_cannot_grow_the_sidecar() {
         "the sidecar grew by {grown} KiB for {sent} bytes"
     );
     assert_eq!(code, Some(reason::FLOW_CONTROL_ERROR), "after {sent} bytes");
+}
+
+// ---- seeded random sessions --------------------------------------------------------------------
+
+/// A xorshift generator: the random sessions below replay exactly from their seed
+/// (`FNMESH_FUZZ_SEED`; `FNMESH_FUZZ_SESSIONS` runs more of them).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+fn fuzz_setting(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A random caller session: its bytes, its calls (stream, text), and where each text lies.
+type Session = (Vec<u8>, Vec<(u32, String)>, Vec<std::ops::Range<usize>>);
+
+/// One random caller session: 1-8 unary calls on one connection, with PINGs, WINDOW_UPDATEs and
+/// PRIORITY frames among them; the bytes and where each call's text lies.
+fn random_grpc_session(rng: &mut Rng, session: u64) -> Session {
+    use fnmesh_codec::http2::{self, flag, kind, FrameHead};
+    let mut out = fnmesh_codec::HTTP2_PREFACE.to_vec();
+    http2::write_settings(&mut out, &[], false);
+    let (mut calls, mut texts) = (Vec::new(), Vec::new());
+    for k in 0..1 + rng.below(8) as u32 {
+        let stream = 1 + 2 * k;
+        let text = format!("s{session}-k{k}-{}", "y".repeat(rng.below(40)));
+        out.extend(request_headers(stream, "/echo.Echo/UnaryEcho"));
+        let mut message = vec![0, 0, 0, 0, text.len() as u8 + 2, 0x0a, text.len() as u8];
+        message.extend_from_slice(text.as_bytes());
+        FrameHead {
+            len: message.len(),
+            kind: kind::DATA,
+            flags: flag::END_STREAM,
+            stream,
+        }
+        .write(&mut out);
+        texts.push(out.len() + 7..out.len() + message.len());
+        out.extend_from_slice(&message);
+        match rng.below(4) {
+            0 => http2::write_ping(&mut out, rng.next().to_be_bytes(), false),
+            1 => http2::write_window_update(&mut out, 0, 1 + rng.below(1 << 16) as u32),
+            2 => {
+                FrameHead {
+                    len: 5,
+                    kind: kind::PRIORITY,
+                    flags: 0,
+                    stream: stream + 2,
+                }
+                .write(&mut out);
+                out.extend_from_slice(&[0, 0, 0, 0, 16]);
+            }
+            _ => {}
+        }
+        calls.push((stream, text));
+    }
+    (out, calls, texts)
+}
+
+/// Reads frames until every stream in `open` has ended, the connection closes, or 3 s pass: the
+/// DATA of each stream, and the streams that ended.
+fn read_streams(
+    s: &mut std::net::TcpStream,
+    mut open: Vec<u32>,
+) -> (HashMap<u32, Vec<u8>>, Vec<u32>) {
+    use fnmesh_codec::http2::{flag, kind, FrameHead, FRAME_HEAD_LEN};
+    use std::io::Read;
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    let (mut data, mut ended) = (HashMap::<u32, Vec<u8>>::new(), Vec::new());
+    let mut buf = Vec::new();
+    while !open.is_empty() && std::time::Instant::now() < until {
+        let mut chunk = [0u8; 16 << 10];
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                continue
+            }
+            Err(_) => break,
+        }
+        while let Some(head) = FrameHead::parse(&buf) {
+            if buf.len() < FRAME_HEAD_LEN + head.len {
+                break;
+            }
+            let payload = buf[FRAME_HEAD_LEN..FRAME_HEAD_LEN + head.len].to_vec();
+            buf.drain(..FRAME_HEAD_LEN + head.len);
+            if head.kind == kind::DATA {
+                data.entry(head.stream).or_default().extend(payload);
+            }
+            let ends = head.is(flag::END_STREAM) && matches!(head.kind, kind::DATA | kind::HEADERS);
+            if ends || head.kind == kind::RST_STREAM {
+                open.retain(|&x| x != head.stream);
+                ended.push(head.stream);
+            }
+            if head.kind == kind::GOAWAY {
+                open.clear();
+            }
+        }
+    }
+    (data, ended)
+}
+
+/// Random caller sessions against the relay (issue 17, item 6): 1-8 unary calls on a connection
+/// with other frames among them, split at random points; one session in three has a byte
+/// changed (never inside a call's text). Every response's DATA goes to the stream that asked
+/// (its own text, never another stream's or session's); a whole session gets every response;
+/// the sidecar stays up and within 32 MiB, and the instance keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn random_caller_sessions_keep_every_response_on_its_stream() {
+    use std::io::Write;
+    let sc = Sidecar::start(&grpc_echo_function(
+        "echo",
+        "min = 1\nmax = 1\nconcurrency = 64\nidle = \"1m\"",
+        "timeout = \"1s\"",
+    ));
+    assert_eq!(unary(sc.addr, "warm").await.unwrap().0, "warm");
+    let before = sc.rss_kb();
+    let seed = fuzz_setting("FNMESH_FUZZ_SEED", 0x5eed_0017).max(1);
+    let runs = fuzz_setting("FNMESH_FUZZ_SESSIONS", 120);
+    let addr = sc.addr;
+    let checked = tokio::task::spawn_blocking(move || {
+        let mut rng = Rng(seed);
+        let mut checked = 0;
+        for session in 0..runs {
+            let (mut bytes, calls, texts) = random_grpc_session(&mut rng, session);
+            let corrupt = rng.below(3) == 0;
+            if corrupt {
+                let at = loop {
+                    let at = rng.below(bytes.len());
+                    if !texts.iter().any(|t| t.contains(&at)) {
+                        break at;
+                    }
+                };
+                bytes[at] ^= 1 + rng.below(255) as u8;
+            }
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                let n = (1 + rng.below(rest.len().min(200))).min(rest.len());
+                if s.write_all(&rest[..n]).is_err() {
+                    break;
+                }
+                rest = &rest[n..];
+            }
+            let (data, ended) = read_streams(&mut s, calls.iter().map(|c| c.0).collect());
+            let at = format!("seed {seed}, session {session}, corrupt {corrupt}");
+            for (stream, got) in &data {
+                let got = String::from_utf8_lossy(got);
+                // Its own text (unless a changed byte made the request another), and never
+                // another stream's.
+                match calls.iter().find(|c| c.0 == *stream) {
+                    Some((_, text)) => assert!(
+                        got.contains(text.as_str()) || corrupt,
+                        "{at}: stream {stream} got {got:?}"
+                    ),
+                    None => panic!("{at}: DATA on stream {stream}, which nobody opened: {got:?}"),
+                }
+                for (other, text) in calls.iter().filter(|c| c.0 != *stream) {
+                    assert!(
+                        !got.contains(text.as_str()),
+                        "{at}: stream {stream} got stream {other}'s answer: {got:?}"
+                    );
+                }
+                checked += 1;
+            }
+            if !corrupt {
+                assert_eq!(data.len(), calls.len(), "{at}: every call answered");
+                assert_eq!(ended.len(), calls.len(), "{at}: every stream ended");
+            }
+        }
+        checked
+    })
+    .await
+    .unwrap();
+    assert!(checked as u64 > runs, "{checked} responses checked");
+    assert_eq!(unary(sc.addr, "after").await.unwrap().0, "after");
+    let grown = sc.rss_kb().saturating_sub(before);
+    assert!(grown < 32 * 1024, "the sidecar grew by {grown} KiB");
+    assert!(
+        !sc.log().contains("panicked"),
+        "a task of the sidecar panicked"
+    );
+}
+
+/// Random instance sessions against the relay (issue 17, item 6): the function is
+/// `h2-chaos-fn`, which echoes each request but breaks a seeded random share of its answers (a
+/// changed byte, garbage, an answer on a stream never opened, a connection closed mid-answer).
+/// A volo-grpc caller's 400 calls, 8 at a time, each get their own text or an error, never
+/// another call's; the sidecar stays up and within 32 MiB, and calls keep being answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn random_instance_answers_never_reach_another_call() {
+    let seed = fuzz_setting("FNMESH_FUZZ_SEED", 0x5eed_0017).max(1);
+    let calls = fuzz_setting("FNMESH_FUZZ_SESSIONS", 400);
+    let f = format!(
+        "[[function]]\nname = \"echo\"\nprotocol = \"grpc\"\nidl = \"{}\"\ncommand = [\"{}\"]\n\n[function.scale]\nmin = 1\nmax = 1\nconcurrency = 64\nidle = \"1m\"\n\n[function.policy]\ntimeout = \"1s\"\n\n[function.env]\nCHAOS_SEED = \"{seed}\"\n",
+        idl("proto/echo.proto").display(),
+        fnmesh_tests::sidecar::bin("h2-chaos-fn"),
+    );
+    let sc = Sidecar::start(&f);
+    let before = sc.rss_kb();
+    let client = client!(sc.addr);
+    let (mut ok, mut failed) = (0, 0);
+    for batch in 0..calls.div_ceil(8) {
+        let pending: Vec<_> = (0..8)
+            .map(|i| {
+                let client = client.clone();
+                let text = format!("seed {seed} call {batch}-{i}");
+                tokio::spawn(async move {
+                    let got = client.unary_echo(req(&text, 0)).await;
+                    (text, got.map(|r| r.into_inner().message.to_string()))
+                })
+            })
+            .collect();
+        for p in pending {
+            match p.await.unwrap() {
+                (text, Ok(got)) => {
+                    // Its own text, or (a byte of the answer changed) a text nobody sent:
+                    // never another call's.
+                    let sent = got
+                        .strip_prefix(&format!("seed {seed} call "))
+                        .and_then(|rest| rest.split_once('-'))
+                        .is_some_and(|(b, i)| {
+                            b.parse::<u64>().is_ok_and(|b| b <= batch)
+                                && i.parse::<u64>().is_ok_and(|i| i < 8)
+                        });
+                    assert!(got == text || !sent, "seed {seed}: {text:?} got {got:?}");
+                    ok += 1;
+                }
+                (_, Err(_)) => failed += 1,
+            }
+        }
+    }
+    assert!(ok > 0 && failed > 0, "{ok} answered, {failed} failed");
+    let grown = sc.rss_kb().saturating_sub(before);
+    assert!(grown < 32 * 1024, "the sidecar grew by {grown} KiB");
+    assert!(
+        !sc.log().contains("panicked"),
+        "a task of the sidecar panicked"
+    );
 }

@@ -1417,3 +1417,180 @@ async fn a_reload_drains_a_removed_function_and_serves_an_added_one() {
     assert_eq!(sc.stat("fresh", "processes"), 1);
     assert!(!sc.admin_get("/admin/functions").1.contains("\"echo\""));
 }
+
+// ---- seeded random sessions --------------------------------------------------------------------
+
+/// A xorshift generator: the random sessions below replay exactly from their seed.
+struct Rng(u64);
+
+impl Rng {
+    /// The seed from `FNMESH_FUZZ_SEED` (to replay or explore), else `default`.
+    fn from_env(default: u64) -> Rng {
+        let seed = std::env::var("FNMESH_FUZZ_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default);
+        Rng(seed.max(1))
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// How many random sessions to run: `FNMESH_FUZZ_SESSIONS`, else `default`.
+fn sessions(default: usize) -> usize {
+    std::env::var("FNMESH_FUZZ_SESSIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One echo call in `transport` (0: TTHeader, 1: Framed, 2: unframed), Binary.
+fn echo_call_as(transport: usize, seqid: i32, message: &str, sleep_ms: i64) -> Vec<u8> {
+    match transport {
+        0 => ttheader_echo("Echo", seqid, message, sleep_ms, 0),
+        1 => framed_echo(seqid, message, sleep_ms),
+        _ => echo_message("Echo", seqid, message, sleep_ms).to_vec(),
+    }
+}
+
+/// Random sessions against the Thrift connection (issue 17, item 6): each on its own connection,
+/// in one transport, 1-12 pipelined calls split at random points and written with pauses; one
+/// session in five has a byte changed. Every reply goes to the call that asked (its seqid and
+/// its own message), in order; a session left whole gets every reply; the sidecar stays up and
+/// within 32 MiB. `FNMESH_FUZZ_SEED` and `FNMESH_FUZZ_SESSIONS` replay or lengthen the run.
+#[tokio::test(flavor = "multi_thread")]
+async fn random_splits_and_pipelining_keep_every_reply_with_its_call() {
+    // A changed byte may make a sleep_ms of years: the timeout bounds it.
+    let sc = Sidecar::start(&echo_function(
+        "echo",
+        "min = 1\nmax = 2\nconcurrency = 16\nidle = \"1m\"",
+        "timeout = \"1s\"",
+    ));
+    echo(sc.addr, "warm", None, 5000).await.unwrap();
+    let before = sc.rss_kb();
+    let mut rng = Rng::from_env(0x5eed_0017);
+    let seed = rng.0;
+    let addr = sc.addr;
+    let runs = sessions(120);
+    let checked = tokio::task::spawn_blocking(move || {
+        (0..runs)
+            .map(|session| random_thrift_session(addr, &mut rng, session, seed))
+            .sum::<usize>()
+    })
+    .await
+    .unwrap();
+    assert!(
+        checked > runs,
+        "{checked} replies checked in {runs} sessions"
+    );
+    assert_eq!(echo(sc.addr, "after", None, 5000).await.unwrap().0, "after");
+    let grown = sc.rss_kb().saturating_sub(before);
+    assert!(grown < 32 * 1024, "the sidecar grew by {grown} KiB");
+    assert!(
+        !sc.log().contains("panicked"),
+        "a task of the sidecar panicked"
+    );
+}
+
+/// One random session; the replies it checked.
+fn random_thrift_session(addr: SocketAddr, rng: &mut Rng, session: usize, seed: u64) -> usize {
+    let transport = rng.below(3);
+    let calls = 1 + rng.below(12);
+    let mut bytes = Vec::new();
+    let mut asked = Vec::new();
+    // Where each call's message text lies: a changed byte goes anywhere else (framing, headers,
+    // field headers, lengths), so that every reply's text still says whose call it was.
+    let mut texts = Vec::new();
+    for k in 0..calls {
+        let seqid = ((rng.next() as i32) & 0x7fff_0000) | k as i32;
+        let message = format!("s{session}-q{seqid}-{}", "x".repeat(rng.below(64)));
+        let call = echo_call_as(transport, seqid, &message, rng.below(3) as i64);
+        let at = call
+            .windows(message.len())
+            .position(|w| w == message.as_bytes())
+            .unwrap();
+        texts.push(bytes.len() + at..bytes.len() + at + message.len());
+        bytes.extend(call);
+        asked.push((seqid, message));
+    }
+    let corrupt = rng.below(5) == 0;
+    if corrupt {
+        let at = loop {
+            let at = rng.below(bytes.len());
+            if !texts.iter().any(|t| t.contains(&at)) {
+                break at;
+            }
+        };
+        bytes[at] ^= 1 + rng.below(255) as u8;
+    }
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut rest = &bytes[..];
+    while !rest.is_empty() {
+        let n = (1 + rng.below(rest.len().min(300))).min(rest.len());
+        if s.write_all(&rest[..n]).is_err() {
+            break; // a corrupted session may be closed early
+        }
+        rest = &rest[n..];
+        if rng.below(4) == 0 {
+            std::thread::sleep(Duration::from_micros(300));
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let mut buf = BytesMut::from(&out[..]);
+    let mut d = FrameDecoder::new(Limits::default());
+    let mut replies = Vec::new();
+    while let Ok(Some(f)) = d.decode(&mut buf) {
+        replies.push(f);
+    }
+    let at = format!("seed {seed}, session {session}, transport {transport}, corrupt {corrupt}");
+    let mut next = 0;
+    for f in &replies {
+        if f.kind() == MessageType::Exception {
+            assert!(corrupt, "{at}: an exception for a whole session");
+            continue;
+        }
+        let payload = String::from_utf8_lossy(f.payload());
+        // Never another session's call: the text is one of this session's.
+        assert!(
+            asked.iter().any(|(_, m)| payload.contains(m.as_str())),
+            "{at}: seqid {} got {payload:?}",
+            f.seqid()
+        );
+        // In order: the reply is for one of the calls not yet answered, the earliest whole one.
+        let Some(i) = asked[next..].iter().position(|(q, _)| *q == f.seqid()) else {
+            assert!(
+                corrupt,
+                "{at}: a reply with seqid {} nobody is owed",
+                f.seqid()
+            );
+            continue; // its seqid was the changed byte
+        };
+        assert!(corrupt || i == 0, "{at}: a reply out of order");
+        let (_, message) = &asked[next + i];
+        assert!(
+            payload.contains(message.as_str()),
+            "{at}: seqid {} got {payload:?}",
+            f.seqid()
+        );
+        next += i + 1;
+    }
+    if !corrupt {
+        assert_eq!(
+            next, calls,
+            "{at}: every call of a whole session is answered"
+        );
+    }
+    replies.len()
+}
