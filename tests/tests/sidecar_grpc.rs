@@ -13,6 +13,7 @@ use std::{
 
 use fnmesh_tests::{
     proto::proto_gen::echo::{EchoClientBuilder, EchoRequest},
+    rng::{fuzz_setting, Rng},
     sidecar::{
         echo_function, grpc_echo_fn, grpc_echo_function, idl, kill_instance, two_instances, Sidecar,
     },
@@ -960,6 +961,24 @@ fn request_headers(stream: u32, path: &str) -> Vec<u8> {
     frame
 }
 
+/// A DATA frame ending `stream` with one gRPC message: an EchoRequest of `text` (under 126
+/// bytes). Its text starts 16 bytes into the frame.
+fn request_data(stream: u32, text: &[u8]) -> Vec<u8> {
+    use fnmesh_codec::http2::{flag, kind, FrameHead};
+    let mut message = vec![0, 0, 0, 0, text.len() as u8 + 2, 0x0a, text.len() as u8];
+    message.extend_from_slice(text);
+    let mut frame = Vec::new();
+    FrameHead {
+        len: message.len(),
+        kind: kind::DATA,
+        flags: flag::END_STREAM,
+        stream,
+    }
+    .write(&mut frame);
+    frame.extend_from_slice(&message);
+    frame
+}
+
 /// The error code of the first GOAWAY, or RST_STREAM on `stream`, among the frames in `got`.
 fn error_code(got: &[u8], stream: u32) -> Option<u32> {
     use fnmesh_codec::http2::{self, kind, FrameHead, FRAME_HEAD_LEN};
@@ -1080,7 +1099,7 @@ async fn resets_cannot_hide_behind_streams_fnmesh_answers_itself() {
 /// the instance is held back by flow control. Another caller is served meanwhile.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_caller_granting_huge_windows_and_never_reading_cannot_grow_the_sidecar() {
-    use fnmesh_codec::http2::{self, flag, kind, setting, FrameHead, MAX_WINDOW};
+    use fnmesh_codec::http2::{self, setting, MAX_WINDOW};
     use std::io::Write;
     let sc = Sidecar::start(&grpc_echo_function("echo", "min = 1\nmax = 1", ""));
     assert_eq!(unary(sc.addr, "warm").await.unwrap().0, "warm");
@@ -1096,17 +1115,7 @@ async fn a_caller_granting_huge_windows_and_never_reading_cannot_grow_the_sideca
         );
         http2::write_window_update(&mut out, 0, MAX_WINDOW - 65_535);
         out.extend(request_headers(1, "/echo.Echo/ServerStreamingEcho"));
-        let text = b"__bulk__ 256";
-        let mut message = vec![0, 0, 0, 0, text.len() as u8 + 2, 0x0a, text.len() as u8];
-        message.extend_from_slice(text);
-        FrameHead {
-            len: message.len(),
-            kind: kind::DATA,
-            flags: flag::END_STREAM,
-            stream: 1,
-        }
-        .write(&mut out);
-        out.extend_from_slice(&message);
+        out.extend(request_data(1, b"__bulk__ 256"));
         s.write_all(&out).unwrap();
         s // never read
     })
@@ -1131,7 +1140,7 @@ async fn a_caller_granting_huge_windows_and_never_reading_cannot_grow_the_sideca
 /// other callers at once. Before, each slot stayed taken until the caller read its response.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_caller_that_never_reads_cannot_hold_the_functions_slots() {
-    use fnmesh_codec::http2::{self, flag, kind, setting, FrameHead};
+    use fnmesh_codec::http2::{self, setting};
     use std::io::Write;
     let sc = Sidecar::start(&grpc_echo_function(
         "echo",
@@ -1147,17 +1156,7 @@ async fn a_caller_that_never_reads_cannot_hold_the_functions_slots() {
         http2::write_settings(&mut out, &[(setting::INITIAL_WINDOW_SIZE, 0)], false);
         for stream in (1..=15).step_by(2) {
             out.extend(request_headers(stream, "/echo.Echo/UnaryEcho"));
-            let text = b"hold";
-            let mut message = vec![0, 0, 0, 0, text.len() as u8 + 2, 0x0a, text.len() as u8];
-            message.extend_from_slice(text);
-            FrameHead {
-                len: message.len(),
-                kind: kind::DATA,
-                flags: flag::END_STREAM,
-                stream,
-            }
-            .write(&mut out);
-            out.extend_from_slice(&message);
+            out.extend(request_data(stream, b"hold"));
         }
         s.write_all(&out).unwrap();
         s // never read
@@ -1538,37 +1537,13 @@ async fn a_caller_ignoring_flow_control_cannot_grow_the_sidecar() {
 
 // ---- seeded random sessions --------------------------------------------------------------------
 
-/// A xorshift generator: the random sessions below replay exactly from their seed
-/// (`FNMESH_FUZZ_SEED`; `FNMESH_FUZZ_SESSIONS` runs more of them).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-fn fuzz_setting(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
 /// A random caller session: its bytes, its calls (stream, text), and where each text lies.
 type Session = (Vec<u8>, Vec<(u32, String)>, Vec<std::ops::Range<usize>>);
 
 /// One random caller session: 1-8 unary calls on one connection, with PINGs, WINDOW_UPDATEs and
 /// PRIORITY frames among them; the bytes and where each call's text lies.
 fn random_grpc_session(rng: &mut Rng, session: u64) -> Session {
-    use fnmesh_codec::http2::{self, flag, kind, FrameHead};
+    use fnmesh_codec::http2::{self, kind, FrameHead};
     let mut out = fnmesh_codec::HTTP2_PREFACE.to_vec();
     http2::write_settings(&mut out, &[], false);
     let (mut calls, mut texts) = (Vec::new(), Vec::new());
@@ -1576,19 +1551,11 @@ fn random_grpc_session(rng: &mut Rng, session: u64) -> Session {
         let stream = 1 + 2 * k;
         let text = format!("s{session}-k{k}-{}", "y".repeat(rng.below(40)));
         out.extend(request_headers(stream, "/echo.Echo/UnaryEcho"));
-        let mut message = vec![0, 0, 0, 0, text.len() as u8 + 2, 0x0a, text.len() as u8];
-        message.extend_from_slice(text.as_bytes());
-        FrameHead {
-            len: message.len(),
-            kind: kind::DATA,
-            flags: flag::END_STREAM,
-            stream,
-        }
-        .write(&mut out);
-        texts.push(out.len() + 7..out.len() + message.len());
-        out.extend_from_slice(&message);
+        let data = request_data(stream, text.as_bytes());
+        texts.push(out.len() + 16..out.len() + data.len());
+        out.extend(data);
         match rng.below(4) {
-            0 => http2::write_ping(&mut out, rng.next().to_be_bytes(), false),
+            0 => http2::write_ping(&mut out, rng.next_u64().to_be_bytes(), false),
             1 => http2::write_window_update(&mut out, 0, 1 + rng.below(1 << 16) as u32),
             2 => {
                 FrameHead {
@@ -1662,7 +1629,6 @@ fn read_streams(
 /// the sidecar stays up and within 32 MiB, and the instance keeps serving.
 #[tokio::test(flavor = "multi_thread")]
 async fn random_caller_sessions_keep_every_response_on_its_stream() {
-    use std::io::Write;
     let sc = Sidecar::start(&grpc_echo_function(
         "echo",
         "min = 1\nmax = 1\nconcurrency = 64\nidle = \"1m\"",
@@ -1670,7 +1636,7 @@ async fn random_caller_sessions_keep_every_response_on_its_stream() {
     ));
     assert_eq!(unary(sc.addr, "warm").await.unwrap().0, "warm");
     let before = sc.rss_kb();
-    let seed = fuzz_setting("FNMESH_FUZZ_SEED", 0x5eed_0017).max(1);
+    let seed = Rng::from_env(0x5eed_0017).0;
     let runs = fuzz_setting("FNMESH_FUZZ_SESSIONS", 120);
     let addr = sc.addr;
     let checked = tokio::task::spawn_blocking(move || {
@@ -1680,23 +1646,10 @@ async fn random_caller_sessions_keep_every_response_on_its_stream() {
             let (mut bytes, calls, texts) = random_grpc_session(&mut rng, session);
             let corrupt = rng.below(3) == 0;
             if corrupt {
-                let at = loop {
-                    let at = rng.below(bytes.len());
-                    if !texts.iter().any(|t| t.contains(&at)) {
-                        break at;
-                    }
-                };
-                bytes[at] ^= 1 + rng.below(255) as u8;
+                rng.change_a_byte(&mut bytes, &texts);
             }
             let mut s = std::net::TcpStream::connect(addr).unwrap();
-            let mut rest = &bytes[..];
-            while !rest.is_empty() {
-                let n = (1 + rng.below(rest.len().min(200))).min(rest.len());
-                if s.write_all(&rest[..n]).is_err() {
-                    break;
-                }
-                rest = &rest[n..];
-            }
+            rng.write_in_pieces(&mut s, &bytes, 200);
             let (data, ended) = read_streams(&mut s, calls.iter().map(|c| c.0).collect());
             let at = format!("seed {seed}, session {session}, corrupt {corrupt}");
             for (stream, got) in &data {
@@ -1744,7 +1697,7 @@ async fn random_caller_sessions_keep_every_response_on_its_stream() {
 /// another call's; the sidecar stays up and within 32 MiB, and calls keep being answered.
 #[tokio::test(flavor = "multi_thread")]
 async fn random_instance_answers_never_reach_another_call() {
-    let seed = fuzz_setting("FNMESH_FUZZ_SEED", 0x5eed_0017).max(1);
+    let seed = Rng::from_env(0x5eed_0017).0;
     let calls = fuzz_setting("FNMESH_FUZZ_SESSIONS", 400);
     let f = format!(
         "[[function]]\nname = \"echo\"\nprotocol = \"grpc\"\nidl = \"{}\"\ncommand = [\"{}\"]\n\n[function.scale]\nmin = 1\nmax = 1\nconcurrency = 64\nidle = \"1m\"\n\n[function.policy]\ntimeout = \"1s\"\n\n[function.env]\nCHAOS_SEED = \"{seed}\"\n",

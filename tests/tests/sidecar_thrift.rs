@@ -12,6 +12,7 @@ use fnmesh_codec::{FrameDecoder, Limits, MessageType, Protocol};
 use fnmesh_tests::{
     echo::{raw_message, raw_ttheader_call},
     gen::volo_gen::echo::{EchoRequest, EchoServiceClientBuilder},
+    rng::Rng,
     sidecar::{self, alive, echo_fn, echo_function, kill_instance, under_shell, Sidecar},
 };
 use pilota::thrift::ApplicationExceptionKind;
@@ -1420,39 +1421,6 @@ async fn a_reload_drains_a_removed_function_and_serves_an_added_one() {
 
 // ---- seeded random sessions --------------------------------------------------------------------
 
-/// A xorshift generator: the random sessions below replay exactly from their seed.
-struct Rng(u64);
-
-impl Rng {
-    /// The seed from `FNMESH_FUZZ_SEED` (to replay or explore), else `default`.
-    fn from_env(default: u64) -> Rng {
-        let seed = std::env::var("FNMESH_FUZZ_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(default);
-        Rng(seed.max(1))
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-/// How many random sessions to run: `FNMESH_FUZZ_SESSIONS`, else `default`.
-fn sessions(default: usize) -> usize {
-    std::env::var("FNMESH_FUZZ_SESSIONS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
 /// One echo call in `transport` (0: TTHeader, 1: Framed, 2: unframed), Binary.
 fn echo_call_as(transport: usize, seqid: i32, message: &str, sleep_ms: i64) -> Vec<u8> {
     match transport {
@@ -1480,7 +1448,7 @@ async fn random_splits_and_pipelining_keep_every_reply_with_its_call() {
     let mut rng = Rng::from_env(0x5eed_0017);
     let seed = rng.0;
     let addr = sc.addr;
-    let runs = sessions(120);
+    let runs = fnmesh_tests::rng::fuzz_setting("FNMESH_FUZZ_SESSIONS", 120) as usize;
     let checked = tokio::task::spawn_blocking(move || {
         (0..runs)
             .map(|session| random_thrift_session(addr, &mut rng, session, seed))
@@ -1511,7 +1479,7 @@ fn random_thrift_session(addr: SocketAddr, rng: &mut Rng, session: usize, seed: 
     // field headers, lengths), so that every reply's text still says whose call it was.
     let mut texts = Vec::new();
     for k in 0..calls {
-        let seqid = ((rng.next() as i32) & 0x7fff_0000) | k as i32;
+        let seqid = ((rng.next_u64() as i32) & 0x7fff_0000) | k as i32;
         let message = format!("s{session}-q{seqid}-{}", "x".repeat(rng.below(64)));
         let call = echo_call_as(transport, seqid, &message, rng.below(3) as i64);
         let at = call
@@ -1524,27 +1492,11 @@ fn random_thrift_session(addr: SocketAddr, rng: &mut Rng, session: usize, seed: 
     }
     let corrupt = rng.below(5) == 0;
     if corrupt {
-        let at = loop {
-            let at = rng.below(bytes.len());
-            if !texts.iter().any(|t| t.contains(&at)) {
-                break at;
-            }
-        };
-        bytes[at] ^= 1 + rng.below(255) as u8;
+        rng.change_a_byte(&mut bytes, &texts);
     }
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    let mut rest = &bytes[..];
-    while !rest.is_empty() {
-        let n = (1 + rng.below(rest.len().min(300))).min(rest.len());
-        if s.write_all(&rest[..n]).is_err() {
-            break; // a corrupted session may be closed early
-        }
-        rest = &rest[n..];
-        if rng.below(4) == 0 {
-            std::thread::sleep(Duration::from_micros(300));
-        }
-    }
+    rng.write_in_pieces(&mut s, &bytes, 300);
     let _ = s.shutdown(std::net::Shutdown::Write);
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);

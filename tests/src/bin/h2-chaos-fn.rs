@@ -10,25 +10,12 @@ use std::{
     net::{TcpListener, TcpStream},
 };
 
+use fnmesh_tests::rng::Rng;
+
 use fnmesh_codec::{
     hpack::encode_field,
     http2::{self, flag, kind, FrameHead, FRAME_HEAD_LEN},
 };
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 fn main() {
     let port: u16 = std::env::var("PORT")
@@ -156,7 +143,7 @@ fn answer(out: &mut Vec<u8>, rng: &mut Rng, stream: u32, body: &[u8]) -> bool {
         }
         2 => {
             // Garbage after it.
-            a.extend((0..1 + rng.below(64)).map(|_| rng.next() as u8));
+            a.extend((0..1 + rng.below(64)).map(|_| rng.next_u64() as u8));
         }
         3 if rng.below(3) == 0 => {
             // The answer cut short, and the connection closed.
