@@ -666,6 +666,26 @@ async fn the_instances_stream_and_header_list_limits_are_kept() {
     assert_eq!(unary(sc.addr, "after").await.unwrap().0, "after");
 }
 
+/// An instance that takes no streams at all (SETTINGS_MAX_CONCURRENT_STREAMS 0) is answered
+/// UNAVAILABLE at once, after a bounded number of connections, not waited on for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_that_takes_no_streams_is_unavailable_at_once() {
+    let mut f = grpc_echo_function("echo", "min = 1\nmax = 1", "");
+    f.push_str("[function.env]\nGRPC_ECHO_MAX_STREAMS = \"0\"\n");
+    let sc = Sidecar::start(&f);
+    let started = Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(5), unary(sc.addr, "none"))
+        .await
+        .expect("answered before the deadline")
+        .expect_err("no stream can be served");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains("SETTINGS_MAX_CONCURRENT_STREAMS"),
+        "{e:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
 // ---- Python grpcio, an independent client --------------------------------------------------------
 
 fn grpcio(port: u16, args: &[&str]) -> Vec<String> {

@@ -42,6 +42,10 @@ impl Up {
     }
 }
 
+/// The most connections one caller connection opens to one instance (more only when the
+/// instance's SETTINGS_MAX_CONCURRENT_STREAMS is reached on each).
+const MAX_UPS_PER_INSTANCE: usize = 32;
+
 /// Instance connections kept idle per instance and worker.
 pub(super) const MAX_IDLE: usize = 4;
 /// Past this stream number a connection takes no new streams (HTTP/2 allows up to 2^31-1).
@@ -110,6 +114,23 @@ impl Relay<'_> {
     fn place(&mut self, id: u32, instance: Arc<Instance>) {
         if let Some(i) = self.ups.iter().position(|u| u.takes(instance.id)) {
             self.start_on(id, i);
+            return;
+        }
+        let open = self
+            .ups
+            .iter()
+            .filter(|u| u.instance.id == instance.id && !u.link.closed)
+            .count();
+        if open >= MAX_UPS_PER_INSTANCE {
+            // An instance that takes (almost) no streams is not given connections without end.
+            let e = CallError::new(
+                Kind::Unavailable,
+                format!(
+                    "function instance {}: its SETTINGS_MAX_CONCURRENT_STREAMS is reached on {open} connections",
+                    instance.id
+                ),
+            );
+            self.retry_or_fail(id, &e, Failure::Connect);
             return;
         }
         if let Some(up) = take_idle(&instance) {
