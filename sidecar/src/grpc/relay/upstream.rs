@@ -168,6 +168,14 @@ impl Relay<'_> {
         }
     }
 
+    /// Whether stream `id` is still waiting to be sent to an instance (a connection's pending
+    /// list may still name a stream that ended or went elsewhere).
+    fn unsent(&self, id: u32) -> bool {
+        self.streams
+            .get(&id)
+            .is_some_and(|s| s.request.is_some() && s.up.is_none())
+    }
+
     /// The instance's first SETTINGS on connection `i`: its waiting streams open, as many as
     /// its stream limit takes; the rest go to other connections.
     fn settled(&mut self, i: usize) {
@@ -175,7 +183,7 @@ impl Relay<'_> {
         up.settled = true;
         let instance = up.instance.clone();
         for id in std::mem::take(&mut up.pending) {
-            if self.streams.get(&id).is_none_or(|s| s.request.is_none()) {
+            if !self.unsent(id) {
                 continue; // ended (or moved on) meanwhile
             }
             if self.ups[i].takes(instance.id) {
@@ -502,7 +510,7 @@ impl Relay<'_> {
         // Streams never sent on it go elsewhere.
         let instance = up.instance.clone();
         for id in std::mem::take(&mut up.pending) {
-            if self.streams.get(&id).is_some_and(|s| s.request.is_some()) {
+            if self.unsent(id) {
                 self.place(id, instance.clone());
             }
         }
@@ -642,17 +650,14 @@ impl Relay<'_> {
         let mut ids: Vec<u32> = up.streams.drain().map(|(_, id)| id).collect();
         // Streams still waiting for its SETTINGS were never sent: as lost before the instance
         // said anything.
-        let unsent = std::mem::take(&mut up.pending);
+        let pending = std::mem::take(&mut up.pending);
         let sent = ids.len();
-        ids.extend(unsent);
+        ids.extend(pending.into_iter().filter(|&id| self.unsent(id)));
         for (n, id) in ids.into_iter().enumerate() {
             let heard = heard && n < sent;
             let Some(s) = self.streams.get_mut(&id) else {
                 continue;
             };
-            if n >= sent && s.request.is_none() {
-                continue; // moved on to another connection meanwhile
-            }
             s.up = None;
             if s.answered {
                 s.outcome(true);
