@@ -31,6 +31,16 @@ pub fn addr() -> SocketAddr {
 }
 
 fn start() -> SocketAddr {
+    // As a Rust program's own `main` does (libFuzzer's `main` runs here instead): a write to a
+    // connection the peer closed is an error to handle (EPIPE), not a signal that kills. The
+    // sidecar's vectored writes (writev) cannot ask for that per call.
+    // SAFETY: SIG_IGN installs no handler code; nothing else in this process handles SIGPIPE.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigIgn,
+        );
+    }
     std::panic::set_hook(Box::new(|info| {
         eprintln!("{info}");
         std::process::abort();
