@@ -1,7 +1,8 @@
 // A whole sidecar in this process, started once: the fuzz targets send their input to it as a
 // caller would, so the coverage is the sidecar's own (listener, Thrift connection, relay, pool).
 // Its functions are the example echo functions, built in release (`cargo build --release -p
-// fnmesh-tests --bins`; FNMESH_FUZZ_BINS names another directory). A panic on any of the
+// fnmesh-tests --bins`; FNMESH_FUZZ_BINS names another directory), or one scripted instance
+// that the fuzzing process plays itself (`scripted`). A panic on any of the
 // sidecar's threads aborts the process, so that libFuzzer reports it.
 // (No `forbid(unsafe_code)` here: libfuzzer-sys's entry point macro needs `#[no_mangle]`.)
 
@@ -15,22 +16,90 @@ use std::{
 static SIDECAR: OnceLock<SocketAddr> = OnceLock::new();
 
 /// The sidecar started its watchdog (`current_exe __watchdog`, here this fuzz binary): be it,
-/// so that the instances die with the fuzzing process.
+/// so that the instances die with the fuzzing process. Or the sidecar started a scripted
+/// instance (`current_exe __instance`): be that.
 pub fn watchdog_or_nothing() {
-    if std::env::args().nth(1).as_deref() == Some("__watchdog") {
-        std::process::exit(match fnmesh::instances::watchdog::main() {
+    match std::env::args().nth(1).as_deref() {
+        Some("__watchdog") => std::process::exit(match fnmesh::instances::watchdog::main() {
             std::process::ExitCode::SUCCESS => 0,
             _ => 1,
-        });
+        }),
+        Some("__instance") => scripted_instance(),
+        _ => {}
     }
 }
 
-/// The sidecar's address, starting it (and one instance of each function) on first use.
-pub fn addr() -> SocketAddr {
-    *SIDECAR.get_or_init(start)
+/// A scripted instance's process: it tells the fuzzing process the port the sidecar gave it
+/// (`PORT`), which the fuzzing process then listens on and answers from its input; it lives
+/// until the fuzzing process closes the control connection.
+fn scripted_instance() -> ! {
+    let control = std::env::var("FNMESH_FUZZ_CONTROL").expect("FNMESH_FUZZ_CONTROL");
+    let port = std::env::var("PORT").expect("PORT");
+    let mut c = TcpStream::connect(("127.0.0.1", control.parse::<u16>().unwrap())).unwrap();
+    c.write_all(format!("{port}\n").as_bytes()).unwrap();
+    let _ = c.read(&mut [0u8; 1]);
+    std::process::exit(0);
 }
 
-fn start() -> SocketAddr {
+const ECHO_FUNCTIONS: &str = "\
+[[function]]\nname = \"echo\"\nprotocol = \"thrift\"\nidl = \"{root}/idl/thrift/echo.thrift\"\n\
+command = [\"{bins}/echo-fn\"]\n[function.scale]\nmin = 1\nmax = 1\nconcurrency = 64\n\
+[function.policy]\ntimeout = \"1s\"\n\n\
+[[function]]\nname = \"grpc-echo\"\nprotocol = \"grpc\"\nidl = \"{root}/idl/proto/echo.proto\"\n\
+command = [\"{bins}/grpc-echo-fn\"]\n[function.scale]\nmin = 1\nmax = 1\nconcurrency = 64\n\
+[function.policy]\ntimeout = \"1s\"\n";
+
+/// The sidecar's address, starting it (and one instance of each example function) on first
+/// use.
+pub fn addr() -> SocketAddr {
+    *SIDECAR.get_or_init(|| start(ECHO_FUNCTIONS))
+}
+
+/// The address of a sidecar whose one function, `echo.Echo` over gRPC, has one scripted
+/// instance, and that instance's listener (bound once the instance process says its port).
+pub fn scripted() -> (SocketAddr, &'static TcpListener) {
+    static LISTENER: OnceLock<TcpListener> = OnceLock::new();
+    let addr = *SIDECAR.get_or_init(|| {
+        let control = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = control.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut c, _) = control.accept().unwrap();
+            let mut text = String::new();
+            let mut b = [0u8; 1];
+            while c.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+                text.push(b[0] as char);
+            }
+            let l = TcpListener::bind(("127.0.0.1", text.parse::<u16>().unwrap())).unwrap();
+            let _ = LISTENER.set(l);
+            // Held open for the process's life: the instance process exits when it closes.
+            loop {
+                std::thread::park();
+            }
+        });
+        let exe = std::env::current_exe().unwrap();
+        start(&format!(
+            "[[function]]\nname = \"scripted\"\nprotocol = \"grpc\"\n\
+             idl = \"{{root}}/idl/proto/echo.proto\"\ncommand = [\"{}\", \"__instance\"]\n\
+             [function.env]\nFNMESH_FUZZ_CONTROL = \"{port}\"\n\
+             [function.scale]\nmin = 1\nmax = 1\nconcurrency = 64\n\
+             [function.policy]\ntimeout = \"1s\"\n",
+            exe.display()
+        ))
+    });
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(l) = LISTENER.get() {
+            return (addr, l);
+        }
+        assert!(
+            Instant::now() < until,
+            "the scripted instance did not start"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn start(functions: &str) -> SocketAddr {
     // As a Rust program's own `main` does (libFuzzer's `main` runs here instead): a write to a
     // connection the peer closed is an error to handle (EPIPE), not a signal that kills. The
     // sidecar's vectored writes (writev) cannot ask for that per call.
@@ -49,20 +118,19 @@ fn start() -> SocketAddr {
     let bins = std::env::var("FNMESH_FUZZ_BINS")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| root.join("target/release"));
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let dir = std::env::temp_dir().join(format!("fnmesh-fuzz-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let functions = functions
+        .replace("{root}", &root.display().to_string())
+        .replace("{bins}", &bins.display().to_string());
     let text = format!(
-        "[sidecar]\nlisten = \"{addr}\"\nworkers = 1\nbusy_poll = \"0s\"\nheader_timeout = \"1s\"\n\n\
-         [[function]]\nname = \"echo\"\nprotocol = \"thrift\"\nidl = \"{root}/idl/thrift/echo.thrift\"\n\
-         command = [\"{bins}/echo-fn\"]\n[function.scale]\nmin = 1\nmax = 1\nconcurrency = 64\n\
-         [function.policy]\ntimeout = \"1s\"\n\n\
-         [[function]]\nname = \"grpc-echo\"\nprotocol = \"grpc\"\nidl = \"{root}/idl/proto/echo.proto\"\n\
-         command = [\"{bins}/grpc-echo-fn\"]\n[function.scale]\nmin = 1\nmax = 1\nconcurrency = 64\n\
-         [function.policy]\ntimeout = \"1s\"\n",
-        root = root.display(),
-        bins = bins.display(),
+        "[sidecar]\nlisten = \"{addr}\"\nworkers = 1\nbusy_poll = \"0s\"\nheader_timeout = \"1s\"\n\n{functions}"
     );
     let path = dir.join("fnmesh.toml");
     std::fs::write(&path, text).unwrap();
@@ -96,5 +164,33 @@ pub fn exchange(bytes: &[u8], wait: Duration) {
         if n == 0 {
             break;
         }
+    }
+}
+
+/// The fuzz input read as a script: each read takes the next bytes, zeros once it is spent.
+pub struct Input<'a>(pub &'a [u8]);
+
+impl Input<'_> {
+    pub fn byte(&mut self) -> u8 {
+        let Some((&b, rest)) = self.0.split_first() else {
+            return 0;
+        };
+        self.0 = rest;
+        b
+    }
+
+    pub fn u32(&mut self) -> u32 {
+        u32::from_be_bytes([self.byte(), self.byte(), self.byte(), self.byte()])
+    }
+
+    /// Up to `n` bytes (fewer when the input runs out).
+    pub fn take(&mut self, n: usize) -> Vec<u8> {
+        let (head, rest) = self.0.split_at(n.min(self.0.len()));
+        self.0 = rest;
+        head.to_vec()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }

@@ -5,6 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 
 #[path = "sidecar.rs"]
+#[allow(dead_code)]
 mod sidecar;
 
 fuzz_target!(init: sidecar::watchdog_or_nothing(), |data: &[u8]| {
