@@ -42,7 +42,18 @@ async fn echo(
     sleep_ms: Option<i64>,
     timeout_ms: u64,
 ) -> Result<(String, String), (ApplicationExceptionKind, String)> {
-    let client = client!(addr, "echo", timeout_ms);
+    echo_to(addr, "echo", message, sleep_ms, timeout_ms).await
+}
+
+/// As [`echo`], to the function named `callee` (the call's TTHeader ToService).
+async fn echo_to(
+    addr: SocketAddr,
+    callee: &'static str,
+    message: &str,
+    sleep_ms: Option<i64>,
+    timeout_ms: u64,
+) -> Result<(String, String), (ApplicationExceptionKind, String)> {
+    let client = client!(addr, callee, timeout_ms);
     match client.echo(req(message, sleep_ms)).await {
         Ok(volo_thrift::MaybeException::Ok(r)) => Ok((
             r.message.to_string(),
@@ -489,7 +500,7 @@ async fn a_command_that_never_becomes_ready_fails_every_queued_caller_quickly() 
     for i in 0..10 {
         let addr = sc.addr;
         calls.push(tokio::spawn(async move {
-            echo(addr, &format!("{i}"), None, 10_000).await
+            echo_to(addr, "stuck", &format!("{i}"), None, 10_000).await
         }));
     }
     for c in calls {
@@ -540,6 +551,42 @@ async fn unknown_services_and_methods_get_no_route_and_start_nothing() {
         0
     );
     assert!(sc.children().is_empty(), "no process was started");
+}
+
+/// With one Thrift function, only a call that names no service at all falls to it: a call whose
+/// ToService, `isn` or `Service:` prefix names another service is `no-route`, naming it (issue
+/// 18, item 3), and starts nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_naming_another_service_never_reaches_the_only_function() {
+    let sc = Sidecar::start(&echo_function("echo", "", ""));
+    for (bytes, service) in [
+        (
+            ttheader_call("ghost", "GhostService", "Echo"),
+            "GhostService",
+        ),
+        (ttheader_call("ghost", "", "Echo"), "ghost"),
+        (ttheader_call("", "GhostService", "Echo"), "GhostService"),
+        (framed_call("Ghost:Echo"), "Ghost"),
+    ] {
+        let reply = raw_call(sc.addr, &bytes);
+        assert_exception(
+            &reply,
+            1,
+            &format!("no function for service {service}"),
+            None,
+        );
+    }
+    assert!(sc.children().is_empty(), "no process was started");
+    // Naming no service (Framed, or TTHeader with empty keys), or this one, reaches it.
+    for bytes in [
+        framed_call("Echo"),
+        ttheader_call("", "", "Echo"),
+        ttheader_call("echo", "EchoService", "Echo"),
+        framed_call("EchoService:Echo"),
+    ] {
+        let reply = raw_call(sc.addr, &bytes);
+        assert_eq!(reply.kind(), MessageType::Reply, "{reply:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1050,12 +1097,11 @@ fn apache_thrift_python_clients_framed_multiplexed_buffered_and_compact_get_repl
             );
         }
     }
-    // A multiplexed service nobody serves: with one function configured, it takes the call (rule
-    // 4), and the IDL check refuses the unknown name without starting anything new.
+    // A multiplexed service nobody serves: never the only function's, although one is configured.
     let lines = python_client(port, &["--multiplexed", "GhostService"]);
     assert!(
         lines[0].starts_with("exception 1 ")
-            && lines[0].contains("no-route: function echo has no method GhostService:Echo"),
+            && lines[0].contains("no-route: no function for service GhostService"),
         "{lines:?}"
     );
 }

@@ -22,7 +22,8 @@ pub(super) struct Routed {
 }
 
 /// ToService, then `isn`, then a `Service:` name prefix (stripped), then the only Thrift
-/// function. A method the IDL lacks is refused without starting anything.
+/// function for a call that names no service at all. A call naming a service no function serves
+/// is `no-route`, and so is a method the IDL lacks, without starting anything.
 #[inline]
 pub(super) fn route(table: &[Route], frame: &mut Frame) -> Result<Routed, CallError> {
     let Some(index) = find(table, frame)? else {
@@ -50,7 +51,8 @@ pub(super) fn route(table: &[Route], frame: &mut Frame) -> Result<Routed, CallEr
     })
 }
 
-/// The index of the function the call names (stripping a `Service:` prefix it matched).
+/// The index of the function the call names (stripping a `Service:` prefix it matched), or of
+/// the only function when the call names none.
 #[inline]
 fn find(table: &[Route], frame: &mut Frame) -> Result<Option<usize>, CallError> {
     let by_name = |n: &[u8]| table.iter().position(|r| r.function.name.as_bytes() == n);
@@ -59,14 +61,16 @@ fn find(table: &[Route], frame: &mut Frame) -> Result<Option<usize>, CallError> 
             .iter()
             .position(|r| r.service.as_deref().map(str::as_bytes) == Some(s))
     };
+    // An empty key names nothing (some clients send one).
+    let named = |s: &Option<&[u8]>| s.is_some_and(|s| !s.is_empty());
+    let mut names_one = false;
     if let Some(h) = frame.ttheader() {
-        let found = h
-            .to_service(frame.head())
-            .and_then(by_name)
-            .or_else(|| h.idl_service(frame.head()).and_then(by_service));
+        let (to, isn) = (h.to_service(frame.head()), h.idl_service(frame.head()));
+        let found = to.and_then(by_name).or_else(|| isn.and_then(by_service));
         if found.is_some() {
             return Ok(found);
         }
+        names_one = named(&to) || named(&isn);
     }
     if let Some((service, _)) = frame.name().split_once(':') {
         let hit = by_service(service.as_bytes()).or_else(|| by_name(service.as_bytes()));
@@ -76,8 +80,9 @@ fn find(table: &[Route], frame: &mut Frame) -> Result<Option<usize>, CallError> 
                 .map_err(|e| CallError::new(Kind::BadRequest, e.to_string()))?;
             return Ok(hit);
         }
+        names_one = true;
     }
-    Ok((table.len() == 1).then_some(0))
+    Ok((!names_one && table.len() == 1).then_some(0))
 }
 
 /// The service an unroutable call asked for, for its error: the last routing rule that named one
@@ -87,9 +92,14 @@ fn asked_service(frame: &Frame) -> String {
         return service.to_owned();
     }
     let head = frame.head();
+    let named = |s: &&[u8]| !s.is_empty();
     frame
         .ttheader()
-        .and_then(|h| h.idl_service(head).or_else(|| h.to_service(head)))
+        .and_then(|h| {
+            h.idl_service(head)
+                .filter(named)
+                .or_else(|| h.to_service(head).filter(named))
+        })
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .unwrap_or_else(|| "(none named)".into())
 }
