@@ -54,6 +54,30 @@ impl MessageType {
     }
 }
 
+/// Whether a whole frame as [`crate::FrameDecoder::split`] returns it (any transport) carries an
+/// EXCEPTION message, read at the message header's fixed place without parsing the frame. The old
+/// Binary form without a version word reads as no exception.
+pub fn is_exception(frame: &[u8]) -> bool {
+    let message = match frame {
+        // TTHeader: the message follows the header (and Volo's inner Framed length).
+        [_, _, _, _, 0x10, 0x00, _, _, _, _, _, _, hi, lo, ..] => {
+            let at = 14 + usize::from(u16::from_be_bytes([*hi, *lo])) * 4;
+            match frame.get(at..) {
+                Some(m @ [0x80 | COMPACT_PROTOCOL_ID, ..]) => m,
+                Some(m) => m.get(4..).unwrap_or_default(),
+                None => return false,
+            }
+        }
+        [_, _, _, _, 0x80, 0x01, ..] | [_, _, _, _, COMPACT_PROTOCOL_ID, ..] => &frame[4..],
+        _ => frame,
+    };
+    match message {
+        [0x80, 0x01, _, t, ..] => t & 0x07 == MessageType::Exception as u8,
+        [COMPACT_PROTOCOL_ID, tv, ..] => tv >> 5 == MessageType::Exception as u8,
+        _ => false,
+    }
+}
+
 pub(crate) const BINARY_VERSION_1: u32 = 0x8001_0000;
 pub(crate) const COMPACT_PROTOCOL_ID: u8 = 0x82;
 pub(crate) const COMPACT_VERSION: u8 = 1;

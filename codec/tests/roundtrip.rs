@@ -143,7 +143,13 @@ proptest! {
         prop_assert_eq!(f.kind(), k);
         prop_assert_eq!(f.seqid(), seqid);
         prop_assert_eq!(f.payload(), &body[..]);
-        prop_assert_eq!(f.to_vec(), bytes);
+        prop_assert_eq!(f.to_vec(), bytes.clone());
+        // Read in place, as forwarding does; the old non-strict Binary form reads as no exception.
+        let versioned = strict || p == Protocol::Compact || t == Transport::Framed;
+        prop_assert_eq!(
+            fnmesh_codec::is_exception(&bytes),
+            k == MessageType::Exception && versioned
+        );
         if t == Transport::TTHeader {
             let tt = f.ttheader().unwrap();
             prop_assert_eq!(tt.flags, h.flags);

@@ -189,7 +189,9 @@ pub fn raw_ttheader_call(to_service: &str, isn: &str, method: &str, text: &str) 
 /// Fault hook for tests (`ECHO_FN_CLOSE_HOOK=1`): the echo server sits behind a byte-copying
 /// front in the same process, which closes a caller's connection, without a reply, on a request
 /// that carries `__close__`: a live function that drops a connection (its process, and every
-/// other connection, go on).
+/// other connection, go on). A request that carries `__exception__` gets a TApplicationException
+/// (PROTOCOL_ERROR) from the front, which then reads nothing more and closes the connection
+/// 20 ms later: a Volo server refusing a request it cannot decode, on a loaded machine.
 pub async fn closing_front(outer: tokio::net::TcpListener, inner: std::net::SocketAddr) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     while let Ok((caller, _)) = outer.accept().await {
@@ -199,8 +201,14 @@ pub async fn closing_front(outer: tokio::net::TcpListener, inner: std::net::Sock
             };
             let (mut from_caller, mut to_caller) = caller.into_split();
             let (mut from_server, mut to_server) = server.into_split();
-            let replies = tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut from_server, &mut to_caller).await;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let mut stop = Some(stop);
+            let mut replies = tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::io::copy(&mut from_server, &mut to_caller) => {}
+                    _ = stopped => {}
+                }
+                to_caller
             });
             let mut buf = vec![0u8; 64 << 10];
             loop {
@@ -211,6 +219,13 @@ pub async fn closing_front(outer: tokio::net::TcpListener, inner: std::net::Sock
                 if buf[..n].windows(9).any(|w| w == b"__close__") {
                     break;
                 }
+                if buf[..n].windows(13).any(|w| w == b"__exception__") {
+                    let _ = stop.take().map(|s| s.send(()));
+                    if let Ok(mut to_caller) = (&mut replies).await {
+                        refuse(&buf[..n], &mut to_caller).await;
+                    }
+                    break;
+                }
                 if to_server.write_all(&buf[..n]).await.is_err() {
                     break;
                 }
@@ -218,4 +233,19 @@ pub async fn closing_front(outer: tokio::net::TcpListener, inner: std::net::Sock
             replies.abort();
         });
     }
+}
+
+/// Answers the request in `bytes` with a PROTOCOL_ERROR exception, then closes 20 ms later.
+async fn refuse(bytes: &[u8], to_caller: &mut tokio::net::tcp::OwnedWriteHalf) {
+    use tokio::io::AsyncWriteExt;
+    let mut buf = bytes::BytesMut::from(bytes);
+    let decoded = fnmesh_codec::FrameDecoder::new(fnmesh_codec::Limits::default()).decode(&mut buf);
+    if let Ok(Some(request)) = decoded {
+        let target = fnmesh_codec::ReplyTarget::of(&request);
+        let ty = fnmesh_codec::ExceptionType::ProtocolError;
+        if let Ok(reply) = fnmesh_codec::encode_exception(&target, ty, "cannot decode", None) {
+            let _ = to_caller.write_all(&reply).await;
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
 }

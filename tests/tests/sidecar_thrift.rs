@@ -491,6 +491,30 @@ async fn a_dropped_connection_counts_as_a_failure_and_never_stops_the_instance()
     assert_eq!(echo(sc.addr, "ejected", None, 5000).await.unwrap().1, "2");
 }
 
+/// A Volo server answers a request it cannot decode with an EXCEPTION and closes the connection
+/// (found by the `thrift_calls` fuzz target, on a loaded machine): fnmesh must not pool that
+/// connection, or the next call, queued for the slot, goes out on it and fails with "closed the
+/// connection before replying". Caller A's request draws such an answer (the echo function's
+/// fault hook, whose close lands 20 ms after the exception) while caller B's call waits for the
+/// function's one slot; B gets its reply every time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_the_instance_closes_after_an_exception_never_carries_another_call() {
+    let sc = Sidecar::start(&format!(
+        "{}[function.env]\nECHO_FN_CLOSE_HOOK = \"1\"\n",
+        echo_function("echo", "min = 1\nmax = 1\nconcurrency = 1", "")
+    ));
+    echo(sc.addr, "warm", None, 5000).await.unwrap();
+    for round in 0..5 {
+        let addr = sc.addr;
+        let a = tokio::spawn(async move { echo(addr, "__exception__", None, 5000).await });
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let b = echo(sc.addr, &format!("b{round}"), None, 5000).await;
+        assert_eq!(b.map(|r| r.0), Ok(format!("b{round}")), "round {round}");
+        let (kind, message) = a.await.unwrap().unwrap_err();
+        assert_eq!(kind, ApplicationExceptionKind::PROTOCOL_ERROR, "{message}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_command_that_never_becomes_ready_fails_every_queued_caller_quickly() {
     let f = "[[function]]\nname = \"stuck\"\nprotocol = \"thrift\"\ncommand = [\"/bin/sleep\", \"30\"]\n\n[function.scale]\nstartup_timeout = \"500ms\"\n";

@@ -331,7 +331,11 @@ async fn forward(
     loop {
         match decoder.split(&mut conn.buf) {
             Ok(Some(reply)) => {
-                conn.recycle(instance);
+                // A server that answers EXCEPTION often closes the connection next (Volo does,
+                // for a request it cannot decode): pooled, the close could meet the next call.
+                if !fnmesh_codec::is_exception(&reply) {
+                    conn.recycle(instance);
+                }
                 let failed = classify && reply_failed(reply.clone().freeze(), *limits);
                 return Ok(Some((reply.freeze().chain(Bytes::new()), failed)));
             }
