@@ -464,6 +464,41 @@ async fn a_rate_limited_method_is_resource_exhausted_while_another_is_untouched(
     );
 }
 
+/// A function without an IDL (its service named in the config) has one breaker for all its
+/// methods (`"*"` in `/admin/functions`), which opens and closes by the same rules as a method's
+/// (issue 18, item 2).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_breaker_of_a_function_without_an_idl_opens_and_closes() {
+    let sc = Sidecar::start(&format!(
+        "[[function]]\nname = \"echo\"\nprotocol = \"grpc\"\nservice = \"echo.Echo\"\n\
+         command = [\"{}\"]\n\n[function.scale]\nmin = 1\nmax = 1\n\n[function.policy]\n\
+         circuit_breaker = {{ window = \"10s\", min_requests = 10, failure_ratio = 0.5, open = \"2s\" }}\n",
+        fnmesh_tests::sidecar::grpc_echo_fn()
+    ));
+    let client = client!(sc.addr);
+    for _ in 0..30 {
+        let e = client
+            .unary_echo(req("__status__ 13 boom", 0))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e.code(), Code::Internal | Code::Unavailable),
+            "{e:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, admin) = sc.admin_get("/admin/functions");
+    assert!(admin.contains("\"*\":\"open\""), "{admin}");
+    let e = client.unary_echo(req("refused", 0)).await.unwrap_err();
+    assert!(e.message().contains("circuit breaker open"), "{e:?}");
+    // After `open`, a trial call goes through and closes it.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(unary(sc.addr, "trial").await.unwrap().0, "trial");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, admin) = sc.admin_get("/admin/functions");
+    assert!(admin.contains("\"*\":\"closed\""), "{admin}");
+}
+
 /// A method whose calls keep failing (INTERNAL from the function) opens its breaker: later calls
 /// fail fast with UNAVAILABLE `circuit-open` and the instance receives none of them, while another
 /// method of the same function keeps working; after `open`, a trial call that succeeds closes it.

@@ -208,6 +208,38 @@ async fn failing_calls_open_the_breaker_and_business_errors_do_not() {
     );
 }
 
+/// A function without an IDL has one breaker for all its methods (`"*"` in `/admin/functions`),
+/// which opens and closes by the same rules as a method's (issue 18, item 2).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_breaker_of_a_function_without_an_idl_opens_and_closes() {
+    let sc = Sidecar::start(&format!(
+        "[[function]]\nname = \"echo\"\nprotocol = \"thrift\"\ncommand = [\"{}\"]\n\n\
+         [function.scale]\nmin = 1\nmax = 1\n\n[function.policy]\n\
+         circuit_breaker = {{ window = \"10s\", min_requests = 10, failure_ratio = 0.5, open = \"2s\" }}\n",
+        echo_fn()
+    ));
+    let mut refused = 0;
+    for _ in 0..30 {
+        let (kind, message) = echo(sc.addr, "__fail__", None, 5000).await.unwrap_err();
+        assert_eq!(kind, ApplicationExceptionKind::INTERNAL_ERROR);
+        refused += usize::from(message.contains("circuit-open"));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, admin) = sc.admin_get("/admin/functions");
+    assert!(admin.contains("\"*\":\"open\""), "{admin}");
+    let (_, message) = echo(sc.addr, "refused", None, 5000).await.unwrap_err();
+    assert!(
+        message.contains("circuit-open"),
+        "{message} ({refused} refused before)"
+    );
+    // After `open`, a trial call goes through and closes it.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(echo(sc.addr, "trial", None, 5000).await.unwrap().0, "trial");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, admin) = sc.admin_get("/admin/functions");
+    assert!(admin.contains("\"*\":\"closed\""), "{admin}");
+}
+
 /// An instance whose calls fail 5 times in a row is ejected from balancing (1 s the first time)
 /// while the healthy one takes the calls; then it is back.
 #[tokio::test(flavor = "multi_thread")]
