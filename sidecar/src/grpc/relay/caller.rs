@@ -516,11 +516,16 @@ impl Relay<'_> {
             if s.deadline != Some(at) && s.deadline.is_none_or(|d| d > now) {
                 // This attempt's share of the deadline.
                 s.attempt_deadline = None;
-                let instance = s.lease.as_ref().map_or(0, |l| l.instance.id);
+                // Instances are numbered from 1; a call still queued has none.
+                let on = s
+                    .lease
+                    .as_ref()
+                    .map(|l| format!(" instance {}", l.instance.id))
+                    .unwrap_or_default();
                 let e = CallError::new(
                     Kind::Timeout,
                     format!(
-                        "function {} instance {instance}: no response within this attempt's share of the deadline",
+                        "function {}{on}: no response within this attempt's share of the deadline",
                         s.function()
                     ),
                 );
