@@ -43,10 +43,68 @@ pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
     }
 }
 
+/// Header in which `fnmesh reload -c FILE` names FILE (absolute, percent-encoded): a sidecar
+/// reloads only the file it serves.
+pub const RELOAD_FILE_HEADER: &str = "fnmesh-file";
+
+/// Whether a reload request names this sidecar's file, or none (a plain `POST`, as curl sends).
+fn serves(mesh: &Mesh, req: &Request<Incoming>) -> bool {
+    let Some(named) = req.headers().get(RELOAD_FILE_HEADER) else {
+        return true;
+    };
+    let named = std::path::PathBuf::from(percent_decode(named.as_bytes()));
+    let canonical = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.into());
+    canonical(&named) == canonical(mesh.path())
+}
+
+/// `%XX` escapes decoded (a path's bytes that a header cannot carry as they are).
+fn percent_decode(bytes: &[u8]) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStringExt;
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    std::ffi::OsString::from_vec(out)
+}
+
+/// The bytes of `path` a header value carries as they are, and `%XX` for the others.
+pub fn percent_encode(path: &std::path::Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_graphic() && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// The answer to one admin request.
 fn answer(mesh: &Mesh, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     match (req.method(), path) {
+        (&Method::POST, "/admin/reload") if !serves(mesh, req) => text(
+            StatusCode::CONFLICT,
+            format!(
+                "reload refused: this sidecar serves {}, not the file named; edit that file and reload, or restart with -c FILE\n",
+                mesh.path().display()
+            ),
+        ),
         (&Method::POST, "/admin/reload") => match mesh.reload_and_log("POST /admin/reload") {
             Ok(changes) => text(StatusCode::OK, format!("reloaded: {changes}\n")),
             Err(e) => text(

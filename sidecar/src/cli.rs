@@ -96,7 +96,7 @@ pub fn main() -> ExitCode {
             None => ExitCode::from(1),
         },
         Command::Reload { config } => match load(&config.config) {
-            Some(loaded) => reload(&loaded),
+            Some(loaded) => reload(&loaded, &config.config),
             None => ExitCode::from(1),
         },
     }
@@ -110,13 +110,15 @@ fn load(path: &std::path::Path) -> Option<Config> {
 }
 
 /// `fnmesh reload`: the file is valid (it was just loaded); the running sidecar is asked, at the
-/// admin address the file names, to read its file again, and its answer is printed.
-fn reload(config: &Config) -> ExitCode {
+/// admin address the file names, to read its file again, and its answer is printed. The request
+/// names the file: a sidecar that serves another one refuses, saying which it serves.
+fn reload(config: &Config, file: &std::path::Path) -> ExitCode {
     let Some(admin) = config.sidecar.admin else {
         eprintln!("fnmesh: reload needs sidecar.admin in the file (or send SIGHUP to the sidecar)");
         return ExitCode::from(1);
     };
-    match post_reload(admin) {
+    let file = std::fs::canonicalize(file).unwrap_or_else(|_| file.into());
+    match post_reload(admin, &file) {
         Ok((true, body)) => {
             print!("{body}");
             ExitCode::SUCCESS
@@ -134,14 +136,19 @@ fn reload(config: &Config) -> ExitCode {
 
 /// `POST /admin/reload`; gives whether it succeeded (200) and the answer's body. One blocking
 /// request over std's TCP: no runtime is needed for it.
-fn post_reload(admin: std::net::SocketAddr) -> std::io::Result<(bool, String)> {
+fn post_reload(
+    admin: std::net::SocketAddr,
+    file: &std::path::Path,
+) -> std::io::Result<(bool, String)> {
     use std::io::{Read, Write};
     let timeout = std::time::Duration::from_secs(10);
     let mut s = std::net::TcpStream::connect_timeout(&admin, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     write!(
         s,
-        "POST /admin/reload HTTP/1.1\r\nhost: {admin}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        "POST /admin/reload HTTP/1.1\r\nhost: {admin}\r\n{}: {}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        crate::admin::RELOAD_FILE_HEADER,
+        crate::admin::percent_encode(file),
     )?;
     let mut answer = String::new();
     s.read_to_string(&mut answer)?;

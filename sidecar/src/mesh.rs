@@ -229,6 +229,11 @@ impl Mesh {
     }
 
     /// Reads the policy file again and applies it; on an error nothing changes.
+    /// The policy file this sidecar serves (and reloads).
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
     pub fn reload(&self) -> Result<Changes, String> {
         let mut st = lock(&self.state);
         if st.draining {

@@ -1465,6 +1465,48 @@ async fn an_invalid_reload_is_refused_and_the_old_policy_keeps_serving() {
     assert_eq!(sc.stat("echo", "processes"), 1);
 }
 
+/// `fnmesh reload -c OTHER.toml` against a sidecar that serves another file is refused, naming
+/// the file it serves, and changes nothing; the sidecar's own file, named by another path (a
+/// symbolic link), reloads (issue 18, item 8).
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_with_another_file_is_refused_naming_the_served_one() {
+    let sc = Sidecar::start(&echo_function("echo", "max = 1", "timeout = \"150ms\""));
+    echo(sc.addr, "warm", None, 5000).await.unwrap();
+    let served = std::fs::read_to_string(sc.config_path()).unwrap();
+    let other = sc.config_path().with_file_name("other.toml");
+    std::fs::write(&other, served.replace("150ms", "5s")).unwrap();
+    let run = |file: &std::path::Path| {
+        let out = std::process::Command::new(fnmesh_tests::sidecar::fnmesh_bin())
+            .args(["reload", "-c"])
+            .arg(file)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        (out.status.code(), text)
+    };
+    let (code, said) = run(&other);
+    assert_eq!(code, Some(1), "{said}");
+    let served_at = std::fs::canonicalize(sc.config_path()).unwrap();
+    assert!(
+        said.contains("refused") && said.contains(&served_at.display().to_string()),
+        "{said}"
+    );
+    let (_, message) = echo(sc.addr, "slow", Some(1000), 5000).await.unwrap_err();
+    assert!(message.contains("150ms"), "the old policy stays: {message}");
+    // The served file under another name reloads.
+    std::fs::write(sc.config_path(), served.replace("150ms", "5s")).unwrap();
+    let link = sc.config_path().with_file_name("link.toml");
+    std::os::unix::fs::symlink(sc.config_path(), &link).unwrap();
+    let (code, said) = run(&link);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("reloaded"), "{said}");
+    assert_eq!(
+        echo(sc.addr, "slow", Some(400), 5000).await.unwrap().0,
+        "slow"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_drains_a_removed_function_and_serves_an_added_one() {
     // Without an IDL and with services of their own, so that only `echo` serves EchoService.
