@@ -85,16 +85,26 @@ impl Sidecar {
 
     /// As [`Sidecar::start`], with more `[sidecar]` keys (`sidecar`, one per line).
     pub fn start_with(sidecar: &str, functions: &str) -> Sidecar {
+        Self::start_logging(sidecar, functions, None)
+    }
+
+    /// As [`Sidecar::start_with`], logging at `level` (`RUST_LOG`; else `FNMESH_TEST_LOG`, else
+    /// `warn`).
+    pub fn start_logging(sidecar: &str, functions: &str, level: Option<&str>) -> Sidecar {
         for _ in 0..2 {
-            if let Ok(s) = Self::try_start(sidecar, functions) {
+            if let Ok(s) = Self::try_start(sidecar, functions, level) {
                 return s;
             }
         }
-        Self::try_start(sidecar, functions)
+        Self::try_start(sidecar, functions, level)
             .unwrap_or_else(|status| panic!("fnmesh exited at start: {status}"))
     }
 
-    fn try_start(sidecar: &str, functions: &str) -> Result<Sidecar, std::process::ExitStatus> {
+    fn try_start(
+        sidecar: &str,
+        functions: &str,
+        level: Option<&str>,
+    ) -> Result<Sidecar, std::process::ExitStatus> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let dir =
@@ -113,7 +123,9 @@ impl Sidecar {
             .arg(&path)
             .env(
                 "RUST_LOG",
-                std::env::var("FNMESH_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+                level.map(str::to_owned).unwrap_or_else(|| {
+                    std::env::var("FNMESH_TEST_LOG").unwrap_or_else(|_| "warn".into())
+                }),
             )
             .stdin(Stdio::null())
             .stderr(log)
@@ -142,7 +154,8 @@ impl Sidecar {
 
     /// What the sidecar has logged so far (its stderr).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("fnmesh.log")).unwrap_or_default()
+        let bytes = std::fs::read(self.dir.join("fnmesh.log")).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 
     /// The policy file the sidecar was started with.

@@ -547,6 +547,32 @@ async fn a_connection_the_instance_closes_after_an_exception_never_carries_anoth
     }
 }
 
+/// An instance's output is bytes: a line that is not UTF-8 and a 1 MiB line are logged (the
+/// long one cut at 16 KiB, with a marker) and the reading goes on, so the instance's later
+/// writes neither fail nor kill it (issue 18, item 5).
+#[tokio::test(flavor = "multi_thread")]
+async fn instance_output_that_is_not_text_or_is_huge_never_stops_the_logging() {
+    let table = echo_function("echo", "min = 1\nmax = 1", "");
+    let script = format!(
+        "printf 'bad \\\\377 byte\\\\n'; head -c 1048576 /dev/zero | tr '\\\\0' x; echo; echo still-writing; exec {}",
+        echo_fn()
+    );
+    let functions = under_shell(&echo_fn(), &table, &script);
+    let sc = Sidecar::start_logging("", &functions, Some("info"));
+    assert_eq!(echo(sc.addr, "hi", None, 5000).await.unwrap().0, "hi");
+    let log = sc.log();
+    assert!(log.contains("bad \u{fffd} byte"), "the non-UTF-8 line");
+    assert!(
+        log.contains("[... 1032192 more bytes of this line dropped]"),
+        "the cut line"
+    );
+    assert!(log.contains("still-writing"), "the lines after them");
+    assert!(
+        !log.contains(&"x".repeat(16 * 1024 + 1)),
+        "a line longer than 16 KiB"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_command_that_never_becomes_ready_fails_every_queued_caller_quickly() {
     let f = "[[function]]\nname = \"stuck\"\nprotocol = \"thrift\"\ncommand = [\"/bin/sleep\", \"30\"]\n\n[function.scale]\nstartup_timeout = \"500ms\"\n";

@@ -16,7 +16,7 @@ use std::{
 
 use nix::{sys::signal, unistd::Pid};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncRead, BufReader},
+    io::{AsyncRead, AsyncReadExt},
     process::{Child, Command},
     time::{sleep, timeout_at, Instant},
 };
@@ -178,15 +178,52 @@ fn probe_until_ready(
     None
 }
 
+/// The longest line of an instance's output logged; the rest of a longer one is dropped (and
+/// counted in a marker).
+const MAX_LINE: usize = 16 * 1024;
+
+/// Logs an instance's output a line at a time. Bytes, not text: a line that is not UTF-8 is
+/// logged lossily, one past `MAX_LINE` is cut, and nothing the instance writes stops the reading
+/// (a closed pipe would kill the instance's next write with SIGPIPE).
 async fn log_lines(
-    stream: impl AsyncRead + Unpin,
+    mut stream: impl AsyncRead + Unpin,
     function: String,
     instance: u64,
     which: &'static str,
 ) {
-    let mut lines = BufReader::new(stream).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        tracing::info!(function = %function, instance, stream = which, "{line}");
+    let log = |line: &[u8], dropped: usize| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let text = String::from_utf8_lossy(line);
+        match dropped {
+            0 => tracing::info!(function = %function, instance, stream = which, "{text}"),
+            n => {
+                tracing::info!(function = %function, instance, stream = which, "{text} [... {n} more bytes of this line dropped]")
+            }
+        }
+    };
+    let (mut line, mut dropped) = (Vec::new(), 0usize);
+    let mut chunk = vec![0u8; 8 * 1024];
+    loop {
+        let n = match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut rest = &chunk[..n];
+        loop {
+            let end = rest.iter().position(|b| *b == b'\n');
+            let piece = &rest[..end.unwrap_or(rest.len())];
+            let keep = piece.len().min(MAX_LINE - line.len());
+            line.extend_from_slice(&piece[..keep]);
+            dropped += piece.len() - keep;
+            let Some(end) = end else { break };
+            log(&line, dropped);
+            line.clear();
+            dropped = 0;
+            rest = &rest[end + 1..];
+        }
+    }
+    if !line.is_empty() || dropped > 0 {
+        log(&line, dropped);
     }
 }
 
