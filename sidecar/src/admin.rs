@@ -166,6 +166,8 @@ fn functions(mesh: &Mesh) -> serde_json::Value {
                 "queued": s.queued,
                 "in_flight": s.in_flight,
                 "processes": f.pool.live_processes(),
+                "failures_in_a_row": s.failures,
+                "restart_backoff_ms": s.backoff.as_millis() as u64,
                 "breakers": breakers,
             })
         })

@@ -573,6 +573,36 @@ async fn instance_output_that_is_not_text_or_is_huge_never_stops_the_logging() {
     );
 }
 
+/// A function that exits 50 ms after it starts listening (`min = 1`) is restarted with a
+/// growing backoff, not in a tight loop: at most 10 starts in 5 s (18 before the fix, which reset
+/// the count whenever an instance became ready),
+/// and `/admin/functions` shows the failures in a row and the backoff (issue 18, item 4).
+#[test]
+fn a_crash_loop_backs_off() {
+    let dir = std::env::temp_dir().join(format!("fnmesh-crashloop-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let starts = dir.join("starts");
+    let script = format!(
+        "import os, socket, time; open('{}', 'a').write('x'); s = socket.socket(); \
+         s.bind(('127.0.0.1', int(os.environ['PORT']))); s.listen(); time.sleep(0.05)",
+        starts.display()
+    );
+    let sc = Sidecar::start(&format!(
+        "[[function]]\nname = \"crashy\"\nprotocol = \"thrift\"\ncommand = [\"python3\", \"-c\", \"{script}\"]\n\n\
+         [function.scale]\nmin = 1\n"
+    ));
+    std::thread::sleep(Duration::from_secs(5));
+    let (_, admin) = sc.admin_get("/admin/functions");
+    drop(sc);
+    let n = std::fs::read_to_string(&starts).unwrap_or_default().len();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!((4..=10).contains(&n), "{n} starts in 5 s");
+    let v: serde_json::Value = serde_json::from_str(&admin).unwrap();
+    let f = &v["functions"][0];
+    assert!(f["failures_in_a_row"].as_u64().unwrap() >= 3, "{admin}");
+    assert!(f["restart_backoff_ms"].as_u64().unwrap() >= 400, "{admin}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_command_that_never_becomes_ready_fails_every_queued_caller_quickly() {
     let f = "[[function]]\nname = \"stuck\"\nprotocol = \"thrift\"\ncommand = [\"/bin/sleep\", \"30\"]\n\n[function.scale]\nstartup_timeout = \"500ms\"\n";

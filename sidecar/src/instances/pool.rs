@@ -90,6 +90,10 @@ pub struct Snapshot {
     pub starting: usize,
     pub queued: usize,
     pub in_flight: usize,
+    /// Starts that failed or instances that exited since one last stayed up for `STABLE`, and
+    /// the delay the next start waits for.
+    pub failures: u32,
+    pub backoff: Duration,
 }
 
 pub struct Pool {
@@ -276,6 +280,8 @@ impl Pool {
             starting: st.starting,
             queued: st.waiters.len(),
             in_flight: st.ready.iter().map(|s| s.in_flight).sum(),
+            failures: st.failures,
+            backoff: backoff(st.failures),
         }
     }
 
@@ -563,7 +569,6 @@ impl Pool {
     fn instance_ready(&self, instance: &Arc<Instance>) {
         let mut st = lock(&self.state);
         st.starting -= 1;
-        st.failures = 0;
         st.ready.push(Slot::new(instance.clone()));
         self.dispatch(&mut st);
         if st.draining {
@@ -586,40 +591,65 @@ impl Pool {
         }
     }
 
-    /// Waits for the instance to exit (a crash) or to be told to stop.
+    /// Waits for the instance to exit (a crash) or to be told to stop. An instance that stays up
+    /// for `STABLE` ends a crash loop: the restart backoff starts over.
     async fn monitor(
         self: Arc<Pool>,
         instance: Arc<Instance>,
         process: process::Process,
-        stop_rx: oneshot::Receiver<()>,
+        mut stop_rx: oneshot::Receiver<()>,
     ) {
         let process::Process { mut child, pid, .. } = process;
-        tokio::select! {
-            status = child.wait() => {
-                instance.exited();
-                // What a wrapper left of the instance goes with it.
-                process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
-                let name = &self.name;
-                tracing::warn!(function = %name, instance = instance.id, status = ?status, "instance exited");
-                self.remove(&instance);
-                let mut st = lock(&self.state);
-                st.failures = st.failures.saturating_add(1);
-                // Replace it if the minimum or waiting calls need it, after a growing backoff.
-                let need = (self.scale().min.saturating_sub(st.ready.len() + st.starting)).max(self.starts_needed(&st));
-                st.starting += need;
-                let delay = backoff(st.failures);
-                drop(st);
-                for _ in 0..need {
-                    self.spawn_start(delay);
+        let stable = sleep(STABLE);
+        tokio::pin!(stable);
+        let mut lasted = false;
+        loop {
+            tokio::select! {
+                status = child.wait() => {
+                    self.exited(&instance, pid, status);
+                    break;
                 }
-            }
-            _ = stop_rx => {
-                process::stop(child, pid, self.grace).await;
-                instance.exited();
-                tracing::info!(function = %self.name, instance = instance.id, "instance stopped");
+                _ = &mut stop_rx => {
+                    process::stop(child, pid, self.grace).await;
+                    instance.exited();
+                    tracing::info!(function = %self.name, instance = instance.id, "instance stopped");
+                    break;
+                }
+                () = &mut stable, if !lasted => {
+                    lasted = true;
+                    lock(&self.state).failures = 0;
+                }
             }
         }
         self.watchdog.forget(pid);
+    }
+
+    /// An instance exited on its own (a crash): it goes, and a replacement starts if the minimum
+    /// or waiting calls need one, after the backoff its failures in a row call for.
+    fn exited(
+        self: &Arc<Pool>,
+        instance: &Arc<Instance>,
+        pid: u32,
+        status: std::io::Result<std::process::ExitStatus>,
+    ) {
+        instance.exited();
+        // What a wrapper left of the instance goes with it.
+        process::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+        self.remove(instance);
+        let mut st = lock(&self.state);
+        st.failures = st.failures.saturating_add(1);
+        let need = (self
+            .scale()
+            .min
+            .saturating_sub(st.ready.len() + st.starting))
+        .max(self.starts_needed(&st));
+        st.starting += need;
+        let (failures, delay) = (st.failures, backoff(st.failures));
+        drop(st);
+        tracing::warn!(function = %self.name, instance = instance.id, status = ?status, failures, restart_in = ?delay, "instance exited");
+        for _ in 0..need {
+            self.spawn_start(delay);
+        }
     }
 
     /// Instance processes starting or running.
@@ -701,6 +731,9 @@ impl Pool {
         }
     }
 }
+
+/// How long an instance must stay up to end a crash loop (its failures in a row start over).
+const STABLE: Duration = Duration::from_secs(10);
 
 /// Restart backoff after `failures` consecutive failures: 0, 50 ms, 100 ms, ... up to 5 s.
 fn backoff(failures: u32) -> Duration {
