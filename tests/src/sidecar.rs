@@ -158,6 +158,23 @@ impl Sidecar {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
+    /// For each instance stopped so far (its log's "instance stopped" lines, which need the
+    /// `info` level): milliseconds from SIGTERM to its exit, and whether it had to be killed.
+    pub fn stops(&self) -> Vec<(f64, bool)> {
+        let field = |line: &str, key: &str| -> Option<String> {
+            let at = line.find(&format!("{key}="))? + key.len() + 1;
+            Some(line[at..].split_whitespace().next()?.to_owned())
+        };
+        self.log()
+            .lines()
+            .filter(|l| l.contains("instance stopped"))
+            .filter_map(|l| {
+                let ms = field(l, "after_sigterm_ms")?.parse().ok()?;
+                Some((ms, field(l, "killed")? == "true"))
+            })
+            .collect()
+    }
+
     /// The policy file the sidecar was started with.
     pub fn config_path(&self) -> PathBuf {
         self.dir.join("fnmesh.toml")
@@ -445,6 +462,48 @@ pub fn two_instances(program: &str, table: impl Fn(&str) -> String, extra: &str)
     let sc = Sidecar::start(&format!("{table}{extra}"));
     assert!(sc.wait_for(Duration::from_secs(5), |s| s.stat("echo", "ready") == 2));
     sc
+}
+
+/// A function table whose command `[program]` runs under a wrapper that, on SIGTERM, writes how
+/// many TCP connections to the instance's port are established to `dir/at-term-N` (N: the
+/// instance), then waits for the program to exit.
+pub fn counting_connections_at_sigterm(program: &str, table: &str, dir: &Path) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let script = dir.join("wrap.sh");
+    let at = dir.display();
+    std::fs::write(
+        &script,
+        format!(
+            "\"$@\" &\nchild=$!\ntrap 'ss -Htn state established \"( sport = :$PORT )\" | wc -l > {at}/at-term-$FNMESH_INSTANCE; wait $child; exit 0' TERM\nwait $child\n"
+        ),
+    )
+    .unwrap();
+    table.replace(
+        &format!("command = [\"{program}\"]"),
+        &format!(
+            "command = [\"/bin/sh\", \"{}\", \"{program}\"]",
+            script.display()
+        ),
+    )
+}
+
+/// What [`counting_connections_at_sigterm`] wrote: established connections at each SIGTERM.
+pub fn connections_at_sigterm(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("at-term-"))
+                .map(|e| {
+                    std::fs::read_to_string(e.path())
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
 }
 
 /// A function table whose command `[program]` becomes `script` under /bin/sh.

@@ -464,6 +464,60 @@ async fn a_rate_limited_method_is_resource_exhausted_while_another_is_untouched(
     );
 }
 
+/// Idle stop is graceful (issue 18, item 1): a volo-grpc server waits for its connections
+/// before it exits on SIGTERM, so fnmesh closes its connections to an instance (here four, held
+/// by one open caller connection) before it signals it. Each of the four instances a burst
+/// started exits within 100 ms of SIGTERM once idle, and none is killed.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_instances_exit_on_sigterm_at_once_while_their_caller_stays_connected() {
+    let dir = std::env::temp_dir().join(format!("fnmesh-idle-{}-{}", std::process::id(), line!()));
+    let table = grpc_echo_function(
+        "echo",
+        "min = 0\nmax = 4\nconcurrency = 1\nidle = \"500ms\"",
+        "",
+    );
+    let sc = Sidecar::start_logging(
+        "",
+        &fnmesh_tests::sidecar::counting_connections_at_sigterm(&grpc_echo_fn(), &table, &dir),
+        Some("info"),
+    );
+    let client = client!(sc.addr);
+    let calls: Vec<_> = (0..4)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { client.unary_echo(req(&format!("{i}"), 300)).await })
+        })
+        .collect();
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    assert_eq!(sc.stat("echo", "processes"), 4);
+    // The client stays connected; the instances idle out.
+    assert!(
+        sc.wait_for(Duration::from_secs(3), |sc| sc.stops().len() == 4),
+        "{:?}",
+        sc.stops()
+    );
+    for (ms, killed) in sc.stops() {
+        assert!(!killed && ms < 100.0, "{:?}", sc.stops());
+    }
+    // No connection of fnmesh's was left open to any of them when its SIGTERM came.
+    let at_term = fnmesh_tests::sidecar::connections_at_sigterm(&dir);
+    assert_eq!(at_term, ["0", "0", "0", "0"]);
+    // The client's connection still works: a new instance serves it.
+    assert_eq!(
+        client
+            .unary_echo(req("again", 0))
+            .await
+            .unwrap()
+            .into_inner()
+            .message
+            .as_str(),
+        "again"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A function without an IDL (its service named in the config) has one breaker for all its
 /// methods (`"*"` in `/admin/functions`), which opens and closes by the same rules as a method's
 /// (issue 18, item 2).

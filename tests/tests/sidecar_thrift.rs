@@ -208,6 +208,47 @@ async fn failing_calls_open_the_breaker_and_business_errors_do_not() {
     );
 }
 
+/// Idle stop is graceful (issue 18, item 1): a Volo server that still has connections when
+/// SIGTERM comes waits 2 s and more before it exits, so fnmesh closes its connections to an
+/// instance before it signals it. Each of the four instances a burst started exits within
+/// 100 ms of SIGTERM once idle, and none is killed.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_instances_exit_on_sigterm_at_once() {
+    let dir = std::env::temp_dir().join(format!("fnmesh-idle-{}-{}", std::process::id(), line!()));
+    let table = echo_function(
+        "echo",
+        "min = 0\nmax = 4\nconcurrency = 1\nidle = \"500ms\"",
+        "",
+    );
+    let sc = Sidecar::start_logging(
+        "",
+        &fnmesh_tests::sidecar::counting_connections_at_sigterm(&echo_fn(), &table, &dir),
+        Some("info"),
+    );
+    let calls: Vec<_> = (0..4)
+        .map(|i| {
+            let addr = sc.addr;
+            tokio::spawn(async move { echo(addr, &format!("{i}"), Some(300), 5000).await })
+        })
+        .collect();
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    assert_eq!(sc.stat("echo", "processes"), 4);
+    assert!(
+        sc.wait_for(Duration::from_secs(4), |sc| sc.stops().len() == 4),
+        "{:?}",
+        sc.stops()
+    );
+    for (ms, killed) in sc.stops() {
+        assert!(!killed && ms < 100.0, "{:?}", sc.stops());
+    }
+    // No connection of fnmesh's was left open to any of them when its SIGTERM came.
+    let at_term = fnmesh_tests::sidecar::connections_at_sigterm(&dir);
+    assert_eq!(at_term, ["0", "0", "0", "0"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A function without an IDL has one breaker for all its methods (`"*"` in `/admin/functions`),
 /// which opens and closes by the same rules as a method's (issue 18, item 2).
 #[tokio::test(flavor = "multi_thread")]

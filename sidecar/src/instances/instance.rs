@@ -7,7 +7,10 @@
 use std::{
     any::Any,
     net::SocketAddr,
-    sync::{Mutex, OnceLock},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, OnceLock,
+    },
 };
 
 use tokio::{net::TcpStream, sync::oneshot};
@@ -16,6 +19,21 @@ use crate::lock;
 
 /// How many protocols may keep idle connections to an instance (Thrift and gRPC use one each).
 const CONN_KINDS: usize = 4;
+
+/// Bumped whenever an instance starts stopping, and [`STOPPING`] woken: a front end holding
+/// connections to instances (an HTTP/2 caller connection) then lets go of those to stopping ones.
+pub static STOPS: AtomicU64 = AtomicU64::new(0);
+pub static STOPPING: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// An open connection to an instance, counted while it lives: a stop waits until none is left
+/// before it signals the process, so that a graceful server exits at once.
+pub struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// One running instance.
 pub struct Instance {
@@ -32,6 +50,10 @@ pub struct Instance {
     stop: Mutex<Option<oneshot::Sender<()>>>,
     /// Cancelled when its process has exited (crashed) or been stopped.
     exited: tokio_util::sync::CancellationToken,
+    /// Told to stop: its connections close once their calls are done.
+    stopping: AtomicBool,
+    /// Connections to it that are open (see [`Open`]).
+    open: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Instance {
@@ -75,6 +97,28 @@ impl Instance {
             probe: Mutex::new(probe),
             stop: Mutex::new(Some(stop)),
             exited: tokio_util::sync::CancellationToken::new(),
+            stopping: AtomicBool::new(false),
+            open: Arc::default(),
+        }
+    }
+
+    /// Counts a connection to it as open until the guard drops.
+    pub fn open(&self) -> Open {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Open(self.open.clone())
+    }
+
+    /// Told to stop: a connection to it goes back to no idle list, and closes once its calls are
+    /// done.
+    #[inline]
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once no connection to it is open, or at `until`.
+    pub(super) async fn unused(&self, until: tokio::time::Instant) {
+        while self.open.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
     }
 
@@ -139,11 +183,16 @@ impl Instance {
         lock(&self.probe).take();
     }
 
+    /// Stops it: its idle connections close now, the others once their calls are done (front
+    /// ends holding some are woken), and then its process is signalled (see `Pool::monitor`).
     pub(super) fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.clear_idle();
+        STOPS.fetch_add(1, Ordering::Relaxed);
+        STOPPING.notify_waiters();
         if let Some(tx) = lock(&self.stop).take() {
             let _ = tx.send(());
         }
-        self.clear_idle();
     }
 }
 

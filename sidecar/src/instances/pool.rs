@@ -610,9 +610,13 @@ impl Pool {
                     break;
                 }
                 _ = &mut stop_rx => {
-                    process::stop(child, pid, self.grace).await;
+                    // Its connections close first (calls in flight finish, within `grace`): a
+                    // graceful server that waits for them then exits on SIGTERM at once.
+                    instance.unused(tokio::time::Instant::now() + self.grace).await;
+                    let (took, killed) = process::stop(child, pid, self.grace).await;
                     instance.exited();
-                    tracing::info!(function = %self.name, instance = instance.id, "instance stopped");
+                    let ms = took.as_secs_f64() * 1e3;
+                    tracing::info!(function = %self.name, instance = instance.id, after_sigterm_ms = ms, killed, "instance stopped");
                     break;
                 }
                 () = &mut stable, if !lasted => {

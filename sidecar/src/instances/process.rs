@@ -229,16 +229,21 @@ async fn log_lines(
 
 /// Stops an instance: SIGTERM to its process group; SIGKILL to what is left of the group after
 /// `grace` (the process itself, or children of a wrapper that outlived it).
-pub async fn stop(mut child: Child, pid: u32, grace: Duration) {
-    let until = Instant::now() + grace;
+/// Gives how long the process took to exit after SIGTERM, and whether it had to be killed.
+pub async fn stop(mut child: Child, pid: u32, grace: Duration) -> (Duration, bool) {
+    let sent = Instant::now();
+    let until = sent + grace;
     signal_group(pid, signal::Signal::SIGTERM);
-    if timeout_at(until, child.wait()).await.is_err() {
+    let killed = timeout_at(until, child.wait()).await.is_err();
+    if killed {
         let _ = child.kill().await;
     }
+    let took = sent.elapsed();
     while group_alive(pid) && Instant::now() < until {
         sleep(Duration::from_millis(10)).await;
     }
     signal_group(pid, signal::Signal::SIGKILL);
+    (took, killed)
 }
 
 /// Sends `sig` to the process group `pid` leads (every instance leads its own).

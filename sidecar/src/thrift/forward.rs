@@ -15,7 +15,7 @@ use crate::{
         outcome::{self, Failure},
         retry::Attempts,
     },
-    instances::{is_local, Instance, Lease, EXIT_GRACE},
+    instances::{instance::Open, is_local, Instance, Lease, EXIT_GRACE},
     lock,
 };
 
@@ -38,13 +38,15 @@ pub(super) enum Outgoing {
 struct InstanceConn {
     stream: TcpStream,
     buf: BytesMut,
+    _open: Open,
 }
 
 impl InstanceConn {
-    fn new(stream: TcpStream) -> InstanceConn {
+    fn new(stream: TcpStream, instance: &Instance) -> InstanceConn {
         InstanceConn {
             stream,
             buf: BytesMut::with_capacity(8 * 1024),
+            _open: instance.open(),
         }
     }
 
@@ -62,17 +64,20 @@ impl InstanceConn {
             }
         }
         if let Some(probe) = instance.take_probe() {
-            return Ok(InstanceConn::new(probe));
+            return Ok(InstanceConn::new(probe, instance));
         }
         // Boxed: the rare path's state does not weigh on every call's future.
-        Box::pin(instance.connect()).await.map(InstanceConn::new)
+        let stream = Box::pin(instance.connect()).await?;
+        Ok(InstanceConn::new(stream, instance))
     }
 
-    /// Gives back a connection whose call completed cleanly.
+    /// Gives back a connection whose call completed cleanly (one to a stopping instance
+    /// closes).
     #[inline]
     fn recycle(self, instance: &Instance) {
         let mut idle = lock(instance.idle::<InstanceConn>());
-        if idle.len() < MAX_IDLE {
+        // Under the list's lock: a stop clears the lists after it marks the instance.
+        if idle.len() < MAX_IDLE && !instance.is_stopping() {
             idle.push(self);
         }
     }

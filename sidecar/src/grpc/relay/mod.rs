@@ -54,7 +54,10 @@ use crate::{
         Function,
     },
     grpc::{self, GrpcFront},
-    instances::{is_local, Instance, Lease, EXIT_GRACE},
+    instances::{
+        instance::{self, Open},
+        is_local, Instance, Lease, EXIT_GRACE,
+    },
     lock,
     workers::{Stalled, Stalls},
 };
@@ -151,6 +154,10 @@ struct Relay<'a> {
     /// The streams fnmesh reset last while the caller could still send on them: what the
     /// caller sends on them is ignored, as RFC 9113 5.1 asks.
     reset_here: Recent,
+    /// Instance stops seen ([`instance::STOPS`]), and whether a connection to a stopping
+    /// instance still carries streams (it closes once they are done).
+    seen_stops: u64,
+    stopping_ups: bool,
 }
 
 /// The last few stream ids closed one way or another (see [`Relay::caller_closed`] and
@@ -218,6 +225,8 @@ struct Triggers {
     /// The caller's stalls: a frame not whole within `header_timeout`, no stream for
     /// `idle_timeout`.
     stalls: Stalls,
+    /// Wakes the task when an instance starts stopping (see [`Relay::leave_stopping`]).
+    stopping: Pin<Box<tokio::sync::futures::Notified<'static>>>,
 }
 
 impl Triggers {
@@ -229,7 +238,15 @@ impl Triggers {
             drained: Box::pin(front.drain.started()),
             reloads: front.reloads.subscribe(),
             reloaded: None,
+            stopping: Self::stops(),
         }
+    }
+
+    /// The next instance stop, listened for from now on.
+    fn stops() -> Pin<Box<tokio::sync::futures::Notified<'static>>> {
+        let mut next = Box::pin(instance::STOPPING.notified());
+        next.as_mut().enable();
+        next
     }
 
     /// Sets the timer to `next`, and listens for reloads while `watching`.
@@ -260,6 +277,7 @@ struct Events {
     drain: bool,
     reload: bool,
     swept: bool,
+    stops: bool,
 }
 
 impl<'a> Relay<'a> {
@@ -281,6 +299,8 @@ impl<'a> Relay<'a> {
             timers: Deadlines::default(),
             caller_closed: Recent::default(),
             reset_here: Recent::default(),
+            seen_stops: instance::STOPS.load(std::sync::atomic::Ordering::Relaxed),
+            stopping_ups: false,
         }
     }
 }
@@ -297,6 +317,11 @@ impl Relay<'_> {
         }
         for i in 0..self.ups.len() {
             self.up_frames(i);
+        }
+        let stops = instance::STOPS.load(std::sync::atomic::Ordering::Relaxed);
+        if stops != self.seen_stops || self.stopping_ups {
+            self.seen_stops = stops;
+            self.leave_stopping();
         }
         self.flush();
         if self.caller.closed {
@@ -334,8 +359,9 @@ impl Relay<'_> {
             .as_mut()
             .is_some_and(|r| r.as_mut().poll(cx).is_ready());
         events.swept = triggers.stalls.poll_ticked().is_ready();
+        events.stops = triggers.stopping.as_mut().poll(cx).is_ready();
         ready |= events.lease.is_some() || events.connected.is_some() || events.swept;
-        ready |= events.expired || events.drain || events.reload;
+        ready |= events.expired || events.drain || events.reload || events.stops;
         if ready {
             Poll::Ready(events)
         } else {
@@ -361,6 +387,10 @@ impl Relay<'_> {
         }
         if events.swept {
             self.sweep(&mut triggers.stalls);
+        }
+        if events.stops {
+            // The turn that follows looks at the connections; the next stop wakes the task.
+            triggers.stopping = Triggers::stops();
         }
         if events.drain && !self.draining {
             self.draining = true;

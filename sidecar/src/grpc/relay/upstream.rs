@@ -17,18 +17,21 @@ pub(super) struct Up {
     /// known, and streams wait in `pending` instead of being opened past it.
     pub(super) settled: bool,
     pub(super) pending: Vec<u32>,
+    /// Counts the connection as open to its instance (`None` once let go of for a stop).
+    open: Option<Open>,
 }
 
 impl Up {
     fn new(link: Link, instance: Arc<Instance>) -> Up {
         Up {
             link,
-            instance,
             next_stream: 1,
             streams: ById::default(),
             heard: false,
             settled: false,
             pending: Vec::new(),
+            open: Some(instance.open()),
+            instance,
         }
     }
 
@@ -66,13 +69,39 @@ pub(super) fn park(mut up: Up) {
     if reusable {
         let instance = up.instance.clone();
         let mut idle = lock(instance.idle::<Up>());
-        if idle.len() < MAX_IDLE {
+        // Under the list's lock: a stop clears the lists after it marks the instance.
+        if idle.len() < MAX_IDLE && !instance.is_stopping() {
             idle.push(up);
             return;
         }
     }
     up.link.goaway(0, reason::NO_ERROR, "");
     up.link.flush();
+}
+
+impl Relay<'_> {
+    /// Lets go of connections to stopping instances: each closes once it carries no stream
+    /// (GOAWAY, then the socket is shut so that the instance sees the end at once).
+    pub(super) fn leave_stopping(&mut self) {
+        self.stopping_ups = false;
+        for up in self.ups.iter_mut() {
+            if up.open.is_none() || !up.instance.is_stopping() {
+                continue;
+            }
+            if !up.streams.is_empty() || !up.pending.is_empty() {
+                self.stopping_ups = true;
+                continue;
+            }
+            up.link.goaway(0, reason::NO_ERROR, "instance stopping");
+            up.link.flush();
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&up.link.sock),
+                nix::sys::socket::Shutdown::Both,
+            );
+            up.link.closed = true;
+            up.open = None;
+        }
+    }
 }
 
 /// An idle connection to `instance` that is still open: what it received while idle (a PING, a
