@@ -110,6 +110,7 @@ impl Up {
                 Ok(0) => break false,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(_) => break false,
             }
         };
@@ -230,10 +231,12 @@ fn answer(
                 let data = input.take(n);
                 let end = if op & 0x80 != 0 { flag::END_STREAM } else { 0 };
                 if op & 0x40 != 0 {
-                    let pad = input.byte();
+                    // Valid padding: a pad length past the frame is a protocol error, which
+                    // frames of any type (below) try.
+                    let pad = input.byte() % 64;
                     let mut p = vec![pad];
                     p.extend_from_slice(&data);
-                    p.resize(p.len() + (pad as usize).min(64), 0);
+                    p.resize(p.len() + pad as usize, 0);
                     frame(&mut out, kind::DATA, flag::PADDED | end, id, &p);
                 } else {
                     frame(&mut out, kind::DATA, end, id, &data);
@@ -338,7 +341,7 @@ fn finish(listener: &TcpListener, cs: &mut [Caller], sent: &[Vec<u8>]) {
             match c.s.read(&mut chunk) {
                 Ok(0) => c.ended = true,
                 Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
                 Err(_) => c.ended = true,
             }
             for (head, payload) in frames(&mut c.buf) {

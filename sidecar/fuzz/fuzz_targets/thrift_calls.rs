@@ -122,6 +122,8 @@ fn session(input: &mut Input) {
 fn check(s: &mut TcpStream, asked: &[(i32, String)], corrupt: bool) {
     let _ = s.set_read_timeout(Some(Duration::from_millis(if corrupt { 5 } else { 3000 })));
     let mut buf = BytesMut::new();
+    let mut all = Vec::new();
+    let mut ending = String::from("closed");
     let mut d = FrameDecoder::new(Limits::default());
     let (mut next, mut chunk) = (0, [0u8; 16 << 10]);
     let started = Instant::now();
@@ -159,15 +161,26 @@ fn check(s: &mut TcpStream, asked: &[(i32, String)], corrupt: bool) {
             return;
         }
         match s.read(&mut chunk) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(0) => break,
+            // A signal (the sidecar's children exiting) interrupted the wait: not an ending.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                ending = e.to_string();
+                break;
+            }
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                all.extend_from_slice(&chunk[..n]);
+            }
         }
     }
     assert!(
         corrupt || next == asked.len(),
-        "{} of {} calls answered on a connection left whole ({:?})",
+        "{} of {} calls answered on a connection left whole ({ending} after {:?}); it got {:02x?}, which decodes as {:?}",
         next,
         asked.len(),
-        started.elapsed()
+        started.elapsed(),
+        all,
+        FrameDecoder::new(Limits::default()).decode(&mut BytesMut::from(&all[..])),
     );
 }
