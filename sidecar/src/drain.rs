@@ -2,6 +2,11 @@
 //! (Thrift calls, gRPC streams, HTTP/2 connections) holds a tokio-util `TaskTracker` token while
 //! it lasts, so the drain waits for the tracker to empty instead of polling counters.
 
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
+};
+
 use tokio_util::{
     sync::CancellationToken,
     task::{task_tracker::TaskTrackerToken, TaskTracker},
@@ -14,6 +19,8 @@ pub struct Drain {
     started: CancellationToken,
     /// Calls, streams and connections in progress.
     in_progress: TaskTracker,
+    /// Set with `started`: read on every Thrift read, where a lock would be too dear.
+    draining: Arc<AtomicBool>,
 }
 
 impl Drain {
@@ -23,13 +30,15 @@ impl Drain {
         self.in_progress.token()
     }
 
-    /// Whether the sidecar is draining.
+    /// Whether the sidecar is draining (an atomic load).
+    #[inline]
     pub fn is_draining(&self) -> bool {
-        self.started.is_cancelled()
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Starts the drain: everything listening to [`Drain::started`] hears it.
     pub fn start(&self) {
+        self.draining.store(true, Ordering::Relaxed);
         self.started.cancel();
     }
 

@@ -313,6 +313,20 @@ fn cmdline(pid: u32) -> String {
 }
 
 /// Whether process `pid` still exists (and is not a zombie).
+/// Whether `f` holds within `within` (checked every 10 ms).
+pub fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => !stat

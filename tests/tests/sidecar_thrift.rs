@@ -1034,6 +1034,107 @@ async fn sigterm_lets_in_flight_calls_finish_then_stops_instances() {
     }
 }
 
+/// Drain under constant load ends once the calls in flight are answered (issue 18, item 7):
+/// eight connections each keep four calls in flight without a pause, and the sidecar still exits
+/// within 1.5 s of SIGTERM (`drain_timeout` is 3 s: before, the drain lasted all of it, as the
+/// connections kept starting calls). Every call that got a reply got its own, in order.
+#[test]
+fn drain_under_constant_load_ends_when_the_calls_in_flight_are_answered() {
+    let sc = Sidecar::start(&echo_function(
+        "echo",
+        "min = 1\nmax = 1\nconcurrency = 64",
+        "",
+    ));
+    let callers: Vec<_> = (0..8)
+        .map(|c| {
+            let addr = sc.addr;
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let call = |n: i32| framed_echo(n, &format!("c{c}-{n}"), 5);
+                let (mut sent, mut answered) = (0, 0);
+                let mut buf = BytesMut::new();
+                let mut d = FrameDecoder::new(Limits::default());
+                while sent < 4 && s.write_all(&call(sent)).is_ok() {
+                    sent += 1;
+                }
+                loop {
+                    let f = match d.decode(&mut buf) {
+                        Ok(Some(f)) => f,
+                        _ => {
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk) {
+                                Ok(0) | Err(_) => return answered,
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                            continue;
+                        }
+                    };
+                    if f.kind() != MessageType::Reply {
+                        return answered; // the instance stopped under it (the drain timed out)
+                    }
+                    assert_eq!(f.seqid(), answered);
+                    let text = format!("c{c}-{answered}");
+                    assert!(String::from_utf8_lossy(f.payload()).contains(&text));
+                    answered += 1;
+                    if s.write_all(&call(sent)).is_ok() {
+                        sent += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    sc.signal("TERM");
+    let mut sc = sc;
+    let status = sc.child.wait().unwrap();
+    let took = started.elapsed();
+    let answered: Vec<i32> = callers.into_iter().map(|c| c.join().unwrap()).collect();
+    assert!(status.success(), "{status}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "the drain took {took:?}"
+    );
+    assert!(answered.iter().all(|n| *n > 10), "{answered:?}");
+}
+
+/// A second SIGTERM ends the drain at once, stopping the instances: a call that sleeps 10 s
+/// holds the drain (`drain_timeout` 3 s) until the second signal, after which the sidecar exits
+/// within a second and no instance is left (issue 18, item 7).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_sigterm_ends_the_drain_at_once() {
+    let sc = Sidecar::start(&echo_function("echo", "min = 1\nmax = 1", ""));
+    echo(sc.addr, "warm", None, 5000).await.unwrap();
+    let children = sc.children();
+    let addr = sc.addr;
+    let held = tokio::spawn(async move { echo(addr, "held", Some(10_000), 20_000).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sc.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut sc = sc;
+    assert!(
+        sc.child.try_wait().unwrap().is_none(),
+        "the drain waits for the call"
+    );
+    let started = Instant::now();
+    sc.signal("TERM");
+    let status = sc.child.wait().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(status.success(), "{status}");
+    let _ = held.await;
+    for pid in children {
+        assert!(
+            fnmesh_tests::sidecar::wait_until(Duration::from_secs(2), || !alive(pid)),
+            "instance {pid} stopped"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn no_instance_outlives_a_sidecar_killed_with_sigkill() {
     let sc = Sidecar::start(&echo_function("echo", "max = 3\nconcurrency = 1", ""));

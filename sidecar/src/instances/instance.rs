@@ -25,13 +25,53 @@ const CONN_KINDS: usize = 4;
 pub static STOPS: AtomicU64 = AtomicU64::new(0);
 pub static STOPPING: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
-/// An open connection to an instance, counted while it lives: a stop waits until none is left
-/// before it signals the process, so that a graceful server exits at once.
-pub struct Open(Arc<AtomicUsize>);
+/// What an instance's connections share with it: how many are open, whether it is stopping,
+/// and the ones closed for the stop whose end the instance has not yet answered.
+#[derive(Default)]
+struct Conns {
+    open: AtomicUsize,
+    stopping: AtomicBool,
+    lingering: Mutex<Vec<std::net::TcpStream>>,
+}
+
+/// An open connection to an instance, counted while it lives: a stop waits until none is left,
+/// and until the instance has closed its side of each, before it signals the process, so that
+/// a server that counts its connections at SIGTERM (Volo waits 2 s for them) exits at once.
+pub struct Open(Arc<Conns>);
+
+impl Open {
+    /// The connection `sock` is closing: when the instance is stopping, it is half-closed now
+    /// (the instance sees its end) and watched until the instance closes its side.
+    pub fn close(&self, sock: &impl std::os::fd::AsFd) {
+        if !self.0.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(fd) = sock.as_fd().try_clone_to_owned() {
+            let watched = std::net::TcpStream::from(fd);
+            let _ = watched.shutdown(std::net::Shutdown::Write);
+            let _ = watched.set_nonblocking(true);
+            lock(&self.0.lingering).push(watched);
+        }
+    }
+}
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether the instance still holds its side of `s` open (it has not sent its end).
+fn answered_end(s: &std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let mut buf = [0u8; 512];
+    loop {
+        match (&*s).read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return e.kind() != std::io::ErrorKind::WouldBlock,
+        }
     }
 }
 
@@ -50,10 +90,8 @@ pub struct Instance {
     stop: Mutex<Option<oneshot::Sender<()>>>,
     /// Cancelled when its process has exited (crashed) or been stopped.
     exited: tokio_util::sync::CancellationToken,
-    /// Told to stop: its connections close once their calls are done.
-    stopping: AtomicBool,
-    /// Connections to it that are open (see [`Open`]).
-    open: Arc<AtomicUsize>,
+    /// Its connections (see [`Open`]), and whether it is stopping.
+    conns: Arc<Conns>,
 }
 
 impl std::fmt::Debug for Instance {
@@ -97,27 +135,37 @@ impl Instance {
             probe: Mutex::new(probe),
             stop: Mutex::new(Some(stop)),
             exited: tokio_util::sync::CancellationToken::new(),
-            stopping: AtomicBool::new(false),
-            open: Arc::default(),
+            conns: Arc::default(),
         }
     }
 
     /// Counts a connection to it as open until the guard drops.
     pub fn open(&self) -> Open {
-        self.open.fetch_add(1, Ordering::Relaxed);
-        Open(self.open.clone())
+        self.conns.open.fetch_add(1, Ordering::Relaxed);
+        Open(self.conns.clone())
     }
 
     /// Told to stop: a connection to it goes back to no idle list, and closes once its calls are
     /// done.
     #[inline]
     pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::Relaxed)
+        self.conns.stopping.load(Ordering::Relaxed)
     }
 
-    /// Resolves once no connection to it is open, or at `until`.
+    /// Resolves once no connection to it is open and it has closed its side of each one closed
+    /// for the stop, or at `until`.
     pub(super) async fn unused(&self, until: tokio::time::Instant) {
-        while self.open.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < until {
+        loop {
+            let open = self.conns.open.load(Ordering::Relaxed);
+            let lingering = {
+                let mut l = lock(&self.conns.lingering);
+                l.retain(|s| !answered_end(s));
+                l.len()
+            };
+            if open + lingering == 0 || tokio::time::Instant::now() >= until {
+                lock(&self.conns.lingering).clear();
+                return;
+            }
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
     }
@@ -186,7 +234,7 @@ impl Instance {
     /// Stops it: its idle connections close now, the others once their calls are done (front
     /// ends holding some are woken), and then its process is signalled (see `Pool::monitor`).
     pub(super) fn stop(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
+        self.conns.stopping.store(true, Ordering::Relaxed);
         self.clear_idle();
         STOPS.fetch_add(1, Ordering::Relaxed);
         STOPPING.notify_waiters();

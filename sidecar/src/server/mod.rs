@@ -121,7 +121,7 @@ async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
             _ = signals.hup.recv() => { let _ = sidecar.mesh.reload_and_log("SIGHUP"); }
         }
     }
-    sidecar.shutdown().await;
+    sidecar.shutdown(signals).await;
     Ok(())
 }
 
@@ -217,13 +217,21 @@ impl Sidecar {
 }
 
 /// The signals `fnmesh run` answers.
-struct Signals {
+pub(super) struct Signals {
     term: Signal,
     int: Signal,
     hup: Signal,
 }
 
 impl Signals {
+    /// Resolves at the next SIGTERM or SIGINT.
+    async fn stop(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+
     fn new() -> std::io::Result<Signals> {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,

@@ -2,13 +2,16 @@
 //! health turns NOT_SERVING, HTTP/2 connections get GOAWAY, and the functions are deregistered.
 //! It keeps accepting meanwhile, and for a moment after (with a registry), so that callers who
 //! resolved it just before are served. Then it stops accepting; calls in flight get
-//! `drain_timeout` to finish, and the instances are stopped.
+//! `drain_timeout` to finish, and the instances are stopped. Thrift connections take no new call
+//! once the drain starts: each closes when its calls are answered (a client reconnects
+//! elsewhere). A second SIGTERM or SIGINT ends the drain at once.
 
 use std::time::Duration;
 
 use tokio::time::{sleep, timeout};
 
-use super::Sidecar;
+use super::{Sidecar, Signals};
+use crate::workers::Workers;
 
 /// How long deregistering may take when the sidecar drains.
 const DEREGISTER: Duration = Duration::from_secs(2);
@@ -16,10 +19,45 @@ const DEREGISTER: Duration = Duration::from_secs(2);
 /// moment old.
 const PROPAGATION: Duration = Duration::from_secs(1);
 
+/// How long instances get after a second signal before the sidecar exits (its watchdog then
+/// kills what is left).
+const FORCED: Duration = Duration::from_millis(200);
+
 impl Sidecar {
-    pub(super) async fn shutdown(self) {
+    pub(super) async fn shutdown(self, mut signals: Signals) {
         let (grace, mesh) = (self.grace, self.mesh.clone());
         mesh.drain.start();
+        let workers = tokio::select! {
+            workers = self.drain(grace) => Some(workers),
+            () = signals.stop() => None,
+        };
+        let drained = workers.is_some();
+        // Instances get SIGTERM, then SIGKILL after the grace; wait for them to be reaped.
+        let pools = mesh.close();
+        for p in &pools {
+            p.shutdown();
+        }
+        let reaped = futures_util::future::join_all(pools.iter().map(|p| p.stopped()));
+        if drained {
+            tokio::select! {
+                _ = timeout(grace + Duration::from_secs(1), reaped) => {}
+                () = signals.stop() => {
+                    tracing::warn!("a second signal: stopping at once");
+                    sleep(FORCED).await;
+                }
+            }
+        } else {
+            tracing::warn!("a second signal: stopping at once");
+            let _ = timeout(FORCED, reaped).await;
+        }
+        drop(workers);
+        tracing::info!("stopped");
+    }
+
+    /// Says the sidecar is going, stops accepting, and waits (within `grace`) for the work in
+    /// progress; gives back the worker threads, which still serve the connections they have.
+    async fn drain(self, grace: Duration) -> Workers {
+        let mesh = self.mesh.clone();
         let leave = async {
             mesh.deregister(DEREGISTER.min(grace)).await;
             if self.registry != "none" {
@@ -47,14 +85,6 @@ impl Sidecar {
                 "drain_timeout passed with calls still in flight"
             );
         }
-        // Instances get SIGTERM, then SIGKILL after the grace; wait for them to be reaped.
-        let pools = mesh.close();
-        for p in &pools {
-            p.shutdown();
-        }
-        let reaped = futures_util::future::join_all(pools.iter().map(|p| p.stopped()));
-        let _ = timeout(grace + Duration::from_secs(1), reaped).await;
-        drop(workers);
-        tracing::info!("stopped");
+        workers
     }
 }

@@ -59,8 +59,7 @@ pub async fn serve(
     let (mut rd, mut wr) = sock.split();
     let front = &*front;
     let mut reader = Reader::new(front, detected);
-    let mut replies = Replies::default();
-    let mut calls = FuturesUnordered::new();
+    let (mut replies, mut calls) = (Replies::default(), FuturesUnordered::new());
     let mut lane = Box::pin(None);
     // The ticket of the two-way call in `lane`.
     let mut lane_ticket = None;
@@ -91,6 +90,7 @@ pub async fn serve(
                 None => calls.push(Box::pin(Either::Left(call.map(Ok)))),
             }
         }
+        reader.drain_if(front.drain.is_draining(), &buf);
         if replies.write_ready(&wr).is_err() {
             // The caller is gone: its calls in flight are dropped (cancelled) with it.
             return;
@@ -172,6 +172,8 @@ struct Reader<'a> {
     table: arc_swap::Cache<&'a arc_swap::ArcSwap<Vec<Route>>, Arc<Vec<Route>>>,
     /// Nothing more is read once the caller has closed or sent something it must not.
     reading: bool,
+    /// Once the sidecar drains: the number of the last frame read.
+    last_frame: Option<u64>,
 }
 
 impl<'a> Reader<'a> {
@@ -182,6 +184,7 @@ impl<'a> Reader<'a> {
             frames: 0,
             table: arc_swap::Cache::new(&front.functions),
             reading: true,
+            last_frame: None,
         }
     }
 
@@ -236,6 +239,26 @@ impl<'a> Reader<'a> {
             }
         }
         None
+    }
+
+    /// The sidecar drains: the connection takes no new call (a frame begun is read to its end),
+    /// and closes once its calls are answered, so that a client reconnects elsewhere. An idle
+    /// connection hears it at the next sweep tick.
+    #[inline]
+    fn drain_if(&mut self, draining: bool, buf: &BytesMut) {
+        if draining && self.reading {
+            self.drain(buf);
+        }
+    }
+
+    #[cold]
+    fn drain(&mut self, buf: &BytesMut) {
+        let last = *self
+            .last_frame
+            .get_or_insert(self.frames + u64::from(!buf.is_empty()));
+        if buf.is_empty() || self.frames >= last {
+            self.reading = false;
+        }
     }
 
     /// The caller closed its side (or the read failed): fine between frames, a `bad-request`

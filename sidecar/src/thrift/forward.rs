@@ -38,7 +38,13 @@ pub(super) enum Outgoing {
 struct InstanceConn {
     stream: TcpStream,
     buf: BytesMut,
-    _open: Open,
+    open: Open,
+}
+
+impl Drop for InstanceConn {
+    fn drop(&mut self) {
+        self.open.close(&self.stream);
+    }
 }
 
 impl InstanceConn {
@@ -46,7 +52,7 @@ impl InstanceConn {
         InstanceConn {
             stream,
             buf: BytesMut::with_capacity(8 * 1024),
-            _open: instance.open(),
+            open: instance.open(),
         }
     }
 

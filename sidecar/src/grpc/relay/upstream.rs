@@ -21,6 +21,14 @@ pub(super) struct Up {
     open: Option<Open>,
 }
 
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(open) = &self.open {
+            open.close(&self.link.sock);
+        }
+    }
+}
+
 impl Up {
     fn new(link: Link, instance: Arc<Instance>) -> Up {
         Up {
@@ -81,7 +89,7 @@ pub(super) fn park(mut up: Up) {
 
 impl Relay<'_> {
     /// Lets go of connections to stopping instances: each closes once it carries no stream
-    /// (GOAWAY, then the socket is shut so that the instance sees the end at once).
+    /// (GOAWAY, then its end, which the instance's stop watches for the instance's answer).
     pub(super) fn leave_stopping(&mut self) {
         self.stopping_ups = false;
         for up in self.ups.iter_mut() {
@@ -94,12 +102,10 @@ impl Relay<'_> {
             }
             up.link.goaway(0, reason::NO_ERROR, "instance stopping");
             up.link.flush();
-            let _ = nix::sys::socket::shutdown(
-                std::os::fd::AsRawFd::as_raw_fd(&up.link.sock),
-                nix::sys::socket::Shutdown::Both,
-            );
+            if let Some(open) = up.open.take() {
+                open.close(&up.link.sock);
+            }
             up.link.closed = true;
-            up.open = None;
         }
     }
 }
