@@ -19,6 +19,10 @@ pub struct Http {
     pub authority: String,
 }
 
+/// The largest response body read whole: a registry (or something posing as one) that sends
+/// more gets an error, not the sidecar's memory.
+pub const MAX_BODY: usize = 16 << 20;
+
 /// A response: status, headers, body.
 pub struct Answer {
     pub status: StatusCode,
@@ -86,11 +90,10 @@ impl Http {
         let resp = self.request(method, path, body).await?;
         let status = resp.status();
         let headers = resp.headers().clone();
-        let body = resp
-            .into_body()
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
             .collect()
             .await
-            .map_err(|e| self.unreachable(e))?
+            .map_err(|e| self.unreachable(format!("reading the response: {e}")))?
             .to_bytes();
         Ok(Answer {
             status,
@@ -150,5 +153,34 @@ mod tests {
             .unwrap_err()
             .contains("only http://"));
         assert!(Http::new("consul", "http://host:1/v1").is_err());
+    }
+
+    /// A response body past [`MAX_BODY`] is an error, read no further.
+    #[tokio::test]
+    async fn a_response_body_past_the_cap_is_an_error() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let _ = s.read(&mut [0u8; 4096]).await;
+            let total = 64usize << 20;
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {total}\r\n\r\n");
+            let _ = s.write_all(head.as_bytes()).await;
+            let chunk = vec![b'x'; 1 << 20];
+            for _ in 0..64 {
+                if s.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let http = Http::new("consul", &format!("http://{addr}")).unwrap();
+        let got = http
+            .send(Method::GET, "/v1/agent/self", None, Duration::from_secs(10))
+            .await;
+        let Err(e) = got else {
+            panic!("a 64 MiB body was read whole")
+        };
+        assert!(e.to_string().contains("length limit"), "{e}");
     }
 }

@@ -102,9 +102,23 @@ async fn keep<R: Registry>(
     loop {
         let mut failure: Option<Error> = None;
         if renew_due {
-            let mut kept = Vec::with_capacity(held.len());
-            for r in held.drain(..) {
-                match registry.renew(&r).await {
+            // All at once, each within a third of the TTL: one slow answer (or many functions
+            // on a slow agent) cannot outlast the TTL of the others.
+            let renewals = held.drain(..).map(|r| async {
+                let renewed = match tokio::time::timeout(period, registry.renew(&r)).await {
+                    Ok(renewed) => renewed,
+                    Err(_) => Err(Error::Unreachable {
+                        registry: "registry",
+                        detail: format!(
+                            "no answer to a renewal within {period:?} (a third of the TTL)"
+                        ),
+                    }),
+                };
+                (r, renewed)
+            });
+            let mut kept = Vec::new();
+            for (r, renewed) in futures_util::future::join_all(renewals).await {
+                match renewed {
                     Ok(()) => kept.push(r),
                     Err(e @ Error::Lost { .. }) => {
                         tracing::warn!(service = %r.name, id = %r.id(), error = %e, "registration lost; registering again");
@@ -241,6 +255,55 @@ mod tests {
             self.check()?;
             self.inner.deregister(r).await
         }
+    }
+
+    /// An embedded registry whose renewals of `slow` never answer.
+    #[derive(Clone, Default)]
+    struct Stuck {
+        inner: Embedded,
+        slow: &'static str,
+        renewed: Arc<AtomicUsize>,
+    }
+
+    impl Registry for Stuck {
+        async fn register(&self, r: &Registration, ttl: Duration) -> Result<(), Error> {
+            self.inner.register(r, ttl).await
+        }
+        async fn renew(&self, r: &Registration) -> Result<(), Error> {
+            if r.name == self.slow {
+                std::future::pending::<()>().await;
+            }
+            self.renewed.fetch_add(1, Ordering::SeqCst);
+            self.inner.renew(r).await
+        }
+        async fn deregister(&self, r: &Registration) -> Result<(), Error> {
+            self.inner.deregister(r).await
+        }
+    }
+
+    /// Renewals run at once and each is bounded by a third of the TTL: a renewal that never
+    /// answers holds none of the others back, and is reported.
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_that_never_answers_holds_no_other_back() {
+        let registry = Stuck {
+            slow: "b",
+            ..Stuck::default()
+        };
+        let wanted = vec![registration("a"), registration("b"), registration("c")];
+        let keeper = Registrar::start(registry.clone(), Duration::from_secs(3), wanted);
+        keeper.wait_for(|h| *h == Health::Registered).await;
+        // Three renewal rounds (every second): a and c are renewed in each.
+        sleep(Duration::from_millis(3500)).await;
+        assert!(
+            registry.renewed.load(Ordering::SeqCst) >= 4,
+            "{:?}",
+            registry.renewed
+        );
+        keeper
+            .wait_for(|h| matches!(h, Health::Failing(e) if e.contains("renewal")))
+            .await;
+        assert_eq!(names(&registry.inner, "a").await, 1);
+        assert_eq!(names(&registry.inner, "c").await, 1);
     }
 
     async fn names(e: &Embedded, name: &str) -> usize {
