@@ -17,6 +17,8 @@ use crate::Error;
 pub struct Http {
     pub registry: &'static str,
     pub authority: String,
+    /// Sent with every request (Consul's `X-Consul-Token`).
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 /// The largest response body read whole: a registry (or something posing as one) that sends
@@ -43,6 +45,7 @@ impl Http {
         Ok(Http {
             registry,
             authority: authority.to_owned(),
+            headers: Vec::new(),
         })
     }
 
@@ -121,6 +124,9 @@ impl Http {
             .method(method)
             .uri(path)
             .header(http::header::HOST, &self.authority);
+        for (name, value) in &self.headers {
+            req = req.header(name, value);
+        }
         if body.is_some() {
             req = req.header(http::header::CONTENT_TYPE, "application/json");
         }

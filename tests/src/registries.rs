@@ -123,6 +123,9 @@ pub struct Consul {
     child: Option<Child>,
     http: u16,
     ports: [u16; 3],
+    /// With ACLs enforced (default policy deny): the management token, which the test's own
+    /// requests carry.
+    acl: Option<String>,
 }
 
 impl Consul {
@@ -136,6 +139,20 @@ impl Consul {
             child: None,
             http,
             ports: [free_port(), free_port(), free_port()],
+            acl: None,
+        };
+        c.run();
+        c
+    }
+
+    /// An agent that enforces ACLs (`acl.default_policy = "deny"`), with `token` as its
+    /// management token.
+    pub fn start_with_acl(token: &str) -> Consul {
+        let mut c = Consul {
+            child: None,
+            http: free_port(),
+            ports: [free_port(), free_port(), free_port()],
+            acl: Some(token.to_owned()),
         };
         c.run();
         c
@@ -163,6 +180,12 @@ impl Consul {
             .args(["-serf-wan-port", &serf_wan.to_string()])
             .args(["-server-port", &server.to_string()])
             .args(["-log-level", "err"])
+            .args(self.acl.iter().flat_map(|t| {
+                let hcl = format!(
+                    "acl {{ enabled = true default_policy = \"deny\" tokens {{ master = \"{t}\" agent = \"{t}\" }} }}"
+                );
+                ["-hcl".to_owned(), hcl]
+            }))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -184,9 +207,14 @@ impl Consul {
             return (String::new(), String::new());
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let token = self
+            .acl
+            .as_ref()
+            .map(|t| format!("x-consul-token: {t}\r\n"))
+            .unwrap_or_default();
         let _ = write!(
             s,
-            "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{token}connection: close\r\n\r\n"
         );
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);

@@ -404,3 +404,36 @@ async fn a_reload_adds_and_removes_registrations() {
         server.passing("fresh").len() == 1 && server.passing("echo").is_empty()
     });
 }
+
+/// Consul with ACLs enforced (default policy deny, issue 18, item 9): a sidecar with a token that
+/// may register (here the management token) registers and keeps its functions passing; one
+/// without a token is refused, and `/readyz` says so while the sidecar serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_with_acls_takes_a_sidecar_with_a_token_and_refuses_one_without() {
+    let server = Consul::start_with_acl("fnmesh-test-token");
+    let with = sidecar(&format!(
+        "{}\ntoken = \"fnmesh-test-token\"",
+        consul_table(&server)
+    ));
+    wait_until(Duration::from_secs(10), "registered with the token", || {
+        server.passing("echo").len() == 1 && server.passing("gecho").len() == 1
+    });
+    let without = sidecar(&consul_table(&server));
+    wait_until(Duration::from_secs(10), "refused without a token", || {
+        let (_, body) = without.admin_get("/readyz");
+        body.contains("registry consul: failing") && body.contains("403")
+    });
+    let client = EchoServiceClientBuilder::new("echo")
+        .address(without.addr)
+        .build();
+    client
+        .echo(req("served"))
+        .await
+        .expect("served all the same");
+    assert_eq!(
+        server.passing("echo").len(),
+        1,
+        "only the sidecar with the token"
+    );
+    drop(with);
+}

@@ -31,8 +31,12 @@ pub struct DiscoveryConfig {
 pub enum DiscoveryBackend {
     /// Registered in the process only: nothing external needed.
     None,
-    /// A Consul agent at `address` (`http://host:port`).
-    Consul { address: String },
+    /// A Consul agent at `address` (`http://host:port`), with an ACL token (`token`, else
+    /// `CONSUL_HTTP_TOKEN`) when it enforces ACLs.
+    Consul {
+        address: String,
+        token: Option<String>,
+    },
     /// An etcd cluster at `endpoints`, keys under `prefix`.
     Etcd {
         endpoints: Vec<String>,

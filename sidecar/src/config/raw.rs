@@ -67,6 +67,7 @@ pub(super) fn default_frame() -> usize {
 pub(super) struct RawDiscovery {
     pub(super) backend: Spanned<String>,
     pub(super) address: Option<Spanned<String>>,
+    pub(super) token: Option<Spanned<String>>,
     pub(super) endpoints: Option<Spanned<Vec<String>>>,
     pub(super) prefix: Option<Spanned<String>>,
     #[serde(default, deserialize_with = "opt_duration")]

@@ -447,19 +447,39 @@ fn discovery_backends_parse_with_their_defaults() {
         with("backend = \"consul\"").discovery,
         DiscoveryConfig {
             backend: DiscoveryBackend::Consul {
-                address: "http://127.0.0.1:8500".into()
+                address: "http://127.0.0.1:8500".into(),
+                token: std::env::var("CONSUL_HTTP_TOKEN")
+                    .ok()
+                    .filter(|t| !t.is_empty()),
             },
             ttl: Duration::from_secs(10),
         }
     );
     assert_eq!(
-        with("backend = \"consul\"\naddress = \"http://10.0.0.1:8500\"\nttl = \"3s\"").discovery,
+        with("backend = \"consul\"\naddress = \"http://10.0.0.1:8500\"\ntoken = \"s3cret\"\nttl = \"3s\"")
+            .discovery,
         DiscoveryConfig {
             backend: DiscoveryBackend::Consul {
-                address: "http://10.0.0.1:8500".into()
+                address: "http://10.0.0.1:8500".into(),
+                token: Some("s3cret".into()),
             },
             ttl: Duration::from_secs(3),
         }
+    );
+    let bad = |table: &str| {
+        parse(&GOOD.replacen("backend = \"none\"", table, 1))
+            .unwrap_err()
+            .to_string()
+    };
+    let e = bad("backend = \"consul\"\ntoken = \"a\\nb\"");
+    assert!(
+        e.contains("discovery.token") && e.contains("cannot have"),
+        "{e}"
+    );
+    let e = bad("backend = \"etcd\"\ntoken = \"t\"");
+    assert!(
+        e.contains("discovery.token") && e.contains("does not apply"),
+        "{e}"
     );
     let etcd = parse(&GOOD.replacen("backend = \"none\"", "backend = \"etcd\"", 1));
     // etcd is in every build.

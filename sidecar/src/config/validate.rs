@@ -91,12 +91,13 @@ fn discovery(cx: &Ctx<'_>, d: &Spanned<RawDiscovery>) -> Result<DiscoveryConfig,
     // Which keys each backend takes: any other one set is an error.
     let name = backend.get_ref().as_str();
     let takes: &[&str] = match name {
-        "consul" => &["address"],
+        "consul" => &["address", "token"],
         "etcd" => &["endpoints", "prefix"],
         _ => &[],
     };
     let set = [
         ("address", raw.address.as_ref().map(|a| a.span().start)),
+        ("token", raw.token.as_ref().map(|t| t.span().start)),
         ("endpoints", raw.endpoints.as_ref().map(|e| e.span().start)),
         ("prefix", raw.prefix.as_ref().map(|p| p.span().start)),
     ];
@@ -118,7 +119,23 @@ fn discovery(cx: &Ctx<'_>, d: &Spanned<RawDiscovery>) -> Result<DiscoveryConfig,
                 Some(a) => http(a, "discovery.address")?,
                 None => "http://127.0.0.1:8500".to_owned(),
             };
-            DiscoveryBackend::Consul { address }
+            let token = match &raw.token {
+                Some(t) if t.get_ref().is_empty() => {
+                    return cx.invalid(t.span().start, "discovery.token", "is empty")
+                }
+                Some(t) if http::HeaderValue::from_str(t.get_ref()).is_err() => {
+                    return cx.invalid(
+                        t.span().start,
+                        "discovery.token",
+                        "has characters a token cannot have",
+                    )
+                }
+                Some(t) => Some(t.get_ref().clone()),
+                None => std::env::var("CONSUL_HTTP_TOKEN")
+                    .ok()
+                    .filter(|t| !t.is_empty()),
+            };
+            DiscoveryBackend::Consul { address, token }
         }
         "etcd" => {
             let endpoints = match &raw.endpoints {

@@ -81,10 +81,16 @@ fn init_logs(format: LogFormat) {
 async fn registry(backend: &DiscoveryBackend) -> Result<Backend, String> {
     Ok(match backend {
         DiscoveryBackend::None => Backend::Embedded(Default::default()),
-        DiscoveryBackend::Consul { address } => Backend::Consul(
-            fnmesh_discovery::consul::Consul::new(address)
-                .map_err(|e| format!("discovery.address: {e}"))?,
-        ),
+        DiscoveryBackend::Consul { address, token } => {
+            let consul = fnmesh_discovery::consul::Consul::new(address)
+                .map_err(|e| format!("discovery.address: {e}"))?;
+            Backend::Consul(match token {
+                Some(t) => consul
+                    .with_token(t)
+                    .map_err(|e| format!("discovery.token: {e}"))?,
+                None => consul,
+            })
+        }
         DiscoveryBackend::Etcd { endpoints, prefix } => Backend::Etcd(Box::new(
             fnmesh_discovery::etcd::Etcd::new(endpoints, prefix)
                 .await
