@@ -38,6 +38,24 @@ pub struct Etcd {
     prefix: String,
     /// Each registration's lease, by key.
     leases: Arc<Mutex<HashMap<String, i64>>>,
+    /// With auth enabled on the cluster: the user, and the token it was last given.
+    auth: Option<Arc<Auth>>,
+}
+
+/// etcd's user/password auth: a token from `auth/authenticate`, sent in `Authorization`, got
+/// again when the cluster no longer takes it (simple tokens expire).
+struct Auth {
+    name: String,
+    password: String,
+    token: Mutex<Option<http::HeaderValue>>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The value stored for one endpoint.
@@ -69,6 +87,8 @@ struct Answer {
     result: Option<Box<Answer>>,
     #[serde(default)]
     error: Option<serde_json::Value>,
+    #[serde(default)]
+    token: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -114,7 +134,62 @@ impl Etcd {
             members,
             prefix: prefix.trim_end_matches('/').to_owned(),
             leases: Arc::default(),
+            auth: None,
         })
+    }
+
+    /// The same client, authenticating as `name` with `password` (the cluster has auth on).
+    pub fn with_auth(mut self, name: &str, password: &str) -> Etcd {
+        self.auth = Some(Arc::new(Auth {
+            name: name.to_owned(),
+            password: password.to_owned(),
+            token: Mutex::new(None),
+        }));
+        self
+    }
+
+    /// `member`, carrying the auth token when the cluster wants one (authenticating first when
+    /// there is none yet).
+    async fn as_user(&self, member: &Http) -> Result<Http, Error> {
+        let Some(auth) = &self.auth else {
+            return Ok(member.clone());
+        };
+        let cached = auth.token.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let token = match cached {
+            Some(t) => t,
+            None => {
+                let body = json!({ "name": auth.name, "password": auth.password });
+                let a = member
+                    .send(
+                        Method::POST,
+                        "/v3/auth/authenticate",
+                        Some(body.to_string().into_bytes()),
+                        REQUEST,
+                    )
+                    .await?;
+                let got = answer("auth/authenticate", a.status, &a.body)?;
+                let t = got
+                    .token
+                    .and_then(|t| http::HeaderValue::from_str(&t).ok())
+                    .ok_or_else(|| refused("auth/authenticate", a.status, b"no token"))?;
+                *auth.token.lock().unwrap_or_else(|p| p.into_inner()) = Some(t.clone());
+                t
+            }
+        };
+        let mut m = member.clone();
+        m.headers.push((http::header::AUTHORIZATION, token));
+        Ok(m)
+    }
+
+    /// Forgets the token after the cluster refused it (expired): the next request gets another.
+    fn token_refused(&self, status: StatusCode, body: &[u8]) -> bool {
+        let expired = status == StatusCode::UNAUTHORIZED
+            || String::from_utf8_lossy(body).contains("invalid auth token");
+        if let (true, Some(auth)) = (expired, &self.auth) {
+            *auth.token.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            return true;
+        }
+        false
     }
 
     /// `{prefix}/{name}/{host}:{port}`.
@@ -147,12 +222,25 @@ impl Etcd {
         let body = body.to_string().into_bytes();
         let mut last = None;
         for member in &self.members {
-            match member
-                .send(Method::POST, &path, Some(body.clone()), REQUEST)
-                .await
-            {
-                Ok(a) => return answer(call, a.status, &a.body),
-                Err(e) => last = Some(e),
+            // Twice when the token had expired.
+            for _ in 0..2 {
+                let sent = match self.as_user(member).await {
+                    Ok(m) => {
+                        m.send(Method::POST, &path, Some(body.clone()), REQUEST)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                match sent {
+                    Ok(a) if self.token_refused(a.status, &a.body) => {
+                        last = Some(refused(call, a.status, &a.body));
+                    }
+                    Ok(a) => return answer(call, a.status, &a.body),
+                    Err(e) => {
+                        last = Some(e);
+                        break;
+                    }
+                }
             }
         }
         Err(last.unwrap_or(Error::Unreachable {
@@ -186,10 +274,14 @@ impl Etcd {
         let body = body.to_string().into_bytes();
         let mut last = None;
         for member in &self.members {
-            match member
-                .open(Method::POST, "/v3/watch", Some(body.clone()), REQUEST)
-                .await
-            {
+            let opened = match self.as_user(member).await {
+                Ok(m) => {
+                    m.open(Method::POST, "/v3/watch", Some(body.clone()), REQUEST)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match opened {
                 Ok((StatusCode::OK, body)) => {
                     return Ok(Watch {
                         body,

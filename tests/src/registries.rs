@@ -37,6 +37,8 @@ pub struct Etcd {
     dir: PathBuf,
     client: u16,
     peer: u16,
+    /// Flags beyond the defaults (`--auth-token-ttl`).
+    extra: Vec<String>,
 }
 
 impl Etcd {
@@ -46,6 +48,10 @@ impl Etcd {
 
     /// A server whose clients connect to port `client`.
     pub fn start_on(client: u16) -> Etcd {
+        Etcd::start_with(client, Vec::new())
+    }
+
+    fn start_with(client: u16, extra: Vec<String>) -> Etcd {
         let dir = std::env::temp_dir().join(format!(
             "fnmesh-etcd-{}-{}",
             std::process::id(),
@@ -56,9 +62,62 @@ impl Etcd {
             dir,
             client,
             peer: free_port(),
+            extra,
         };
         e.run();
         e
+    }
+
+    /// A server with auth on: user `root` (role root) with `password`, whose tokens expire
+    /// after `token_ttl` seconds.
+    pub fn start_with_auth(password: &str, token_ttl: u32) -> Etcd {
+        let ttl = vec!["--auth-token-ttl".into(), token_ttl.to_string()];
+        let e = Etcd::start_with(free_port(), ttl);
+        for (call, body) in [
+            ("auth/role/add", serde_json::json!({ "name": "root" })),
+            (
+                "auth/user/add",
+                serde_json::json!({ "name": "root", "password": password }),
+            ),
+            (
+                "auth/user/grant",
+                serde_json::json!({ "user": "root", "role": "root" }),
+            ),
+            ("auth/enable", serde_json::json!({})),
+        ] {
+            // The server may listen a moment before it serves.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let (status, answer) = e.post(call, &body.to_string());
+                if status.contains(" 200 ") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{call}: {status} {answer}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        e
+    }
+
+    /// POST `/v3/{call}` of the JSON gateway: (status line, body).
+    pub fn post(&self, call: &str, body: &str) -> (String, String) {
+        use std::io::{Read, Write};
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client)) else {
+            return (String::new(), String::new());
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = write!(
+            s,
+            "POST /v3/{call} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        (
+            head.lines().next().unwrap_or("").to_owned(),
+            body.to_owned(),
+        )
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -77,6 +136,7 @@ impl Etcd {
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("fnmesh-test={peer}")])
             .args(["--logger", "zap", "--log-level", "error"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

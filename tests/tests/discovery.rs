@@ -437,3 +437,60 @@ async fn consul_with_acls_takes_a_sidecar_with_a_token_and_refuses_one_without()
     );
     drop(with);
 }
+
+/// etcd with auth on (issue 18, item 9): a sidecar with a user registers, keeps its key past its
+/// TTL although its token expires between renewals (the cluster's tokens last 1 s unused,
+/// renewals come every 2 s: an expired token is noticed and replaced), and resolves by name as
+/// that user; one without a user is refused, and `/readyz` says so while the sidecar serves.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_with_auth_takes_a_sidecar_with_a_user_and_refuses_one_without() {
+    let server = Etcd::start_with_auth("fnmesh-pw", 1);
+    // Renewals every 2 s (a third of the TTL), so each finds its token expired.
+    let with = sidecar(&format!(
+        "backend = \"etcd\"\nendpoints = [\"{}\"]\nttl = \"6s\"\nusername = \"root\"\npassword = \"fnmesh-pw\"",
+        server.url()
+    ));
+    let key = format!("kitex/registry-etcd/echo/127.0.0.1:{}", with.addr.port());
+    // Read back with etcd-client as root, a new client (and token) each time.
+    let present = || async {
+        let options = etcd_client::ConnectOptions::new().with_user("root", "fnmesh-pw");
+        let mut reader = etcd_client::Client::connect([server.url()], Some(options))
+            .await
+            .unwrap();
+        reader.get(key.as_str(), None).await.unwrap().kvs().len() == 1
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !present().await {
+        assert!(Instant::now() < deadline, "registered as root");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Past the TTL: the key lives only if renewals with a fresh token went through.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(
+        present().await,
+        "still registered after eight token lifetimes"
+    );
+    let (_, body) = with.admin_get("/readyz");
+    assert!(body.contains("registry etcd: registered"), "{body}");
+    let resolver = etcd::Etcd::new(&[server.url()], "kitex/registry-etcd")
+        .await
+        .unwrap()
+        .with_auth("root", "fnmesh-pw");
+    assert_eq!(call_by_name(resolver).await, "by name");
+
+    let without = sidecar(&etcd_table(&server));
+    wait_until(Duration::from_secs(10), "refused without a user", || {
+        without
+            .admin_get("/readyz")
+            .1
+            .contains("registry etcd: failing")
+    });
+    let client = EchoServiceClientBuilder::new("echo")
+        .address(without.addr)
+        .build();
+    client
+        .echo(req("served"))
+        .await
+        .expect("served all the same");
+}

@@ -37,10 +37,13 @@ pub enum DiscoveryBackend {
         address: String,
         token: Option<String>,
     },
-    /// An etcd cluster at `endpoints`, keys under `prefix`.
+    /// An etcd cluster at `endpoints`, keys under `prefix`, as user `(name, password)` when
+    /// the cluster has auth on (`username` and `password`, else `ETCDCTL_USER` as
+    /// `name:password`).
     Etcd {
         endpoints: Vec<String>,
         prefix: String,
+        user: Option<(String, String)>,
     },
 }
 

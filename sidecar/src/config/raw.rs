@@ -70,6 +70,8 @@ pub(super) struct RawDiscovery {
     pub(super) token: Option<Spanned<String>>,
     pub(super) endpoints: Option<Spanned<Vec<String>>>,
     pub(super) prefix: Option<Spanned<String>>,
+    pub(super) username: Option<Spanned<String>>,
+    pub(super) password: Option<Spanned<String>>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub(super) ttl: Option<Duration>,
 }

@@ -476,6 +476,11 @@ fn discovery_backends_parse_with_their_defaults() {
         e.contains("discovery.token") && e.contains("cannot have"),
         "{e}"
     );
+    let e = bad("backend = \"etcd\"\nusername = \"root\"");
+    assert!(
+        e.contains("discovery.password") && e.contains("needed"),
+        "{e}"
+    );
     let e = bad("backend = \"etcd\"\ntoken = \"t\"");
     assert!(
         e.contains("discovery.token") && e.contains("does not apply"),
@@ -488,6 +493,10 @@ fn discovery_backends_parse_with_their_defaults() {
         DiscoveryBackend::Etcd {
             endpoints: vec!["http://127.0.0.1:2379".into()],
             prefix: "kitex/registry-etcd".into(),
+            user: std::env::var("ETCDCTL_USER").ok().and_then(|v| {
+                let (u, p) = v.split_once(':')?;
+                Some((u.to_owned(), p.to_owned()))
+            }),
         }
     );
 }

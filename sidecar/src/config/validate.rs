@@ -92,7 +92,7 @@ fn discovery(cx: &Ctx<'_>, d: &Spanned<RawDiscovery>) -> Result<DiscoveryConfig,
     let name = backend.get_ref().as_str();
     let takes: &[&str] = match name {
         "consul" => &["address", "token"],
-        "etcd" => &["endpoints", "prefix"],
+        "etcd" => &["endpoints", "prefix", "username", "password"],
         _ => &[],
     };
     let set = [
@@ -100,6 +100,8 @@ fn discovery(cx: &Ctx<'_>, d: &Spanned<RawDiscovery>) -> Result<DiscoveryConfig,
         ("token", raw.token.as_ref().map(|t| t.span().start)),
         ("endpoints", raw.endpoints.as_ref().map(|e| e.span().start)),
         ("prefix", raw.prefix.as_ref().map(|p| p.span().start)),
+        ("username", raw.username.as_ref().map(|u| u.span().start)),
+        ("password", raw.password.as_ref().map(|p| p.span().start)),
     ];
     if ["none", "consul", "etcd"].contains(&name) {
         for (key, at) in set {
@@ -156,7 +158,32 @@ fn discovery(cx: &Ctx<'_>, d: &Spanned<RawDiscovery>) -> Result<DiscoveryConfig,
                 .prefix
                 .as_ref()
                 .map_or("kitex/registry-etcd".to_owned(), |p| p.get_ref().clone());
-            DiscoveryBackend::Etcd { endpoints, prefix }
+            let user = match (&raw.username, &raw.password) {
+                (Some(u), Some(p)) => Some((u.get_ref().clone(), p.get_ref().clone())),
+                (Some(u), None) => {
+                    return cx.invalid(
+                        u.span().start,
+                        "discovery.password",
+                        "is needed with username",
+                    )
+                }
+                (None, Some(p)) => {
+                    return cx.invalid(
+                        p.span().start,
+                        "discovery.username",
+                        "is needed with password",
+                    )
+                }
+                (None, None) => std::env::var("ETCDCTL_USER").ok().and_then(|v| {
+                    let (u, p) = v.split_once(':')?;
+                    Some((u.to_owned(), p.to_owned()))
+                }),
+            };
+            DiscoveryBackend::Etcd {
+                endpoints,
+                prefix,
+                user,
+            }
         }
         other => {
             return cx.invalid(

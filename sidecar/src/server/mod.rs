@@ -91,11 +91,19 @@ async fn registry(backend: &DiscoveryBackend) -> Result<Backend, String> {
                 None => consul,
             })
         }
-        DiscoveryBackend::Etcd { endpoints, prefix } => Backend::Etcd(Box::new(
-            fnmesh_discovery::etcd::Etcd::new(endpoints, prefix)
+        DiscoveryBackend::Etcd {
+            endpoints,
+            prefix,
+            user,
+        } => {
+            let etcd = fnmesh_discovery::etcd::Etcd::new(endpoints, prefix)
                 .await
-                .map_err(|e| format!("discovery.endpoints: {e}"))?,
-        )),
+                .map_err(|e| format!("discovery.endpoints: {e}"))?;
+            Backend::Etcd(Box::new(match user {
+                Some((name, password)) => etcd.with_auth(name, password),
+                None => etcd,
+            }))
+        }
     })
 }
 
