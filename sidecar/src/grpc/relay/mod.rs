@@ -359,7 +359,11 @@ impl Relay<'_> {
             .as_mut()
             .is_some_and(|r| r.as_mut().poll(cx).is_ready());
         events.swept = triggers.stalls.poll_ticked().is_ready();
-        events.stops = triggers.stopping.as_mut().poll(cx).is_ready();
+        // Only a relay with nothing in flight waits to hear of stops (a poll of the shared
+        // notification takes its lock); a busy one looks at `instance::STOPS` every turn.
+        events.stops = self.streams.is_empty()
+            && !self.ups.is_empty()
+            && triggers.stopping.as_mut().poll(cx).is_ready();
         ready |= events.lease.is_some() || events.connected.is_some() || events.swept;
         ready |= events.expired || events.drain || events.reload || events.stops;
         if ready {
