@@ -644,6 +644,57 @@ fn a_crash_loop_backs_off() {
     assert!(f["restart_backoff_ms"].as_u64().unwrap() >= 400, "{admin}");
 }
 
+/// A port taken by another process after fnmesh chose it is not mistaken for the instance
+/// (issue 18, item 6): the function never listens, and another process (this test) listens on
+/// the port it was given. Readiness asks the kernel who holds the listener, so the start fails at
+/// `startup_timeout` instead of sending calls to the squatter.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listener_squatting_the_chosen_port_is_not_mistaken_for_the_instance() {
+    let dir = std::env::temp_dir().join(format!("fnmesh-squat-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port_file = dir.join("port");
+    let f = format!(
+        "[[function]]\nname = \"squatted\"\nprotocol = \"thrift\"\n\
+         command = [\"/bin/sh\", \"-c\", \"echo $PORT > {}; exec sleep 30\"]\n\n\
+         [function.scale]\nstartup_timeout = \"1s\"\n",
+        port_file.display()
+    );
+    let sc = Sidecar::start_logging("", &f, Some("warn"));
+    let addr = sc.addr;
+    let call = tokio::spawn(async move { echo_to(addr, "squatted", "hi", None, 5000).await });
+    // The squatter: binds the port as soon as the function says it, accepts and hangs up.
+    let squatter = std::thread::spawn(move || {
+        let until = Instant::now() + Duration::from_secs(5);
+        let port: u16 = loop {
+            if let Some(p) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+            {
+                break p;
+            }
+            assert!(Instant::now() < until, "the function never said its port");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let l = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            if let Ok((s, _)) = l.accept() {
+                drop(s);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let (kind, message) = call.await.unwrap().unwrap_err();
+    squatter.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(kind, ApplicationExceptionKind::INTERNAL_ERROR, "{message}");
+    assert!(message.contains("startup_timeout"), "{message}");
+    assert!(sc
+        .log()
+        .contains("another process listens on the instance's port"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_command_that_never_becomes_ready_fails_every_queued_caller_quickly() {
     let f = "[[function]]\nname = \"stuck\"\nprotocol = \"thrift\"\ncommand = [\"/bin/sleep\", \"30\"]\n\n[function.scale]\nstartup_timeout = \"500ms\"\n";

@@ -61,6 +61,52 @@ fn default_max_connections() -> usize {
     (files.saturating_sub(256) / 2).clamp(64, 1 << 20)
 }
 
+/// Consul's ACL token: `token`, else `CONSUL_HTTP_TOKEN` (as Consul's own tools read it).
+fn consul_token(cx: &Ctx<'_>, raw: &RawDiscovery) -> Result<Option<String>, ConfigError> {
+    Ok(match &raw.token {
+        Some(t) if t.get_ref().is_empty() => {
+            return cx.invalid(t.span().start, "discovery.token", "is empty")
+        }
+        Some(t) if http::HeaderValue::from_str(t.get_ref()).is_err() => {
+            return cx.invalid(
+                t.span().start,
+                "discovery.token",
+                "has characters a token cannot have",
+            )
+        }
+        Some(t) => Some(t.get_ref().clone()),
+        None => std::env::var("CONSUL_HTTP_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+    })
+}
+
+/// etcd's user: `username` and `password` (both or neither), else `ETCDCTL_USER` as
+/// `name:password` (as etcdctl reads it).
+fn etcd_user(cx: &Ctx<'_>, raw: &RawDiscovery) -> Result<Option<(String, String)>, ConfigError> {
+    Ok(match (&raw.username, &raw.password) {
+        (Some(u), Some(p)) => Some((u.get_ref().clone(), p.get_ref().clone())),
+        (Some(u), None) => {
+            return cx.invalid(
+                u.span().start,
+                "discovery.password",
+                "is needed with username",
+            )
+        }
+        (None, Some(p)) => {
+            return cx.invalid(
+                p.span().start,
+                "discovery.username",
+                "is needed with password",
+            )
+        }
+        (None, None) => std::env::var("ETCDCTL_USER").ok().and_then(|v| {
+            let (u, p) = v.split_once(':')?;
+            Some((u.to_owned(), p.to_owned()))
+        }),
+    })
+}
+
 fn discovery(cx: &Ctx<'_>, d: &Spanned<RawDiscovery>) -> Result<DiscoveryConfig, ConfigError> {
     let raw = d.get_ref();
     let backend = &raw.backend;
@@ -121,22 +167,7 @@ fn discovery(cx: &Ctx<'_>, d: &Spanned<RawDiscovery>) -> Result<DiscoveryConfig,
                 Some(a) => http(a, "discovery.address")?,
                 None => "http://127.0.0.1:8500".to_owned(),
             };
-            let token = match &raw.token {
-                Some(t) if t.get_ref().is_empty() => {
-                    return cx.invalid(t.span().start, "discovery.token", "is empty")
-                }
-                Some(t) if http::HeaderValue::from_str(t.get_ref()).is_err() => {
-                    return cx.invalid(
-                        t.span().start,
-                        "discovery.token",
-                        "has characters a token cannot have",
-                    )
-                }
-                Some(t) => Some(t.get_ref().clone()),
-                None => std::env::var("CONSUL_HTTP_TOKEN")
-                    .ok()
-                    .filter(|t| !t.is_empty()),
-            };
+            let token = consul_token(cx, raw)?;
             DiscoveryBackend::Consul { address, token }
         }
         "etcd" => {
@@ -158,27 +189,7 @@ fn discovery(cx: &Ctx<'_>, d: &Spanned<RawDiscovery>) -> Result<DiscoveryConfig,
                 .prefix
                 .as_ref()
                 .map_or("kitex/registry-etcd".to_owned(), |p| p.get_ref().clone());
-            let user = match (&raw.username, &raw.password) {
-                (Some(u), Some(p)) => Some((u.get_ref().clone(), p.get_ref().clone())),
-                (Some(u), None) => {
-                    return cx.invalid(
-                        u.span().start,
-                        "discovery.password",
-                        "is needed with username",
-                    )
-                }
-                (None, Some(p)) => {
-                    return cx.invalid(
-                        p.span().start,
-                        "discovery.username",
-                        "is needed with password",
-                    )
-                }
-                (None, None) => std::env::var("ETCDCTL_USER").ok().and_then(|v| {
-                    let (u, p) = v.split_once(':')?;
-                    Some((u.to_owned(), p.to_owned()))
-                }),
-            };
+            let user = etcd_user(cx, raw)?;
             DiscoveryBackend::Etcd {
                 endpoints,
                 prefix,

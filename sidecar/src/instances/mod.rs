@@ -3,6 +3,7 @@
 //! the watchdog that stops them if the sidecar dies.
 
 pub mod instance;
+mod owner;
 pub mod pool;
 pub mod process;
 pub mod watchdog;

@@ -99,7 +99,7 @@ pub async fn start(
     let probe = tokio::task::spawn_blocking({
         let state = state.clone();
         move || {
-            let Some(stream) = probe_until_ready(addr, started, &state) else {
+            let Some(stream) = probe_until_ready(addr, pid, started, &state) else {
                 return false;
             };
             let won = state
@@ -153,6 +153,7 @@ const ABANDONED: u8 = 2;
 /// Connects to `addr` until it accepts or the start is abandoned.
 fn probe_until_ready(
     addr: SocketAddr,
+    pid: u32,
     started: Instant,
     state: &AtomicU8,
 ) -> Option<std::net::TcpStream> {
@@ -160,10 +161,25 @@ fn probe_until_ready(
     // as long as the pause itself. This thread only probes.
     let _ = nix::sys::prctl::set_timerslack(1_000);
     let mut pause = Duration::from_micros(50);
+    let mut squatted = false;
     while state.load(Ordering::Acquire) == PROBING {
         // Bounded: a full accept backlog would otherwise hold a plain connect for seconds.
         if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            return Some(s);
+            // Ready only if the listener is the instance's: another process may have taken
+            // the port after fnmesh chose it.
+            let owned = match pid {
+                0 => None,
+                pid => super::owner::listener_is_in_group(addr.port(), pid),
+            };
+            match owned {
+                Some(false) => {
+                    if !squatted {
+                        squatted = true;
+                        tracing::warn!(port = addr.port(), "another process listens on the instance's port; not taking it for the instance");
+                    }
+                }
+                Some(true) | None => return Some(s),
+            }
         }
         std::thread::sleep(pause);
         let elapsed = started.elapsed();
