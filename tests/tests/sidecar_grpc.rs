@@ -464,10 +464,11 @@ async fn a_rate_limited_method_is_resource_exhausted_while_another_is_untouched(
     );
 }
 
-/// Idle stop is graceful (issue 18, item 1): a volo-grpc server waits for its connections
-/// before it exits on SIGTERM, so fnmesh closes its connections to an instance (here four, held
-/// by one open caller connection) before it signals it. Each of the four instances a burst
-/// started exits within 100 ms of SIGTERM once idle, and none is killed.
+/// Idle stop is graceful (issue 18, item 1): a gRPC server that shuts down gracefully (grpc-go,
+/// Kitex) waits for its connections, so fnmesh closes its connections to an instance (here held
+/// by one open caller connection) before it signals it. volo-grpc's `run` itself exits on
+/// SIGTERM at once, so the check that matters is the wrapper's count: no connection of fnmesh's
+/// is open when SIGTERM comes (one was, before the fix). None of the four is killed.
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_instances_exit_on_sigterm_at_once_while_their_caller_stays_connected() {
     let dir = std::env::temp_dir().join(format!("fnmesh-idle-{}-{}", std::process::id(), line!()));
@@ -498,8 +499,10 @@ async fn idle_instances_exit_on_sigterm_at_once_while_their_caller_stays_connect
         "{:?}",
         sc.stops()
     );
+    // About 30 ms each on an idle machine; the bound leaves room for a loaded one (the
+    // wrapper's `ss` runs first) and still tells a graceful exit from Volo's 2 s wait.
     for (ms, killed) in sc.stops() {
-        assert!(!killed && ms < 100.0, "{:?}", sc.stops());
+        assert!(!killed && ms < 500.0, "{:?}", sc.stops());
     }
     // No connection of fnmesh's was left open to any of them when its SIGTERM came.
     let at_term = fnmesh_tests::sidecar::connections_at_sigterm(&dir);

@@ -210,8 +210,8 @@ async fn failing_calls_open_the_breaker_and_business_errors_do_not() {
 
 /// Idle stop is graceful (issue 18, item 1): a Volo server that still has connections when
 /// SIGTERM comes waits 2 s and more before it exits, so fnmesh closes its connections to an
-/// instance before it signals it. Each of the four instances a burst started exits within
-/// 100 ms of SIGTERM once idle, and none is killed.
+/// instance before it signals it. Each of the four instances a burst started exits at once on
+/// SIGTERM once idle (about 30 ms), and none is killed.
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_instances_exit_on_sigterm_at_once() {
     let dir = std::env::temp_dir().join(format!("fnmesh-idle-{}-{}", std::process::id(), line!()));
@@ -240,8 +240,10 @@ async fn idle_instances_exit_on_sigterm_at_once() {
         "{:?}",
         sc.stops()
     );
+    // About 30 ms each on an idle machine; the bound leaves room for a loaded one (the
+    // wrapper's `ss` runs first) and still tells a graceful exit from Volo's 2 s wait.
     for (ms, killed) in sc.stops() {
-        assert!(!killed && ms < 100.0, "{:?}", sc.stops());
+        assert!(!killed && ms < 500.0, "{:?}", sc.stops());
     }
     // No connection of fnmesh's was left open to any of them when its SIGTERM came.
     let at_term = fnmesh_tests::sidecar::connections_at_sigterm(&dir);
