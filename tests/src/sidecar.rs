@@ -501,6 +501,23 @@ pub fn counting_connections_at_sigterm(program: &str, table: &str, dir: &Path) -
     )
 }
 
+/// Waits (up to `within`) for `n` instances of `sc` to stop, and asserts that each stopped
+/// gracefully: no SIGKILL, an exit soon after SIGTERM, and no connection of fnmesh's open to it
+/// when its SIGTERM came (as [`counting_connections_at_sigterm`] counted them in `dir`).
+pub fn assert_graceful_stops(sc: &Sidecar, n: usize, within: Duration, dir: &Path) {
+    assert!(
+        sc.wait_for(within, |sc| sc.stops().len() == n),
+        "{:?}",
+        sc.stops()
+    );
+    // About 30 ms each on an idle machine; the bound leaves room for a loaded one (the
+    // wrapper's `ss` runs first) and still tells a graceful exit from Volo's 2 s wait.
+    for (ms, killed) in sc.stops() {
+        assert!(!killed && ms < 500.0, "{:?}", sc.stops());
+    }
+    assert_eq!(connections_at_sigterm(dir), vec!["0"; n]);
+}
+
 /// What [`counting_connections_at_sigterm`] wrote: established connections at each SIGTERM.
 pub fn connections_at_sigterm(dir: &Path) -> Vec<String> {
     let mut out: Vec<String> = std::fs::read_dir(dir)

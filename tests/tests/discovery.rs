@@ -61,6 +61,16 @@ fn wait_until(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// One Volo call to `sc`'s `echo`, which must succeed (`why` says why it should).
+async fn serves(sc: &Sidecar, message: &str, why: &str) {
+    EchoServiceClientBuilder::new("echo")
+        .address(sc.addr)
+        .build()
+        .echo(req(message))
+        .await
+        .expect(why);
+}
+
 /// One call by service name, through fnmesh's resolver in a Volo client.
 async fn call_by_name<R: Resolver>(resolver: R) -> String {
     let discover = VoloDiscover::new(resolver);
@@ -344,13 +354,7 @@ async fn down_at_start(backend: &str, port: u16) -> Sidecar {
         _ => format!("backend = \"etcd\"\nendpoints = [\"http://127.0.0.1:{port}\"]\nttl = \"2s\""),
     };
     let sc = sidecar(&table);
-    let client = EchoServiceClientBuilder::new("echo")
-        .address(sc.addr)
-        .build();
-    client
-        .echo(req("serving"))
-        .await
-        .expect("served while the registry is down");
+    serves(&sc, "serving", "served while the registry is down").await;
     let failing = format!("registry {backend}: failing");
     wait_until(Duration::from_secs(10), "the outage reported", || {
         sc.admin_get("/readyz").1.contains(&failing)
@@ -423,13 +427,7 @@ async fn consul_with_acls_takes_a_sidecar_with_a_token_and_refuses_one_without()
         let (_, body) = without.admin_get("/readyz");
         body.contains("registry consul: failing") && body.contains("403")
     });
-    let client = EchoServiceClientBuilder::new("echo")
-        .address(without.addr)
-        .build();
-    client
-        .echo(req("served"))
-        .await
-        .expect("served all the same");
+    serves(&without, "served", "served all the same").await;
     assert_eq!(
         server.passing("echo").len(),
         1,
@@ -486,11 +484,5 @@ async fn etcd_with_auth_takes_a_sidecar_with_a_user_and_refuses_one_without() {
             .1
             .contains("registry etcd: failing")
     });
-    let client = EchoServiceClientBuilder::new("echo")
-        .address(without.addr)
-        .build();
-    client
-        .echo(req("served"))
-        .await
-        .expect("served all the same");
+    serves(&without, "served", "served all the same").await;
 }

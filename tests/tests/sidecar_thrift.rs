@@ -235,19 +235,7 @@ async fn idle_instances_exit_on_sigterm_at_once() {
         c.await.unwrap().unwrap();
     }
     assert_eq!(sc.stat("echo", "processes"), 4);
-    assert!(
-        sc.wait_for(Duration::from_secs(4), |sc| sc.stops().len() == 4),
-        "{:?}",
-        sc.stops()
-    );
-    // About 30 ms each on an idle machine; the bound leaves room for a loaded one (the
-    // wrapper's `ss` runs first) and still tells a graceful exit from Volo's 2 s wait.
-    for (ms, killed) in sc.stops() {
-        assert!(!killed && ms < 500.0, "{:?}", sc.stops());
-    }
-    // No connection of fnmesh's was left open to any of them when its SIGTERM came.
-    let at_term = fnmesh_tests::sidecar::connections_at_sigterm(&dir);
-    assert_eq!(at_term, ["0", "0", "0", "0"]);
+    fnmesh_tests::sidecar::assert_graceful_stops(&sc, 4, Duration::from_secs(4), &dir);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
