@@ -29,16 +29,50 @@ pub fn watchdog_or_nothing() {
     }
 }
 
-/// A scripted instance's process: it tells the fuzzing process the port the sidecar gave it
-/// (`PORT`), which the fuzzing process then listens on and answers from its input; it lives
-/// until the fuzzing process closes the control connection.
+/// A scripted instance's process: it listens on the port the sidecar gave it (`PORT`) and hands
+/// the listening socket to the fuzzing process (SCM_RIGHTS over the control socket), which then
+/// accepts and answers from its input. Holding the socket itself, it is what the sidecar's
+/// readiness check finds listening; it lives until the fuzzing process closes the control
+/// connection.
 fn scripted_instance() -> ! {
+    use std::os::fd::AsRawFd;
     let control = std::env::var("FNMESH_FUZZ_CONTROL").expect("FNMESH_FUZZ_CONTROL");
-    let port = std::env::var("PORT").expect("PORT");
-    let mut c = TcpStream::connect(("127.0.0.1", control.parse::<u16>().unwrap())).unwrap();
-    c.write_all(format!("{port}\n").as_bytes()).unwrap();
+    let port: u16 = std::env::var("PORT").expect("PORT").parse().unwrap();
+    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let mut c = std::os::unix::net::UnixStream::connect(control).unwrap();
+    let fds = [listener.as_raw_fd()];
+    nix::sys::socket::sendmsg::<()>(
+        c.as_raw_fd(),
+        &[std::io::IoSlice::new(b"l")],
+        &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
     let _ = c.read(&mut [0u8; 1]);
     std::process::exit(0);
+}
+
+/// Takes the listening socket a scripted instance sends on `c`.
+fn receive_listener(c: &std::os::unix::net::UnixStream) -> TcpListener {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = nix::sys::socket::recvmsg::<()>(
+        c.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        nix::sys::socket::MsgFlags::empty(),
+    )
+    .unwrap();
+    for cmsg in msg.cmsgs().unwrap() {
+        if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = cmsg {
+            // SAFETY: the kernel just installed this descriptor in this process for us alone.
+            return unsafe { TcpListener::from_raw_fd(fds[0]) };
+        }
+    }
+    panic!("the scripted instance sent no socket");
 }
 
 const ECHO_FUNCTIONS: &str = "\
@@ -60,17 +94,13 @@ pub fn addr() -> SocketAddr {
 pub fn scripted() -> (SocketAddr, &'static TcpListener) {
     static LISTENER: OnceLock<TcpListener> = OnceLock::new();
     let addr = *SIDECAR.get_or_init(|| {
-        let control = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = control.local_addr().unwrap().port();
+        let path = std::env::temp_dir().join(format!("fnmesh-fuzz-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let control = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let control_path = path.display().to_string();
         std::thread::spawn(move || {
-            let (mut c, _) = control.accept().unwrap();
-            let mut text = String::new();
-            let mut b = [0u8; 1];
-            while c.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
-                text.push(b[0] as char);
-            }
-            let l = TcpListener::bind(("127.0.0.1", text.parse::<u16>().unwrap())).unwrap();
-            let _ = LISTENER.set(l);
+            let (c, _) = control.accept().unwrap();
+            let _ = LISTENER.set(receive_listener(&c));
             // Held open for the process's life: the instance process exits when it closes.
             loop {
                 std::thread::park();
@@ -80,7 +110,7 @@ pub fn scripted() -> (SocketAddr, &'static TcpListener) {
         start(&format!(
             "[[function]]\nname = \"scripted\"\nprotocol = \"grpc\"\n\
              idl = \"{{root}}/idl/proto/echo.proto\"\ncommand = [\"{}\", \"__instance\"]\n\
-             [function.env]\nFNMESH_FUZZ_CONTROL = \"{port}\"\n\
+             [function.env]\nFNMESH_FUZZ_CONTROL = \"{control_path}\"\n\
              [function.scale]\nmin = 1\nmax = 1\nconcurrency = 64\n\
              [function.policy]\ntimeout = \"1s\"\n",
             exe.display()
