@@ -61,7 +61,7 @@ impl Drop for Open {
     }
 }
 
-/// Whether the instance still holds its side of `s` open (it has not sent its end).
+/// Whether the instance has closed its side of `s`: its end came (or the connection broke).
 fn answered_end(s: &std::net::TcpStream) -> bool {
     use std::io::Read;
     let mut buf = [0u8; 512];
