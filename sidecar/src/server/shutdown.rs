@@ -31,24 +31,23 @@ impl Sidecar {
             workers = self.drain(grace) => Some(workers),
             () = signals.stop() => None,
         };
-        let drained = workers.is_some();
         // Instances get SIGTERM, then SIGKILL after the grace; wait for them to be reaped.
         let pools = mesh.close();
         for p in &pools {
             p.shutdown();
         }
         let reaped = futures_util::future::join_all(pools.iter().map(|p| p.stopped()));
-        if drained {
-            tokio::select! {
-                _ = timeout(grace + Duration::from_secs(1), reaped) => {}
-                () = signals.stop() => {
-                    tracing::warn!("a second signal: stopping at once");
-                    sleep(FORCED).await;
-                }
-            }
-        } else {
+        tokio::pin!(reaped);
+        let forced = match workers {
+            Some(_) => tokio::select! {
+                _ = timeout(grace + Duration::from_secs(1), &mut reaped) => false,
+                () = signals.stop() => true,
+            },
+            None => true,
+        };
+        if forced {
             tracing::warn!("a second signal: stopping at once");
-            let _ = timeout(FORCED, reaped).await;
+            let _ = timeout(FORCED, &mut reaped).await;
         }
         drop(workers);
         tracing::info!("stopped");
