@@ -96,7 +96,10 @@ impl std::fmt::Display for Changes {
 
 /// Whether instances started for `a` can serve `b` (otherwise new ones must be started).
 fn same_instances(a: &FunctionConfig, b: &FunctionConfig) -> bool {
-    a.command == b.command && a.env == b.env && a.protocol == b.protocol
+    a.command == b.command
+        && a.env == b.env
+        && a.protocol == b.protocol
+        && a.transport == b.transport
 }
 
 /// The `[sidecar]` keys that differ; none of them applies to a running sidecar.

@@ -249,3 +249,15 @@ async fn refuse(bytes: &[u8], to_caller: &mut tokio::net::tcp::OwnedWriteHalf) {
     }
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
 }
+
+/// The Unix socket at $FNMESH_SOCKET, when fnmesh runs the function with `transport = "unix"`.
+pub fn unix_listener(who: &str) -> Option<tokio::net::UnixListener> {
+    let path = std::env::var_os("FNMESH_SOCKET")?;
+    let listener = tokio::net::UnixListener::bind(&path).unwrap_or_else(|e| {
+        panic!(
+            "{who}: cannot listen on {}: {e}",
+            std::path::Path::new(&path).display()
+        )
+    });
+    Some(listener)
+}

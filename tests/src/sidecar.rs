@@ -361,6 +361,76 @@ pub fn echo_function(name: &str, scale: &str, policy: &str) -> String {
     )
 }
 
+/// `table` (one `[[function]]`) with `transport = "unix"`.
+pub fn over_unix(table: &str) -> String {
+    let at = table.find("command = ").expect("a function table");
+    format!("{}transport = \"unix\"\n{}", &table[..at], &table[at..])
+}
+
+/// The sidecar's Unix-socket instances: each one's `FNMESH_SOCKET` and process id.
+pub fn instance_sockets(sc: &Sidecar) -> Vec<(PathBuf, u32)> {
+    let mut out = Vec::new();
+    for pid in sc.children() {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if let Some(path) = env
+            .split(|b| *b == 0)
+            .find_map(|kv| kv.strip_prefix(b"FNMESH_SOCKET="))
+        {
+            out.push((
+                PathBuf::from(String::from_utf8_lossy(path).into_owned()),
+                pid,
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Asserts what `transport = "unix"` promises of `sockets` ([`instance_sockets`]): each is a
+/// socket in a directory only the sidecar's user can enter, and the instance holds no listening
+/// TCP socket (it serves on the Unix socket alone).
+pub fn assert_unix_instances(sockets: &[(PathBuf, u32)]) {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let mut tcp_listeners = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() > 9 && cols[3] == "0A" {
+                tcp_listeners.push(format!("socket:[{}]", cols[9]));
+            }
+        }
+    }
+    for (path, pid) in sockets {
+        let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(meta.file_type().is_socket(), "{}", path.display());
+        let dir = std::fs::metadata(path.parent().unwrap()).unwrap();
+        assert_eq!(
+            dir.permissions().mode() & 0o777,
+            0o700,
+            "{}",
+            path.display()
+        );
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+        {
+            let target = std::fs::read_link(fd.path()).unwrap_or_default();
+            let target = target.to_string_lossy();
+            assert!(
+                !tcp_listeners.iter().any(|l| *l == target),
+                "instance {pid} listens on TCP"
+            );
+        }
+    }
+}
+
+/// Waits (up to `within`) for the sidecar's Unix-socket directory to be gone after the sidecar
+/// has (the watchdog removes it).
+pub fn socket_dir_goes(dir: &Path, within: Duration) -> bool {
+    wait_until(within, || !dir.exists())
+}
+
 /// The example gRPC function (`src/bin/grpc-echo-fn.rs`).
 pub fn grpc_echo_fn() -> String {
     bin("grpc-echo-fn")

@@ -116,6 +116,55 @@ async fn volo_grpc_calls_of_every_kind_pass_through_from_zero_instances() {
     assert_eq!(unary(sc.addr, "again").await.unwrap().0, "again");
 }
 
+/// `transport = "unix"` (issue 18, item 6): a volo-grpc function on the Unix socket fnmesh gives
+/// it serves unary and streaming calls, on no TCP port; idle, it stops gracefully while its
+/// caller stays connected, and its socket goes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_unix_socket_function_serves_grpc_calls() {
+    use fnmesh_tests::sidecar::{assert_unix_instances, instance_sockets, over_unix};
+    let table = over_unix(&grpc_echo_function(
+        "echo",
+        "min = 0\nmax = 2\nconcurrency = 4\nidle = \"500ms\"",
+        "",
+    ));
+    let sc = Sidecar::start_logging("", &table, Some("info"));
+    let client = client!(sc.addr);
+    let calls: Vec<_> = (0..16)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { client.unary_echo(req(&format!("u{i}"), 100)).await })
+        })
+        .collect();
+    let mut instances = std::collections::BTreeSet::new();
+    for (i, c) in calls.into_iter().enumerate() {
+        let r = c.await.unwrap().expect("unary").into_inner();
+        assert_eq!(r.message.as_str(), format!("u{i}"));
+        instances.insert(r.instance.to_string());
+    }
+    assert_eq!(instances.len(), 2, "{instances:?}");
+    let mut replies = client
+        .server_streaming_echo(req("s", 0))
+        .await
+        .expect("server stream")
+        .into_inner();
+    let mut n = 0;
+    while let Some(r) = replies.next().await {
+        r.expect("a reply");
+        n += 1;
+    }
+    assert!(n > 1, "{n} replies");
+    let sockets = instance_sockets(&sc);
+    assert_eq!(sockets.len(), 2, "{sockets:?}");
+    assert_unix_instances(&sockets);
+
+    assert!(sc.wait_for(Duration::from_secs(5), |sc| sc.stops().len() == 2));
+    for (ms, killed) in sc.stops() {
+        assert!(!killed && ms < 500.0, "{:?}", sc.stops());
+    }
+    assert!(sockets.iter().all(|(path, _)| !path.exists()));
+    assert_eq!(unary(sc.addr, "again").await.unwrap().0, "again");
+}
+
 /// A receiver as a stream (tokio-stream is not a dependency).
 fn tokio_stream_from(
     rx: tokio::sync::mpsc::Receiver<EchoRequest>,

@@ -208,6 +208,57 @@ async fn failing_calls_open_the_breaker_and_business_errors_do_not() {
     );
 }
 
+/// `transport = "unix"` (issue 18, item 6): the instances serve on the Unix sockets fnmesh gives
+/// them ($FNMESH_SOCKET, in a directory of mode 0700) and on no TCP port; pipelined and
+/// concurrent calls reach them, an idle stop is graceful and removes the socket, and the
+/// directory goes with the sidecar, even one killed with SIGKILL (its watchdog removes it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_unix_socket_function_serves_thrift_calls() {
+    let table = sidecar::over_unix(&echo_function(
+        "echo",
+        "min = 0\nmax = 2\nconcurrency = 4\nidle = \"500ms\"",
+        "",
+    ));
+    let sc = Sidecar::start_logging("", &table, Some("info"));
+    let calls: Vec<_> = (0..16)
+        .map(|i| {
+            let addr = sc.addr;
+            tokio::spawn(async move { echo(addr, &format!("u{i}"), Some(100), 5000).await })
+        })
+        .collect();
+    let mut instances = std::collections::BTreeSet::new();
+    for (i, c) in calls.into_iter().enumerate() {
+        let (message, instance) = c.await.unwrap().unwrap();
+        assert_eq!(message, format!("u{i}"));
+        instances.insert(instance);
+    }
+    assert_eq!(instances.len(), 2, "{instances:?}");
+    let sockets = sidecar::instance_sockets(&sc);
+    assert_eq!(sockets.len(), 2, "{sockets:?}");
+    sidecar::assert_unix_instances(&sockets);
+    assert!(sc.log().contains("addr=unix:"), "{}", sc.log());
+
+    // Idle: both stop at once on SIGTERM (no connection of fnmesh's left), sockets removed.
+    assert!(sc.wait_for(Duration::from_secs(5), |sc| sc.stops().len() == 2));
+    for (ms, killed) in sc.stops() {
+        assert!(!killed && ms < 500.0, "{:?}", sc.stops());
+    }
+    assert!(sockets.iter().all(|(path, _)| !path.exists()));
+    // Up again from zero on a new socket; then the sidecar dies and its directory goes.
+    assert_eq!(echo(sc.addr, "again", None, 5000).await.unwrap().0, "again");
+    let dir = sidecar::instance_sockets(&sc)[0]
+        .0
+        .parent()
+        .unwrap()
+        .to_owned();
+    drop(sc);
+    assert!(
+        sidecar::socket_dir_goes(&dir, Duration::from_secs(3)),
+        "{}",
+        dir.display()
+    );
+}
+
 /// Idle stop is graceful (issue 18, item 1): a Volo server that still has connections when
 /// SIGTERM comes waits 2 s and more before it exits, so fnmesh closes its connections to an
 /// instance before it signals it. Each of the four instances a burst started exits at once on

@@ -105,10 +105,21 @@ pub enum Protocol {
     Grpc,
 }
 
+/// How the sidecar reaches a function's instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// TCP on 127.0.0.1:$PORT.
+    #[default]
+    Tcp,
+    /// A Unix socket at $FNMESH_SOCKET, in a directory only the sidecar's user can write.
+    Unix,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct FunctionConfig {
     pub name: String,
     pub protocol: Protocol,
+    pub transport: Transport,
     /// The IDL service clients name (Thrift `isn`), from `service` or the IDL's only service.
     pub service: Option<String>,
     /// Methods the IDL declares; `None` without an IDL (then every method is routed).

@@ -81,6 +81,7 @@ pub(super) struct RawDiscovery {
 pub(super) struct RawFunction {
     pub(super) name: Spanned<String>,
     pub(super) protocol: Spanned<String>,
+    pub(super) transport: Option<Spanned<String>>,
     pub(super) idl: Option<Spanned<String>>,
     pub(super) service: Option<Spanned<String>>,
     pub(super) command: Spanned<Vec<String>>,

@@ -49,6 +49,16 @@ timeout = "5s"
 #[test]
 fn the_documented_file_parses_into_typed_values() {
     let c = parse(GOOD).unwrap();
+    assert_eq!(c.functions[0].transport, Transport::Tcp, "the default");
+    let unix = GOOD.replacen(
+        "protocol = \"thrift\"",
+        "protocol = \"thrift\"\ntransport = \"unix\"",
+        1,
+    );
+    assert_eq!(
+        parse(&unix).unwrap().functions[0].transport,
+        Transport::Unix
+    );
     assert_eq!(c.sidecar.listen.to_string(), "127.0.0.1:8888");
     assert_eq!(
         c.sidecar.advertise, c.sidecar.listen,
@@ -380,6 +390,15 @@ const BAD_EDITS: &[(&str, &str, &[&str])] = &[
         "protocol = \"thrift\"",
         "protocol = \"http\"",
         &["fnmesh.toml:13", "protocol", "not one of thrift, grpc"],
+    ),
+    (
+        "protocol = \"thrift\"",
+        "protocol = \"thrift\"\ntransport = \"pipe\"",
+        &[
+            "fnmesh.toml:14",
+            "function[echo].transport",
+            "not one of tcp, unix",
+        ],
     ),
     (
         "idl/thrift/echo.thrift",

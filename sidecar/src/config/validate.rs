@@ -14,6 +14,7 @@ use super::{
     raw::{parse_duration, RawDiscovery, RawFile, RawFunction, RawPolicy, RawSidecar},
     CircuitBreaker, Config, ConfigError, ConnectionLimits, DiscoveryBackend, DiscoveryConfig,
     FunctionConfig, PolicyConfig, Protocol, RateLimit, Retry, ScaleConfig, SidecarConfig,
+    Transport,
 };
 
 /// `[discovery]`, checked: a known backend with an `http://` address, keys only for it.
@@ -563,6 +564,7 @@ fn function(
             )
         }
     };
+    let transport = transport(cx, r, &key)?;
     let command = command(cx, f, base, &key)?;
     let scale = scale(cx, f, &key)?;
 
@@ -604,6 +606,7 @@ fn function(
     Ok(FunctionConfig {
         name,
         protocol,
+        transport,
         service,
         methods,
         command,
@@ -612,6 +615,27 @@ fn function(
         policy: policy_cfg,
         methods_policy,
     })
+}
+
+/// `transport`: `tcp` (the default) or `unix`.
+fn transport(
+    cx: &Ctx<'_>,
+    r: &RawFunction,
+    key: &dyn Fn(&str) -> String,
+) -> Result<Transport, ConfigError> {
+    match r
+        .transport
+        .as_ref()
+        .map(|t| (t.get_ref().as_str(), t.span().start))
+    {
+        None | Some(("tcp", _)) => Ok(Transport::Tcp),
+        Some(("unix", _)) => Ok(Transport::Unix),
+        Some((other, at)) => cx.invalid(
+            at,
+            key("transport"),
+            format!("{other:?} is not one of tcp, unix"),
+        ),
+    }
 }
 
 /// `command`: argv, never a shell. A relative program with a '/' is taken from the config

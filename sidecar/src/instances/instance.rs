@@ -6,15 +6,16 @@
 
 use std::{
     any::Any,
-    net::SocketAddr,
+    os::fd::{AsRawFd, OwnedFd},
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, OnceLock,
     },
 };
 
-use tokio::{net::TcpStream, sync::oneshot};
+use tokio::sync::oneshot;
 
+use super::endpoint::{Endpoint, Stream};
 use crate::lock;
 
 /// How many protocols may keep idle connections to an instance (Thrift and gRPC use one each).
@@ -31,7 +32,7 @@ pub static STOPPING: tokio::sync::Notify = tokio::sync::Notify::const_new();
 struct Conns {
     open: AtomicUsize,
     stopping: AtomicBool,
-    lingering: Mutex<Vec<std::net::TcpStream>>,
+    lingering: Mutex<Vec<OwnedFd>>,
 }
 
 /// An open connection to an instance, counted while it lives: a stop waits until none is left,
@@ -47,10 +48,8 @@ impl Open {
             return;
         }
         if let Ok(fd) = sock.as_fd().try_clone_to_owned() {
-            let watched = std::net::TcpStream::from(fd);
-            let _ = watched.shutdown(std::net::Shutdown::Write);
-            let _ = watched.set_nonblocking(true);
-            lock(&self.0.lingering).push(watched);
+            let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+            lock(&self.0.lingering).push(fd);
         }
     }
 }
@@ -62,15 +61,14 @@ impl Drop for Open {
 }
 
 /// Whether the instance has closed its side of `s`: its end came (or the connection broke).
-fn answered_end(s: &std::net::TcpStream) -> bool {
-    use std::io::Read;
+fn answered_end(s: &OwnedFd) -> bool {
+    use nix::{errno::Errno, sys::socket};
     let mut buf = [0u8; 512];
     loop {
-        match (&*s).read(&mut buf) {
+        match socket::recv(s.as_raw_fd(), &mut buf, socket::MsgFlags::MSG_DONTWAIT) {
             Ok(0) => return true,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return e.kind() != std::io::ErrorKind::WouldBlock,
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return e != Errno::EAGAIN,
         }
     }
 }
@@ -78,7 +76,7 @@ fn answered_end(s: &std::net::TcpStream) -> bool {
 /// One running instance.
 pub struct Instance {
     pub id: u64,
-    pub addr: SocketAddr,
+    pub addr: Endpoint,
     /// Idle connections by protocol: each slot, once set, holds one front end's per-worker
     /// lists ([`PerWorker`]). Set slots are never replaced, so a lookup is an atomic load and a
     /// type check.
@@ -86,7 +84,7 @@ pub struct Instance {
     /// Worker threads, plus one list for other threads.
     workers: usize,
     /// The readiness probe's connection, not yet bound to a worker: the first call takes it.
-    probe: Mutex<Option<std::net::TcpStream>>,
+    probe: Mutex<Option<OwnedFd>>,
     stop: Mutex<Option<oneshot::Sender<()>>>,
     /// Cancelled when its process has exited (crashed) or been stopped.
     exited: tokio_util::sync::CancellationToken,
@@ -122,9 +120,9 @@ impl<T: Send + 'static> IdleConns for PerWorker<T> {
 impl Instance {
     pub(super) fn new(
         id: u64,
-        addr: SocketAddr,
+        addr: Endpoint,
         workers: usize,
-        probe: Option<std::net::TcpStream>,
+        probe: Option<OwnedFd>,
         stop: oneshot::Sender<()>,
     ) -> Instance {
         Instance {
@@ -206,21 +204,14 @@ impl Instance {
 
     /// The readiness probe's connection, once: already open, so the first call skips a connect.
     /// It joins this thread's reactor.
-    pub fn take_probe(&self) -> Option<TcpStream> {
+    pub fn take_probe(&self) -> Option<Stream> {
         let probe = lock(&self.probe).take()?;
-        let stream = probe
-            .set_nonblocking(true)
-            .and_then(|()| TcpStream::from_std(probe))
-            .ok()?;
-        let _ = stream.set_nodelay(true);
-        Some(stream)
+        self.addr.adopt(probe).ok()
     }
 
     /// A new connection to the instance.
-    pub async fn connect(&self) -> std::io::Result<TcpStream> {
-        let stream = TcpStream::connect(self.addr).await?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
+    pub async fn connect(&self) -> std::io::Result<Stream> {
+        self.addr.connect().await
     }
 
     /// Closes the idle connections (calls in flight keep theirs until they finish).
@@ -251,7 +242,7 @@ mod tests {
     #[test]
     fn each_front_end_keeps_its_own_idle_connections_until_the_instance_stops() {
         let (tx, _rx) = oneshot::channel();
-        let i = Instance::new(1, ([127, 0, 0, 1], 9).into(), 2, None, tx);
+        let i = Instance::new(1, Endpoint::Tcp(([127, 0, 0, 1], 9).into()), 2, None, tx);
         lock(i.idle::<u32>()).push(7);
         lock(i.idle::<String>()).push("up".into());
         lock(i.idle::<u32>()).push(8);

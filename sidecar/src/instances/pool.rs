@@ -626,6 +626,7 @@ impl Pool {
             }
         }
         self.watchdog.forget(pid);
+        process::clean_up(&instance.addr);
     }
 
     /// An instance exited on its own (a crash): it goes, and a replacement starts if the minimum

@@ -1,11 +1,12 @@
-//! The process runtime: a function instance is a child process listening on `127.0.0.1:$PORT`,
-//! in its own process group, registered with the [`Watchdog`](crate::instances::watchdog::Watchdog) so it
+//! The process runtime: a function instance is a child process listening on `127.0.0.1:$PORT`
+//! (or, with `transport = "unix"`, on the Unix socket `$FNMESH_SOCKET`), in its own process group, registered with the [`Watchdog`](crate::instances::watchdog::Watchdog) so it
 //! dies with the sidecar even when the sidecar is killed with SIGKILL. Signals go to the whole
 //! group: a command that is a wrapper (a shell script running the server as its child) takes
 //! its children with it.
 
 use std::{
     net::{SocketAddr, TcpListener},
+    os::fd::OwnedFd,
     process::Stdio,
     sync::{
         atomic::{AtomicU8, Ordering},
@@ -21,12 +22,16 @@ use tokio::{
     time::{sleep, timeout_at, Instant},
 };
 
-use crate::{config::FunctionConfig, instances::watchdog::Watchdog};
+use super::endpoint::Endpoint;
+use crate::{
+    config::{FunctionConfig, Transport},
+    instances::watchdog::Watchdog,
+};
 
 /// A started, ready instance process.
 #[derive(Debug)]
 pub struct Process {
-    pub addr: SocketAddr,
+    pub addr: Endpoint,
     pub pid: u32,
     pub child: Child,
 }
@@ -36,6 +41,8 @@ pub struct Process {
 pub enum StartError {
     #[error("no free port: {0}")]
     Port(std::io::Error),
+    #[error("no Unix socket: {0}")]
+    Socket(String),
     #[error("cannot run {program}: {source}")]
     Spawn {
         program: String,
@@ -45,12 +52,56 @@ pub enum StartError {
     #[error("exited with {0} before accepting connections")]
     Exited(std::process::ExitStatus),
     #[error("not accepting connections on {addr} after {after:?} (startup_timeout)")]
-    NotReady { addr: SocketAddr, after: Duration },
+    NotReady { addr: Endpoint, after: Duration },
 }
 
 fn free_port() -> std::io::Result<u16> {
     // The kernel picks a free port; the instance binds it a moment later.
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The longest path a Unix socket address holds (`sun_path` less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Where instance `instance` of `f` serves: its socket in the sidecar's socket directory (a
+/// file left by an earlier instance of the same number goes), or the loopback port.
+fn endpoint(
+    f: &FunctionConfig,
+    instance: u64,
+    port: u16,
+    watchdog: &Watchdog,
+) -> Result<Endpoint, StartError> {
+    if f.transport == Transport::Tcp {
+        return Ok(Endpoint::Tcp(SocketAddr::from(([127, 0, 0, 1], port))));
+    }
+    let dir = watchdog
+        .socket_dir()
+        .map_err(|e| StartError::Socket(format!("cannot make the socket directory: {e}")))?;
+    let path = dir.join(format!("{}.{instance}.sock", f.name));
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(StartError::Socket(format!(
+            "{} is longer than a Unix socket address holds ({MAX_SOCKET_PATH} bytes)",
+            path.display()
+        )));
+    }
+    remove_socket(&path);
+    Ok(Endpoint::Unix(path))
+}
+
+/// Removes an instance's socket file, if it has one.
+fn remove_socket(path: &std::path::Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove an instance's socket");
+        }
+    }
+}
+
+/// What is left of an instance once its process has gone: its socket file.
+pub fn clean_up(addr: &Endpoint) {
+    if let Endpoint::Unix(path) = addr {
+        remove_socket(path);
+    }
 }
 
 /// Starts instance `instance` of `f` and waits until it accepts a connection or
@@ -62,10 +113,10 @@ pub async fn start(
     f: &FunctionConfig,
     instance: u64,
     watchdog: &Watchdog,
-    on_ready: impl FnOnce(SocketAddr, std::net::TcpStream) + Send + 'static,
+    on_ready: impl FnOnce(Endpoint, OwnedFd) + Send + 'static,
 ) -> Result<Process, StartError> {
     let port = free_port().map_err(StartError::Port)?;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = endpoint(f, instance, port, watchdog)?;
     let mut cmd = Command::new(&f.command[0]);
     cmd.args(&f.command[1..])
         .process_group(0)
@@ -77,6 +128,9 @@ pub async fn start(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    if let Endpoint::Unix(path) = &addr {
+        cmd.env("FNMESH_SOCKET", path);
+    }
     let mut child = cmd.spawn().map_err(|source| StartError::Spawn {
         program: f.command[0].clone(),
         source,
@@ -98,8 +152,9 @@ pub async fn start(
     let state = Arc::new(AtomicU8::new(PROBING));
     let probe = tokio::task::spawn_blocking({
         let state = state.clone();
+        let addr = addr.clone();
         move || {
-            let Some(stream) = probe_until_ready(addr, pid, started, &state) else {
+            let Some(stream) = probe_until_ready(&addr, pid, started, &state) else {
                 return false;
             };
             let won = state
@@ -118,7 +173,7 @@ pub async fn start(
         },
         status = child.wait() => Some(status.ok().map(StartError::Exited)),
         () = sleep(f.scale.startup_timeout) => Some(Some(StartError::NotReady {
-            addr,
+            addr: addr.clone(),
             after: f.scale.startup_timeout,
         })),
     };
@@ -137,6 +192,7 @@ pub async fn start(
             let _ = child.kill().await;
             signal_group(pid, signal::Signal::SIGKILL);
             watchdog.forget(pid);
+            clean_up(&addr);
             Err(e.unwrap_or(StartError::NotReady {
                 addr,
                 after: started.elapsed(),
@@ -152,34 +208,27 @@ const ABANDONED: u8 = 2;
 
 /// Connects to `addr` until it accepts or the start is abandoned.
 fn probe_until_ready(
-    addr: SocketAddr,
+    addr: &Endpoint,
     pid: u32,
     started: Instant,
     state: &AtomicU8,
-) -> Option<std::net::TcpStream> {
+) -> Option<OwnedFd> {
     // The kernel may delay a sleeping thread's wake-up by its timer slack (50 us by default):
     // as long as the pause itself. This thread only probes.
     let _ = nix::sys::prctl::set_timerslack(1_000);
     let mut pause = Duration::from_micros(50);
     let mut squatted = false;
     while state.load(Ordering::Acquire) == PROBING {
-        // Bounded: a full accept backlog would otherwise hold a plain connect for seconds.
-        if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            // Ready only if the listener is the instance's: another process may have taken
-            // the port after fnmesh chose it.
-            let owned = match pid {
-                0 => None,
-                pid => super::owner::listener_is_in_group(addr.port(), pid),
-            };
-            match owned {
-                Some(false) => {
-                    if !squatted {
-                        squatted = true;
-                        tracing::warn!(port = addr.port(), "another process listens on the instance's port; not taking it for the instance");
-                    }
-                }
-                Some(true) | None => return Some(s),
-            }
+        let connected = match addr {
+            Endpoint::Tcp(addr) => probe_tcp(*addr, pid, &mut squatted),
+            // Only the sidecar's user can create a socket in its directory: whatever listens
+            // there is the instance.
+            Endpoint::Unix(path) => std::os::unix::net::UnixStream::connect(path)
+                .ok()
+                .map(OwnedFd::from),
+        };
+        if connected.is_some() {
+            return connected;
         }
         std::thread::sleep(pause);
         let elapsed = started.elapsed();
@@ -192,6 +241,29 @@ fn probe_until_ready(
         };
     }
     None
+}
+
+/// One connect to an instance's port: the connection if it is the instance that listens there.
+fn probe_tcp(addr: SocketAddr, pid: u32, squatted: &mut bool) -> Option<OwnedFd> {
+    // Bounded: a full accept backlog would otherwise hold a plain connect for seconds.
+    let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    // Ready only if the listener is the instance's: another process may have taken the port
+    // after fnmesh chose it.
+    let owned = match pid {
+        0 => None,
+        pid => super::owner::listener_is_in_group(addr.port(), pid),
+    };
+    if owned == Some(false) {
+        if !*squatted {
+            *squatted = true;
+            tracing::warn!(
+                port = addr.port(),
+                "another process listens on the instance's port; not taking it for the instance"
+            );
+        }
+        return None;
+    }
+    Some(OwnedFd::from(s))
 }
 
 /// The longest line of an instance's output logged; the rest of a longer one is dropped (and

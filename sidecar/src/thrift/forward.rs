@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use fnmesh_codec::{Frame, FrameDecoder, Limits, MessageType};
-use tokio::{io::AsyncReadExt, net::TcpStream, time::Instant};
+use tokio::{io::AsyncReadExt, time::Instant};
 
 use super::{route::Routed, Reply, ThriftFront};
 use crate::{
@@ -15,7 +15,7 @@ use crate::{
         outcome::{self, Failure},
         retry::Attempts,
     },
-    instances::{instance::Open, is_local, Instance, Lease, EXIT_GRACE},
+    instances::{instance::Open, is_local, Instance, Lease, Stream, EXIT_GRACE},
     lock,
 };
 
@@ -36,7 +36,7 @@ pub(super) enum Outgoing {
 /// A Thrift connection to an instance and its read buffer: one call at a time, as Volo and
 /// Kitex servers expect; idle ones wait in the instance's list for this worker.
 struct InstanceConn {
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
     open: Open,
 }
@@ -48,7 +48,7 @@ impl Drop for InstanceConn {
 }
 
 impl InstanceConn {
-    fn new(stream: TcpStream, instance: &Instance) -> InstanceConn {
+    fn new(stream: Stream, instance: &Instance) -> InstanceConn {
         InstanceConn {
             stream,
             buf: BytesMut::with_capacity(8 * 1024),
@@ -92,7 +92,7 @@ impl InstanceConn {
 /// Whether an idle pooled connection was closed by the instance: its reactor reported it
 /// readable while no call was on it. Costs no system call unless it was (`try_read` does not
 /// read while its reactor has not seen the socket readable).
-fn is_stale(stream: &TcpStream) -> bool {
+fn is_stale(stream: &Stream) -> bool {
     let mut probe = [0u8; 1];
     !matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
@@ -380,7 +380,7 @@ pub(super) fn pieces(out: &Reply) -> ([std::io::IoSlice<'_>; 2], usize) {
 }
 
 /// Writes all of `out` (as `write_all_buf`, without setting up room for 64 pieces per poll).
-async fn write_all(stream: &mut TcpStream, out: &mut Reply) -> std::io::Result<()> {
+async fn write_all(stream: &mut Stream, out: &mut Reply) -> std::io::Result<()> {
     while out.has_remaining() {
         let written = std::future::poll_fn(|cx| {
             let (slices, n) = pieces(out);

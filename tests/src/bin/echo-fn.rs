@@ -1,5 +1,5 @@
-//! The example echo function: a plain Volo Thrift server on 127.0.0.1:$PORT (default 8083). It
-//! knows nothing of fnmesh; FNMESH_INSTANCE, when set, is echoed back so tests can tell
+//! The example echo function: a plain Volo Thrift server on 127.0.0.1:$PORT (default 8083), or
+//! on the Unix socket $FNMESH_SOCKET when that is set. It knows nothing of fnmesh; FNMESH_INSTANCE, when set, is echoed back so tests can tell
 //! instances apart.
 #![forbid(unsafe_code)]
 
@@ -7,9 +7,25 @@ use fnmesh_tests::{
     echo::{closing_front, EchoHandler, SeenTimeout},
     gen::volo_gen::echo::EchoServiceServer,
 };
+use volo::net::incoming::DefaultIncoming;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    let incoming = match fnmesh_tests::echo::unix_listener("echo-fn") {
+        Some(unix) => DefaultIncoming::from(unix),
+        None => DefaultIncoming::from(tcp_listener().await),
+    };
+    let server = EchoServiceServer::new(EchoHandler::from_env())
+        .layer_front(SeenTimeout)
+        .run(incoming);
+    if let Err(e) = server.await {
+        eprintln!("echo-fn: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// 127.0.0.1:$PORT; with ECHO_FN_CLOSE_HOOK, a front there that closes connections on a hook.
+async fn tcp_listener() -> tokio::net::TcpListener {
     let port: u16 = std::env::var("PORT")
         .ok()
         .and_then(|p| p.parse().ok())
@@ -25,11 +41,5 @@ async fn main() {
         let outer = std::mem::replace(&mut listener, inner);
         tokio::spawn(closing_front(outer, addr));
     }
-    let server = EchoServiceServer::new(EchoHandler::from_env())
-        .layer_front(SeenTimeout)
-        .run(volo::net::incoming::DefaultIncoming::from(listener));
-    if let Err(e) = server.await {
-        eprintln!("echo-fn: {e}");
-        std::process::exit(1);
-    }
+    listener
 }

@@ -5,7 +5,7 @@ use super::*;
 
 /// One side of the relay: a socket with its buffers and HTTP/2 connection state.
 pub(super) struct Link {
-    pub(super) sock: TcpStream,
+    pub(super) sock: Socket,
     pub(super) rbuf: BytesMut,
     pub(super) wbuf: BytesMut,
     /// Decodes the header blocks this peer sends.
@@ -49,7 +49,7 @@ impl Link {
         );
     }
 
-    pub(super) fn new(sock: TcpStream, rbuf: BytesMut) -> Link {
+    pub(super) fn new(sock: Socket, rbuf: BytesMut) -> Link {
         Link {
             sock,
             rbuf,

@@ -56,7 +56,7 @@ use crate::{
     grpc::{self, GrpcFront},
     instances::{
         instance::{self, Open},
-        is_local, Instance, Lease, EXIT_GRACE,
+        is_local, Instance, Lease, Stream as Socket, EXIT_GRACE,
     },
     lock,
     workers::{Stalled, Stalls},
@@ -122,7 +122,7 @@ type Queued = Pin<Box<dyn Future<Output = (u32, Result<Lease, CallError>)> + Sen
 /// A connection being opened to an instance; a failure says why and whether the cause was local
 /// (fnmesh's own descriptors or memory).
 type Connecting = Pin<Box<dyn Future<Output = Connected> + Send>>;
-type Connected = (Arc<Instance>, Result<TcpStream, (String, bool)>);
+type Connected = (Arc<Instance>, Result<Socket, (String, bool)>);
 
 /// One caller connection and the instance connections its streams use.
 struct Relay<'a> {
@@ -195,7 +195,7 @@ impl Recent {
 pub async fn serve(sock: TcpStream, head: BytesMut, front: Arc<GrpcFront>) {
     let _ = sock.set_nodelay(true);
     let _open = front.drain.track();
-    let mut relay = Relay::new(&front, Link::new(sock, head));
+    let mut relay = Relay::new(&front, Link::new(sock.into(), head));
     // The preface is what detection saw; what follows it is frames.
     if relay.caller.rbuf.len() < HTTP2_PREFACE.len() {
         return;

@@ -233,7 +233,7 @@ impl Relay<'_> {
     pub(super) fn connected(
         &mut self,
         instance: Arc<Instance>,
-        result: Result<TcpStream, (String, bool)>,
+        result: Result<Socket, (String, bool)>,
     ) {
         let waiting = self.waiting.remove(&instance.id).unwrap_or_default();
         let sock = match result {
@@ -255,7 +255,6 @@ impl Relay<'_> {
                 return;
             }
         };
-        let _ = sock.set_nodelay(true);
         let mut link = Link::new(sock, BytesMut::with_capacity(16 << 10));
         link.wbuf.put_slice(HTTP2_PREFACE);
         link.greet(true);
