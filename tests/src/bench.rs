@@ -66,12 +66,12 @@ impl Path {
     }
 }
 
-/// The paths both proxy benchmarks measure: direct, fnmesh, another fnmesh setup to compare (if any), and
+/// The paths both proxy benchmarks measure: direct, fnmesh, other fnmesh setups to compare, and
 /// haproxy (`haproxy_name`) when it is installed.
 pub fn proxy_paths(
     direct: SocketAddr,
     fnmesh: &crate::sidecar::Sidecar,
-    other: Option<(&crate::sidecar::Sidecar, &'static str)>,
+    others: &[(&crate::sidecar::Sidecar, &'static str)],
     haproxy: Option<&(Killed, SocketAddr)>,
     haproxy_name: &'static str,
 ) -> Vec<Path> {
@@ -79,7 +79,7 @@ pub fn proxy_paths(
         Path::new("direct", direct, None),
         Path::new("fnmesh", fnmesh.addr, Some(fnmesh.child.id())),
     ];
-    if let Some((other, name)) = other {
+    for (other, name) in others {
         paths.push(Path::new(name, other.addr, Some(other.child.id())));
     }
     match haproxy {
@@ -160,16 +160,21 @@ pub async fn throughput<C: Caller>(paths: &mut [Path], what: &str, shared: bool)
     }
     let rps = |p: &Path| p.calls as f64 / p.busy.as_secs_f64();
     let direct_rps = rps(&paths[0]);
+    let haproxy_rps = paths
+        .iter()
+        .find(|p| p.name.starts_with("haproxy"))
+        .map(rps);
     println!("\n{CONCURRENCY} {what}, {THROUGHPUT_FOR:?} per path ({ROUNDS} rounds taking turns)");
-    println!("| path | calls/s | vs direct | proxy CPU per call |");
-    println!("|---|---|---|---|");
+    println!("| path | calls/s | vs direct | vs haproxy | proxy CPU per call |");
+    println!("|---|---|---|---|---|");
     for p in paths.iter() {
         let cpu = match p.proxy {
             Some(_) => format!("{:.1} us", us(p.cpu) / p.all_calls.max(1) as f64),
             None => String::new(),
         };
+        let vs_haproxy = haproxy_rps.map_or(String::new(), |h| format!("{:.2}x", rps(p) / h));
         println!(
-            "| {} | {:.0} | {:.2}x | {cpu} |",
+            "| {} | {:.0} | {:.2}x | {vs_haproxy} | {cpu} |",
             p.name,
             rps(p),
             rps(p) / direct_rps

@@ -259,6 +259,24 @@ async fn a_unix_socket_function_serves_thrift_calls() {
     );
 }
 
+/// A Unix socket path that cannot fit a socket address (a very long function name) is a clear
+/// start failure, not a socket created elsewhere or a hang until `startup_timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_unix_socket_path_too_long_fails_the_start_clearly() {
+    let name: &'static str = "f".repeat(100).leak();
+    let table = sidecar::over_unix(&echo_function(name, "min = 0", ""));
+    let sc = Sidecar::start(&table);
+    let started = Instant::now();
+    let (kind, message) = echo_to(sc.addr, name, "x", None, 5000).await.unwrap_err();
+    assert_eq!(kind, ApplicationExceptionKind::INTERNAL_ERROR, "{message}");
+    assert!(
+        message.contains("longer than a Unix socket address holds"),
+        "{message}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(sc.children().is_empty());
+}
+
 /// Idle stop is graceful (issue 18, item 1): a Volo server that still has connections when
 /// SIGTERM comes waits 2 s and more before it exits, so fnmesh closes its connections to an
 /// instance before it signals it. Each of the four instances a burst started exits at once on

@@ -1,5 +1,6 @@
 //! fnmesh's gRPC proxy benchmark, measured in one run with a real volo-grpc client and the
-//! example gRPC function: unary calls direct to the function, through fnmesh, through haproxy in HTTP mode with h2 on both sides, the
+//! example gRPC function: unary calls direct to the function, through fnmesh (to the instance on
+//! TCP, and on a Unix socket with `transport = "unix"`), through haproxy in HTTP mode with h2 on both sides, the
 //! reference L7 gRPC proxy, and through `copy-proxy`, which copies bytes without reading them
 //! (the floor: what carrying the connection costs, with no HTTP/2 work at all).
 //!
@@ -18,7 +19,7 @@ use fnmesh_tests::{
         start_haproxy, throughput, Caller, HaproxyMode, Path,
     },
     proto::proto_gen::echo::{EchoClient, EchoClientBuilder, EchoRequest},
-    sidecar::{grpc_echo_fn, grpc_echo_function, Sidecar},
+    sidecar::{grpc_echo_fn, grpc_echo_function, over_unix, Sidecar},
 };
 
 struct Grpc(EchoClient);
@@ -50,8 +51,15 @@ async fn main() {
         "",
     );
     let sc = Sidecar::start(&warm);
+    let unix = Sidecar::start(&over_unix(&warm));
     let haproxy = start_haproxy(direct, HaproxyMode::H2);
-    let mut paths = proxy_paths(direct, &sc, None, haproxy.as_ref(), "haproxy (http, h2)");
+    let mut paths = proxy_paths(
+        direct,
+        &sc,
+        &[(&unix, "fnmesh, transport = unix")],
+        haproxy.as_ref(),
+        "haproxy (http, h2)",
+    );
     let copy = start_copy_proxy(direct);
     paths.push(Path::new(
         "tokio copy proxy (L4 floor)",

@@ -1,5 +1,6 @@
 //! fnmesh's Thrift proxy benchmark, measured in one run with a real Volo client and the example
-//! function: direct to the function, through fnmesh, through haproxy in TCP mode, and through
+//! function: direct to the function, through fnmesh (to the instance on TCP, and on a Unix
+//! socket with `transport = "unix"`), through haproxy in TCP mode, and through
 //! the leanest proxy tokio allows (`copy-proxy`: bytes copied, nothing decoded). Also cold
 //! start (first reply from zero instances, 20 trials, against the function's own spawn-to-accept
 //! time) and the sidecar's memory with 100 functions at zero instances.
@@ -24,7 +25,7 @@ use fnmesh_tests::{
     },
     echo::raw_ttheader_call,
     gen::volo_gen::echo::{EchoRequest, EchoServiceClient, EchoServiceClientBuilder},
-    sidecar::{echo_fn, echo_function, free_port, Sidecar},
+    sidecar::{echo_fn, echo_function, free_port, over_unix, Sidecar},
 };
 
 fn request() -> EchoRequest {
@@ -114,12 +115,16 @@ async fn main() {
     let warm = echo_fn_table("min = 1\nmax = 1\nconcurrency = 1024\nidle = \"10m\"");
     let sc = Sidecar::start(&warm);
     let sleepy = Sidecar::start_with("busy_poll = \"0s\"", &warm);
+    let unix = Sidecar::start(&over_unix(&warm));
     let haproxy = start_haproxy(direct, HaproxyMode::Tcp);
     let copy = start_copy_proxy(direct);
     let mut paths = proxy_paths(
         direct,
         &sc,
-        Some((&sleepy, "fnmesh, busy_poll = 0s")),
+        &[
+            (&sleepy, "fnmesh, busy_poll = 0s"),
+            (&unix, "fnmesh, transport = unix"),
+        ],
         haproxy.as_ref(),
         "haproxy (tcp)",
     );
@@ -132,6 +137,7 @@ async fn main() {
     throughput::<Thrift>(&mut paths, "concurrent callers", false).await;
     drop(sc);
     drop(sleepy);
+    drop(unix);
     drop(haproxy);
     drop(copy);
 
