@@ -9,7 +9,10 @@ use http::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{http::Http, Endpoint, Error, Registration, Registry, Resolver};
+use crate::{
+    http::{Http, Tls},
+    Endpoint, Error, Registration, Registry, Resolver,
+};
 
 const NAME: &str = "consul";
 /// How long one request may take (blocking queries add their `wait`).
@@ -17,16 +20,16 @@ const REQUEST: Duration = Duration::from_secs(5);
 /// How long a blocking query waits for a change.
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A Consul agent at `http://host:port`.
+/// A Consul agent at `http://host:port` or `https://host:port`.
 #[derive(Debug, Clone)]
 pub struct Consul {
     http: Http,
 }
 
 impl Consul {
-    pub fn new(address: &str) -> Result<Consul, String> {
+    pub fn new(address: &str, tls: &Tls) -> Result<Consul, String> {
         Ok(Consul {
-            http: Http::new(NAME, address)?,
+            http: Http::new(NAME, address, tls)?,
         })
     }
 

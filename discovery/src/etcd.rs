@@ -22,7 +22,10 @@ use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::{http::Http, Endpoint, Error, Registration, Registry, Resolver};
+use crate::{
+    http::{Http, Tls},
+    Endpoint, Error, Registration, Registry, Resolver,
+};
 
 const NAME: &str = "etcd";
 /// How long one request may take.
@@ -121,11 +124,12 @@ fn prefix_range(prefix: &str) -> (String, String) {
 }
 
 impl Etcd {
-    /// A client of the cluster at `endpoints` (`http://host:port`); nothing is sent yet.
-    pub async fn new(endpoints: &[String], prefix: &str) -> Result<Etcd, String> {
+    /// A client of the cluster at `endpoints` (`http://host:port`, or `https://host:port`
+    /// trusted and authenticated as `tls` says); nothing is sent yet.
+    pub async fn new(endpoints: &[String], prefix: &str, tls: &Tls) -> Result<Etcd, String> {
         let members = endpoints
             .iter()
-            .map(|e| Http::new(NAME, e).map_err(|e| format!("etcd: {e}")))
+            .map(|e| Http::new(NAME, e, tls).map_err(|e| format!("etcd: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
         if members.is_empty() {
             return Err("etcd: no endpoints".into());

@@ -15,6 +15,7 @@ mod http;
 mod registrar;
 mod volo_discover;
 
+pub use http::Tls;
 pub use registrar::{Health, Registrar};
 pub use volo_discover::VoloDiscover;
 

@@ -1,6 +1,7 @@
 //! Real etcd and Consul servers for the discovery tests: started on free loopback ports (etcd
 //! from Debian's `etcd-server`, Consul 1.8.7 unpacked by `tests/run.sh` under
-//! `target/tools/consul`), stopped and restarted by the test, killed when dropped.
+//! `target/tools/consul`), stopped and restarted by the test, killed when dropped; and the
+//! certificates of a test CA for their TLS (made with the `openssl` command).
 
 use std::{
     net::TcpStream,
@@ -10,6 +11,119 @@ use std::{
 };
 
 use crate::sidecar::free_port;
+
+/// A throw-away CA and what it signed: a server certificate for 127.0.0.1 and localhost, and a
+/// client certificate; PEM files in a scratch directory, removed when dropped.
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir =
+            std::env::temp_dir().join(format!("fnmesh-pki-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl runs (tests/run.sh installs it)");
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"],
+                &["-subj", "/CN=fnmesh test CA"],
+                &["-addext", "basicConstraints=critical,CA:TRUE"],
+                &["-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+            ]
+            .concat(),
+        );
+        std::fs::write(
+            dir.join("leaf.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        for who in ["server", "client"] {
+            let (key, csr, pem) = (
+                format!("{who}.key"),
+                format!("{who}.csr"),
+                format!("{who}.pem"),
+            );
+            let subject = format!("/CN={who}");
+            openssl(
+                &[
+                    &["req"][..],
+                    &ec,
+                    &["-keyout", &key, "-out", &csr, "-subj", &subject],
+                ]
+                .concat(),
+            );
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                "leaf.cnf",
+            ]);
+        }
+        Pki {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+            dir,
+        }
+    }
+
+    /// The `[discovery]` keys that trust this CA and present the client certificate.
+    pub fn client_keys(&self) -> String {
+        format!(
+            "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
+            self.ca.display(),
+            self.client_cert.display(),
+            self.client_key.display()
+        )
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Pki::new()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
 
 /// Kills (SIGKILL) and reaps a server process, if it runs.
 fn kill(child: &mut Option<Child>) {
@@ -39,6 +153,9 @@ pub struct Etcd {
     peer: u16,
     /// Flags beyond the defaults (`--auth-token-ttl`).
     extra: Vec<String>,
+    /// With TLS: the port of its `https` client URL (clients must present a certificate of the
+    /// CA), besides the plain one the test reads through.
+    https: Option<u16>,
 }
 
 impl Etcd {
@@ -63,9 +180,49 @@ impl Etcd {
             client,
             peer: free_port(),
             extra,
+            https: None,
         };
         e.run();
         e
+    }
+
+    /// A server that also serves clients over TLS with client certificates of `pki`'s CA
+    /// (`--client-cert-auth`) at [`Etcd::https_url`].
+    pub fn start_with_tls(pki: &Pki) -> Etcd {
+        let https = free_port();
+        let flags = [
+            ("--cert-file", &pki.server_cert),
+            ("--key-file", &pki.server_key),
+            ("--trusted-ca-file", &pki.ca),
+        ];
+        let mut extra: Vec<String> = flags
+            .iter()
+            .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
+            .collect();
+        extra.push("--client-cert-auth".into());
+        let dir = std::env::temp_dir().join(format!(
+            "fnmesh-etcd-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        let mut e = Etcd {
+            child: None,
+            dir,
+            client: free_port(),
+            peer: free_port(),
+            extra,
+            https: Some(https),
+        };
+        e.run();
+        e
+    }
+
+    /// `https://127.0.0.1:PORT`, with TLS.
+    pub fn https_url(&self) -> String {
+        format!(
+            "https://127.0.0.1:{}",
+            self.https.expect("an etcd with TLS")
+        )
     }
 
     /// A server with auth on: user `root` (role root) with `password`, whose tokens expire
@@ -127,11 +284,15 @@ impl Etcd {
 
     fn run(&mut self) {
         let peer = format!("http://127.0.0.1:{}", self.peer);
+        let clients = match self.https {
+            Some(_) => format!("{},{}", self.url(), self.https_url()),
+            None => self.url(),
+        };
         let mut child = Command::new("etcd")
             .args(["--name", "fnmesh-test", "--data-dir"])
             .arg(&self.dir)
-            .args(["--listen-client-urls", &self.url()])
-            .args(["--advertise-client-urls", &self.url()])
+            .args(["--listen-client-urls", &clients])
+            .args(["--advertise-client-urls", &clients])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("fnmesh-test={peer}")])
@@ -186,6 +347,9 @@ pub struct Consul {
     /// With ACLs enforced (default policy deny): the management token, which the test's own
     /// requests carry.
     acl: Option<String>,
+    /// With HTTPS: its port and the agent's TLS settings (HCL); clients must present a
+    /// certificate of the CA.
+    https: Option<(u16, String)>,
 }
 
 impl Consul {
@@ -200,9 +364,39 @@ impl Consul {
             http,
             ports: [free_port(), free_port(), free_port()],
             acl: None,
+            https: None,
         };
         c.run();
         c
+    }
+
+    /// An agent whose API is served over HTTPS too ([`Consul::https_url`]), with `pki`'s server
+    /// certificate, to clients with a certificate of its CA (`verify_incoming_https`).
+    pub fn start_with_tls(pki: &Pki) -> Consul {
+        let port = free_port();
+        let hcl = format!(
+            "ports {{ https = {port} }} ca_file = \"{}\" cert_file = \"{}\" key_file = \"{}\" verify_incoming_https = true",
+            pki.ca.display(),
+            pki.server_cert.display(),
+            pki.server_key.display()
+        );
+        let mut c = Consul {
+            child: None,
+            http: free_port(),
+            ports: [free_port(), free_port(), free_port()],
+            acl: None,
+            https: Some((port, hcl)),
+        };
+        c.run();
+        c
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn https_url(&self) -> String {
+        format!(
+            "https://127.0.0.1:{}",
+            self.https.as_ref().expect("an agent with HTTPS").0
+        )
     }
 
     /// An agent that enforces ACLs (`acl.default_policy = "deny"`), with `token` as its
@@ -213,6 +407,7 @@ impl Consul {
             http: free_port(),
             ports: [free_port(), free_port(), free_port()],
             acl: Some(token.to_owned()),
+            https: None,
         };
         c.run();
         c
@@ -246,6 +441,11 @@ impl Consul {
                 );
                 ["-hcl".to_owned(), hcl]
             }))
+            .args(
+                self.https
+                    .iter()
+                    .flat_map(|(_, hcl)| ["-hcl".to_owned(), hcl.clone()]),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

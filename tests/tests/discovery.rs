@@ -9,12 +9,12 @@ use std::{
 
 #[cfg(feature = "etcd")]
 use fnmesh_discovery::etcd;
-use fnmesh_discovery::{consul, Endpoint, Resolver, VoloDiscover};
+use fnmesh_discovery::{consul, Endpoint, Resolver, Tls, VoloDiscover};
 #[cfg(feature = "etcd")]
 use fnmesh_tests::registries::Etcd;
 use fnmesh_tests::{
     gen::volo_gen::echo::{EchoRequest, EchoServiceClientBuilder},
-    registries::Consul,
+    registries::{Consul, Pki},
     sidecar::{echo_function, free_port, grpc_echo_function, Sidecar},
 };
 use futures_util::{Stream, StreamExt};
@@ -127,7 +127,7 @@ async fn consul_lists_each_function_and_a_volo_client_calls_it_by_name() {
     assert_eq!(gecho["Meta"]["idl_service"], "echo.Echo");
 
     assert_eq!(
-        call_by_name(consul::Consul::new(&consul.url()).unwrap()).await,
+        call_by_name(consul::Consul::new(&consul.url(), &Tls::default()).unwrap()).await,
         "by name"
     );
     let (status, body) = sc.admin_get("/readyz");
@@ -184,7 +184,7 @@ async fn etcd_holds_the_documented_key_and_a_volo_client_calls_it_by_name() {
     let (value, _) = wait_for_key(&server, &gecho, Duration::from_secs(5)).await;
     assert_eq!(value["tags"]["protocol"], "grpc");
 
-    let resolver = etcd::Etcd::new(&[server.url()], "kitex/registry-etcd")
+    let resolver = etcd::Etcd::new(&[server.url()], "kitex/registry-etcd", &Tls::default())
         .await
         .unwrap();
     assert_eq!(call_by_name(resolver).await, "by name");
@@ -256,7 +256,7 @@ async fn consul_two_sidecars_leave_on_sigterm_and_vanish_after_sigkill() {
     let server = Consul::start();
     two_sidecars_come_and_go(
         &consul_table(&server),
-        consul::Consul::new(&server.url()).unwrap(),
+        consul::Consul::new(&server.url(), &Tls::default()).unwrap(),
     )
     .await;
 }
@@ -265,7 +265,7 @@ async fn consul_two_sidecars_leave_on_sigterm_and_vanish_after_sigkill() {
 #[tokio::test(flavor = "multi_thread")]
 async fn etcd_two_sidecars_leave_on_sigterm_and_vanish_after_sigkill() {
     let server = Etcd::start();
-    let resolver = etcd::Etcd::new(&[server.url()], "kitex/registry-etcd")
+    let resolver = etcd::Etcd::new(&[server.url()], "kitex/registry-etcd", &Tls::default())
         .await
         .unwrap();
     two_sidecars_come_and_go(&etcd_table(&server), resolver).await;
@@ -471,7 +471,7 @@ async fn etcd_with_auth_takes_a_sidecar_with_a_user_and_refuses_one_without() {
     );
     let (_, body) = with.admin_get("/readyz");
     assert!(body.contains("registry etcd: registered"), "{body}");
-    let resolver = etcd::Etcd::new(&[server.url()], "kitex/registry-etcd")
+    let resolver = etcd::Etcd::new(&[server.url()], "kitex/registry-etcd", &Tls::default())
         .await
         .unwrap()
         .with_auth("root", "fnmesh-pw");
@@ -485,4 +485,109 @@ async fn etcd_with_auth_takes_a_sidecar_with_a_user_and_refuses_one_without() {
             .contains("registry etcd: failing")
     });
     serves(&without, "served", "served all the same").await;
+}
+
+/// The TLS settings that trust `pki`'s CA and present its client certificate.
+fn client_tls(pki: &Pki) -> Tls {
+    Tls {
+        ca_file: Some(pki.ca.clone()),
+        cert_file: Some(pki.client_cert.clone()),
+        key_file: Some(pki.client_key.clone()),
+    }
+}
+
+/// Consul over HTTPS (issue 18, item 9): an agent that serves its API over TLS and wants a client
+/// certificate of its CA. A sidecar that trusts the CA and presents one registers both
+/// functions, and fnmesh's resolver finds `echo` over TLS; one that trusts another CA (the
+/// agent's certificate fails verification), or presents no certificate (the agent's TLS alert),
+/// is refused, `/readyz` says why, and it serves all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_over_https_takes_a_sidecar_with_the_ca_and_a_client_certificate() {
+    let pki = Pki::new();
+    let server = Consul::start_with_tls(&pki);
+    let https = |keys: &str| {
+        format!(
+            "backend = \"consul\"\naddress = \"{}\"\nttl = \"2s\"\n{keys}",
+            server.https_url()
+        )
+    };
+    let with = sidecar(&https(&pki.client_keys()));
+    wait_until(Duration::from_secs(10), "registered over HTTPS", || {
+        server.passing("echo").len() == 1 && server.passing("gecho").len() == 1
+    });
+    let (_, body) = with.admin_get("/readyz");
+    assert!(body.contains("registry consul: registered"), "{body}");
+    let resolver = consul::Consul::new(&server.https_url(), &client_tls(&pki)).unwrap();
+    assert_eq!(call_by_name(resolver).await, "by name");
+
+    let other = Pki::new();
+    let wrong_ca = sidecar(&https(&other.client_keys()));
+    let no_cert = sidecar(&https(&format!("ca_file = \"{}\"", pki.ca.display())));
+    for (sc, why) in [
+        (&wrong_ca, "invalid peer certificate"),
+        (&no_cert, "fatal alert"),
+    ] {
+        wait_until(Duration::from_secs(10), why, || {
+            let (_, body) = sc.admin_get("/readyz");
+            body.contains("registry consul: failing") && body.contains(why)
+        });
+        serves(sc, "served", "served all the same").await;
+    }
+    assert_eq!(
+        server.passing("echo").len(),
+        1,
+        "only the sidecar with both"
+    );
+}
+
+/// etcd over TLS with client certificates (issue 18, item 9): `--client-cert-auth` on an https
+/// client URL. A sidecar with the CA and a client certificate registers (read back through
+/// the server's plain URL) and renews past its TTL, fnmesh's resolver resolves over TLS, and a
+/// sidecar without a client certificate is refused while it serves.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_over_tls_takes_a_sidecar_with_a_client_certificate() {
+    let pki = Pki::new();
+    let server = Etcd::start_with_tls(&pki);
+    let table = |keys: &str| {
+        format!(
+            "backend = \"etcd\"\nendpoints = [\"{}\"]\nttl = \"2s\"\n{keys}",
+            server.https_url()
+        )
+    };
+    let with = sidecar(&table(&pki.client_keys()));
+    let key = format!("kitex/registry-etcd/echo/127.0.0.1:{}", with.addr.port());
+    let present = || async {
+        let mut reader = etcd_client::Client::connect([server.url()], None)
+            .await
+            .unwrap();
+        reader.get(key.as_str(), None).await.unwrap().kvs().len() == 1
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !present().await {
+        assert!(Instant::now() < deadline, "registered over TLS");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Past the TTL: the lease lives only if renewals over TLS went through.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(present().await, "still registered after two TTLs");
+    let resolver = etcd::Etcd::new(
+        &[server.https_url()],
+        "kitex/registry-etcd",
+        &client_tls(&pki),
+    )
+    .await
+    .unwrap();
+    assert_eq!(call_by_name(resolver).await, "by name");
+
+    let no_cert = sidecar(&table(&format!("ca_file = \"{}\"", pki.ca.display())));
+    wait_until(
+        Duration::from_secs(10),
+        "refused without a certificate",
+        || {
+            let (_, body) = no_cert.admin_get("/readyz");
+            body.contains("registry etcd: failing") && body.contains("fatal alert")
+        },
+    );
+    serves(&no_cert, "served", "served all the same").await;
 }

@@ -31,11 +31,12 @@ pub struct DiscoveryConfig {
 pub enum DiscoveryBackend {
     /// Registered in the process only: nothing external needed.
     None,
-    /// A Consul agent at `address` (`http://host:port`), with an ACL token (`token`, else
-    /// `CONSUL_HTTP_TOKEN`) when it enforces ACLs.
+    /// A Consul agent at `address` (`http://host:port` or `https://host:port`), with an ACL
+    /// token (`token`, else `CONSUL_HTTP_TOKEN`) when it enforces ACLs.
     Consul {
         address: String,
         token: Option<String>,
+        tls: fnmesh_discovery::Tls,
     },
     /// An etcd cluster at `endpoints`, keys under `prefix`, as user `(name, password)` when
     /// the cluster has auth on (`username` and `password`, else `ETCDCTL_USER` as
@@ -44,6 +45,7 @@ pub enum DiscoveryBackend {
         endpoints: Vec<String>,
         prefix: String,
         user: Option<(String, String)>,
+        tls: fnmesh_discovery::Tls,
     },
 }
 

@@ -72,6 +72,9 @@ pub(super) struct RawDiscovery {
     pub(super) prefix: Option<Spanned<String>>,
     pub(super) username: Option<Spanned<String>>,
     pub(super) password: Option<Spanned<String>>,
+    pub(super) ca_file: Option<Spanned<String>>,
+    pub(super) cert_file: Option<Spanned<String>>,
+    pub(super) key_file: Option<Spanned<String>>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub(super) ttl: Option<Duration>,
 }

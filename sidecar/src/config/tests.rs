@@ -1,5 +1,7 @@
 use std::path::{Path, PathBuf};
 
+use fnmesh_discovery::Tls;
+
 use super::*;
 
 fn base() -> PathBuf {
@@ -360,7 +362,7 @@ const BAD_EDITS: &[(&str, &str, &[&str])] = &[
     ),
     (
         "backend = \"none\"",
-        "backend = \"consul\"\naddress = \"https://127.0.0.1:8500\"",
+        "backend = \"consul\"\naddress = \"https://127.0.0.1:8500/v1\"",
         &[
             "fnmesh.toml:10",
             "discovery.address",
@@ -470,6 +472,7 @@ fn discovery_backends_parse_with_their_defaults() {
                 token: std::env::var("CONSUL_HTTP_TOKEN")
                     .ok()
                     .filter(|t| !t.is_empty()),
+                tls: Tls::default(),
             },
             ttl: Duration::from_secs(10),
         }
@@ -481,6 +484,7 @@ fn discovery_backends_parse_with_their_defaults() {
             backend: DiscoveryBackend::Consul {
                 address: "http://10.0.0.1:8500".into(),
                 token: Some("s3cret".into()),
+                tls: Tls::default(),
             },
             ttl: Duration::from_secs(3),
         }
@@ -516,8 +520,38 @@ fn discovery_backends_parse_with_their_defaults() {
                 let (u, p) = v.split_once(':')?;
                 Some((u.to_owned(), p.to_owned()))
             }),
+            tls: Tls::default(),
         }
     );
+}
+
+#[test]
+fn registry_tls_files_are_read_from_the_files_folder_and_checked() {
+    let with = |table: &str| parse(&GOOD.replacen("backend = \"none\"", table, 1));
+    // Any existing file stands in for a PEM file here: its content is read at start.
+    let c = with("backend = \"consul\"\naddress = \"https://consul.internal:8501\"\nca_file = \"idl/thrift/echo.thrift\"\ncert_file = \"idl/proto/echo.proto\"\nkey_file = \"idl/proto/echo.proto\"").unwrap();
+    let DiscoveryBackend::Consul { tls, .. } = c.discovery.backend else {
+        panic!("consul")
+    };
+    assert_eq!(tls.ca_file, Some(base().join("idl/thrift/echo.thrift")));
+    assert_eq!(tls.key_file, Some(base().join("idl/proto/echo.proto")));
+    let c = with("backend = \"etcd\"\nendpoints = [\"https://10.0.0.1:2379\", \"https://10.0.0.2:2379\"]\nca_file = \"idl/thrift/echo.thrift\"").unwrap();
+    let DiscoveryBackend::Etcd { tls, .. } = c.discovery.backend else {
+        panic!("etcd")
+    };
+    assert_eq!(tls.ca_file, Some(base().join("idl/thrift/echo.thrift")));
+    for (table, want) in [
+        ("backend = \"consul\"\nca_file = \"idl/thrift/echo.thrift\"", "needs an https:// address"),
+        ("backend = \"consul\"\naddress = \"https://h:1\"\nca_file = \"missing.pem\"", "no such file"),
+        ("backend = \"consul\"\naddress = \"https://h:1\"\ncert_file = \"idl/thrift/echo.thrift\"", "key_file go together"),
+        ("backend = \"etcd\"\nendpoints = [\"https://a:1\", \"http://b:1\"]", "mixes http:// and https://"),
+        ("backend = \"none\"\nca_file = \"idl/thrift/echo.thrift\"", "does not apply"),
+        ("backend = \"consul\"\naddress = \"ftp://h:1\"", "not http://host:port or https://host:port"),
+    ] {
+        let e = with(table).unwrap_err().to_string();
+        assert!(e.contains(want), "{table}: {e}");
+        assert!(e.contains("discovery."), "{table}: {e}");
+    }
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::{
     time::Duration,
 };
 
+use fnmesh_discovery::Tls;
 use toml::Spanned;
 
 use super::{
@@ -108,7 +109,105 @@ fn etcd_user(cx: &Ctx<'_>, raw: &RawDiscovery) -> Result<Option<(String, String)
     })
 }
 
-fn discovery(cx: &Ctx<'_>, d: &Spanned<RawDiscovery>) -> Result<DiscoveryConfig, ConfigError> {
+/// A registry address: `http://host:port` or `https://host:port`.
+fn registry_address(cx: &Ctx<'_>, v: &Spanned<String>, key: &str) -> Result<String, ConfigError> {
+    let s = v.get_ref();
+    match s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+    {
+        Some(rest)
+            if !rest.trim_end_matches('/').is_empty()
+                && !rest.trim_end_matches('/').contains('/') =>
+        {
+            Ok(s.clone())
+        }
+        _ => cx.invalid(
+            v.span().start,
+            key,
+            format!("{s:?} is not http://host:port or https://host:port"),
+        ),
+    }
+}
+
+/// TLS to the registry: `ca_file`, `cert_file` and `key_file` (relative to the file's folder),
+/// else the environment variables the registry's own tools read (`env`: CA, cert, key), these
+/// only when an address is `https://`. Files given for `http://` addresses are an error.
+fn registry_tls(
+    cx: &Ctx<'_>,
+    raw: &RawDiscovery,
+    base: &Path,
+    https: bool,
+    env: [&str; 3],
+) -> Result<Tls, ConfigError> {
+    let keys = [
+        ("ca_file", &raw.ca_file),
+        ("cert_file", &raw.cert_file),
+        ("key_file", &raw.key_file),
+    ];
+    let mut files: [Option<PathBuf>; 3] = Default::default();
+    for (i, (key, value)) in keys.into_iter().enumerate() {
+        let key = format!("discovery.{key}");
+        files[i] = match value {
+            Some(v) if !https => {
+                return cx.invalid(v.span().start, key, "needs an https:// address")
+            }
+            Some(v) => {
+                let path = base.join(v.get_ref());
+                if !path.is_file() {
+                    return cx.invalid(
+                        v.span().start,
+                        key,
+                        format!("{}: no such file", path.display()),
+                    );
+                }
+                Some(path)
+            }
+            None if https => std::env::var_os(env[i])
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+            None => None,
+        };
+    }
+    let [ca_file, cert_file, key_file] = files;
+    if cert_file.is_some() != key_file.is_some() {
+        let at = raw
+            .cert_file
+            .as_ref()
+            .or(raw.key_file.as_ref())
+            .map_or(0, |v| v.span().start);
+        return cx.invalid(at, "discovery.cert_file", "and key_file go together");
+    }
+    Ok(Tls {
+        ca_file,
+        cert_file,
+        key_file,
+    })
+}
+
+/// etcd's `endpoints`, each checked.
+fn etcd_endpoints(cx: &Ctx<'_>, raw: &RawDiscovery) -> Result<Vec<String>, ConfigError> {
+    match &raw.endpoints {
+        Some(list) if list.get_ref().is_empty() => {
+            cx.invalid(list.span().start, "discovery.endpoints", "is empty")
+        }
+        Some(list) => list
+            .get_ref()
+            .iter()
+            .map(|e| {
+                let spanned = Spanned::new(list.span(), e.clone());
+                registry_address(cx, &spanned, "discovery.endpoints")
+            })
+            .collect(),
+        None => Ok(vec!["http://127.0.0.1:2379".to_owned()]),
+    }
+}
+
+fn discovery(
+    cx: &Ctx<'_>,
+    d: &Spanned<RawDiscovery>,
+    base: &Path,
+) -> Result<DiscoveryConfig, ConfigError> {
     let raw = d.get_ref();
     let backend = &raw.backend;
     let ttl = raw.ttl.unwrap_or(Duration::from_secs(10));
@@ -119,36 +218,28 @@ fn discovery(cx: &Ctx<'_>, d: &Spanned<RawDiscovery>) -> Result<DiscoveryConfig,
             "must be at least 2s (etcd grants no shorter lease)",
         );
     }
-    let http = |v: &Spanned<String>, key: &str| -> Result<String, ConfigError> {
-        let s = v.get_ref();
-        match s.strip_prefix("http://") {
-            Some(rest)
-                if !rest.trim_end_matches('/').is_empty()
-                    && !rest.trim_end_matches('/').contains('/') =>
-            {
-                Ok(s.clone())
-            }
-            _ => cx.invalid(
-                v.span().start,
-                key,
-                format!("{s:?} is not http://host:port"),
-            ),
-        }
-    };
     // Which keys each backend takes: any other one set is an error.
     let name = backend.get_ref().as_str();
-    let takes: &[&str] = match name {
-        "consul" => &["address", "token"],
-        "etcd" => &["endpoints", "prefix", "username", "password"],
-        _ => &[],
+    let tls_keys = ["ca_file", "cert_file", "key_file"];
+    let takes: Vec<&str> = match name {
+        "consul" => ["address", "token"].into_iter().chain(tls_keys).collect(),
+        "etcd" => ["endpoints", "prefix", "username", "password"]
+            .into_iter()
+            .chain(tls_keys)
+            .collect(),
+        _ => Vec::new(),
     };
+    let at = |v: &Option<Spanned<String>>| v.as_ref().map(|v| v.span().start);
     let set = [
-        ("address", raw.address.as_ref().map(|a| a.span().start)),
-        ("token", raw.token.as_ref().map(|t| t.span().start)),
+        ("address", at(&raw.address)),
+        ("token", at(&raw.token)),
         ("endpoints", raw.endpoints.as_ref().map(|e| e.span().start)),
-        ("prefix", raw.prefix.as_ref().map(|p| p.span().start)),
-        ("username", raw.username.as_ref().map(|u| u.span().start)),
-        ("password", raw.password.as_ref().map(|p| p.span().start)),
+        ("prefix", at(&raw.prefix)),
+        ("username", at(&raw.username)),
+        ("password", at(&raw.password)),
+        ("ca_file", at(&raw.ca_file)),
+        ("cert_file", at(&raw.cert_file)),
+        ("key_file", at(&raw.key_file)),
     ];
     if ["none", "consul", "etcd"].contains(&name) {
         for (key, at) in set {
@@ -161,40 +252,42 @@ fn discovery(cx: &Ctx<'_>, d: &Spanned<RawDiscovery>) -> Result<DiscoveryConfig,
             }
         }
     }
+    let https = |a: &str| a.starts_with("https://");
     let backend = match name {
         "none" => DiscoveryBackend::None,
         "consul" => {
             let address = match &raw.address {
-                Some(a) => http(a, "discovery.address")?,
+                Some(a) => registry_address(cx, a, "discovery.address")?,
                 None => "http://127.0.0.1:8500".to_owned(),
             };
+            let env = ["CONSUL_CACERT", "CONSUL_CLIENT_CERT", "CONSUL_CLIENT_KEY"];
+            let tls = registry_tls(cx, raw, base, https(&address), env)?;
             let token = consul_token(cx, raw)?;
-            DiscoveryBackend::Consul { address, token }
+            DiscoveryBackend::Consul {
+                address,
+                token,
+                tls,
+            }
         }
         "etcd" => {
-            let endpoints = match &raw.endpoints {
-                Some(list) if list.get_ref().is_empty() => {
-                    return cx.invalid(list.span().start, "discovery.endpoints", "is empty")
-                }
-                Some(list) => {
-                    let mut out = Vec::new();
-                    for e in list.get_ref() {
-                        let spanned = Spanned::new(list.span(), e.clone());
-                        out.push(http(&spanned, "discovery.endpoints")?);
-                    }
-                    out
-                }
-                None => vec!["http://127.0.0.1:2379".to_owned()],
-            };
+            let endpoints = etcd_endpoints(cx, raw)?;
             let prefix = raw
                 .prefix
                 .as_ref()
                 .map_or("kitex/registry-etcd".to_owned(), |p| p.get_ref().clone());
+            let env = ["ETCDCTL_CACERT", "ETCDCTL_CERT", "ETCDCTL_KEY"];
+            let any_https = endpoints.iter().any(|e| https(e));
+            if any_https && !endpoints.iter().all(|e| https(e)) {
+                let at = raw.endpoints.as_ref().map_or(0, |e| e.span().start);
+                return cx.invalid(at, "discovery.endpoints", "mixes http:// and https://");
+            }
+            let tls = registry_tls(cx, raw, base, any_https, env)?;
             let user = etcd_user(cx, raw)?;
             DiscoveryBackend::Etcd {
                 endpoints,
                 prefix,
                 user,
+                tls,
             }
         }
         other => {
@@ -288,7 +381,7 @@ impl Config {
             );
         }
         let discovery = match &raw.discovery {
-            Some(d) => discovery(&cx, d)?,
+            Some(d) => discovery(&cx, d, base)?,
             None => DiscoveryConfig::default(),
         };
         // A registry must be given an address callers can reach.

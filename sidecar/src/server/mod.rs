@@ -81,8 +81,12 @@ fn init_logs(format: LogFormat) {
 async fn registry(backend: &DiscoveryBackend) -> Result<Backend, String> {
     Ok(match backend {
         DiscoveryBackend::None => Backend::Embedded(Default::default()),
-        DiscoveryBackend::Consul { address, token } => {
-            let consul = fnmesh_discovery::consul::Consul::new(address)
+        DiscoveryBackend::Consul {
+            address,
+            token,
+            tls,
+        } => {
+            let consul = fnmesh_discovery::consul::Consul::new(address, tls)
                 .map_err(|e| format!("discovery.address: {e}"))?;
             Backend::Consul(match token {
                 Some(t) => consul
@@ -95,8 +99,9 @@ async fn registry(backend: &DiscoveryBackend) -> Result<Backend, String> {
             endpoints,
             prefix,
             user,
+            tls,
         } => {
-            let etcd = fnmesh_discovery::etcd::Etcd::new(endpoints, prefix)
+            let etcd = fnmesh_discovery::etcd::Etcd::new(endpoints, prefix, tls)
                 .await
                 .map_err(|e| format!("discovery.endpoints: {e}"))?;
             Backend::Etcd(Box::new(match user {
