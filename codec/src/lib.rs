@@ -25,7 +25,7 @@ pub use detect::{detect, Detected, Detection, HTTP2_PREFACE};
 pub use error::CodecError;
 pub use frame::{Frame, FrameDecoder, Transport};
 pub use limits::Limits;
-pub use message::{is_exception, MessageHeader, MessageType, Protocol};
+pub use message::{is_exception, reply_kind, MessageHeader, MessageType, Protocol, ReplyKind};
 pub use reply::{encode_exception, ExceptionType, ReplyTarget, FNMESH_ERROR_KEY};
 pub use skip::{exception_type, skip_struct};
 pub use ttheader::{

@@ -54,28 +54,97 @@ impl MessageType {
     }
 }
 
-/// Whether a whole frame as [`crate::FrameDecoder::split`] returns it (any transport) carries an
-/// EXCEPTION message, read at the message header's fixed place without parsing the frame. The old
-/// Binary form without a version word reads as no exception.
-pub fn is_exception(frame: &[u8]) -> bool {
-    let message = match frame {
+/// The message of a whole frame as [`crate::FrameDecoder::split`] returns it (any transport),
+/// found at its fixed place without parsing the frame.
+fn message_of(frame: &[u8]) -> Option<&[u8]> {
+    Some(match frame {
         // TTHeader: the message follows the header (and Volo's inner Framed length).
         [_, _, _, _, 0x10, 0x00, _, _, _, _, _, _, hi, lo, ..] => {
             let at = 14 + usize::from(u16::from_be_bytes([*hi, *lo])) * 4;
-            match frame.get(at..) {
-                Some(m @ [0x80 | COMPACT_PROTOCOL_ID, ..]) => m,
-                Some(m) => m.get(4..).unwrap_or_default(),
-                None => return false,
+            match frame.get(at..)? {
+                m @ [0x80 | COMPACT_PROTOCOL_ID, ..] => m,
+                m => m.get(4..).unwrap_or_default(),
             }
         }
         [_, _, _, _, 0x80, 0x01, ..] | [_, _, _, _, COMPACT_PROTOCOL_ID, ..] => &frame[4..],
         _ => frame,
-    };
-    match message {
-        [0x80, 0x01, _, t, ..] => t & 0x07 == MessageType::Exception as u8,
-        [COMPACT_PROTOCOL_ID, tv, ..] => tv >> 5 == MessageType::Exception as u8,
+    })
+}
+
+/// Whether a whole frame as [`crate::FrameDecoder::split`] returns it (any transport) carries an
+/// EXCEPTION message, read at the message header's fixed place without parsing the frame. The old
+/// Binary form without a version word reads as no exception.
+pub fn is_exception(frame: &[u8]) -> bool {
+    match message_of(frame) {
+        Some([0x80, 0x01, _, t, ..]) => t & 0x07 == MessageType::Exception as u8,
+        Some([COMPACT_PROTOCOL_ID, tv, ..]) => tv >> 5 == MessageType::Exception as u8,
         _ => false,
     }
+}
+
+/// What a reply says, read from its message header and the first field header of its result
+/// struct: nothing else of the payload is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyKind {
+    /// A REPLY whose result is field 0 (the method's return value) or empty (a void method).
+    Success,
+    /// A REPLY whose result is another field: an exception the IDL declares.
+    Declared,
+    /// An EXCEPTION message (a TApplicationException).
+    Exception,
+}
+
+/// The [`ReplyKind`] of a whole reply frame (any transport), or `None` when its message header
+/// cannot be read (Binary strict or Compact; the old Binary form reads as `None`).
+pub fn reply_kind(frame: &[u8]) -> Option<ReplyKind> {
+    let message = message_of(frame)?;
+    let (exception, result) = match message {
+        [0x80, 0x01, _, t, rest @ ..] => {
+            let name = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+            let at = 4usize.checked_add(name)?.checked_add(4)?;
+            (t & 0x07 == MessageType::Exception as u8, rest.get(at..)?)
+        }
+        [COMPACT_PROTOCOL_ID, tv, rest @ ..] => {
+            let (_, n) = varint(rest)?;
+            let (name, m) = varint(rest.get(n..)?)?;
+            let at = n.checked_add(m)?.checked_add(usize::try_from(name).ok()?)?;
+            (tv >> 5 == MessageType::Exception as u8, rest.get(at..)?)
+        }
+        _ => return None,
+    };
+    if exception {
+        return Some(ReplyKind::Exception);
+    }
+    let compact = message[0] == COMPACT_PROTOCOL_ID;
+    let id = match result {
+        // STOP: an empty result (a void method).
+        [0, ..] => 0,
+        [_, hi, lo, ..] if !compact => i16::from_be_bytes([*hi, *lo]),
+        [h, rest @ ..] if compact => match h >> 4 {
+            0 => {
+                let (z, _) = varint(rest)?;
+                ((z >> 1) as i64 ^ -((z & 1) as i64)) as i16
+            }
+            delta => i16::from(delta),
+        },
+        _ => return None,
+    };
+    Some(match id {
+        0 => ReplyKind::Success,
+        _ => ReplyKind::Declared,
+    })
+}
+
+/// A Compact varint at the start of `b` (at most 10 bytes): its value and length.
+fn varint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, byte) in b.iter().take(10).enumerate() {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
 }
 
 pub(crate) const BINARY_VERSION_1: u32 = 0x8001_0000;

@@ -212,3 +212,60 @@ fn for_transport_decoder_skips_detection() {
         ("Ping", MessageType::Oneway, 3)
     );
 }
+
+/// `reply_kind` reads a reply's message type and the first field of its result struct, in
+/// every transport and protocol: field 0 or an empty struct is a success, another field a
+/// declared exception, an EXCEPTION message a TApplicationException.
+#[test]
+fn reply_kinds_are_read_from_the_first_result_field() {
+    use fnmesh_codec::{reply_kind, ReplyKind};
+    for transport in [Transport::TTHeader, Transport::Framed, Transport::Unframed] {
+        for protocol in [Protocol::Binary, Protocol::Compact] {
+            // Field 0 (a struct), in each protocol's form: Compact writes id 0 long-form.
+            let success: &[u8] = match protocol {
+                Protocol::Binary => &[0x0c, 0, 0, 0, 0],
+                Protocol::Compact => &[0x0c, 0x00, 0, 0],
+            };
+            let declared = echo_args(protocol, b"boom");
+            let cases: [(MessageType, &[u8], ReplyKind); 4] = [
+                (MessageType::Reply, success, ReplyKind::Success),
+                (MessageType::Reply, &[0], ReplyKind::Success),
+                (MessageType::Reply, &declared, ReplyKind::Declared),
+                (MessageType::Exception, &[0], ReplyKind::Exception),
+            ];
+            for (kind, body, want) in cases {
+                let bytes = frame(transport, protocol, true, kind, "Echo", 7, None, body);
+                assert_eq!(
+                    reply_kind(&bytes),
+                    Some(want),
+                    "{transport:?} {protocol:?} {kind:?} {body:?}"
+                );
+            }
+            // Cut anywhere inside the message header: unreadable, never a panic.
+            let whole = frame(
+                transport,
+                protocol,
+                true,
+                MessageType::Reply,
+                "Echo",
+                7,
+                None,
+                &declared,
+            );
+            for n in 0..whole.len() {
+                let _ = reply_kind(&whole[..n]);
+            }
+        }
+    }
+    let old = frame(
+        Transport::Framed,
+        Protocol::Binary,
+        false,
+        MessageType::Reply,
+        "Echo",
+        7,
+        None,
+        &[0],
+    );
+    assert_eq!(reply_kind(&old), None, "the old Binary form is not read");
+}

@@ -1,6 +1,6 @@
 //! The admin API on `sidecar.admin`, served with hyper's HTTP/1 server: `GET /healthz`,
-//! `GET /readyz`, `GET /admin/functions` (JSON) and `POST /admin/reload` (what `fnmesh reload`
-//! sends). One request per connection; nothing here is on the RPC path.
+//! `GET /readyz`, `GET /metrics` (Prometheus), `GET /admin/functions` (JSON) and
+//! `POST /admin/reload` (what `fnmesh reload` sends). One request per connection; nothing here is on the RPC path.
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
@@ -118,6 +118,11 @@ fn answer(mesh: &Mesh, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         ),
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n".into()),
         (&Method::GET | &Method::HEAD, "/readyz") => ready(mesh),
+        (&Method::GET | &Method::HEAD, "/metrics") => respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics(mesh).into_bytes(),
+        ),
         (&Method::GET | &Method::HEAD, "/admin/functions") => {
             let body = serde_json::to_vec(&functions(mesh)).unwrap_or_default();
             respond(StatusCode::OK, "application/json", body)
@@ -136,6 +141,32 @@ fn ready(mesh: &Mesh) -> Response<Full<Bytes>> {
         None => "ready\n".to_owned(),
     };
     text(StatusCode::OK, body)
+}
+
+/// `/metrics`: the counted metrics, and the gauges read now from the sidecar's state.
+fn metrics(mesh: &Mesh) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let scraped = crate::metrics::Scraped::new();
+    for f in mesh.functions() {
+        let s = f.pool.snapshot();
+        scraped.function(&f.name, s.ready, s.starting, s.in_flight, s.queued);
+        for (method, state) in f.policy().breakers.states() {
+            let state = match state {
+                breaker::State::Closed => 0,
+                breaker::State::Open => 1,
+                breaker::State::HalfOpen => 2,
+            };
+            scraped.breaker(&f.name, method, state);
+        }
+    }
+    let m = crate::metrics::global();
+    scraped.connections("thrift", crate::metrics::THRIFT_CONNECTIONS.load(Relaxed));
+    scraped.connections("grpc", crate::metrics::GRPC_CONNECTIONS.load(Relaxed));
+    if let Some((name, health)) = mesh.registry_health() {
+        let up = matches!(health, fnmesh_discovery::Health::Registered);
+        scraped.registry(name, up);
+    }
+    m.encode(&scraped)
 }
 
 /// `/admin/functions`: each function's instances, queue and breakers.

@@ -16,6 +16,13 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Whether an error of this kind counts against the function: it failed, crashed, hung or
+    /// was overwhelmed. Refusals that say nothing about its health (no route, bad request, a
+    /// rate limit, an open breaker) do not.
+    pub fn is_failure(self) -> bool {
+        matches!(self, Kind::Unavailable | Kind::Timeout | Kind::Overloaded)
+    }
+
     /// The name carried in TTHeader key `fnmesh-error`.
     pub fn as_str(self) -> &'static str {
         match self {

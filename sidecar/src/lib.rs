@@ -7,8 +7,9 @@
 //! 3. `governance`: routing admission, deadlines, retries and their budget, breakers and outcome
 //!    classification, rate limits.
 //! 4. `instances`: each function's pool, scaler, process runtime and watchdog.
-//! 5. Foundations every layer uses: `drain` (the drain signal and the work it waits for) and
-//!    `workers` (the worker threads, and the sweep that watches connections for stalls), on
+//! 5. Foundations every layer uses: `drain` (the drain signal and the work it waits for),
+//!    `workers` (the worker threads, and the sweep that watches connections for stalls) and
+//!    `metrics` (the Prometheus metrics and their request-path handles), on
 //!    `config` and `error` (the error kinds and their protocol mappings).
 #![forbid(unsafe_code)]
 
@@ -21,6 +22,7 @@ pub mod governance;
 pub mod grpc;
 pub mod instances;
 pub mod mesh;
+pub mod metrics;
 pub mod server;
 pub mod thrift;
 pub mod workers;

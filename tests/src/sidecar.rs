@@ -229,6 +229,16 @@ impl Sidecar {
         )
     }
 
+    /// The value of the sample `series` (a metric name with its labels, exactly as exposed, e.g.
+    /// `fnmesh_cold_starts_total{function="echo"}`) in `/metrics`; 0 when absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, body) = self.admin_get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// A number from `/admin/functions` for `function` (`ready`, `starting`, `processes`...).
     pub fn stat(&self, function: &str, field: &str) -> usize {
         let (_, body) = self.admin_get("/admin/functions");

@@ -277,6 +277,94 @@ async fn a_unix_socket_path_too_long_fails_the_start_clearly() {
     assert!(sc.children().is_empty());
 }
 
+/// `/metrics` (issue 19, item 1) after a known mix of calls counts exactly those, per label: ok,
+/// a declared exception, an instance failure, a timeout, a method the IDL lacks and a service
+/// nobody serves (bounded labels: `unknown`), a breaker that opens (`circuit_open`, its
+/// transition and state), one cold start per function; the latency histogram counts every call
+/// answered for the method.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_a_known_mix_of_thrift_calls_exactly() {
+    let flaky = echo_function(
+        "flaky",
+        "min = 0",
+        "circuit_breaker = { window = \"10s\", min_requests = 2, failure_ratio = 0.5, open = \"30s\" }",
+    );
+    let sc = Sidecar::start(&format!("{}{flaky}", echo_function("echo", "min = 0", "")));
+    let call =
+        |callee: &'static str, message: &'static str, sleep_ms: Option<i64>, timeout_ms: u64| {
+            let addr = sc.addr;
+            async move {
+                client!(addr, callee, timeout_ms)
+                    .echo(req(message, sleep_ms))
+                    .await
+            }
+        };
+    for m in ["a", "b", "c"] {
+        assert!(matches!(
+            call("echo", m, None, 5000).await,
+            Ok(volo_thrift::MaybeException::Ok(_))
+        ));
+    }
+    assert!(matches!(
+        call("echo", "__business__", None, 5000).await,
+        Ok(volo_thrift::MaybeException::Exception(_))
+    ));
+    assert!(call("echo", "__fail__", None, 5000).await.is_err());
+    assert!(call("echo", "slow", Some(2000), 100).await.is_err());
+    let nobody = raw_call(
+        sc.addr,
+        &fnmesh_tests::echo::raw_ttheader_call("nobody", "NoService", "Echo", "x"),
+    );
+    assert_exception(&nobody, 1, "no function for service", Some("no-route"));
+    let nope = raw_call(
+        sc.addr,
+        &fnmesh_tests::echo::raw_ttheader_call("echo", "EchoService", "Nope", "x"),
+    );
+    assert_exception(&nope, 1, "no method Nope", Some("no-route"));
+    // The breaker: two failures, then (after its tick) the next call is refused.
+    for _ in 0..2 {
+        assert!(call("flaky", "__fail__", None, 5000).await.is_err());
+    }
+    assert!(sidecar::wait_until(Duration::from_secs(3), || sc.metric(
+        "fnmesh_breaker_state{function=\"flaky\",method=\"Echo\"}"
+    ) == 1.0));
+    assert!(call("flaky", "x", None, 5000).await.is_err());
+
+    let series = |function: &str, method: &str, outcome: &str| {
+        format!("fnmesh_requests_total{{function=\"{function}\",method=\"{method}\",protocol=\"thrift\",outcome=\"{outcome}\"}}")
+    };
+    let counts = [
+        (series("echo", "Echo", "ok"), 3.0),
+        (series("echo", "Echo", "exception"), 1.0),
+        (series("echo", "Echo", "failed"), 1.0),
+        (series("echo", "Echo", "timeout"), 1.0),
+        (series("echo", "unknown", "no_route"), 1.0),
+        (series("unknown", "unknown", "no_route"), 1.0),
+        (series("flaky", "Echo", "failed"), 2.0),
+        (series("flaky", "Echo", "circuit_open"), 1.0),
+        (series("echo", "Echo", "unavailable"), 0.0),
+        ("fnmesh_request_duration_seconds_count{function=\"echo\",method=\"Echo\",protocol=\"thrift\"}".into(), 6.0),
+        ("fnmesh_request_duration_seconds_count{function=\"flaky\",method=\"Echo\",protocol=\"thrift\"}".into(), 3.0),
+        ("fnmesh_cold_starts_total{function=\"echo\"}".into(), 1.0),
+        ("fnmesh_cold_start_duration_seconds_count{function=\"echo\"}".into(), 1.0),
+        ("fnmesh_cold_starts_total{function=\"flaky\"}".into(), 1.0),
+        ("fnmesh_breaker_transitions_total{function=\"flaky\",method=\"Echo\",to=\"open\"}".into(), 1.0),
+        ("fnmesh_instances{function=\"echo\",state=\"ready\"}".into(), 1.0),
+        ("fnmesh_build_info{version=\"0.1.0\"}".into(), 1.0),
+    ];
+    let (status, body) = sc.admin_get("/metrics");
+    assert!(status.contains(" 200 "), "{status}");
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    for (series, want) in counts {
+        assert_eq!(sc.metric(&series), want, "{series}\n{body}");
+    }
+    // The timed-out call's latency lies near its 100 ms deadline, in the histogram's buckets.
+    let le = |bound: &str| {
+        sc.metric(&format!("fnmesh_request_duration_seconds_bucket{{le=\"{bound}\",function=\"echo\",method=\"Echo\",protocol=\"thrift\"}}"))
+    };
+    assert_eq!(le("+Inf"), 6.0, "{body}");
+}
+
 /// Idle stop is graceful (issue 18, item 1): a Volo server that still has connections when
 /// SIGTERM comes waits 2 s and more before it exits, so fnmesh closes its connections to an
 /// instance before it signals it. Each of the four instances a burst started exits at once on

@@ -226,9 +226,21 @@ impl Breakers {
             .min()
     }
 
-    pub fn tick(&self, now: Instant) {
-        for b in self.methods.values().chain(&self.function) {
+    /// Moves every breaker's gate; a change of state is counted for `function`'s metrics.
+    pub fn tick(&self, now: Instant, function: &str) {
+        let named = self.methods.iter().map(|(m, b)| (m.as_str(), b));
+        for (method, b) in named.chain(self.function.iter().map(|b| ("*", b))) {
+            let before = b.state();
             b.tick(now);
+            let after = b.state();
+            if after != before {
+                let to = match after {
+                    State::Closed => "closed",
+                    State::Open => "open",
+                    State::HalfOpen => "half_open",
+                };
+                crate::metrics::global().breaker_transition(function, method, to);
+            }
         }
     }
 

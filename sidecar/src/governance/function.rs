@@ -10,9 +10,10 @@ use super::{
     breaker::Breakers, limit::RateLimits, outcome::Verdict, retry::Attempts, retry::Budget,
 };
 use crate::{
-    config::FunctionConfig,
+    config::{FunctionConfig, Protocol},
     error::{CallError, Kind},
     instances::pool::Pool,
+    metrics::{CallMetrics, MethodTable, Outcome},
 };
 
 /// A routing table's entry: a function and the IDL service callers name it by.
@@ -29,6 +30,8 @@ pub struct Policy {
     pub limits: Arc<RateLimits>,
     /// The function's circuit breakers (per method), gated on the request path, moved by a task.
     pub breakers: Arc<Breakers>,
+    /// Each method's metrics handles.
+    pub metrics: Arc<MethodTable>,
 }
 
 impl Policy {
@@ -36,6 +39,7 @@ impl Policy {
         Policy {
             limits: Arc::new(RateLimits::new(&function)),
             breakers: Arc::new(Breakers::new(&function)),
+            metrics: Arc::new(method_table(&function)),
             function,
         }
     }
@@ -54,6 +58,7 @@ impl Policy {
                 function,
                 limits: self.limits.clone(),
                 breakers: self.breakers.clone(),
+                metrics: self.metrics.clone(),
             }
         } else {
             Policy::new(function)
@@ -93,8 +98,8 @@ impl Function {
         let function = Arc::new(Function {
             name: config.name.clone(),
             pool,
+            retry_budget: Budget::of(&config.name),
             policy: arc_swap::ArcSwap::from_pointee(Policy::new(config)),
-            retry_budget: Budget::default(),
             control: tokio::runtime::Handle::current(),
         });
         function.tick_breakers();
@@ -138,33 +143,45 @@ impl Function {
         caller: Option<Duration>,
         oneway: Option<bool>,
     ) -> Result<Admitted, CallError> {
+        let arrived = Instant::now();
         let policy = self.policy.load();
         let f = &policy.function;
-        let declared = match &f.methods {
-            None => None,
-            Some(methods) => match methods.iter().find(|m| m.name == method) {
-                Some(m) => Some(m),
+        let (declared, calls) = match &f.methods {
+            None => (None, policy.metrics.undeclared(method)),
+            Some(methods) => match methods.iter().position(|m| m.name == method) {
+                Some(i) => (Some(&methods[i]), policy.metrics.declared(i).clone()),
                 None => {
-                    return Err(CallError::new(
+                    let e = CallError::new(
                         Kind::NoRoute,
                         format!("function {} has no method {method}", f.name),
-                    ))
+                    );
+                    return Err(refused(policy.metrics.unknown(), arrived, e));
                 }
             },
         };
         if let (Some(m), Some(oneway)) = (declared, oneway) {
             if m.oneway != oneway {
-                return Err(mistyped(&f.name, method, m.oneway));
+                return Err(refused(
+                    &calls,
+                    arrived,
+                    mistyped(&f.name, method, m.oneway),
+                ));
             }
         }
-        policy.limits.admit(&f.name, method)?;
-        let breaker = policy.breakers.admit(&f.name, method)?;
+        if let Err(e) = policy.limits.admit(&f.name, method) {
+            crate::metrics::global().rate_limited(&f.name, calls.method());
+            return Err(refused(&calls, arrived, e));
+        }
+        let breaker = policy
+            .breakers
+            .admit(&f.name, method)
+            .map_err(|e| refused(&calls, arrived, e))?;
         let method_policy = f.policy_for(method);
         let budget = match (method_policy.timeout, caller) {
             (Some(p), Some(c)) => Some(p.min(c)),
             (p, c) => p.or(c),
         };
-        let deadline = budget.map(|b| Instant::now() + b);
+        let deadline = budget.map(|b| arrived + b);
         let retry = method_policy.retry.and_then(|policy| {
             let idempotent = method_policy.idempotent.unwrap_or(false)
                 && !declared.is_some_and(|m| m.client_streaming);
@@ -172,7 +189,7 @@ impl Function {
         });
         Ok(Admitted {
             classify: !policy.breakers.is_empty(),
-            verdict: Verdict::new(breaker, deadline),
+            verdict: Verdict::new(breaker, calls, arrived, deadline),
             budget,
             deadline,
             retry,
@@ -180,7 +197,7 @@ impl Function {
     }
 
     /// Moves the current breakers' gates, off the request path, until the function is gone or a
-    /// reload replaces them.
+    /// reload replaces them; their changes of state are counted in the metrics.
     fn tick_breakers(self: &Arc<Function>) {
         let breakers = self.policy().breakers.clone();
         let Some(every) = breakers.tick_every() else {
@@ -196,10 +213,32 @@ impl Function {
                 if !Arc::ptr_eq(&function.policy().breakers, &breakers) {
                     return;
                 }
-                breakers.tick(Instant::now());
+                breakers.tick(Instant::now(), &function.name);
             }
         });
     }
+}
+
+/// Counts a call refused at admission, and gives back its error.
+#[cold]
+fn refused(calls: &CallMetrics, arrived: Instant, e: CallError) -> CallError {
+    calls.record(Outcome::Error(e.kind), arrived.elapsed());
+    e
+}
+
+/// The metrics handles of `function`'s methods.
+fn method_table(function: &FunctionConfig) -> MethodTable {
+    let protocol = match function.protocol {
+        Protocol::Thrift => "thrift",
+        Protocol::Grpc => "grpc",
+    };
+    let declared: Vec<&str> = function
+        .methods
+        .iter()
+        .flatten()
+        .map(|m| m.name.as_str())
+        .collect();
+    MethodTable::new(&function.name, protocol, &declared)
 }
 
 /// A call whose message type is not the one its IDL declares: `bad-request`.

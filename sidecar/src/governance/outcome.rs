@@ -6,14 +6,16 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::breaker::Breaker;
-use crate::error::Kind;
+use fnmesh_codec::ReplyKind;
 
-/// Whether an error fnmesh answered (or a transport failure it saw) counts against the function:
-/// it failed, crashed, hung or was overwhelmed. Refusals that say nothing about its health
-/// (no route, bad request, a rate limit, an open breaker) do not.
+use super::breaker::Breaker;
+pub use crate::metrics::Outcome;
+use crate::{error::Kind, metrics::CallMetrics};
+
+/// Whether an error fnmesh answered (or a transport failure it saw) counts against the function
+/// ([`Kind::is_failure`]).
 pub fn is_failure(kind: Kind) -> bool {
-    matches!(kind, Kind::Unavailable | Kind::Timeout | Kind::Overloaded)
+    kind.is_failure()
 }
 
 /// Thrift: a TApplicationException of type UNKNOWN (0) or INTERNAL_ERROR (6) from the instance
@@ -44,32 +46,47 @@ pub enum Failure {
     Final,
 }
 
-/// A call's outcome for its method's breaker, recorded once: from the instance's reply, or from
-/// fnmesh's own error. A call dropped unfinished after its deadline (stopped as timed out) counts
-/// as a failure; one whose caller went away before it does not.
+/// A call's outcome, recorded once in its method's breaker and metrics: from the instance's
+/// reply, or from fnmesh's own error. A call dropped unfinished after its deadline (stopped as
+/// timed out) counts as a timeout; one whose caller went away before it is not counted.
 pub struct Verdict {
     breaker: Option<Arc<Breaker>>,
+    calls: Arc<CallMetrics>,
+    arrived: Instant,
     deadline: Option<Instant>,
     recorded: bool,
 }
 
 impl Verdict {
     #[inline]
-    pub fn new(breaker: Option<Arc<Breaker>>, deadline: Option<Instant>) -> Verdict {
+    pub fn new(
+        breaker: Option<Arc<Breaker>>,
+        calls: Arc<CallMetrics>,
+        arrived: Instant,
+        deadline: Option<Instant>,
+    ) -> Verdict {
         Verdict {
             breaker,
+            calls,
+            arrived,
             deadline,
             recorded: false,
         }
     }
 
+    /// The call's method, as its metrics name it.
+    pub fn method(&self) -> &str {
+        self.calls.method()
+    }
+
     /// Records the outcome (the first call only).
     #[inline]
-    pub fn record(&mut self, failed: bool) {
+    pub fn record(&mut self, outcome: Outcome) {
         if !self.recorded {
             if let Some(b) = &self.breaker {
-                b.record(failed);
+                b.record(outcome.is_failure());
             }
+            self.calls.record(outcome, self.arrived.elapsed());
             self.recorded = true;
         }
     }
@@ -78,8 +95,42 @@ impl Verdict {
 impl Drop for Verdict {
     fn drop(&mut self) {
         if !self.recorded && self.deadline.is_some_and(|d| Instant::now() >= d) {
-            self.record(true);
+            self.record(Outcome::Error(Kind::Timeout));
         }
+    }
+}
+
+/// A Thrift reply's outcome from its headers ([`fnmesh_codec::reply_kind`]); an EXCEPTION's
+/// TApplicationException type is read only when `exception_type` is asked.
+#[inline]
+pub fn thrift_reply(frame: &[u8], exception_type: impl FnOnce() -> Option<i32>) -> Outcome {
+    match fnmesh_codec::reply_kind(frame) {
+        Some(ReplyKind::Success) => Outcome::Ok,
+        Some(ReplyKind::Declared) => Outcome::Exception,
+        Some(ReplyKind::Exception) if !thrift_exception_is_failure(exception_type()) => {
+            Outcome::Exception
+        }
+        _ => Outcome::Failed,
+    }
+}
+
+/// The `reason` label of a retry after an attempt failed this way.
+pub fn retry_reason(failure: Failure) -> &'static str {
+    match failure {
+        Failure::Connect => "connect",
+        Failure::Unavailable => "unavailable",
+        Failure::Timeout => "timeout",
+        Failure::Final => "final",
+    }
+}
+
+/// A gRPC call's outcome from its `grpc-status` (none at all is a failure).
+#[inline]
+pub fn grpc_status(status: Option<&[u8]>) -> Outcome {
+    match status {
+        Some(b"0") => Outcome::Ok,
+        s if grpc_status_is_failure(s) => Outcome::Failed,
+        _ => Outcome::Exception,
     }
 }
 

@@ -132,6 +132,8 @@ pub struct Budget {
     /// Saved retries, in thousandths.
     saved: AtomicU64,
     floor: Bucket,
+    /// Counts the retries it refused (`fnmesh_retry_budget_exhausted_total`).
+    exhausted: prometheus_client::metrics::counter::Counter,
 }
 
 const MILLI: u64 = 1000;
@@ -146,11 +148,20 @@ impl Default for Budget {
                 rps: 10.0,
                 burst: 10,
             }),
+            exhausted: Default::default(),
         }
     }
 }
 
 impl Budget {
+    /// The budget of function `name`, its refusals counted in the metrics.
+    pub fn of(name: &str) -> Budget {
+        Budget {
+            exhausted: crate::metrics::global().retry_budget_exhausted(name),
+            ..Budget::default()
+        }
+    }
+
     /// A call was made (retries excluded).
     pub fn deposit(&self) {
         let _ = self
@@ -162,12 +173,17 @@ impl Budget {
 
     /// Takes one retry from the budget, if it allows one.
     pub fn withdraw(&self) -> bool {
-        self.saved
+        let allowed = self
+            .saved
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
                 s.checked_sub(MILLI)
             })
             .is_ok()
-            || self.floor.try_take()
+            || self.floor.try_take();
+        if !allowed {
+            self.exhausted.inc();
+        }
+        allowed
     }
 }
 

@@ -204,10 +204,14 @@ impl Drop for Lease {
 struct Waiting {
     pool: Arc<Pool>,
     rx: oneshot::Receiver<Grant>,
+    /// When the call began to wait: its wait is observed (`fnmesh_queue_wait_seconds`) however
+    /// it ends.
+    since: std::time::Instant,
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
+        crate::metrics::global().queue_wait(&self.pool.name, self.since.elapsed());
         self.rx.close();
         if let Ok(Ok(instance)) = self.rx.try_recv() {
             self.pool.release(&instance, None);
@@ -354,6 +358,7 @@ impl Pool {
         let mut waiting = Waiting {
             pool: self.clone(),
             rx,
+            since: std::time::Instant::now(),
         };
         match (&mut waiting.rx).await {
             // Ours now: the Waiting guard, dropped after, finds nothing left to give back
@@ -552,10 +557,12 @@ impl Pool {
                 }
             };
             let function = pool.config.load_full();
+            let spawned = std::time::Instant::now();
             match process::start(&function, id, &pool.watchdog, on_ready).await {
                 Ok(process) => {
                     // `on_ready` has run: the instance is in the ready set.
                     let Ok(instance) = ready_rx.await else { return };
+                    crate::metrics::global().cold_start(&pool.name, spawned.elapsed());
                     tracing::info!(function = %pool.name, instance = id, addr = %process.addr, "instance started");
                     Pool::monitor(pool, instance, process, stop_rx).await;
                 }
@@ -578,6 +585,7 @@ impl Pool {
 
     fn start_failed(self: &Arc<Pool>, id: u64, e: process::StartError) {
         let name = &self.name;
+        crate::metrics::global().instance_exit(name, "failed_start");
         tracing::warn!(function = %name, instance = id, error = %e, "instance failed to start");
         let mut st = lock(&self.state);
         st.starting -= 1;
@@ -606,6 +614,7 @@ impl Pool {
         loop {
             tokio::select! {
                 status = child.wait() => {
+                    crate::metrics::global().instance_exit(&self.name, "crashed");
                     self.exited(&instance, pid, status);
                     break;
                 }
@@ -614,6 +623,7 @@ impl Pool {
                     // graceful server that waits for them then exits on SIGTERM at once.
                     instance.unused(tokio::time::Instant::now() + self.grace).await;
                     let (took, killed) = process::stop(child, pid, self.grace).await;
+                    crate::metrics::global().instance_exit(&self.name, "stopped");
                     instance.exited();
                     let ms = took.as_secs_f64() * 1e3;
                     tracing::info!(function = %self.name, instance = instance.id, after_sigterm_ms = ms, killed, "instance stopped");

@@ -57,9 +57,16 @@ pub async fn connection(mut sock: TcpStream, fronts: Fronts) {
         }
     })
     .await;
+    use crate::metrics::{Connection, GRPC_CONNECTIONS, THRIFT_CONNECTIONS};
     match detected {
-        Ok(Some(Detected::Http2)) => crate::grpc::serve(sock, buf, fronts.grpc).await,
-        Ok(Some(d)) => crate::thrift::serve(sock, d, buf, fronts.thrift).await,
+        Ok(Some(Detected::Http2)) => {
+            let _counted = Connection::open(&GRPC_CONNECTIONS);
+            crate::grpc::serve(sock, buf, fronts.grpc).await
+        }
+        Ok(Some(d)) => {
+            let _counted = Connection::open(&THRIFT_CONNECTIONS);
+            crate::thrift::serve(sock, d, buf, fronts.thrift).await
+        }
         Ok(None) if buf.is_empty() => {}
         Ok(None) => {
             let first = &buf[..buf.len().min(8)];

@@ -207,6 +207,7 @@ impl<'a> Reader<'a> {
                         Kind::BadRequest
                     };
                     tracing::debug!(error = %err, "refusing a malformed frame; closing the connection");
+                    crate::metrics::global().unrouted("thrift", kind);
                     self.refuse(replies, CallError::new(kind, err.to_string()));
                     return None;
                 }
@@ -218,6 +219,7 @@ impl<'a> Reader<'a> {
                     format!("expected a call, got a {:?} message", frame.kind()),
                 );
                 // Answered after every earlier call; nothing more is read.
+                crate::metrics::global().unrouted("thrift", e.kind);
                 replies.answered(rescue(&ReplyTarget::of(&frame), &e));
                 self.reading = false;
                 return None;

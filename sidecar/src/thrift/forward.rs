@@ -12,7 +12,7 @@ use super::{route::Routed, Reply, ThriftFront};
 use crate::{
     error::{CallError, Kind},
     governance::{
-        outcome::{self, Failure},
+        outcome::{self, Failure, Outcome},
         retry::Attempts,
     },
     instances::{instance::Open, is_local, Instance, Lease, Stream, EXIT_GRACE},
@@ -111,15 +111,15 @@ pub(super) async fn call(
     let _in_flight = crate::workers::InFlight::enter();
     let result = exchange(front, &routed, request, oneway).await;
     routed.verdict.record(match &result {
-        Ok(Some((_, failed))) => *failed,
-        Ok(None) => false,
-        Err(e) => outcome::is_failure(e.kind),
+        Ok(Some((_, outcome))) => *outcome,
+        Ok(None) => Outcome::Ok,
+        Err(e) => Outcome::Error(e.kind),
     });
     (ticket, result.map(|r| r.map(|(reply, _)| reply)))
 }
 
-/// A reply and whether it counts as a failure (read only when the function classifies replies).
-type Replied = Option<(Reply, bool)>;
+/// A reply and its outcome (read from its headers).
+type Replied = Option<(Reply, Outcome)>;
 
 /// Waits for a slot (starting an instance if none is ready) and forwards. Under a `retry`
 /// policy a failed attempt is tried again, on another instance when there is one, as
@@ -187,6 +187,8 @@ async fn retrying(
         let Some(wait) = retry.next(failure, instance, deadline, &function.retry_budget) else {
             return Err(e);
         };
+        let method = attempt.routed.verdict.method();
+        crate::metrics::global().retry(&function.name, method, outcome::retry_reason(failure));
         tracing::debug!(function = %function.name, instance, error = %e, "retrying");
         tokio::time::sleep(wait).await;
         lease = match function.pool.try_acquire_other(instance)? {
@@ -215,14 +217,7 @@ impl Attempt<'_> {
         let name = &self.routed.function.name;
         let classify = self.routed.classify;
         lease.set_deadline(self.routed.deadline);
-        let exchange = forward(
-            &lease.instance,
-            name,
-            request,
-            self.oneway,
-            self.limits,
-            classify,
-        );
+        let exchange = forward(&lease.instance, name, request, self.oneway, self.limits);
         let result = match share {
             None => exchange.await,
             // Boxed: the rare path's state does not weigh on every call's future.
@@ -255,9 +250,9 @@ impl Attempt<'_> {
                 }
                 Err((e, failure))
             }
-            Ok(Some((reply, failed))) => {
-                lease.outcome(classify && failed);
-                Ok(Some((reply, failed)))
+            Ok(Some((reply, outcome))) => {
+                lease.outcome(classify && outcome.is_failure());
+                Ok(Some((reply, outcome)))
             }
             Ok(None) => {
                 lease.outcome(false);
@@ -281,17 +276,16 @@ fn with_remaining_budget(mut frame: Frame, deadline: Instant) -> Result<Reply, C
     Ok(frame.into_buf())
 }
 
-/// Whether an instance's reply counts as a failure (`governance::outcome`): an EXCEPTION message
-/// whose TApplicationException is UNKNOWN or INTERNAL_ERROR, or that cannot be read. Only calls
-/// whose method has a breaker pay for reading the reply's headers.
-fn reply_failed(reply: Bytes, limits: Limits) -> bool {
+/// The TApplicationException type of an EXCEPTION reply, when it can be read: its frame is
+/// decoded only then.
+#[cold]
+fn exception_type(reply: &[u8], limits: Limits) -> Option<i32> {
     let mut buf = BytesMut::from(reply);
     match FrameDecoder::new(limits).decode(&mut buf) {
-        Ok(Some(f)) if f.kind() == MessageType::Exception => outcome::thrift_exception_is_failure(
-            fnmesh_codec::exception_type(f.payload(), f.protocol(), &limits),
-        ),
-        Ok(Some(_)) => false,
-        _ => true,
+        Ok(Some(f)) if f.kind() == MessageType::Exception => {
+            fnmesh_codec::exception_type(f.payload(), f.protocol(), &limits)
+        }
+        _ => None,
     }
 }
 
@@ -309,7 +303,6 @@ async fn forward(
     mut out: Reply,
     oneway: bool,
     limits: &Limits,
-    classify: bool,
 ) -> Result<Replied, Broke> {
     let unavailable = |what: String| {
         CallError::new(
@@ -347,8 +340,8 @@ async fn forward(
                 if !fnmesh_codec::is_exception(&reply) {
                     conn.recycle(instance);
                 }
-                let failed = classify && reply_failed(reply.clone().freeze(), *limits);
-                return Ok(Some((reply.freeze().chain(Bytes::new()), failed)));
+                let outcome = outcome::thrift_reply(&reply, || exception_type(&reply, *limits));
+                return Ok(Some((reply.freeze().chain(Bytes::new()), outcome)));
             }
             Ok(None) => {}
             Err(e) => {

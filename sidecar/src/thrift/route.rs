@@ -26,7 +26,9 @@ pub(super) struct Routed {
 /// is `no-route`, and so is a method the IDL lacks, without starting anything.
 #[inline]
 pub(super) fn route(table: &[Route], frame: &mut Frame) -> Result<Routed, CallError> {
-    let Some(index) = find(table, frame)? else {
+    let found = find(table, frame).inspect_err(|e| unrouted(e.kind))?;
+    let Some(index) = found else {
+        unrouted(Kind::NoRoute);
         let asked = asked_service(frame);
         return Err(CallError::new(
             Kind::NoRoute,
@@ -49,6 +51,11 @@ pub(super) fn route(table: &[Route], frame: &mut Frame) -> Result<Routed, CallEr
         classify: admitted.classify,
         retry: admitted.retry,
     })
+}
+
+#[cold]
+fn unrouted(kind: Kind) {
+    crate::metrics::global().unrouted("thrift", kind);
 }
 
 /// The index of the function the call names (stripping a `Service:` prefix it matched), or of

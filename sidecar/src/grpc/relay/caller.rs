@@ -207,8 +207,8 @@ impl Relay<'_> {
                 self.leased(id, Ok(lease));
             }
             Err(e) => {
-                // Answered now; what the caller still sends on the stream is dropped.
-                stream.verdict = None;
+                // Answered now; what the caller still sends on the stream is dropped. A call
+                // admitted but refused a slot is counted here (`fail`).
                 self.streams.insert(id, stream);
                 self.fail(id, &e);
             }
@@ -246,7 +246,9 @@ impl Relay<'_> {
         caller_timeout: Option<Duration>,
         stream: &mut Stream,
     ) -> Result<Option<Lease>, CallError> {
-        let (function, method) = match grpc::target(self.front, path)? {
+        let target = grpc::target(self.front, path)
+            .inspect_err(|e| crate::metrics::global().unrouted("grpc", e.kind))?;
+        let (function, method) = match target {
             grpc::Target::Function(function, method) => (function, method),
             grpc::Target::Health { watch } => {
                 stream.health = Some(Vec::new());
@@ -255,8 +257,10 @@ impl Relay<'_> {
             }
         };
         let admitted = function.admit(method, caller_timeout, None)?;
-        // Outcomes are recorded (breaker, instance ejection) when the function has breakers.
-        stream.verdict = admitted.classify.then_some(admitted.verdict);
+        // Outcomes are recorded in the breaker and the metrics; in the instance's ejection
+        // count when the function has breakers.
+        stream.verdict = Some(admitted.verdict);
+        stream.classify = admitted.classify;
         stream.deadline = admitted.deadline;
         if let Some(d) = admitted.deadline {
             self.timers.push(d, self.last_stream);
@@ -442,7 +446,7 @@ impl Relay<'_> {
             return;
         };
         if let Some(v) = s.verdict.as_mut() {
-            v.record(outcome::is_failure(e.kind));
+            v.record(Outcome::Error(e.kind));
         }
         if s.answered {
             let mut b = Vec::new();
@@ -573,10 +577,16 @@ impl Relay<'_> {
         };
         if wait.is_some() {
             tracing::debug!(function = %s.function(), instance, error = %e, "retrying on another instance");
+            let method = s
+                .verdict
+                .as_ref()
+                .map_or(crate::metrics::UNKNOWN, |v| v.method());
+            let reason = outcome::retry_reason(why);
+            crate::metrics::global().retry(s.function(), method, reason);
         }
         let (Some(wait), Some(r)) = (wait, s.retry.as_mut()) else {
             if why != Failure::Connect {
-                s.outcome(true);
+                s.outcome(Outcome::Error(e.kind));
             }
             self.fail(id, e);
             return;

@@ -49,7 +49,7 @@ use upstream::*;
 use crate::{
     error::{CallError, Kind},
     governance::{
-        outcome::{self, Failure, Verdict},
+        outcome::{self, Failure, Outcome, Verdict},
         retry::Attempts,
         Function,
     },

@@ -26,6 +26,8 @@ pub(super) struct Stream {
     /// The function, once routed.
     pub(super) function: Option<Arc<Function>>,
     pub(super) verdict: Option<Verdict>,
+    /// Whether outcomes count in the instance's ejection (the function has breakers).
+    pub(super) classify: bool,
     /// A health check: the request's bytes, answered here; `watch` for `Watch`.
     pub(super) health: Option<Vec<u8>>,
     pub(super) watch: bool,
@@ -98,6 +100,7 @@ impl Stream {
             budget: Duration::ZERO,
             function: None,
             verdict: None,
+            classify: false,
             health: None,
             watch: false,
             retry: None,
@@ -140,12 +143,12 @@ impl Stream {
         self.lease = None;
     }
 
-    /// The call's outcome, for the breaker and the instance's ejection count.
-    pub(super) fn outcome(&mut self, failed: bool) {
+    /// The call's outcome, for the breaker, the metrics and the instance's ejection count.
+    pub(super) fn outcome(&mut self, outcome: Outcome) {
         if let Some(v) = self.verdict.as_mut() {
-            v.record(failed);
-            if let Some(l) = &self.lease {
-                l.outcome(failed);
+            v.record(outcome);
+            if let Some(l) = self.lease.as_ref().filter(|_| self.classify) {
+                l.outcome(outcome.is_failure());
             }
         }
     }

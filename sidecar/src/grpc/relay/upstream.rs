@@ -624,21 +624,22 @@ impl Relay<'_> {
                 r.copy = None;
             }
             if end {
-                let failed =
-                    status != Some(200) || outcome::grpc_status_is_failure(grpc_status.as_deref());
-                s.outcome(failed);
+                s.outcome(match status {
+                    Some(200) => outcome::grpc_status(grpc_status.as_deref()),
+                    _ => Outcome::Failed,
+                });
                 self.caller.send_headers(id, &out, true);
                 self.finish(id);
                 return Ok(());
             }
             if status != Some(200) {
-                s.outcome(true);
+                s.outcome(Outcome::Failed);
             }
             self.caller.send_headers(id, &out, false);
             return Ok(());
         }
         // Trailers.
-        s.outcome(outcome::grpc_status_is_failure(grpc_status.as_deref()));
+        s.outcome(outcome::grpc_status(grpc_status.as_deref()));
         s.trailers = Some(out);
         s.instance_done();
         self.pump_caller(id);
@@ -651,7 +652,7 @@ impl Relay<'_> {
             return;
         };
         if s.answered {
-            s.outcome(true);
+            s.outcome(Outcome::Failed);
             frame::write_rst_stream(&mut self.caller.wbuf, id, code);
             self.streams.remove(&id);
             return;
@@ -694,7 +695,7 @@ impl Relay<'_> {
             };
             s.up = None;
             if s.answered {
-                s.outcome(true);
+                s.outcome(Outcome::Failed);
                 frame::write_rst_stream(&mut self.caller.wbuf, id, reason::INTERNAL_ERROR);
                 self.streams.remove(&id);
                 continue;

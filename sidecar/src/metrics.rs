@@ -1,0 +1,590 @@
+//! Prometheus metrics (`GET /metrics` on the admin listener), with the `prometheus-client` crate.
+//! A call's counters and histogram are looked up once per function and method ([`CallMetrics`],
+//! kept with the function's policy), so the request path only adds to atomics and one
+//! histogram. What can be read when scraped instead (instances, calls in flight and queued,
+//! breaker states, connections, the registry) is not counted on the request path at all: the
+//! admin listener reads it then ([`Scraped`]).
+
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc, Mutex, OnceLock,
+};
+
+use prometheus_client::{
+    encoding::{text, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::{Registry, Unit},
+};
+
+use crate::error::Kind;
+
+/// How a call ended, as `fnmesh_requests_total` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The function answered with a success.
+    Ok,
+    /// A business outcome: a declared IDL exception, a TApplicationException other than
+    /// UNKNOWN and INTERNAL_ERROR, or a gRPC status that is not a failure.
+    Exception,
+    /// The instance's own failure (TApplicationException UNKNOWN or INTERNAL_ERROR; gRPC
+    /// UNKNOWN, DEADLINE_EXCEEDED, INTERNAL or UNAVAILABLE; a reply that cannot be read).
+    Failed,
+    /// fnmesh answered with this error.
+    Error(Kind),
+}
+
+/// Every outcome, in the order of [`Outcome::index`].
+const OUTCOMES: [Outcome; 10] = [
+    Outcome::Ok,
+    Outcome::Exception,
+    Outcome::Failed,
+    Outcome::Error(Kind::NoRoute),
+    Outcome::Error(Kind::BadRequest),
+    Outcome::Error(Kind::TooLarge),
+    Outcome::Error(Kind::Overloaded),
+    Outcome::Error(Kind::CircuitOpen),
+    Outcome::Error(Kind::Unavailable),
+    Outcome::Error(Kind::Timeout),
+];
+
+impl Outcome {
+    fn index(self) -> usize {
+        match self {
+            Outcome::Ok => 0,
+            Outcome::Exception => 1,
+            Outcome::Failed => 2,
+            Outcome::Error(Kind::NoRoute) => 3,
+            Outcome::Error(Kind::BadRequest) => 4,
+            Outcome::Error(Kind::TooLarge) => 5,
+            Outcome::Error(Kind::Overloaded) => 6,
+            Outcome::Error(Kind::CircuitOpen) => 7,
+            Outcome::Error(Kind::Unavailable) => 8,
+            Outcome::Error(Kind::Timeout) => 9,
+        }
+    }
+
+    /// The `outcome` label: `ok`, `exception`, `failed`, or the error kind with `_` for `-`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Exception => "exception",
+            Outcome::Failed => "failed",
+            Outcome::Error(Kind::NoRoute) => "no_route",
+            Outcome::Error(Kind::BadRequest) => "bad_request",
+            Outcome::Error(Kind::TooLarge) => "too_large",
+            Outcome::Error(Kind::Overloaded) => "overloaded",
+            Outcome::Error(Kind::CircuitOpen) => "circuit_open",
+            Outcome::Error(Kind::Unavailable) => "unavailable",
+            Outcome::Error(Kind::Timeout) => "timeout",
+        }
+    }
+
+    /// Whether it counts against the function (for breakers and ejection).
+    pub fn is_failure(self) -> bool {
+        match self {
+            Outcome::Ok | Outcome::Exception => false,
+            Outcome::Failed => true,
+            Outcome::Error(kind) => kind.is_failure(),
+        }
+    }
+}
+
+/// The method label of a method the IDL does not declare (or past [`MAX_UNDECLARED`] names of a
+/// function without an IDL): label values stay bounded whatever callers send.
+pub const UNKNOWN: &str = "unknown";
+/// How many method names of a function without an IDL get their own label.
+pub const MAX_UNDECLARED: usize = 64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    function: String,
+    method: String,
+    protocol: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    function: String,
+    method: String,
+    protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FunctionLabels {
+    pub function: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExitLabels {
+    function: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    function: String,
+    method: String,
+    to: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    function: String,
+    method: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitedLabels {
+    function: String,
+    method: String,
+}
+
+/// Latency buckets, 25 us doubling to about 26 s: fine enough to tell 50 us from 500 us.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(25e-6, 2.0, 21)
+}
+
+/// The process's metrics that are counted as things happen.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<CallLabels, Counter>,
+    duration: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    queue_wait: Family<FunctionLabels, Histogram, fn() -> Histogram>,
+    cold_starts: Family<FunctionLabels, Counter>,
+    cold_start_duration: Family<FunctionLabels, Histogram, fn() -> Histogram>,
+    exits: Family<ExitLabels, Counter>,
+    transitions: Family<TransitionLabels, Counter>,
+    retries: Family<RetryLabels, Counter>,
+    budget_exhausted: Family<FunctionLabels, Counter>,
+    rate_limited: Family<LimitedLabels, Counter>,
+    /// Calls refused before a function was known (`function="unknown"`): Thrift, gRPC.
+    unrouted: [Option<Arc<CallMetrics>>; 2],
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(latency_buckets())
+}
+
+fn cold_start_histogram() -> Histogram {
+    // 1 ms doubling to about 65 s.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        1e-3, 2.0, 17,
+    ))
+}
+
+/// Caller connections open now, by protocol (counted per connection, not per call).
+pub static THRIFT_CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
+pub static GRPC_CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts a caller connection of one protocol while it lives.
+pub struct Connection(&'static AtomicUsize);
+
+impl Connection {
+    pub fn open(count: &'static AtomicUsize) -> Connection {
+        count.fetch_add(1, Ordering::Relaxed);
+        Connection(count)
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The process's metrics.
+pub fn global() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+            queue_wait: Family::new_with_constructor(latency_histogram),
+            cold_starts: Family::default(),
+            cold_start_duration: Family::new_with_constructor(cold_start_histogram),
+            exits: Family::default(),
+            transitions: Family::default(),
+            retries: Family::default(),
+            budget_exhausted: Family::default(),
+            rate_limited: Family::default(),
+            registry: Registry::default(),
+            unrouted: [None, None],
+        };
+        registry.register(
+            "fnmesh_requests",
+            "Calls by function, method, protocol and outcome",
+            m.requests.clone(),
+        );
+        registry.register_with_unit(
+            "fnmesh_request_duration",
+            "From a call's arrival to its reply",
+            Unit::Seconds,
+            m.duration.clone(),
+        );
+        registry.register_with_unit(
+            "fnmesh_queue_wait",
+            "How long calls waited for an instance slot (calls that waited)",
+            Unit::Seconds,
+            m.queue_wait.clone(),
+        );
+        registry.register(
+            "fnmesh_cold_starts",
+            "Instances started",
+            m.cold_starts.clone(),
+        );
+        registry.register_with_unit(
+            "fnmesh_cold_start_duration",
+            "From an instance's spawn to its first accepted connection",
+            Unit::Seconds,
+            m.cold_start_duration.clone(),
+        );
+        registry.register(
+            "fnmesh_instance_exits",
+            "Instances gone, by reason: stopped (idle, scale-down, reload, drain), crashed (exited on its own), failed_start",
+            m.exits.clone(),
+        );
+        registry.register(
+            "fnmesh_breaker_transitions",
+            "Circuit breaker state changes, by the state entered",
+            m.transitions.clone(),
+        );
+        registry.register(
+            "fnmesh_retries",
+            "Attempts sent again, by what failed: connect, unavailable, timeout",
+            m.retries.clone(),
+        );
+        registry.register(
+            "fnmesh_retry_budget_exhausted",
+            "Retries the function's retry budget refused",
+            m.budget_exhausted.clone(),
+        );
+        registry.register(
+            "fnmesh_rate_limited",
+            "Calls refused by a rate limit",
+            m.rate_limited.clone(),
+        );
+        let info = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+        info.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+        registry.register("fnmesh_build_info", "fnmesh's version", info);
+        let unrouted = [
+            Some(m.calls(UNKNOWN, UNKNOWN, "thrift")),
+            Some(m.calls(UNKNOWN, UNKNOWN, "grpc")),
+        ];
+        Metrics {
+            registry,
+            unrouted,
+            ..m
+        }
+    }
+
+    /// A call refused before it reached a function (malformed, or naming no function fnmesh
+    /// serves): counted as `function="unknown", method="unknown"`.
+    pub fn unrouted(&self, protocol: &'static str, kind: Kind) {
+        let i = usize::from(protocol == "grpc");
+        if let Some(c) = &self.unrouted[i] {
+            c.requests[Outcome::Error(kind).index()].inc();
+        }
+    }
+
+    /// The handles for calls of `method` of `function` (`protocol`: `thrift` or `grpc`).
+    pub fn calls(&self, function: &str, method: &str, protocol: &'static str) -> Arc<CallMetrics> {
+        let requests = OUTCOMES.map(|o| {
+            self.requests
+                .get_or_create(&CallLabels {
+                    function: function.to_owned(),
+                    method: method.to_owned(),
+                    protocol,
+                    outcome: o.label(),
+                })
+                .clone()
+        });
+        let duration = self
+            .duration
+            .get_or_create(&MethodLabels {
+                function: function.to_owned(),
+                method: method.to_owned(),
+                protocol,
+            })
+            .clone();
+        Arc::new(CallMetrics {
+            method: method.into(),
+            requests,
+            duration,
+        })
+    }
+
+    pub fn queue_wait(&self, function: &str, waited: std::time::Duration) {
+        self.queue_wait
+            .get_or_create(&FunctionLabels {
+                function: function.to_owned(),
+            })
+            .observe(waited.as_secs_f64());
+    }
+
+    pub fn cold_start(&self, function: &str, took: std::time::Duration) {
+        let labels = FunctionLabels {
+            function: function.to_owned(),
+        };
+        self.cold_starts.get_or_create(&labels).inc();
+        self.cold_start_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    /// An instance gone: `stopped`, `crashed` or `failed_start`.
+    pub fn instance_exit(&self, function: &str, reason: &'static str) {
+        self.exits
+            .get_or_create(&ExitLabels {
+                function: function.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// A breaker entered state `to` (`closed`, `open`, `half_open`).
+    pub fn breaker_transition(&self, function: &str, method: &str, to: &'static str) {
+        self.transitions
+            .get_or_create(&TransitionLabels {
+                function: function.to_owned(),
+                method: method.to_owned(),
+                to,
+            })
+            .inc();
+    }
+
+    pub fn retry(&self, function: &str, method: &str, reason: &'static str) {
+        self.retries
+            .get_or_create(&RetryLabels {
+                function: function.to_owned(),
+                method: method.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// The counter of retries `function`'s budget refused.
+    pub fn retry_budget_exhausted(&self, function: &str) -> Counter {
+        self.budget_exhausted
+            .get_or_create(&FunctionLabels {
+                function: function.to_owned(),
+            })
+            .clone()
+    }
+
+    pub fn rate_limited(&self, function: &str, method: &str) {
+        self.rate_limited
+            .get_or_create(&LimitedLabels {
+                function: function.to_owned(),
+                method: method.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The exposition: these metrics, then `scraped`, in the OpenMetrics text format.
+    pub fn encode(&self, scraped: &Scraped) -> String {
+        let mut out = String::new();
+        let _ = text::encode_registry(&mut out, &self.registry);
+        let _ = text::encode_registry(&mut out, &scraped.registry);
+        let _ = text::encode_eof(&mut out);
+        out
+    }
+}
+
+/// One method's counters (one per outcome) and latency histogram.
+pub struct CallMetrics {
+    method: Box<str>,
+    requests: [Counter; OUTCOMES.len()],
+    duration: Histogram,
+}
+
+impl CallMetrics {
+    /// The method label.
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
+    /// A call ended `outcome`, `took` after it arrived.
+    #[inline]
+    pub fn record(&self, outcome: Outcome, took: std::time::Duration) {
+        self.requests[outcome.index()].inc();
+        self.duration.observe(took.as_secs_f64());
+    }
+}
+
+/// A function's [`CallMetrics`] by method: the IDL's methods, `unknown`, and (without an IDL)
+/// the first [`MAX_UNDECLARED`] names callers used.
+pub struct MethodTable {
+    function: String,
+    protocol: &'static str,
+    declared: Box<[Arc<CallMetrics>]>,
+    unknown: Arc<CallMetrics>,
+    /// Without an IDL: names seen so far (read without a lock; added under `adding`).
+    seen: arc_swap::ArcSwap<Vec<(Box<str>, Arc<CallMetrics>)>>,
+    adding: Mutex<()>,
+}
+
+impl MethodTable {
+    pub fn new(function: &str, protocol: &'static str, declared: &[&str]) -> MethodTable {
+        let m = global();
+        MethodTable {
+            function: function.to_owned(),
+            protocol,
+            declared: declared
+                .iter()
+                .map(|d| m.calls(function, d, protocol))
+                .collect(),
+            unknown: m.calls(function, UNKNOWN, protocol),
+            seen: arc_swap::ArcSwap::from_pointee(Vec::new()),
+            adding: Mutex::new(()),
+        }
+    }
+
+    /// The handles of the IDL's method number `index`.
+    #[inline]
+    pub fn declared(&self, index: usize) -> &Arc<CallMetrics> {
+        self.declared.get(index).unwrap_or(&self.unknown)
+    }
+
+    pub fn unknown(&self) -> &Arc<CallMetrics> {
+        &self.unknown
+    }
+
+    /// The handles of `method` of a function without an IDL.
+    #[inline]
+    pub fn undeclared(&self, method: &str) -> Arc<CallMetrics> {
+        if let Some((_, c)) = self.seen.load().iter().find(|(n, _)| &**n == method) {
+            return c.clone();
+        }
+        let _adding = crate::lock(&self.adding);
+        let seen = self.seen.load_full();
+        if let Some((_, c)) = seen.iter().find(|(n, _)| &**n == method) {
+            return c.clone();
+        }
+        if seen.len() >= MAX_UNDECLARED {
+            return self.unknown.clone();
+        }
+        let c = global().calls(&self.function, method, self.protocol);
+        let mut next = (*seen).clone();
+        next.push((method.into(), c.clone()));
+        self.seen.store(Arc::new(next));
+        c
+    }
+}
+
+/// Gauges read when scraped, from the sidecar's state.
+pub struct Scraped {
+    registry: Registry,
+    instances: Family<Vec<(&'static str, String)>, Gauge>,
+    in_flight: Family<FunctionLabels, Gauge>,
+    queued: Family<FunctionLabels, Gauge>,
+    breaker: Family<Vec<(&'static str, String)>, Gauge>,
+    connections: Family<Vec<(&'static str, &'static str)>, Gauge>,
+    registry_up: Family<Vec<(&'static str, &'static str)>, Gauge>,
+}
+
+impl Default for Scraped {
+    fn default() -> Self {
+        Scraped::new()
+    }
+}
+
+impl Scraped {
+    pub fn new() -> Scraped {
+        let s = Scraped {
+            registry: Registry::default(),
+            instances: Family::default(),
+            in_flight: Family::default(),
+            queued: Family::default(),
+            breaker: Family::default(),
+            connections: Family::default(),
+            registry_up: Family::default(),
+        };
+        let mut registry = Registry::default();
+        registry.register(
+            "fnmesh_instances",
+            "Instances by state: ready, starting",
+            s.instances.clone(),
+        );
+        registry.register(
+            "fnmesh_in_flight",
+            "Calls (gRPC: streams) on instances now",
+            s.in_flight.clone(),
+        );
+        registry.register(
+            "fnmesh_queued",
+            "Calls waiting for an instance slot now",
+            s.queued.clone(),
+        );
+        registry.register(
+            "fnmesh_breaker_state",
+            "Circuit breaker state: 0 closed, 1 open, 2 half-open",
+            s.breaker.clone(),
+        );
+        registry.register(
+            "fnmesh_connections",
+            "Caller connections open now, by protocol",
+            s.connections.clone(),
+        );
+        registry.register(
+            "fnmesh_registry_up",
+            "1 when the service registry holds the registrations, else 0",
+            s.registry_up.clone(),
+        );
+        Scraped { registry, ..s }
+    }
+
+    pub fn function(
+        &self,
+        function: &str,
+        ready: usize,
+        starting: usize,
+        in_flight: usize,
+        queued: usize,
+    ) {
+        let f = |state: &'static str| {
+            vec![
+                ("function", function.to_owned()),
+                ("state", state.to_owned()),
+            ]
+        };
+        self.instances.get_or_create(&f("ready")).set(ready as i64);
+        self.instances
+            .get_or_create(&f("starting"))
+            .set(starting as i64);
+        let labels = FunctionLabels {
+            function: function.to_owned(),
+        };
+        self.in_flight.get_or_create(&labels).set(in_flight as i64);
+        self.queued.get_or_create(&labels).set(queued as i64);
+    }
+
+    /// A breaker's state: 0 closed, 1 open, 2 half-open.
+    pub fn breaker(&self, function: &str, method: &str, state: i64) {
+        self.breaker
+            .get_or_create(&vec![
+                ("function", function.to_owned()),
+                ("method", method.to_owned()),
+            ])
+            .set(state);
+    }
+
+    pub fn connections(&self, protocol: &'static str, open: usize) {
+        self.connections
+            .get_or_create(&vec![("protocol", protocol)])
+            .set(open as i64);
+    }
+
+    pub fn registry(&self, backend: &'static str, up: bool) {
+        self.registry_up
+            .get_or_create(&vec![("backend", backend)])
+            .set(i64::from(up));
+    }
+}
