@@ -34,13 +34,15 @@ if ! python3 -c "import h2, hpack" >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check h2
 fi
 
-# Debian packages: etcd (a real etcd for the discovery tests), openssl (the registry TLS tests
+# Debian packages: etcd (a real etcd for the discovery tests), prometheus, openssl (the registry TLS tests
 # make their certificates with it), and protoc with the well-known protos (etcd-client, the
 # tests' independent etcd client, generates its gRPC code at build time; fnmesh itself needs no
 # protoc).
 missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# A real Prometheus for the metrics tests (it scrapes a sidecar and answers PromQL).
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
 if [ ${#missing[@]} -gt 0 ]; then

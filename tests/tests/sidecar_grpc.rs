@@ -165,6 +165,53 @@ async fn a_unix_socket_function_serves_grpc_calls() {
     assert_eq!(unary(sc.addr, "again").await.unwrap().0, "again");
 }
 
+/// `/metrics` (issue 19, item 1) after a known mix of gRPC calls counts exactly those: ok, a
+/// status that is a business outcome (NOT_FOUND), one that is a failure (INTERNAL), fnmesh's
+/// timeout, a method the proto lacks and a service nobody serves (both `unknown`).
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_a_known_mix_of_grpc_calls_exactly() {
+    let sc = Sidecar::start(&grpc_echo_function(
+        "echo",
+        "min = 0",
+        "timeout = \"300ms\"",
+    ));
+    for m in ["a", "b"] {
+        unary(sc.addr, m).await.unwrap();
+    }
+    let client = client!(sc.addr);
+    let e = client
+        .unary_echo(req("__status__ 5 nothing here", 0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = client
+        .unary_echo(req("__status__ 13 broken", 0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal);
+    let e = client.unary_echo(req("slow", 2000)).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded);
+    assert_eq!(raw_unary(sc.addr, "/nobody.Svc/X").await.0, "12");
+    assert_eq!(raw_unary(sc.addr, "/echo.Echo/Nope").await.0, "12");
+    let series = |function: &str, method: &str, outcome: &str| {
+        format!("fnmesh_requests_total{{function=\"{function}\",method=\"{method}\",protocol=\"grpc\",outcome=\"{outcome}\"}}")
+    };
+    for (series, want) in [
+        (series("echo", "UnaryEcho", "ok"), 2.0),
+        (series("echo", "UnaryEcho", "exception"), 1.0),
+        (series("echo", "UnaryEcho", "failed"), 1.0),
+        (series("echo", "UnaryEcho", "timeout"), 1.0),
+        (series("echo", "unknown", "no_route"), 1.0),
+        (series("unknown", "unknown", "no_route"), 1.0),
+        ("fnmesh_request_duration_seconds_count{function=\"echo\",method=\"UnaryEcho\",protocol=\"grpc\"}".into(), 5.0),
+    ] {
+        assert_eq!(sc.metric(&series), want, "{series}\n{}", sc.admin_get("/metrics").1);
+    }
+    // `client`'s connection at least (others may still be closing).
+    assert!(sc.metric("fnmesh_connections{protocol=\"grpc\"}") >= 1.0);
+    drop(client);
+}
+
 /// A receiver as a stream (tokio-stream is not a dependency).
 fn tokio_stream_from(
     rx: tokio::sync::mpsc::Receiver<EchoRequest>,
