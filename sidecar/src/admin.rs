@@ -1,6 +1,6 @@
 //! The admin API on `sidecar.admin`, served with hyper's HTTP/1 server: `GET /healthz`,
-//! `GET /readyz`, `GET /metrics` (Prometheus), `GET /admin/functions` (JSON) and
-//! `POST /admin/reload` (what `fnmesh reload` sends). One request per connection; nothing here is on the RPC path.
+//! `GET /readyz`, `GET /metrics` (Prometheus), `GET /admin/functions` and `GET /admin/config`
+//! (JSON) and `POST /admin/reload` (what `fnmesh reload` sends). One request per connection; nothing here is on the RPC path.
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
@@ -123,6 +123,10 @@ fn answer(mesh: &Mesh, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics(mesh).into_bytes(),
         ),
+        (&Method::GET | &Method::HEAD, "/admin/config") => {
+            let body = serde_json::to_vec_pretty(&config(mesh)).unwrap_or_default();
+            respond(StatusCode::OK, "application/json", body)
+        }
         (&Method::GET | &Method::HEAD, "/admin/functions") => {
             let body = serde_json::to_vec(&functions(mesh)).unwrap_or_default();
             respond(StatusCode::OK, "application/json", body)
@@ -167,6 +171,90 @@ fn metrics(mesh: &Mesh) -> String {
         scraped.registry(name, up);
     }
     m.encode(&scraped)
+}
+
+/// `/admin/config`: the policy in force for every function and method, after defaults and
+/// per-method overrides, as calls arriving now get it (like Envoy's `/config_dump`).
+/// Environment values are left out (they may be secrets); their names are shown.
+fn config(mesh: &Mesh) -> serde_json::Value {
+    let functions: Vec<serde_json::Value> = mesh
+        .functions()
+        .iter()
+        .map(|f| {
+            let c = f.config();
+            let methods: serde_json::Map<String, serde_json::Value> = c
+                .methods
+                .iter()
+                .flatten()
+                .map(|m| {
+                    (
+                        m.name.clone(),
+                        policy_json(&c.policy_for(&m.name), m.oneway),
+                    )
+                })
+                .collect();
+            let s = &c.scale;
+            json!({
+                "name": c.name,
+                "protocol": format!("{:?}", c.protocol).to_lowercase(),
+                "transport": format!("{:?}", c.transport).to_lowercase(),
+                "service": c.service,
+                "command": c.command,
+                "env": c.env.keys().collect::<Vec<_>>(),
+                "scale": {
+                    "min": s.min, "max": s.max, "concurrency": s.concurrency,
+                    "idle": duration(s.idle), "startup_timeout": duration(s.startup_timeout),
+                    "queue": s.queue,
+                },
+                "policy": policy_json(&c.policy, false),
+                "methods": methods,
+            })
+        })
+        .collect();
+    json!({ "file": mesh.path().display().to_string(), "functions": functions })
+}
+
+/// One policy as JSON: every key, `null` where it is not set.
+fn policy_json(p: &crate::config::PolicyConfig, oneway: bool) -> serde_json::Value {
+    let retry = p.retry.map(|r| {
+        let on: Vec<&str> = [
+            (r.on_connect, "connect"),
+            (r.on_unavailable, "unavailable"),
+            (r.on_timeout, "timeout"),
+        ]
+        .into_iter()
+        .filter_map(|(set, name)| set.then_some(name))
+        .collect();
+        json!({ "attempts": r.attempts, "backoff": duration(r.backoff), "on": on })
+    });
+    let breaker = p.circuit_breaker.map(|b| {
+        json!({
+            "window": duration(b.window), "min_requests": b.min_requests,
+            "failure_ratio": b.failure_ratio, "open": duration(b.open),
+        })
+    });
+    let mut v = json!({
+        "timeout": p.timeout.map(duration),
+        "rate_limit": p.rate_limit.map(|r| json!({ "rps": r.rps, "burst": r.burst })),
+        "circuit_breaker": breaker,
+        "retry": retry,
+        "idempotent": p.idempotent.unwrap_or(false),
+    });
+    if oneway {
+        v["oneway"] = true.into();
+    }
+    v
+}
+
+/// A duration as the policy file writes one: `1.5s`, `250ms`, `40us`.
+fn duration(d: Duration) -> String {
+    let us = d.as_micros();
+    match us {
+        _ if us % 1_000_000 == 0 => format!("{}s", us / 1_000_000),
+        _ if us >= 1_000_000 => format!("{}s", d.as_secs_f64()),
+        _ if us % 1_000 == 0 => format!("{}ms", us / 1_000),
+        _ => format!("{us}us"),
+    }
 }
 
 /// `/admin/functions`: each function's instances, queue and breakers.

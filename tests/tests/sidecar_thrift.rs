@@ -365,6 +365,53 @@ async fn metrics_count_a_known_mix_of_thrift_calls_exactly() {
     assert_eq!(le("+Inf"), 6.0, "{body}");
 }
 
+/// `GET /admin/config` (issue 19, item 5) shows the policy in force for every method, after
+/// defaults and per-method overrides, and a reload is visible there at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_config_shows_the_policy_in_force_and_follows_a_reload() {
+    let table = |timeout: &str| {
+        format!(
+            "{}[function.method.Echo]\ntimeout = \"250ms\"\nidempotent = true\n",
+            echo_function(
+                "echo",
+                "min = 0\nmax = 3",
+                &format!("timeout = \"{timeout}\"\nretry = {{ attempts = 2, on = [\"connect\"] }}"),
+            )
+        )
+    };
+    let sc = Sidecar::start(&table("1s"));
+    let config = |sc: &Sidecar| -> serde_json::Value {
+        let (status, body) = sc.admin_get("/admin/config");
+        assert!(status.contains(" 200 "), "{status}");
+        serde_json::from_str(&body).unwrap()
+    };
+    let c = config(&sc);
+    let f = &c["functions"][0];
+    assert_eq!(f["name"], "echo");
+    assert_eq!(f["protocol"], "thrift");
+    assert_eq!(f["transport"], "tcp");
+    assert_eq!(f["scale"]["max"], 3);
+    assert_eq!(f["scale"]["concurrency"], 32, "the default");
+    assert_eq!(f["policy"]["timeout"], "1s");
+    let echo = &f["methods"]["Echo"];
+    assert_eq!(echo["timeout"], "250ms", "the method's override");
+    assert_eq!(echo["idempotent"], true);
+    assert_eq!(echo["retry"]["attempts"], 2, "inherited from the function");
+    assert_eq!(echo["retry"]["on"], serde_json::json!(["connect"]));
+    assert_eq!(echo["circuit_breaker"], serde_json::Value::Null);
+    let ping = &f["methods"]["Ping"];
+    assert_eq!(
+        (&ping["timeout"], &ping["oneway"]),
+        (&"1s".into(), &true.into())
+    );
+
+    sc.rewrite(&table("2s"));
+    assert!(sc.reload().0);
+    let c = config(&sc);
+    assert_eq!(c["functions"][0]["methods"]["Ping"]["timeout"], "2s");
+    assert_eq!(c["functions"][0]["methods"]["Echo"]["timeout"], "250ms");
+}
+
 /// Idle stop is graceful (issue 18, item 1): a Volo server that still has connections when
 /// SIGTERM comes waits 2 s and more before it exits, so fnmesh closes its connections to an
 /// instance before it signals it. Each of the four instances a burst started exits at once on
