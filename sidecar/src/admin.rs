@@ -2,7 +2,12 @@
 //! `GET /readyz`, `GET /metrics` (Prometheus), `GET /admin/functions` and `GET /admin/config`
 //! (JSON) and `POST /admin/reload` (what `fnmesh reload` sends). One request per connection; nothing here is on the RPC path.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -11,13 +16,51 @@ use hyper::body::Incoming;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::{governance::breaker, mesh::Mesh};
+use crate::{governance::breaker, mesh::Mesh, metrics::Totals};
 
 /// How long one admin connection may take.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Each function's call totals, sampled every second for the last minute: the windows
+/// `/admin/functions` reports (and `fnmesh status` shows).
+type Samples = std::collections::HashMap<String, VecDeque<(Instant, Totals)>>;
+static RECENT: Mutex<Option<Samples>> = Mutex::new(None);
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+const WINDOW: Duration = Duration::from_secs(60);
+
+/// Samples every function's totals each second, off the request path, for as long as the
+/// admin API serves.
+async fn sample(mesh: Arc<Mesh>) {
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let functions = mesh.functions();
+        let mut recent = crate::lock(&RECENT);
+        let samples = recent.get_or_insert_with(Default::default);
+        samples.retain(|name, _| functions.iter().any(|f| &f.name == name));
+        for f in &functions {
+            let ring = samples.entry(f.name.clone()).or_default();
+            ring.push_back((now, f.policy().metrics.totals()));
+            while ring.front().is_some_and(|(at, _)| now - *at > WINDOW) {
+                ring.pop_front();
+            }
+        }
+    }
+}
+
+/// `function`'s calls over the last minute (or since the sidecar started, if sooner), up to
+/// now.
+fn last_minute(function: &crate::governance::Function) -> Option<crate::metrics::Window> {
+    let now = function.policy().metrics.totals();
+    let recent = crate::lock(&RECENT);
+    let (at, then) = recent.as_ref()?.get(&function.name)?.front()?;
+    Some(now.since(then, at.elapsed().as_secs_f64()))
+}
+
 /// Serves the admin API on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
+    tokio::spawn(sample(mesh.clone()));
     let failed = crate::Throttled::default();
     loop {
         let sock = match listener.accept().await {
@@ -278,20 +321,32 @@ fn functions(mesh: &Mesh) -> serde_json::Value {
                     (method.to_owned(), state.into())
                 })
                 .collect();
+            let cold = crate::metrics::global()
+                .last_cold_start(&f.name)
+                .map(|(at, took)| {
+                    let ago = at.elapsed().unwrap_or_default();
+                    json!({ "seconds_ago": ago.as_secs_f64(), "ms": took.as_secs_f64() * 1e3 })
+                });
             json!({
                 "name": f.name,
                 "ready": s.ready,
                 "starting": s.starting,
+                "max": policy.function.scale.max,
                 "queued": s.queued,
                 "in_flight": s.in_flight,
                 "processes": f.pool.live_processes(),
                 "failures_in_a_row": s.failures,
                 "restart_backoff_ms": s.backoff.as_millis() as u64,
                 "breakers": breakers,
+                "last_minute": last_minute(f),
+                "last_cold_start": cold,
             })
         })
         .collect();
-    json!({ "functions": functions })
+    let registry = mesh
+        .registry_health()
+        .map(|(name, health)| json!({ "backend": name, "state": health.to_string() }));
+    json!({ "functions": functions, "registry": registry })
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -1,4 +1,4 @@
-//! The command line (clap): `fnmesh run`, `fnmesh check`, `fnmesh reload`.
+//! The command line (clap): `fnmesh run`, `fnmesh check`, `fnmesh reload`, `fnmesh status`.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -36,6 +36,29 @@ enum Command {
     Reload {
         #[command(flatten)]
         config: ConfigFile,
+    },
+    /// Show what a running sidecar is doing: per function, instances, calls in flight and
+    /// queued, calls per second, p50/p99 and success over the last minute, breakers, the last
+    /// cold start; and the registry.
+    Status {
+        /// The policy file of the sidecar (its `sidecar.admin` address is read).
+        #[arg(
+            short,
+            long = "config",
+            value_name = "FILE",
+            conflicts_with = "admin",
+            required_unless_present = "admin"
+        )]
+        config: Option<PathBuf>,
+        /// The sidecar's admin address, instead of a policy file.
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<std::net::SocketAddr>,
+        /// Refresh every 2 s until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Print the admin API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -99,6 +122,26 @@ pub fn main() -> ExitCode {
             Some(loaded) => reload(&loaded, &config.config),
             None => ExitCode::from(1),
         },
+        Command::Status {
+            config,
+            admin,
+            watch,
+            json,
+        } => {
+            let admin = match (admin, config) {
+                (Some(admin), _) => admin,
+                (None, Some(file)) => match load(&file).map(|c| c.sidecar.admin) {
+                    Some(Some(admin)) => admin,
+                    Some(None) => {
+                        eprintln!("fnmesh: {} sets no sidecar.admin", file.display());
+                        return ExitCode::from(1);
+                    }
+                    None => return ExitCode::from(1),
+                },
+                (None, None) => return ExitCode::from(2),
+            };
+            crate::status::main(admin, watch, json)
+        }
     }
 }
 

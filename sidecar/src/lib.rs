@@ -2,6 +2,7 @@
 //! (docs/architecture.md; `tests/layers.rs` checks it):
 //!
 //! 1. `cli` parses the command line; `server` runs the sidecar (listener, drain, signals);
+//!    `status` reads a running sidecar's admin API for `fnmesh status`;
 //!    `admin` serves the admin API; `mesh` holds the functions and reloads them.
 //! 2. Protocol front ends: `thrift` (connections and forwarding) and `grpc` (the HTTP/2 relay).
 //! 3. `governance`: routing admission, deadlines, retries and their budget, breakers and outcome
@@ -24,6 +25,7 @@ pub mod instances;
 pub mod mesh;
 pub mod metrics;
 pub mod server;
+pub mod status;
 pub mod thrift;
 pub mod workers;
 

@@ -3,7 +3,9 @@
 //! kept with the function's policy), so the request path only adds to atomics and one
 //! histogram. What can be read when scraped instead (instances, calls in flight and queued,
 //! breaker states, connections, the registry) is not counted on the request path at all: the
-//! admin listener reads it then ([`Scraped`]).
+//! admin listener reads it then ([`Scraped`]). Request latency has its own histogram
+//! ([`Latency`]): prometheus-client's takes a mutex and scans its buckets on every observation,
+//! and keeps its buckets to itself, which `fnmesh status` needs for its one-minute quantiles.
 
 use std::sync::{
     atomic::{AtomicUsize, Ordering},
@@ -150,8 +152,11 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 pub struct Metrics {
     registry: Registry,
     requests: Family<CallLabels, Counter>,
-    duration: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    duration: Family<MethodLabels, Latency>,
     queue_wait: Family<FunctionLabels, Histogram, fn() -> Histogram>,
+    /// Each function's last cold start: when, and how long it took.
+    last_cold_start:
+        Mutex<std::collections::HashMap<String, (std::time::SystemTime, std::time::Duration)>>,
     cold_starts: Family<FunctionLabels, Counter>,
     cold_start_duration: Family<FunctionLabels, Histogram, fn() -> Histogram>,
     exits: Family<ExitLabels, Counter>,
@@ -205,8 +210,9 @@ impl Metrics {
         let mut registry = Registry::default();
         let m = Metrics {
             requests: Family::default(),
-            duration: Family::new_with_constructor(latency_histogram),
+            duration: Family::default(),
             queue_wait: Family::new_with_constructor(latency_histogram),
+            last_cold_start: Mutex::default(),
             cold_starts: Family::default(),
             cold_start_duration: Family::new_with_constructor(cold_start_histogram),
             exits: Family::default(),
@@ -330,6 +336,8 @@ impl Metrics {
     }
 
     pub fn cold_start(&self, function: &str, took: std::time::Duration) {
+        crate::lock(&self.last_cold_start)
+            .insert(function.to_owned(), (std::time::SystemTime::now(), took));
         let labels = FunctionLabels {
             function: function.to_owned(),
         };
@@ -337,6 +345,14 @@ impl Metrics {
         self.cold_start_duration
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
+    }
+
+    /// `function`'s last cold start: when it was ready, and how long it took.
+    pub fn last_cold_start(
+        &self,
+        function: &str,
+    ) -> Option<(std::time::SystemTime, std::time::Duration)> {
+        crate::lock(&self.last_cold_start).get(function).copied()
     }
 
     /// An instance gone: `stopped`, `crashed` or `failed_start`.
@@ -402,7 +418,7 @@ impl Metrics {
 pub struct CallMetrics {
     method: Box<str>,
     requests: [Counter; OUTCOMES.len()],
-    duration: Histogram,
+    duration: Latency,
 }
 
 impl CallMetrics {
@@ -415,8 +431,162 @@ impl CallMetrics {
     #[inline]
     pub fn record(&self, outcome: Outcome, took: std::time::Duration) {
         self.requests[outcome.index()].inc();
-        self.duration.observe(took.as_secs_f64());
+        self.duration.observe(took);
     }
+
+    /// Adds its counts to `t`.
+    fn add_to(&self, t: &mut Totals) {
+        for (sum, c) in t.outcomes.iter_mut().zip(&self.requests) {
+            *sum += c.get();
+        }
+        for (sum, b) in t.buckets.iter_mut().zip(self.duration.0.buckets.iter()) {
+            *sum += b.load(Ordering::Relaxed);
+        }
+    }
+}
+
+/// Upper bounds of the latency buckets: 25 us doubling, 21 of them (about 26 s), then +Inf.
+const LATENCY_BUCKETS: usize = 21;
+
+/// A latency histogram whose observation is two relaxed atomic adds: the bucket is computed
+/// from the duration's bits, not searched for.
+#[derive(Clone, Default, Debug)]
+pub struct Latency(Arc<LatencyInner>);
+
+#[derive(Default, Debug)]
+struct LatencyInner {
+    buckets: [std::sync::atomic::AtomicU64; LATENCY_BUCKETS + 1],
+    sum_ns: std::sync::atomic::AtomicU64,
+}
+
+impl Latency {
+    #[inline]
+    pub fn observe(&self, d: std::time::Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.0.buckets[latency_bucket(ns)].fetch_add(1, Ordering::Relaxed);
+        self.0.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+/// The bucket of an observation of `ns` nanoseconds: the first whose bound (25 us * 2^k) holds
+/// it, or the last (+Inf).
+#[inline]
+fn latency_bucket(ns: u64) -> usize {
+    let units = ns.div_ceil(25_000);
+    let k = match units {
+        0 | 1 => 0,
+        u => (64 - (u - 1).leading_zeros()) as usize,
+    };
+    k.min(LATENCY_BUCKETS)
+}
+
+/// The upper bound of bucket `k`, in seconds.
+fn latency_bound(k: usize) -> f64 {
+    match k {
+        k if k < LATENCY_BUCKETS => 25e-6 * f64::from(1u32 << k),
+        _ => f64::INFINITY,
+    }
+}
+
+impl prometheus_client::metrics::TypedMetric for Latency {
+    const TYPE: prometheus_client::metrics::MetricType =
+        prometheus_client::metrics::MetricType::Histogram;
+}
+
+impl prometheus_client::encoding::EncodeMetric for Latency {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = (0..=LATENCY_BUCKETS)
+            .map(|k| (latency_bound(k), self.0.buckets[k].load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.0.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
+}
+
+/// A function's calls so far, summed over its methods: by outcome, and by latency bucket.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub outcomes: [u64; OUTCOMES.len()],
+    pub buckets: [u64; LATENCY_BUCKETS + 1],
+}
+
+/// What a function's calls did between two [`Totals`].
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Window {
+    pub seconds: f64,
+    pub calls: u64,
+    pub per_second: f64,
+    /// Calls answered `ok` or `exception` (business outcomes), of all calls; `None` without
+    /// calls.
+    pub success_rate: Option<f64>,
+    /// Latency quantiles, from the buckets (linear within the bucket), in milliseconds.
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+impl Totals {
+    /// The calls between `earlier` and these, `seconds` apart.
+    pub fn since(&self, earlier: &Totals, seconds: f64) -> Window {
+        let outcomes: Vec<u64> = self
+            .outcomes
+            .iter()
+            .zip(&earlier.outcomes)
+            .map(|(a, b)| a.saturating_sub(*b))
+            .collect();
+        let buckets: Vec<u64> = self
+            .buckets
+            .iter()
+            .zip(&earlier.buckets)
+            .map(|(a, b)| a.saturating_sub(*b))
+            .collect();
+        let calls: u64 = outcomes.iter().sum();
+        let good = outcomes[Outcome::Ok.index()] + outcomes[Outcome::Exception.index()];
+        Window {
+            seconds,
+            calls,
+            per_second: if seconds > 0.0 {
+                calls as f64 / seconds
+            } else {
+                0.0
+            },
+            success_rate: (calls > 0).then(|| good as f64 / calls as f64),
+            p50_ms: quantile(&buckets, 0.5),
+            p99_ms: quantile(&buckets, 0.99),
+        }
+    }
+}
+
+/// The `q` quantile of bucketed observations, in milliseconds: linear within its bucket (the
+/// +Inf bucket reads as its lower bound).
+fn quantile(buckets: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut seen = 0u64;
+    for (k, n) in buckets.iter().enumerate() {
+        if *n > 0 && (seen + n) as f64 >= rank {
+            let lower = if k == 0 { 0.0 } else { latency_bound(k - 1) };
+            let upper = latency_bound(k);
+            if upper.is_infinite() {
+                return Some(lower * 1e3);
+            }
+            let within = (rank - seen as f64) / *n as f64;
+            return Some((lower + (upper - lower) * within) * 1e3);
+        }
+        seen += n;
+    }
+    None
 }
 
 /// A function's [`CallMetrics`] by method: the IDL's methods, `unknown`, and (without an IDL)
@@ -455,6 +625,18 @@ impl MethodTable {
 
     pub fn unknown(&self) -> &Arc<CallMetrics> {
         &self.unknown
+    }
+
+    /// The function's calls so far, over all its methods.
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for c in self.declared.iter().chain([&self.unknown]) {
+            c.add_to(&mut t);
+        }
+        for (_, c) in self.seen.load().iter() {
+            c.add_to(&mut t);
+        }
+        t
     }
 
     /// The handles of `method` of a function without an IDL.
@@ -586,5 +768,50 @@ impl Scraped {
         self.registry_up
             .get_or_create(&vec![("backend", backend)])
             .set(i64::from(up));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn latency_buckets_hold_what_their_bounds_say() {
+        let us = |n: u64| Duration::from_micros(n).as_nanos() as u64;
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(us(25)), 0);
+        assert_eq!(latency_bucket(us(25) + 1), 1);
+        assert_eq!(latency_bucket(us(50)), 1);
+        assert_eq!(latency_bucket(us(51)), 2);
+        assert_eq!(latency_bucket(us(500)), 5, "400 < 500 <= 800");
+        for k in 0..LATENCY_BUCKETS {
+            let bound = (latency_bound(k) * 1e9).round() as u64;
+            assert_eq!(latency_bucket(bound), k, "{k}");
+            assert_eq!(latency_bucket(bound + 1), (k + 1).min(LATENCY_BUCKETS));
+        }
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS);
+    }
+
+    #[test]
+    fn a_window_counts_rates_success_and_quantiles() {
+        let mut a = Totals::default();
+        let mut b = Totals::default();
+        b.outcomes[Outcome::Ok.index()] = 90;
+        b.outcomes[Outcome::Exception.index()] = 5;
+        b.outcomes[Outcome::Error(Kind::Timeout).index()] = 5;
+        // 98 calls at (200, 400] us, 2 at (12.8, 25.6] ms.
+        b.buckets[4] = 98;
+        b.buckets[10] = 2;
+        a.outcomes[Outcome::Ok.index()] = 0;
+        let w = b.since(&a, 10.0);
+        assert_eq!(w.calls, 100);
+        assert_eq!(w.per_second, 10.0);
+        assert_eq!(w.success_rate, Some(0.95));
+        let p50 = w.p50_ms.unwrap();
+        assert!(p50 > 0.2 && p50 <= 0.4, "{p50}");
+        let p99 = w.p99_ms.unwrap();
+        assert!(p99 > 12.8 && p99 <= 25.6, "{p99}");
+        assert_eq!(Totals::default().since(&a, 1.0).p50_ms, None);
     }
 }

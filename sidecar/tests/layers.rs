@@ -18,7 +18,7 @@ const LAYERS: &[&[&str]] = &[
     &["thrift", "grpc"],
     &["mesh"],
     &["admin"],
-    &["server"],
+    &["server", "status"],
     &["cli"],
 ];
 

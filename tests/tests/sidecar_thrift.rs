@@ -412,6 +412,57 @@ async fn admin_config_shows_the_policy_in_force_and_follows_a_reload() {
     assert_eq!(c["functions"][0]["methods"]["Echo"]["timeout"], "250ms");
 }
 
+/// `fnmesh status` (issue 19, item 4) against a running sidecar: a table row per function with
+/// its instances, calls per second, latency quantiles and success over the last minute,
+/// breakers and last cold start, and the registry; `--json` parses; `-c FILE` finds the admin
+/// address in the file.
+#[tokio::test(flavor = "multi_thread")]
+async fn fnmesh_status_prints_the_table_and_json() {
+    let sc = Sidecar::start(&echo_function(
+        "echo",
+        "min = 0\nmax = 4",
+        "circuit_breaker = { min_requests = 50 }",
+    ));
+    for i in 0..9 {
+        echo(sc.addr, &format!("s{i}"), None, 5000).await.unwrap();
+    }
+    assert!(echo(sc.addr, "__fail__", None, 5000).await.is_err());
+    let status = |args: &[&str]| {
+        let out = std::process::Command::new(fnmesh_tests::sidecar::fnmesh_bin())
+            .arg("status")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let admin = sc.admin.to_string();
+    let table = status(&["--admin", &admin]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("FUNCTION") && lines[0].contains("P99"),
+        "{table}"
+    );
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(&row[..4], ["echo", "1/0/4", "0", "0"], "{table}");
+    assert_eq!(row[7], "90.0%", "{table}");
+    assert_eq!(row[8], "Echo=closed,Ping=closed", "{table}");
+    assert!(row[9].ends_with("ms,"), "the last cold start: {table}");
+    assert_eq!(lines.last(), Some(&"registry: none registered"), "{table}");
+
+    let json: serde_json::Value = serde_json::from_str(&status(&[
+        "-c",
+        sc.config_path().to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    let f = &json["functions"][0];
+    assert_eq!(f["last_minute"]["calls"], 10);
+    assert_eq!(f["last_minute"]["success_rate"], 0.9);
+    assert!(f["last_minute"]["p99_ms"].as_f64().unwrap() > 0.0);
+    assert!(f["last_cold_start"]["ms"].as_f64().unwrap() > 0.0);
+}
+
 /// Idle stop is graceful (issue 18, item 1): a Volo server that still has connections when
 /// SIGTERM comes waits 2 s and more before it exits, so fnmesh closes its connections to an
 /// instance before it signals it. Each of the four instances a burst started exits at once on
