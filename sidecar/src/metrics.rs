@@ -165,7 +165,11 @@ pub struct Metrics {
     budget_exhausted: Family<FunctionLabels, Counter>,
     rate_limited: Family<LimitedLabels, Counter>,
     /// Calls refused before a function was known (`function="unknown"`): Thrift, gRPC.
-    unrouted: [Option<Arc<CallMetrics>>; 2],
+    unrouted: [Option<&'static CallMetrics>; 2],
+    /// Every method's handles, made once per label set and kept for the process's life (as the
+    /// families keep their series): a call holds a plain reference, no reference count.
+    interned:
+        Mutex<std::collections::HashMap<(String, String, &'static str), &'static CallMetrics>>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -222,6 +226,7 @@ impl Metrics {
             rate_limited: Family::default(),
             registry: Registry::default(),
             unrouted: [None, None],
+            interned: Mutex::default(),
         };
         registry.register(
             "fnmesh_requests",
@@ -301,7 +306,24 @@ impl Metrics {
     }
 
     /// The handles for calls of `method` of `function` (`protocol`: `thrift` or `grpc`).
-    pub fn calls(&self, function: &str, method: &str, protocol: &'static str) -> Arc<CallMetrics> {
+    pub fn calls(
+        &self,
+        function: &str,
+        method: &str,
+        protocol: &'static str,
+    ) -> &'static CallMetrics {
+        let key = (function.to_owned(), method.to_owned(), protocol);
+        let mut interned = crate::lock(&self.interned);
+        if let Some(c) = interned.get(&key) {
+            return c;
+        }
+        let c: &'static CallMetrics =
+            Box::leak(Box::new(self.new_calls(function, method, protocol)));
+        interned.insert(key, c);
+        c
+    }
+
+    fn new_calls(&self, function: &str, method: &str, protocol: &'static str) -> CallMetrics {
         let requests = OUTCOMES.map(|o| {
             self.requests
                 .get_or_create(&CallLabels {
@@ -320,11 +342,11 @@ impl Metrics {
                 protocol,
             })
             .clone();
-        Arc::new(CallMetrics {
+        CallMetrics {
             method: method.into(),
             requests,
             duration,
-        })
+        }
     }
 
     pub fn queue_wait(&self, function: &str, waited: std::time::Duration) {
@@ -462,7 +484,10 @@ struct LatencyInner {
 impl Latency {
     #[inline]
     pub fn observe(&self, d: std::time::Duration) {
-        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let ns = d
+            .as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(d.subsec_nanos()));
         self.0.buckets[latency_bucket(ns)].fetch_add(1, Ordering::Relaxed);
         self.0.sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
@@ -594,10 +619,10 @@ fn quantile(buckets: &[u64], q: f64) -> Option<f64> {
 pub struct MethodTable {
     function: String,
     protocol: &'static str,
-    declared: Box<[Arc<CallMetrics>]>,
-    unknown: Arc<CallMetrics>,
+    declared: Box<[&'static CallMetrics]>,
+    unknown: &'static CallMetrics,
     /// Without an IDL: names seen so far (read without a lock; added under `adding`).
-    seen: arc_swap::ArcSwap<Vec<(Box<str>, Arc<CallMetrics>)>>,
+    seen: arc_swap::ArcSwap<Vec<(Box<str>, &'static CallMetrics)>>,
     adding: Mutex<()>,
 }
 
@@ -619,12 +644,12 @@ impl MethodTable {
 
     /// The handles of the IDL's method number `index`.
     #[inline]
-    pub fn declared(&self, index: usize) -> &Arc<CallMetrics> {
-        self.declared.get(index).unwrap_or(&self.unknown)
+    pub fn declared(&self, index: usize) -> &'static CallMetrics {
+        self.declared.get(index).copied().unwrap_or(self.unknown)
     }
 
-    pub fn unknown(&self) -> &Arc<CallMetrics> {
-        &self.unknown
+    pub fn unknown(&self) -> &'static CallMetrics {
+        self.unknown
     }
 
     /// The function's calls so far, over all its methods.
@@ -641,21 +666,21 @@ impl MethodTable {
 
     /// The handles of `method` of a function without an IDL.
     #[inline]
-    pub fn undeclared(&self, method: &str) -> Arc<CallMetrics> {
+    pub fn undeclared(&self, method: &str) -> &'static CallMetrics {
         if let Some((_, c)) = self.seen.load().iter().find(|(n, _)| &**n == method) {
-            return c.clone();
+            return c;
         }
         let _adding = crate::lock(&self.adding);
         let seen = self.seen.load_full();
         if let Some((_, c)) = seen.iter().find(|(n, _)| &**n == method) {
-            return c.clone();
+            return c;
         }
         if seen.len() >= MAX_UNDECLARED {
-            return self.unknown.clone();
+            return self.unknown;
         }
         let c = global().calls(&self.function, method, self.protocol);
         let mut next = (*seen).clone();
-        next.push((method.into(), c.clone()));
+        next.push((method.into(), c));
         self.seen.store(Arc::new(next));
         c
     }

@@ -149,7 +149,7 @@ impl Function {
         let (declared, calls) = match &f.methods {
             None => (None, policy.metrics.undeclared(method)),
             Some(methods) => match methods.iter().position(|m| m.name == method) {
-                Some(i) => (Some(&methods[i]), policy.metrics.declared(i).clone()),
+                Some(i) => (Some(&methods[i]), policy.metrics.declared(i)),
                 None => {
                     let e = CallError::new(
                         Kind::NoRoute,
@@ -162,7 +162,7 @@ impl Function {
         if let (Some(m), Some(oneway)) = (declared, oneway) {
             if m.oneway != oneway {
                 return Err(refused(
-                    &calls,
+                    calls,
                     arrived,
                     mistyped(&f.name, method, m.oneway),
                 ));
@@ -170,12 +170,12 @@ impl Function {
         }
         if let Err(e) = policy.limits.admit(&f.name, method) {
             crate::metrics::global().rate_limited(&f.name, calls.method());
-            return Err(refused(&calls, arrived, e));
+            return Err(refused(calls, arrived, e));
         }
         let breaker = policy
             .breakers
             .admit(&f.name, method)
-            .map_err(|e| refused(&calls, arrived, e))?;
+            .map_err(|e| refused(calls, arrived, e))?;
         let method_policy = f.policy_for(method);
         let budget = match (method_policy.timeout, caller) {
             (Some(p), Some(c)) => Some(p.min(c)),

@@ -51,7 +51,7 @@ pub enum Failure {
 /// timed out) counts as a timeout; one whose caller went away before it is not counted.
 pub struct Verdict {
     breaker: Option<Arc<Breaker>>,
-    calls: Arc<CallMetrics>,
+    calls: &'static CallMetrics,
     arrived: Instant,
     deadline: Option<Instant>,
     recorded: bool,
@@ -61,7 +61,7 @@ impl Verdict {
     #[inline]
     pub fn new(
         breaker: Option<Arc<Breaker>>,
-        calls: Arc<CallMetrics>,
+        calls: &'static CallMetrics,
         arrived: Instant,
         deadline: Option<Instant>,
     ) -> Verdict {
