@@ -296,6 +296,54 @@ impl Metrics {
         }
     }
 
+    /// Creates `function`'s series at zero, so that they are there (and `rate()` works) before
+    /// the first event: its cold starts, exits and queue wait, and for each of `methods` (name,
+    /// and whether it has a breaker, a retry policy, a rate limit) the series its policy can
+    /// move.
+    pub fn prepare(&self, function: &str, methods: &[(&str, bool, bool, bool)]) {
+        let f = FunctionLabels {
+            function: function.to_owned(),
+        };
+        let _ = self.cold_starts.get_or_create(&f);
+        let _ = self.cold_start_duration.get_or_create(&f);
+        let _ = self.queue_wait.get_or_create(&f);
+        for reason in ["stopped", "crashed", "failed_start"] {
+            let _ = self.exits.get_or_create(&ExitLabels {
+                function: function.to_owned(),
+                reason,
+            });
+        }
+        for &(method, breaker, retry, limit) in methods {
+            let labels = |to: &'static str| TransitionLabels {
+                function: function.to_owned(),
+                method: method.to_owned(),
+                to,
+            };
+            for to in ["open", "half_open", "closed"]
+                .into_iter()
+                .filter(|_| breaker)
+            {
+                let _ = self.transitions.get_or_create(&labels(to));
+            }
+            for reason in ["connect", "unavailable", "timeout"]
+                .into_iter()
+                .filter(|_| retry)
+            {
+                let _ = self.retries.get_or_create(&RetryLabels {
+                    function: function.to_owned(),
+                    method: method.to_owned(),
+                    reason,
+                });
+            }
+            if limit {
+                let _ = self.rate_limited.get_or_create(&LimitedLabels {
+                    function: function.to_owned(),
+                    method: method.to_owned(),
+                });
+            }
+        }
+    }
+
     /// A call refused before it reached a function (malformed, or naming no function fnmesh
     /// serves): counted as `function="unknown", method="unknown"`.
     pub fn unrouted(&self, protocol: &'static str, kind: Kind) {

@@ -74,6 +74,17 @@ impl Prometheus {
     /// The scalar value of the instant PromQL `query` (an expression with one result), if it has
     /// one yet.
     pub fn query(&self, query: &str) -> Option<f64> {
+        let v = self.answer(query)?;
+        let value = v["data"]["result"].get(0)?["value"]
+            .get(1)?
+            .as_str()?
+            .parse()
+            .ok();
+        value
+    }
+
+    /// The API's whole answer to the instant PromQL `query` (`status`, `data` or `error`).
+    pub fn answer(&self, query: &str) -> Option<serde_json::Value> {
         let encoded: String = query
             .bytes()
             .map(|b| match b {
@@ -84,13 +95,7 @@ impl Prometheus {
             })
             .collect();
         let (_, body) = self.get(&format!("/api/v1/query?query={encoded}"));
-        let v: serde_json::Value = serde_json::from_str(dechunked(&body).as_str()).ok()?;
-        let value = v["data"]["result"].get(0)?["value"]
-            .get(1)?
-            .as_str()?
-            .parse()
-            .ok();
-        value
+        serde_json::from_str(dechunked(&body).as_str()).ok()
     }
 
     /// The server's log, for a failing test's message.

@@ -161,11 +161,7 @@ impl Function {
         };
         if let (Some(m), Some(oneway)) = (declared, oneway) {
             if m.oneway != oneway {
-                return Err(refused(
-                    calls,
-                    arrived,
-                    mistyped(&f.name, method, m.oneway),
-                ));
+                return Err(refused(calls, arrived, mistyped(&f.name, method, m.oneway)));
             }
         }
         if let Err(e) = policy.limits.admit(&f.name, method) {
@@ -238,6 +234,24 @@ fn method_table(function: &FunctionConfig) -> MethodTable {
         .flatten()
         .map(|m| m.name.as_str())
         .collect();
+    // Without an IDL, the function-wide breaker is method "*" and other series follow the
+    // names callers use.
+    let policies: Vec<(&str, bool, bool, bool)> = match declared.is_empty() {
+        true => vec![("*", function.policy.circuit_breaker.is_some(), false, false)],
+        false => declared
+            .iter()
+            .map(|m| {
+                let p = function.policy_for(m);
+                (
+                    *m,
+                    p.circuit_breaker.is_some(),
+                    p.retry.is_some(),
+                    p.rate_limit.is_some(),
+                )
+            })
+            .collect(),
+    };
+    crate::metrics::global().prepare(&function.name, &policies);
     MethodTable::new(&function.name, protocol, &declared)
 }
 
