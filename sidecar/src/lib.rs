@@ -10,10 +10,12 @@
 //! 4. `instances`: each function's pool, scaler, process runtime and watchdog.
 //! 5. Foundations every layer uses: `drain` (the drain signal and the work it waits for),
 //!    `workers` (the worker threads, and the sweep that watches connections for stalls) and
-//!    `metrics` (the Prometheus metrics and their request-path handles), on
+//!    `metrics` (the Prometheus metrics and their request-path handles) and `access` (the access
+//!    log), on
 //!    `config` and `error` (the error kinds and their protocol mappings).
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod cli;
 pub mod config;

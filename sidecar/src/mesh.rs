@@ -247,6 +247,9 @@ impl Mesh {
         if st.config.discovery != config.discovery {
             need_restart.push("discovery");
         }
+        if st.config.telemetry != config.telemetry {
+            need_restart.push("telemetry");
+        }
         let mut changes = Changes {
             need_restart,
             ..Changes::default()
@@ -297,6 +300,7 @@ impl Mesh {
         st.config = Config {
             sidecar: base.sidecar,
             discovery: base.discovery,
+            telemetry: base.telemetry,
             functions: config.functions,
         };
         Ok(changes)

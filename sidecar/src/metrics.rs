@@ -391,6 +391,8 @@ impl Metrics {
             })
             .clone();
         CallMetrics {
+            function: function.into(),
+            protocol,
             method: method.into(),
             requests,
             duration,
@@ -486,6 +488,8 @@ impl Metrics {
 
 /// One method's counters (one per outcome) and latency histogram.
 pub struct CallMetrics {
+    function: Box<str>,
+    protocol: &'static str,
     method: Box<str>,
     requests: [Counter; OUTCOMES.len()],
     duration: Latency,
@@ -495,6 +499,14 @@ impl CallMetrics {
     /// The method label.
     pub fn method(&self) -> &str {
         &self.method
+    }
+
+    pub fn function(&self) -> &str {
+        &self.function
+    }
+
+    pub fn protocol(&self) -> &'static str {
+        self.protocol
     }
 
     /// A call ended `outcome`, `took` after it arrived.

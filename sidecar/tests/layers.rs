@@ -13,6 +13,7 @@ use std::{
 const LAYERS: &[&[&str]] = &[
     &["", "config", "error"],
     &["drain", "workers", "metrics"],
+    &["access"],
     &["instances"],
     &["governance"],
     &["thrift", "grpc"],

@@ -128,6 +128,7 @@ impl Sidecar {
                 }),
             )
             .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
             .stderr(log)
             .spawn()
             .expect("fnmesh-under-test starts");
@@ -150,6 +151,11 @@ impl Sidecar {
             std::thread::sleep(Duration::from_millis(5));
         }
         Ok(s)
+    }
+
+    /// What the sidecar has written to stdout so far (the access log).
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stdout")).unwrap_or_default()
     }
 
     /// What the sidecar has logged so far (its stderr).

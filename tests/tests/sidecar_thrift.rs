@@ -463,6 +463,55 @@ async fn fnmesh_status_prints_the_table_and_json() {
     assert!(f["last_cold_start"]["ms"].as_f64().unwrap() > 0.0);
 }
 
+/// The access log (issue 19, item 3): with `[telemetry] access_log = true`, one JSON line per
+/// call on stdout with its function, method, protocol, outcome and duration; with a ratio, about
+/// that share of calls; without `[telemetry]`, nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_access_log_writes_a_json_line_per_sampled_call() {
+    let table = echo_function("echo", "min = 1", "");
+    let all = Sidecar::start(&format!("[telemetry]\naccess_log = true\n\n{table}"));
+    let half = Sidecar::start(&format!(
+        "[telemetry]\naccess_log = true\naccess_log_ratio = 0.5\n\n{table}"
+    ));
+    let none = Sidecar::start(&table);
+    for i in 0..4 {
+        echo(all.addr, &format!("a{i}"), None, 5000).await.unwrap();
+    }
+    assert!(echo(all.addr, "__fail__", None, 5000).await.is_err());
+    for sc in [&half, &none] {
+        let client = client!(sc.addr, "echo", 5000);
+        for _ in 0..400 {
+            client.echo(req("h", None)).await.unwrap();
+        }
+    }
+    let lines = |sc: &Sidecar, n: usize| {
+        sidecar::wait_until(Duration::from_secs(3), || sc.stdout().lines().count() >= n);
+        sc.stdout()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let logged = lines(&all, 5);
+    assert_eq!(logged.len(), 5, "{logged:?}");
+    let outcomes: Vec<&str> = logged
+        .iter()
+        .map(|l| l["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["ok", "ok", "ok", "ok", "failed"]);
+    for l in &logged {
+        assert_eq!(
+            (&l["function"], &l["method"], &l["protocol"]),
+            (&"echo".into(), &"Echo".into(), &"thrift".into())
+        );
+        assert!(l["duration_us"].as_f64().unwrap() > 0.0, "{l}");
+        assert!(l["ts"].as_f64().unwrap() > 1.7e9, "{l}");
+    }
+    let sampled = lines(&half, 100).len();
+    assert!((100..=300).contains(&sampled), "{sampled} of 400 at 0.5");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(none.stdout(), "", "no access log unless asked");
+}
+
 /// Idle stop is graceful (issue 18, item 1): a Volo server that still has connections when
 /// SIGTERM comes waits 2 s and more before it exits, so fnmesh closes its connections to an
 /// instance before it signals it. Each of the four instances a burst started exits at once on

@@ -17,6 +17,24 @@ pub struct Config {
     pub sidecar: SidecarConfig,
     pub discovery: DiscoveryConfig,
     pub functions: Vec<FunctionConfig>,
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: the access log (JSON lines on stdout), off by default.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TelemetryConfig {
+    pub access_log: bool,
+    /// The share of calls logged, in (0, 1].
+    pub access_log_ratio: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            access_log: false,
+            access_log_ratio: 1.0,
+        }
+    }
 }
 
 /// `[discovery]`: where the sidecar registers its functions.

@@ -16,6 +16,16 @@ pub(super) struct RawFile {
     pub(super) discovery: Option<Spanned<RawDiscovery>>,
     #[serde(default)]
     pub(super) function: Vec<Spanned<RawFunction>>,
+    #[serde(default)]
+    pub(super) telemetry: Option<Spanned<RawTelemetry>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTelemetry {
+    #[serde(default)]
+    pub(super) access_log: bool,
+    pub(super) access_log_ratio: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]

@@ -394,6 +394,11 @@ const BAD_EDITS: &[(&str, &str, &[&str])] = &[
         &["fnmesh.toml:13", "protocol", "not one of thrift, grpc"],
     ),
     (
+        "backend = \"none\"",
+        "backend = \"none\"\n\n[telemetry]\naccess_log = true\naccess_log_ratio = 1.5",
+        &["telemetry.access_log_ratio", "not in (0, 1]"],
+    ),
+    (
         "protocol = \"thrift\"",
         "protocol = \"thrift\"\ntransport = \"pipe\"",
         &[

@@ -15,7 +15,7 @@ use super::{
     raw::{parse_duration, RawDiscovery, RawFile, RawFunction, RawPolicy, RawSidecar},
     CircuitBreaker, Config, ConfigError, ConnectionLimits, DiscoveryBackend, DiscoveryConfig,
     FunctionConfig, PolicyConfig, Protocol, RateLimit, Retry, ScaleConfig, SidecarConfig,
-    Transport,
+    TelemetryConfig, Transport,
 };
 
 /// `[discovery]`, checked: a known backend with an `http://` address, keys only for it.
@@ -419,8 +419,10 @@ impl Config {
             Some(w) => *w.get_ref(),
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
+        let telemetry = telemetry(&cx, &raw)?;
         Ok(Config {
             discovery,
+            telemetry,
             sidecar: SidecarConfig {
                 listen,
                 admin,
@@ -434,6 +436,25 @@ impl Config {
             functions,
         })
     }
+}
+
+/// `[telemetry]`: the access log and its ratio, in (0, 1].
+fn telemetry(cx: &Ctx<'_>, raw: &RawFile) -> Result<TelemetryConfig, ConfigError> {
+    let Some(t) = &raw.telemetry else {
+        return Ok(TelemetryConfig::default());
+    };
+    let ratio = t.get_ref().access_log_ratio.as_ref();
+    if let Some(r) = ratio.filter(|r| !(*r.get_ref() > 0.0 && *r.get_ref() <= 1.0)) {
+        return cx.invalid(
+            r.span().start,
+            "telemetry.access_log_ratio",
+            format!("{} is not in (0, 1]", r.get_ref()),
+        );
+    }
+    Ok(TelemetryConfig {
+        access_log: t.get_ref().access_log,
+        access_log_ratio: ratio.map_or(1.0, |r| *r.get_ref()),
+    })
 }
 
 fn policy(cx: &Ctx<'_>, p: &Spanned<RawPolicy>, key: &str) -> Result<PolicyConfig, ConfigError> {

@@ -86,7 +86,9 @@ impl Verdict {
             if let Some(b) = &self.breaker {
                 b.record(outcome.is_failure());
             }
-            self.calls.record(outcome, self.arrived.elapsed());
+            let took = self.arrived.elapsed();
+            self.calls.record(outcome, took);
+            crate::access::log(self.calls, outcome, took);
             self.recorded = true;
         }
     }

@@ -40,6 +40,9 @@ pub enum LogFormat {
 /// drained.
 pub fn main(path: PathBuf, config: Config, logs: LogFormat) -> ExitCode {
     init_logs(logs);
+    if config.telemetry.access_log {
+        crate::access::enable(config.telemetry.access_log_ratio);
+    }
     // The control runtime: accept, admin, signals and instance processes. Connections are
     // served by the worker threads (`workers.rs`).
     let rt = tokio::runtime::Builder::new_current_thread()
