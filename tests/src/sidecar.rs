@@ -91,16 +91,28 @@ impl Sidecar {
     /// As [`Sidecar::start_with`], logging at `level` (`RUST_LOG`; else `FNMESH_TEST_LOG`, else
     /// `warn`).
     pub fn start_logging(sidecar: &str, functions: &str, level: Option<&str>) -> Sidecar {
+        Self::start_program(&fnmesh_bin(), sidecar, functions, level)
+    }
+
+    /// As [`Sidecar::start_logging`], running `program` (another build of fnmesh, for a
+    /// benchmark that compares two).
+    pub fn start_program(
+        program: &str,
+        sidecar: &str,
+        functions: &str,
+        level: Option<&str>,
+    ) -> Sidecar {
         for _ in 0..2 {
-            if let Ok(s) = Self::try_start(sidecar, functions, level) {
+            if let Ok(s) = Self::try_start(program, sidecar, functions, level) {
                 return s;
             }
         }
-        Self::try_start(sidecar, functions, level)
+        Self::try_start(program, sidecar, functions, level)
             .unwrap_or_else(|status| panic!("fnmesh exited at start: {status}"))
     }
 
     fn try_start(
+        program: &str,
         sidecar: &str,
         functions: &str,
         level: Option<&str>,
@@ -118,7 +130,7 @@ impl Sidecar {
         // The log goes to a file the test can read (`Sidecar::log`), and is printed when the
         // test fails.
         let log = std::fs::File::create(dir.join("fnmesh.log")).unwrap();
-        let child = Command::new(fnmesh_bin())
+        let child = Command::new(program)
             .args(["run", "-c"])
             .arg(&path)
             .env(

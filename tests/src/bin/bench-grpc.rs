@@ -52,14 +52,16 @@ async fn main() {
     );
     let sc = Sidecar::start(&warm);
     let unix = Sidecar::start(&over_unix(&warm));
+    // FNMESH_COMPARE_BIN: another build of fnmesh measured in the same run (the cost of a change).
+    let compare = std::env::var("FNMESH_COMPARE_BIN")
+        .ok()
+        .map(|bin| Sidecar::start_program(&bin, "", &warm, None));
     let haproxy = start_haproxy(direct, HaproxyMode::H2);
-    let mut paths = proxy_paths(
-        direct,
-        &sc,
-        &[(&unix, "fnmesh, transport = unix")],
-        haproxy.as_ref(),
-        "haproxy (http, h2)",
-    );
+    let mut others = vec![(&unix, "fnmesh, transport = unix")];
+    if let Some(c) = &compare {
+        others.push((c, "fnmesh, FNMESH_COMPARE_BIN"));
+    }
+    let mut paths = proxy_paths(direct, &sc, &others, haproxy.as_ref(), "haproxy (http, h2)");
     let copy = start_copy_proxy(direct);
     paths.push(Path::new(
         "tokio copy proxy (L4 floor)",

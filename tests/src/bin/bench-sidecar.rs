@@ -116,18 +116,20 @@ async fn main() {
     let sc = Sidecar::start(&warm);
     let sleepy = Sidecar::start_with("busy_poll = \"0s\"", &warm);
     let unix = Sidecar::start(&over_unix(&warm));
+    // FNMESH_COMPARE_BIN: another build of fnmesh measured in the same run (the cost of a change).
+    let compare = std::env::var("FNMESH_COMPARE_BIN")
+        .ok()
+        .map(|bin| Sidecar::start_program(&bin, "", &warm, None));
     let haproxy = start_haproxy(direct, HaproxyMode::Tcp);
     let copy = start_copy_proxy(direct);
-    let mut paths = proxy_paths(
-        direct,
-        &sc,
-        &[
-            (&sleepy, "fnmesh, busy_poll = 0s"),
-            (&unix, "fnmesh, transport = unix"),
-        ],
-        haproxy.as_ref(),
-        "haproxy (tcp)",
-    );
+    let mut others = vec![
+        (&sleepy, "fnmesh, busy_poll = 0s"),
+        (&unix, "fnmesh, transport = unix"),
+    ];
+    if let Some(c) = &compare {
+        others.push((c, "fnmesh, FNMESH_COMPARE_BIN"));
+    }
+    let mut paths = proxy_paths(direct, &sc, &others, haproxy.as_ref(), "haproxy (tcp)");
     paths.push(Path::new(
         "tokio copy proxy (floor)",
         copy.1,
@@ -138,6 +140,7 @@ async fn main() {
     drop(sc);
     drop(sleepy);
     drop(unix);
+    drop(compare);
     drop(haproxy);
     drop(copy);
 
