@@ -106,22 +106,10 @@ impl Prometheus {
 
 /// A body that may be chunked (Prometheus chunks larger answers).
 fn dechunked(body: &str) -> String {
-    if body.trim_start().starts_with('{') {
-        return body.to_owned();
+    match body.trim_start().starts_with('{') {
+        true => body.to_owned(),
+        false => crate::registries::dechunk(body),
     }
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 impl Drop for Prometheus {

@@ -169,6 +169,11 @@ impl Etcd {
     }
 
     fn start_with(client: u16, extra: Vec<String>) -> Etcd {
+        Etcd::start_full(client, extra, None)
+    }
+
+    /// A server on `client` (and on `https` over TLS), with `extra` flags.
+    fn start_full(client: u16, extra: Vec<String>, https: Option<u16>) -> Etcd {
         let dir = std::env::temp_dir().join(format!(
             "fnmesh-etcd-{}-{}",
             std::process::id(),
@@ -180,7 +185,7 @@ impl Etcd {
             client,
             peer: free_port(),
             extra,
-            https: None,
+            https,
         };
         e.run();
         e
@@ -200,21 +205,7 @@ impl Etcd {
             .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
             .collect();
         extra.push("--client-cert-auth".into());
-        let dir = std::env::temp_dir().join(format!(
-            "fnmesh-etcd-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        let mut e = Etcd {
-            child: None,
-            dir,
-            client: free_port(),
-            peer: free_port(),
-            extra,
-            https: Some(https),
-        };
-        e.run();
-        e
+        Etcd::start_full(free_port(), extra, Some(https))
     }
 
     /// `https://127.0.0.1:PORT`, with TLS.
@@ -507,7 +498,8 @@ impl Consul {
     }
 }
 
-fn dechunk(body: &str) -> String {
+/// A chunked HTTP/1.1 body, put together.
+pub(crate) fn dechunk(body: &str) -> String {
     let mut out = String::new();
     let mut rest = body;
     while let Some((size, after)) = rest.split_once("\r\n") {
