@@ -28,6 +28,12 @@ if ! python3 -c "import grpc, grpc_health.v1.health_pb2, grpc_tools.protoc" >/de
     python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-health-checking grpcio-tools
 fi
 
+# The official OTLP protobufs: the trace tests' OTLP receiver (tests/python/otlp_receiver.py).
+if ! python3 -c "from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc" >/dev/null 2>&1; then
+    echo "== installing PyPI opentelemetry-proto"
+    python3 -m pip install --quiet --disable-pip-version-check opentelemetry-proto
+fi
+
 # Python h2 (with hpack and hyperframe): the HTTP/2 conformance cases' independent client.
 if ! python3 -c "import h2, hpack" >/dev/null 2>&1; then
     echo "== installing PyPI h2"

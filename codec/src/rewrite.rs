@@ -86,6 +86,28 @@ impl Frame {
         Ok(Some(service))
     }
 
+    /// Overwrites, in place, the value of the first TTHeader string key that `key` accepts and
+    /// whose value is as long as `value` (a W3C `traceparent` keeps its length); gives whether
+    /// one was.
+    pub fn overwrite_str_value(&mut self, key: impl Fn(&[u8]) -> bool, value: &[u8]) -> bool {
+        let Some(h) = self.ttheader else {
+            return false;
+        };
+        let head = self.head();
+        let base = head.as_ptr() as usize;
+        let at = h
+            .str_kvs(head)
+            .find(|(k, v)| key(k) && v.len() == value.len())
+            .map(|(_, v)| v.as_ptr() as usize - base);
+        match at {
+            Some(at) => {
+                self.head_mut()[at..at + value.len()].copy_from_slice(value);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Sets TTHeader int key `key` to `value`, replacing it if present, adding it if not; every
     /// other key is kept byte for byte. In place when the value keeps its length.
     pub fn set_int_key(&mut self, key: u16, value: &[u8]) -> Result<(), CodecError> {

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod server;
 pub mod status;
 pub mod thrift;
+pub mod trace;
 pub mod workers;
 
 /// Locks a mutex whose critical sections are a few field updates: a panic inside one leaves the

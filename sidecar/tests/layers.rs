@@ -13,7 +13,7 @@ use std::{
 const LAYERS: &[&[&str]] = &[
     &["", "config", "error"],
     &["drain", "workers", "metrics"],
-    &["access"],
+    &["access", "trace"],
     &["instances"],
     &["governance"],
     &["thrift", "grpc"],

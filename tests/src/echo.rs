@@ -128,6 +128,24 @@ impl EchoService for EchoHandler {
                 instance: self.instance.clone(),
             }));
         }
+        // Introspection hook for tests: the trace context this call arrived with (Kitex/Volo
+        // metainfo's transient `traceparent`, sent as TTHeader `RPC_TRANSIT_traceparent`).
+        if req.message == "__traceparent__" {
+            use metainfo::Forward;
+            let seen = metainfo::METAINFO
+                .try_with(|m| {
+                    let m = m.borrow();
+                    m.get_upstream("traceparent")
+                        .or_else(|| m.get_transient("traceparent"))
+                })
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            return Ok(MaybeException::Ok(EchoResponse {
+                message: seen,
+                instance: self.instance.clone(),
+            }));
+        }
         if req.message == "__count__" {
             return Ok(MaybeException::Ok(EchoResponse {
                 message: earlier.to_string().into(),

@@ -37,7 +37,8 @@ impl Drop for Unfinished {
 /// UNAVAILABLE, or sleep 2 s when this is instance N, and otherwise reply normally.
 /// Server streaming: `__bulk__ N` sends N messages of 1 MiB.
 /// Request metadata `x-echo` comes back as response
-/// metadata `x-echo`, and the request's `grpc-timeout` as `x-grpc-timeout`.
+/// metadata `x-echo`, the request's `grpc-timeout` as `x-grpc-timeout` and its `traceparent` as
+/// `x-traceparent`.
 #[derive(Clone, Default)]
 pub struct GrpcEcho {
     pub instance: FastStr,
@@ -100,9 +101,12 @@ fn with_echoed_metadata<T, U>(req: &Request<T>, message: U) -> Response<U> {
     if let Some(v) = req.metadata().get("x-echo") {
         resp.metadata_mut().insert("x-echo", v.clone());
     }
-    // The deadline this instance was given, for tests to read.
+    // The deadline this instance was given, and its trace context, for tests to read.
     if let Some(v) = req.metadata().get("grpc-timeout") {
         resp.metadata_mut().insert("x-grpc-timeout", v.clone());
+    }
+    if let Some(v) = req.metadata().get("traceparent") {
+        resp.metadata_mut().insert("x-traceparent", v.clone());
     }
     resp
 }

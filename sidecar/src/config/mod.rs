@@ -20,12 +20,27 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
 }
 
-/// `[telemetry]`: the access log (JSON lines on stdout), off by default.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// How spans leave the sidecar: OTLP over gRPC, or over HTTP with protobuf bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+/// `[telemetry]`: the access log (JSON lines on stdout) and span export over OTLP, both off by
+/// default.
+#[derive(Debug, Clone, PartialEq)]
 pub struct TelemetryConfig {
     pub access_log: bool,
     /// The share of calls logged, in (0, 1].
     pub access_log_ratio: f64,
+    /// Where spans go (`http://host:port`); none: no spans.
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: OtlpProtocol,
+    /// The share of root spans sampled, in [0, 1]; a caller's sampled flag decides for its
+    /// calls.
+    pub sample_ratio: f64,
+    pub service_name: String,
 }
 
 impl Default for TelemetryConfig {
@@ -33,6 +48,10 @@ impl Default for TelemetryConfig {
         TelemetryConfig {
             access_log: false,
             access_log_ratio: 1.0,
+            otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::Grpc,
+            sample_ratio: 1.0,
+            service_name: "fnmesh".into(),
         }
     }
 }

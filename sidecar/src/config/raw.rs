@@ -26,6 +26,10 @@ pub(super) struct RawTelemetry {
     #[serde(default)]
     pub(super) access_log: bool,
     pub(super) access_log_ratio: Option<Spanned<f64>>,
+    pub(super) otlp_endpoint: Option<Spanned<String>>,
+    pub(super) otlp_protocol: Option<Spanned<String>>,
+    pub(super) sample_ratio: Option<Spanned<f64>>,
+    pub(super) service_name: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

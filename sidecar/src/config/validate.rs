@@ -451,9 +451,40 @@ fn telemetry(cx: &Ctx<'_>, raw: &RawFile) -> Result<TelemetryConfig, ConfigError
             format!("{} is not in (0, 1]", r.get_ref()),
         );
     }
+    let t = t.get_ref();
+    let sample = t.sample_ratio.as_ref();
+    if let Some(r) = sample.filter(|r| !(0.0..=1.0).contains(r.get_ref())) {
+        return cx.invalid(
+            r.span().start,
+            "telemetry.sample_ratio",
+            format!("{} is not in [0, 1]", r.get_ref()),
+        );
+    }
+    let otlp_endpoint = match &t.otlp_endpoint {
+        Some(e) => Some(registry_address(cx, e, "telemetry.otlp_endpoint")?),
+        None => None,
+    };
+    let otlp_protocol = match t.otlp_protocol.as_ref().map(|p| (p.get_ref().as_str(), p)) {
+        None | Some(("grpc", _)) => super::OtlpProtocol::Grpc,
+        Some(("http/protobuf", _)) => super::OtlpProtocol::HttpProtobuf,
+        Some((other, p)) => {
+            return cx.invalid(
+                p.span().start,
+                "telemetry.otlp_protocol",
+                format!("{other:?} is not one of grpc, http/protobuf"),
+            )
+        }
+    };
     Ok(TelemetryConfig {
-        access_log: t.get_ref().access_log,
+        access_log: t.access_log,
         access_log_ratio: ratio.map_or(1.0, |r| *r.get_ref()),
+        otlp_endpoint,
+        otlp_protocol,
+        sample_ratio: sample.map_or(1.0, |r| *r.get_ref()),
+        service_name: t
+            .service_name
+            .as_ref()
+            .map_or("fnmesh".into(), |s| s.get_ref().clone()),
     })
 }
 

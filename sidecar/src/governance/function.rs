@@ -142,6 +142,7 @@ impl Function {
         method: &str,
         caller: Option<Duration>,
         oneway: Option<bool>,
+        parent: Option<&crate::trace::Parent>,
     ) -> Result<Admitted, CallError> {
         let arrived = Instant::now();
         let policy = self.policy.load();
@@ -183,9 +184,13 @@ impl Function {
                 && !declared.is_some_and(|m| m.client_streaming);
             Attempts::start(Some(policy), idempotent, &self.retry_budget)
         });
+        let span = match crate::trace::enabled() {
+            false => None,
+            true => traced(parent, calls),
+        };
         Ok(Admitted {
             classify: !policy.breakers.is_empty(),
-            verdict: Verdict::new(breaker, calls, arrived, deadline),
+            verdict: Verdict::new(breaker, calls, arrived, deadline, span),
             budget,
             deadline,
             retry,
@@ -213,6 +218,16 @@ impl Function {
             }
         });
     }
+}
+
+/// A span for an admitted call (traces are on).
+#[cold]
+fn traced(
+    parent: Option<&crate::trace::Parent>,
+    calls: &CallMetrics,
+) -> Option<Box<crate::trace::CallSpan>> {
+    crate::trace::CallSpan::start(parent, calls.function(), calls.method(), calls.protocol())
+        .map(Box::new)
 }
 
 /// Counts a call refused at admission, and gives back its error.

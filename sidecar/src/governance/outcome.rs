@@ -10,7 +10,7 @@ use fnmesh_codec::ReplyKind;
 
 use super::breaker::Breaker;
 pub use crate::metrics::Outcome;
-use crate::{error::Kind, metrics::CallMetrics};
+use crate::{error::Kind, metrics::CallMetrics, trace::CallSpan};
 
 /// Whether an error fnmesh answered (or a transport failure it saw) counts against the function
 /// ([`Kind::is_failure`]).
@@ -55,6 +55,8 @@ pub struct Verdict {
     arrived: Instant,
     deadline: Option<Instant>,
     recorded: bool,
+    /// The call's span, when traces are on.
+    span: Option<Box<CallSpan>>,
 }
 
 impl Verdict {
@@ -64,6 +66,7 @@ impl Verdict {
         calls: &'static CallMetrics,
         arrived: Instant,
         deadline: Option<Instant>,
+        span: Option<Box<CallSpan>>,
     ) -> Verdict {
         Verdict {
             breaker,
@@ -71,7 +74,14 @@ impl Verdict {
             arrived,
             deadline,
             recorded: false,
+            span,
         }
+    }
+
+    /// The call's span, when traces are on (the front end passes it to the instance as its
+    /// parent).
+    pub fn span(&self) -> Option<&CallSpan> {
+        self.span.as_deref()
     }
 
     /// The call's method, as its metrics name it.
@@ -89,6 +99,9 @@ impl Verdict {
             let took = self.arrived.elapsed();
             self.calls.record(outcome, took);
             crate::access::log(self.calls, outcome, took);
+            if let Some(span) = self.span.take() {
+                span.end(outcome);
+            }
             self.recorded = true;
         }
     }

@@ -144,6 +144,7 @@ async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
         }
     }
     sidecar.shutdown(signals).await;
+    crate::trace::flush();
     Ok(())
 }
 
@@ -161,6 +162,10 @@ async fn start(path: PathBuf, config: Config) -> Result<Sidecar, String> {
     let watchdog =
         Arc::new(Watchdog::start().map_err(|e| format!("cannot start the watchdog: {e}"))?);
     let settings = config.sidecar.clone();
+    let t = &config.telemetry;
+    if let Some(endpoint) = &t.otlp_endpoint {
+        crate::trace::init(endpoint, t.otlp_protocol, t.sample_ratio, &t.service_name)?;
+    }
     let backend = registry(&config.discovery.backend).await?;
     let mesh = Arc::new(Mesh::new(path, config, limits, watchdog));
     if let Some(addr) = settings.admin {

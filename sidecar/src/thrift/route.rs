@@ -42,7 +42,15 @@ pub(super) fn route(table: &[Route], frame: &mut Frame) -> Result<Routed, CallEr
         .filter(|ms| *ms > 0)
         .map(Duration::from_millis);
     let oneway = frame.kind() == MessageType::Oneway;
-    let admitted = function.admit(frame.name(), caller, Some(oneway))?;
+    let parent = match crate::trace::enabled() {
+        false => None,
+        true => caller_trace(frame),
+    };
+    let admitted = function.admit(frame.name(), caller, Some(oneway), parent.as_ref())?;
+    if let Some(span) = admitted.verdict.span() {
+        // The instance's parent is fnmesh's span: in place, where the caller sent a context.
+        frame.overwrite_str_value(is_traceparent, span.traceparent().as_bytes());
+    }
     Ok(Routed {
         function: function.clone(),
         deadline: admitted.deadline,
@@ -51,6 +59,35 @@ pub(super) fn route(table: &[Route], frame: &mut Frame) -> Result<Routed, CallEr
         classify: admitted.classify,
         retry: admitted.retry,
     })
+}
+
+/// TTHeader's string key for the trace context: `traceparent`, or with Kitex/Volo's metainfo
+/// transit prefix (`RPC_TRANSIT_traceparent`), in any case.
+fn is_traceparent(key: &[u8]) -> bool {
+    key.eq_ignore_ascii_case(b"traceparent") || key.eq_ignore_ascii_case(b"rpc_transit_traceparent")
+}
+
+fn is_tracestate(key: &[u8]) -> bool {
+    key.eq_ignore_ascii_case(b"tracestate") || key.eq_ignore_ascii_case(b"rpc_transit_tracestate")
+}
+
+/// The caller's trace context from the frame's TTHeader string keys (traces are on).
+#[cold]
+fn caller_trace(frame: &Frame) -> Option<crate::trace::Parent> {
+    let h = frame.ttheader()?;
+    let head = frame.head();
+    let mut parent = None;
+    let mut state = None;
+    for (k, v) in h.str_kvs(head) {
+        if is_traceparent(k) {
+            parent = crate::trace::parse_traceparent(v);
+        } else if is_tracestate(k) {
+            state = Some(String::from_utf8_lossy(v).into_owned());
+        }
+    }
+    let mut parent = parent?;
+    parent.state = state;
+    Some(parent)
 }
 
 #[cold]

@@ -157,7 +157,7 @@ impl Relay<'_> {
             let mut stream = Stream::new(head.block, end, self.caller.peer_window);
             stream.content_left = head.content_length;
             stream.list_size = head.list_size;
-            self.open_stream(id, stream, &path, head.timeout);
+            self.open_stream(id, stream, &path, head.timeout, head.parent);
         }
         self.path = path;
         Ok(())
@@ -197,8 +197,15 @@ impl Relay<'_> {
     }
 
     /// A new stream goes to its function (or is answered at once).
-    fn open_stream(&mut self, id: u32, mut stream: Stream, path: &str, timeout: Option<Duration>) {
-        match self.route(path, timeout, &mut stream) {
+    fn open_stream(
+        &mut self,
+        id: u32,
+        mut stream: Stream,
+        path: &str,
+        timeout: Option<Duration>,
+        parent: Option<Box<crate::trace::Parent>>,
+    ) {
+        match self.route(path, timeout, &mut stream, parent.as_deref()) {
             Ok(None) => {
                 self.streams.insert(id, stream);
             }
@@ -245,6 +252,7 @@ impl Relay<'_> {
         path: &str,
         caller_timeout: Option<Duration>,
         stream: &mut Stream,
+        parent: Option<&crate::trace::Parent>,
     ) -> Result<Option<Lease>, CallError> {
         let target = grpc::target(self.front, path)
             .inspect_err(|e| crate::metrics::global().unrouted("grpc", e.kind))?;
@@ -256,7 +264,7 @@ impl Relay<'_> {
                 return Ok(None);
             }
         };
-        let admitted = function.admit(method, caller_timeout, None)?;
+        let admitted = function.admit(method, caller_timeout, None, parent)?;
         // Outcomes are recorded in the breaker and the metrics; in the instance's ejection
         // count when the function has breakers.
         stream.verdict = Some(admitted.verdict);
@@ -635,6 +643,9 @@ struct RequestHead {
     content_length: Option<u64>,
     /// The header list's size as SETTINGS_MAX_HEADER_LIST_SIZE counts it.
     list_size: usize,
+    /// With traces on: the caller's `traceparent` (and `tracestate`), taken out of the block
+    /// (the instance gets fnmesh's span as its parent instead).
+    parent: Option<Box<crate::trace::Parent>>,
 }
 
 impl RequestHead {
@@ -651,7 +662,10 @@ impl RequestHead {
             malformed: false,
             content_length: None,
             list_size: 0,
+            parent: None,
         };
+        let tracing = crate::trace::enabled();
+        let mut state = None;
         let mut pseudo_done = false;
         // Pseudo-headers seen, one bit each (:method, :scheme, :path, :authority).
         let mut seen = 0u8;
@@ -681,6 +695,14 @@ impl RequestHead {
                         .and_then(grpc::parse_grpc_timeout);
                     return;
                 }
+                if tracing && f.name == b"traceparent" {
+                    head.parent = crate::trace::parse_traceparent(f.value).map(Box::new);
+                    return;
+                }
+                if tracing && f.name == b"tracestate" {
+                    state = Some(String::from_utf8_lossy(f.value).into_owned());
+                    return;
+                }
                 if f.name == b"content-length" {
                     let n = std::str::from_utf8(f.value)
                         .ok()
@@ -701,6 +723,9 @@ impl RequestHead {
         })?;
         // :method, :scheme and :path are required.
         head.malformed |= seen & 7 != 7;
+        if let Some(p) = head.parent.as_mut() {
+            p.state = state;
+        }
         Ok(head)
     }
 }

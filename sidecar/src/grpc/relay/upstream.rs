@@ -323,6 +323,17 @@ impl Relay<'_> {
                 false,
             );
         }
+        if let Some(span) = s.verdict.as_ref().and_then(|v| v.span()) {
+            encode_field(
+                &mut block,
+                b"traceparent",
+                span.traceparent().as_bytes(),
+                false,
+            );
+            if let Some(state) = span.tracestate() {
+                encode_field(&mut block, b"tracestate", state.as_bytes(), false);
+            }
+        }
         s.attempt_deadline = None;
         let share = s
             .retry
