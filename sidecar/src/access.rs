@@ -30,6 +30,7 @@ struct Line {
     calls: &'static CallMetrics,
     outcome: Outcome,
     took: Duration,
+    trace_id: Option<String>,
 }
 
 /// Turns the access log on, logging `ratio` (0 to 1) of calls. Once per process.
@@ -52,17 +53,27 @@ pub fn enable(ratio: f64) {
     ON.store(true, Ordering::Release);
 }
 
-/// Logs a call, if the access log is on and the call is drawn.
+/// Logs a call, if the access log is on and the call is drawn; `trace_id` is asked only then.
 #[inline]
-pub fn log(calls: &'static CallMetrics, outcome: Outcome, took: Duration) {
+pub fn log(
+    calls: &'static CallMetrics,
+    outcome: Outcome,
+    took: Duration,
+    trace_id: impl FnOnce() -> Option<String>,
+) {
     if !ON.load(Ordering::Relaxed) {
         return;
     }
-    sampled(calls, outcome, took);
+    sampled(calls, outcome, took, trace_id());
 }
 
 #[cold]
-fn sampled(calls: &'static CallMetrics, outcome: Outcome, took: Duration) {
+fn sampled(
+    calls: &'static CallMetrics,
+    outcome: Outcome,
+    took: Duration,
+    trace_id: Option<String>,
+) {
     let threshold = THRESHOLD.load(Ordering::Relaxed);
     if threshold != u64::MAX && draw() >= threshold {
         return;
@@ -72,6 +83,7 @@ fn sampled(calls: &'static CallMetrics, outcome: Outcome, took: Duration) {
         calls,
         outcome,
         took,
+        trace_id,
     };
     if let Some(tx) = LINES.get() {
         if tx.try_send(line).is_err() {
@@ -124,7 +136,8 @@ fn write_lines(rx: mpsc::Receiver<Line>) {
     }
 }
 
-/// `{"ts":..., "function":..., "method":..., "protocol":..., "outcome":..., "duration_us":...}`
+/// `{"ts":..., "function":..., "method":..., "protocol":..., "outcome":..., "duration_us":...,
+/// "trace_id": ...}` (`null` without traces).
 fn format_line(out: &mut Vec<u8>, l: &Line) {
     let ts =
         l.at.duration_since(SystemTime::UNIX_EPOCH)
@@ -136,6 +149,7 @@ fn format_line(out: &mut Vec<u8>, l: &Line) {
         "protocol": l.calls.protocol(),
         "outcome": l.outcome.label(),
         "duration_us": l.took.as_secs_f64() * 1e6,
+        "trace_id": l.trace_id,
     });
     let _ = serde_json::to_writer(&mut *out, &v);
     out.push(b'\n');

@@ -162,6 +162,7 @@ pub fn parse_traceparent(value: &[u8]) -> Option<Parent> {
 pub struct CallSpan {
     span: opentelemetry_sdk::trace::Span,
     context: SpanContext,
+    retries: i64,
 }
 
 impl CallSpan {
@@ -212,7 +213,11 @@ impl CallSpan {
             ]);
         let span = tracer.build_with_context(builder, &cx);
         let context = span.span_context().clone();
-        Some(CallSpan { span, context })
+        Some(CallSpan {
+            span,
+            context,
+            retries: 0,
+        })
     }
 
     /// The `traceparent` the instance gets: this span as its parent.
@@ -231,13 +236,33 @@ impl CallSpan {
         (!s.is_empty()).then_some(s)
     }
 
-    /// Adds an attribute (the instance, a cold start, queue wait, retries).
-    pub fn set(&mut self, kv: KeyValue) {
-        self.span.set_attribute(kv);
+    /// The trace id, in hex (for the access log).
+    pub fn trace_id(&self) -> String {
+        format!("{:032x}", self.context.trace_id())
+    }
+
+    /// The call got a slot on instance `instance`; `waited` is how long it queued for it (none
+    /// when a slot was free), and `cold` whether the instance became ready meanwhile.
+    pub fn leased(&mut self, instance: u64, waited: Option<std::time::Duration>, cold: bool) {
+        self.span
+            .set_attribute(KeyValue::new("fnmesh.instance", instance as i64));
+        if let Some(w) = waited {
+            self.span
+                .set_attribute(KeyValue::new("fnmesh.queue_wait_ms", w.as_secs_f64() * 1e3));
+        }
+        self.span
+            .set_attribute(KeyValue::new("fnmesh.cold_start", cold));
+    }
+
+    /// The call is sent again.
+    pub fn retried(&mut self) {
+        self.retries += 1;
     }
 
     /// Ends the span with the call's outcome.
     pub fn end(mut self, outcome: Outcome) {
+        self.span
+            .set_attribute(KeyValue::new("fnmesh.retries", self.retries));
         self.span
             .set_attribute(KeyValue::new("fnmesh.outcome", outcome.label()));
         if outcome.is_failure() {

@@ -103,7 +103,7 @@ async fn grpc_calls_are_traced_as_children_of_the_callers_span() {
     let sc = Sidecar::start(&format!(
         "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{}\"\nservice_name = \"mesh-a\"\n\n{}",
         receiver.grpc,
-        grpc_echo_function("gecho", "min = 1", "")
+        grpc_echo_function("gecho", "min = 0", "")
     ));
     let client = EchoClientBuilder::new("gecho").address(sc.addr).build();
     let mut req = volo_grpc::Request::new(GrpcRequest {
@@ -142,6 +142,11 @@ async fn grpc_calls_are_traced_as_children_of_the_callers_span() {
     assert_eq!(span["attributes"]["rpc.method"], "UnaryEcho");
     assert_eq!(span["attributes"]["fnmesh.function"], "gecho");
     assert_eq!(span["attributes"]["fnmesh.outcome"], "ok");
+    // The first call waited for the instance's cold start.
+    assert_eq!(span["attributes"]["fnmesh.instance"], 1);
+    assert_eq!(span["attributes"]["fnmesh.cold_start"], true, "{span}");
+    assert!(span["attributes"]["fnmesh.queue_wait_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(span["attributes"]["fnmesh.retries"], 0);
 
     // No context from the caller: a new trace, and the function still gets fnmesh's span.
     let resp = client
@@ -162,6 +167,7 @@ async fn grpc_calls_are_traced_as_children_of_the_callers_span() {
     let span = receiver.span_of(&root[1]);
     assert_eq!(span["parent_span_id"], "", "a root span");
     assert_eq!(span["span_id"], root[2]);
+    assert_eq!(span["attributes"]["fnmesh.cold_start"], false, "{span}");
 }
 
 /// Thrift, exported over OTLP/HTTP (protobuf): a Volo call carrying its trace context as
@@ -171,7 +177,7 @@ async fn grpc_calls_are_traced_as_children_of_the_callers_span() {
 async fn thrift_calls_are_traced_and_volo_functions_see_fnmeshs_span() {
     let receiver = Receiver::start();
     let sc = Sidecar::start(&format!(
-        "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{}\"\notlp_protocol = \"http/protobuf\"\n\n{}",
+        "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{}\"\notlp_protocol = \"http/protobuf\"\naccess_log = true\n\n{}",
         receiver.http,
         echo_function("echo", "min = 1", "")
     ));
@@ -209,4 +215,7 @@ async fn thrift_calls_are_traced_and_volo_functions_see_fnmeshs_span() {
     assert_eq!(span["attributes"]["rpc.system"], "thrift");
     assert_eq!(span["attributes"]["rpc.method"], "Echo");
     assert_eq!(span["attributes"]["fnmesh.outcome"], "ok");
+    // The access log names the trace.
+    let line: Value = serde_json::from_str(sc.stdout().lines().next().unwrap()).unwrap();
+    assert_eq!(line["trace_id"], TRACE, "{line}");
 }

@@ -225,9 +225,8 @@ impl Function {
 fn traced(
     parent: Option<&crate::trace::Parent>,
     calls: &CallMetrics,
-) -> Option<Box<crate::trace::CallSpan>> {
+) -> Option<crate::trace::CallSpan> {
     crate::trace::CallSpan::start(parent, calls.function(), calls.method(), calls.protocol())
-        .map(Box::new)
 }
 
 /// Counts a call refused at admission, and gives back its error.

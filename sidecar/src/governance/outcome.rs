@@ -55,8 +55,8 @@ pub struct Verdict {
     arrived: Instant,
     deadline: Option<Instant>,
     recorded: bool,
-    /// The call's span, when traces are on.
-    span: Option<Box<CallSpan>>,
+    /// The call's span, when traces are on (locked only then, and only by the call's task).
+    span: Option<Box<std::sync::Mutex<CallSpan>>>,
 }
 
 impl Verdict {
@@ -66,7 +66,7 @@ impl Verdict {
         calls: &'static CallMetrics,
         arrived: Instant,
         deadline: Option<Instant>,
-        span: Option<Box<CallSpan>>,
+        span: Option<CallSpan>,
     ) -> Verdict {
         Verdict {
             breaker,
@@ -74,14 +74,38 @@ impl Verdict {
             arrived,
             deadline,
             recorded: false,
-            span,
+            span: span.map(|s| Box::new(std::sync::Mutex::new(s))),
         }
     }
 
     /// The call's span, when traces are on (the front end passes it to the instance as its
     /// parent).
-    pub fn span(&self) -> Option<&CallSpan> {
-        self.span.as_deref()
+    pub fn span(&self) -> Option<std::sync::MutexGuard<'_, CallSpan>> {
+        self.span.as_deref().map(crate::lock)
+    }
+
+    /// The call got a slot on `instance`: noted in its span (the instance, how long the call
+    /// queued, whether it waited for the instance's cold start).
+    #[inline]
+    pub fn leased(&self, instance: &crate::instances::Instance) {
+        if let Some(mut span) = self.span() {
+            let waited = self.arrived.elapsed();
+            let queued = (waited > std::time::Duration::from_micros(100)).then_some(waited);
+            let cold = instance.ready_at > self.arrived.into_std();
+            span.leased(instance.id, queued, cold);
+        }
+    }
+
+    /// The call is sent again: counted in its span.
+    pub fn retried(&self) {
+        if let Some(mut span) = self.span() {
+            span.retried();
+        }
+    }
+
+    /// The call's trace id, when it has a span.
+    pub fn trace_id(&self) -> Option<String> {
+        self.span().map(|s| s.trace_id())
     }
 
     /// The call's method, as its metrics name it.
@@ -98,8 +122,9 @@ impl Verdict {
             }
             let took = self.arrived.elapsed();
             self.calls.record(outcome, took);
-            crate::access::log(self.calls, outcome, took);
+            crate::access::log(self.calls, outcome, took, || self.trace_id());
             if let Some(span) = self.span.take() {
+                let span = span.into_inner().unwrap_or_else(|p| p.into_inner());
                 span.end(outcome);
             }
             self.recorded = true;

@@ -147,6 +147,7 @@ async fn exchange(
             lease
         }
     };
+    routed.verdict.leased(&lease.instance);
     let request = match (request, deadline) {
         (Outgoing::Timed(frame), Some(d)) => with_remaining_budget(*frame, d)?,
         (Outgoing::Timed(frame), None) => frame.into_buf(),
@@ -189,12 +190,14 @@ async fn retrying(
         };
         let method = attempt.routed.verdict.method();
         crate::metrics::global().retry(&function.name, method, outcome::retry_reason(failure));
+        attempt.routed.verdict.retried();
         tracing::debug!(function = %function.name, instance, error = %e, "retrying");
         tokio::time::sleep(wait).await;
         lease = match function.pool.try_acquire_other(instance)? {
             Some(lease) => lease,
             None => Box::pin(function.pool.acquire()).await?,
         };
+        attempt.routed.verdict.leased(&lease.instance);
     }
 }
 

@@ -591,6 +591,9 @@ impl Relay<'_> {
                 .map_or(crate::metrics::UNKNOWN, |v| v.method());
             let reason = outcome::retry_reason(why);
             crate::metrics::global().retry(s.function(), method, reason);
+            if let Some(v) = &s.verdict {
+                v.retried();
+            }
         }
         let (Some(wait), Some(r)) = (wait, s.retry.as_mut()) else {
             if why != Failure::Connect {

@@ -139,6 +139,9 @@ impl Relay<'_> {
             }
         };
         lease.set_deadline(s.deadline);
+        if let Some(v) = &s.verdict {
+            v.leased(&lease.instance);
+        }
         let instance = lease.instance.clone();
         s.lease = Some(lease);
         self.place(id, instance);
