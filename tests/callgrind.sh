@@ -5,6 +5,8 @@
 # start-up and shutdown. A benchmark, not a test: it prints figures and asserts nothing.
 #
 # usage: tests/callgrind.sh [FNMESH_BINARY (default target/release/fnmesh)] [N (default 2000)]
+# FNMESH_CALLGRIND_TOML: more of the policy file, appended as it is (a `[telemetry]` table, to
+# count what traces or the access log cost).
 # Needs: valgrind, release builds of fnmesh-tests' bins (echo-fn, grpc-echo-fn, echo-call), and
 # Python grpcio (tests/run.sh installs it).
 set -euo pipefail
@@ -37,6 +39,8 @@ command = ["$PWD/target/release/$fn"]
 [function.scale]
 min = 1
 max = 1
+
+${FNMESH_CALLGRIND_TOML:-}
 TOML
     valgrind --tool=callgrind --callgrind-out-file="$scratch/out.%p" "$fnmesh" run -c "$scratch/fnmesh.toml" \
         >/dev/null 2>"$scratch/log" &
