@@ -8,6 +8,8 @@ usage: grpc_echo_client.py PORT unary MESSAGE
        grpc_echo_client.py PORT check SERVICE
        grpc_echo_client.py PORT watch SERVICE      (prints each status as it arrives)
        grpc_echo_client.py PORT repeat N           (N unary calls on one channel; prints "N ok")
+       grpc_echo_client.py PORT traced TRACEPARENT (a unary call carrying it; prints the
+                                                    traceparent the function received)
 Each prints one line per result; errors print "error CODE_NAME message".
 """
 import sys
@@ -64,6 +66,13 @@ def main():
             call = channel.unary_unary("/echo.Echo/UnaryEcho", ident, decode_response)
             msg, inst = call(encode_request(sys.argv[3]), timeout=10)
             print(f"{msg} {inst}")
+        elif mode == "traced":
+            call = channel.unary_unary("/echo.Echo/UnaryEcho", ident, decode_response)
+            _, meta = call.with_call(
+                encode_request("traced"), timeout=10, metadata=(("traceparent", sys.argv[3]),)
+            )
+            seen = dict(meta.initial_metadata()).get("x-traceparent", "")
+            print(seen)
         elif mode == "repeat":
             call = channel.unary_unary("/echo.Echo/UnaryEcho", ident, decode_response)
             n = int(sys.argv[3])

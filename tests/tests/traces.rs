@@ -95,8 +95,9 @@ fn fields(traceparent: &str) -> Vec<String> {
 }
 
 /// gRPC, exported over OTLP/gRPC: a volo-grpc call carrying a `traceparent` gets a span whose
-/// parent is the caller's, the function receives that span as its parent (same trace), and a
-/// call without one starts a new trace, which the function also receives.
+/// parent is the caller's, the function receives that span as its parent (same trace), a call
+/// without one starts a new trace, which the function also receives, and a Python grpcio call
+/// with a context of its own is traced the same way.
 #[tokio::test(flavor = "multi_thread")]
 async fn grpc_calls_are_traced_as_children_of_the_callers_span() {
     let receiver = Receiver::start();
@@ -168,6 +169,22 @@ async fn grpc_calls_are_traced_as_children_of_the_callers_span() {
     assert_eq!(span["parent_span_id"], "", "a root span");
     assert_eq!(span["span_id"], root[2]);
     assert_eq!(span["attributes"]["fnmesh.cold_start"], false, "{span}");
+
+    // Python grpcio, an independent gRPC client, carrying a context of its own.
+    let other = "0af7651916cd43dd8448eb211c80319c";
+    let out = fnmesh_tests::sidecar::python(
+        "grpc_echo_client.py",
+        &[
+            &sc.addr.port().to_string(),
+            "traced",
+            &format!("00-{other}-b7ad6b7169203331-01"),
+        ],
+    );
+    let seen = fields(out[0].trim());
+    assert_eq!(seen[1], other, "{out:?}");
+    let span = receiver.span_of(other);
+    assert_eq!(span["parent_span_id"], "b7ad6b7169203331", "{span}");
+    assert_eq!(span["span_id"], seen[2], "{span}");
 }
 
 /// Thrift, exported over OTLP/HTTP (protobuf): a Volo call carrying its trace context as
