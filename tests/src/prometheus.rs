@@ -3,8 +3,7 @@
 //! in a scratch directory, removed (and the server killed) when dropped.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -54,21 +53,7 @@ impl Prometheus {
 
     /// GET `path`: (status line, body).
     pub fn get(&self, path: &str) -> (String, String) {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return (String::new(), String::new());
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = write!(
-            s,
-            "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n"
-        );
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-        (
-            head.lines().next().unwrap_or("").to_owned(),
-            body.to_owned(),
-        )
+        crate::registries::http_get(self.port, path, "")
     }
 
     /// The scalar value of the instant PromQL `query` (an expression with one result), if it has
@@ -95,20 +80,12 @@ impl Prometheus {
             })
             .collect();
         let (_, body) = self.get(&format!("/api/v1/query?query={encoded}"));
-        serde_json::from_str(dechunked(&body).as_str()).ok()
+        serde_json::from_str(&body).ok()
     }
 
     /// The server's log, for a failing test's message.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
-    }
-}
-
-/// A body that may be chunked (Prometheus chunks larger answers).
-fn dechunked(body: &str) -> String {
-    match body.trim_start().starts_with('{') {
-        true => body.to_owned(),
-        false => crate::registries::dechunk(body),
     }
 }
 

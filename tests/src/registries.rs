@@ -453,32 +453,12 @@ impl Consul {
 
     /// GET a path of the HTTP API: (status line, body).
     pub fn get(&self, path: &str) -> (String, String) {
-        use std::io::{Read, Write};
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.http)) else {
-            return (String::new(), String::new());
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
         let token = self
             .acl
             .as_ref()
             .map(|t| format!("x-consul-token: {t}\r\n"))
             .unwrap_or_default();
-        let _ = write!(
-            s,
-            "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{token}connection: close\r\n\r\n"
-        );
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-        let body = if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(body)
-        } else {
-            body.to_owned()
-        };
-        (head.lines().next().unwrap_or("").to_owned(), body)
+        http_get(self.http, path, &token)
     }
 
     /// The passing instances of `service`, as Consul's health endpoint lists them.
@@ -496,6 +476,31 @@ impl Consul {
         self.stop();
         self.run();
     }
+}
+
+/// One HTTP/1.1 GET to 127.0.0.1:`port` (`headers`: more header lines, each ending in CRLF):
+/// the status line and the body (put together when chunked); empty when nothing answers.
+pub fn http_get(port: u16, path: &str, headers: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return (String::new(), String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{headers}connection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = match chunked {
+        true => dechunk(body),
+        false => body.to_owned(),
+    };
+    (head.lines().next().unwrap_or("").to_owned(), body)
 }
 
 /// A chunked HTTP/1.1 body, put together.
