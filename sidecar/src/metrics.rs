@@ -151,7 +151,7 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 /// The process's metrics that are counted as things happen.
 pub struct Metrics {
     registry: Registry,
-    requests: Family<CallLabels, Counter>,
+    requests: Family<CallLabels, Calls>,
     duration: Family<MethodLabels, Latency>,
     queue_wait: Family<FunctionLabels, Histogram, fn() -> Histogram>,
     /// Each function's last cold start: when, and how long it took.
@@ -296,17 +296,15 @@ impl Metrics {
         }
     }
 
-    /// Creates `function`'s series at zero, so that they are there (and `rate()` works) before
-    /// the first event: its cold starts, exits and queue wait, and for each of `methods` (name,
-    /// and whether it has a breaker, a retry policy, a rate limit) the series its policy can
-    /// move.
+    /// Creates `function`'s counters at zero, so that they are there (and `rate()` works) before
+    /// the first event: its cold starts and exits, and for each of `methods` (name, and whether
+    /// it has a breaker, a retry policy, a rate limit) the counters its policy can move.
     pub fn prepare(&self, function: &str, methods: &[(&str, bool, bool, bool)]) {
         let f = FunctionLabels {
             function: function.to_owned(),
         };
+        // Counters at zero; histograms (about twenty lines each) come with their first event.
         let _ = self.cold_starts.get_or_create(&f);
-        let _ = self.cold_start_duration.get_or_create(&f);
-        let _ = self.queue_wait.get_or_create(&f);
         for reason in ["stopped", "crashed", "failed_start"] {
             let _ = self.exits.get_or_create(&ExitLabels {
                 function: function.to_owned(),
@@ -491,7 +489,7 @@ pub struct CallMetrics {
     function: Box<str>,
     protocol: &'static str,
     method: Box<str>,
-    requests: [Counter; OUTCOMES.len()],
+    requests: [Calls; OUTCOMES.len()],
     duration: Latency,
 }
 
@@ -515,11 +513,49 @@ impl CallMetrics {
         self.requests[outcome.index()].inc();
         self.duration.observe(took);
     }
+}
 
+/// A call counter that is not exposed while it is zero: every method has one per outcome from
+/// the start (the request path only adds), but a sidecar with many functions does not expose
+/// ten zeros for every method no call has used.
+#[derive(Clone, Default, Debug)]
+pub struct Calls(Arc<std::sync::atomic::AtomicU64>);
+
+impl Calls {
+    #[inline]
+    fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl prometheus_client::metrics::TypedMetric for Calls {
+    const TYPE: prometheus_client::metrics::MetricType =
+        prometheus_client::metrics::MetricType::Counter;
+}
+
+impl prometheus_client::encoding::EncodeMetric for Calls {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            n => {
+                encoder.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&n, None)
+            }
+        }
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Counter
+    }
+}
+
+impl CallMetrics {
     /// Adds its counts to `t`.
     fn add_to(&self, t: &mut Totals) {
         for (sum, c) in t.outcomes.iter_mut().zip(&self.requests) {
-            *sum += c.get();
+            *sum += c.0.load(Ordering::Relaxed);
         }
         for (sum, b) in t.buckets.iter_mut().zip(self.duration.0.buckets.iter()) {
             *sum += b.load(Ordering::Relaxed);
@@ -586,7 +622,11 @@ impl prometheus_client::encoding::EncodeMetric for Latency {
         let buckets: Vec<(f64, u64)> = (0..=LATENCY_BUCKETS)
             .map(|k| (latency_bound(k), self.0.buckets[k].load(Ordering::Relaxed)))
             .collect();
-        let count = buckets.iter().map(|(_, n)| n).sum();
+        let count: u64 = buckets.iter().map(|(_, n)| n).sum();
+        // Not exposed before its first observation (see [`Calls`]).
+        if count == 0 {
+            return Ok(());
+        }
         let sum = self.0.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
         encoder
             .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)

@@ -124,7 +124,7 @@ async fn a_unix_socket_function_serves_grpc_calls() {
     use fnmesh_tests::sidecar::{assert_unix_instances, instance_sockets, over_unix};
     let table = over_unix(&grpc_echo_function(
         "echo",
-        "min = 0\nmax = 2\nconcurrency = 4\nidle = \"500ms\"",
+        "min = 0\nmax = 2\nconcurrency = 4\nidle = \"2s\"",
         "",
     ));
     let sc = Sidecar::start_logging("", &table, Some("info"));
@@ -157,7 +157,8 @@ async fn a_unix_socket_function_serves_grpc_calls() {
     assert_eq!(sockets.len(), 2, "{sockets:?}");
     assert_unix_instances(&sockets);
 
-    assert!(sc.wait_for(Duration::from_secs(5), |sc| sc.stops().len() == 2));
+    // Idle (2 s, so that no instance stops while the sockets are checked under load).
+    assert!(sc.wait_for(Duration::from_secs(10), |sc| sc.stops().len() == 2));
     for (ms, killed) in sc.stops() {
         assert!(!killed && ms < 500.0, "{:?}", sc.stops());
     }

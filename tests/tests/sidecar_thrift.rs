@@ -216,7 +216,7 @@ async fn failing_calls_open_the_breaker_and_business_errors_do_not() {
 async fn a_unix_socket_function_serves_thrift_calls() {
     let table = sidecar::over_unix(&echo_function(
         "echo",
-        "min = 0\nmax = 2\nconcurrency = 4\nidle = \"500ms\"",
+        "min = 0\nmax = 2\nconcurrency = 4\nidle = \"2s\"",
         "",
     ));
     let sc = Sidecar::start_logging("", &table, Some("info"));
@@ -239,7 +239,8 @@ async fn a_unix_socket_function_serves_thrift_calls() {
     assert!(sc.log().contains("addr=unix:"), "{}", sc.log());
 
     // Idle: both stop at once on SIGTERM (no connection of fnmesh's left), sockets removed.
-    assert!(sc.wait_for(Duration::from_secs(5), |sc| sc.stops().len() == 2));
+    // Idle (2 s, so that no instance stops while the sockets are checked under load).
+    assert!(sc.wait_for(Duration::from_secs(10), |sc| sc.stops().len() == 2));
     for (ms, killed) in sc.stops() {
         assert!(!killed && ms < 500.0, "{:?}", sc.stops());
     }
