@@ -7,7 +7,8 @@
 //! 2. Protocol front ends: `thrift` (connections and forwarding) and `grpc` (the HTTP/2 relay).
 //! 3. `governance`: routing admission, deadlines, retries and their budget, breakers and outcome
 //!    classification, rate limits.
-//! 4. `instances`: each function's pool, scaler, process runtime and watchdog.
+//! 4. `instances`: each function's pool, scaler, process runtime and watchdog; then `access`
+//!    (the access log) and `trace` (spans over OTLP).
 //! 5. Foundations every layer uses: `drain` (the drain signal and the work it waits for),
 //!    `workers` (the worker threads, and the sweep that watches connections for stalls) and
 //!    `metrics` (the Prometheus metrics and their request-path handles) and `access` (the access
