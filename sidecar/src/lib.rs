@@ -11,9 +11,8 @@
 //!    (the access log) and `trace` (spans over OTLP).
 //! 5. Foundations every layer uses: `drain` (the drain signal and the work it waits for),
 //!    `workers` (the worker threads, and the sweep that watches connections for stalls) and
-//!    `metrics` (the Prometheus metrics and their request-path handles) and `access` (the access
-//!    log), on
-//!    `config` and `error` (the error kinds and their protocol mappings).
+//!    `metrics` (the Prometheus metrics and their request-path handles), on `config` and
+//!    `error` (the error kinds and their protocol mappings).
 #![forbid(unsafe_code)]
 
 pub mod access;
