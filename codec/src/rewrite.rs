@@ -108,6 +108,50 @@ impl Frame {
         }
     }
 
+    /// Adds the TTHeader string key `key` with `value`, in a key/value block of its own after
+    /// the others; every other byte of the header is kept. For a key the frame does not carry
+    /// (replace one with [`Frame::overwrite_str_value`]).
+    pub fn add_str_key(&mut self, key: &[u8], value: &[u8]) -> Result<(), CodecError> {
+        let Some(h) = self.ttheader else {
+            return Err(CodecError::Unencodable {
+                what: "string key",
+                reason: "the frame has no TTHeader",
+            });
+        };
+        let long = |what| CodecError::Unencodable {
+            what,
+            reason: "longer than a u16 length allows",
+        };
+        let klen = u16::try_from(key.len()).map_err(|_| long("string key"))?;
+        let vlen = u16::try_from(value.len()).map_err(|_| long("string value"))?;
+        let (i_start, i_end) = h.info_span();
+        let mut info = BytesMut::with_capacity(i_end - i_start + key.len() + value.len() + 8);
+        info.put_slice(&self.head()[i_start..i_end]);
+        info.put_u8(info::KEY_VALUE);
+        info.put_u16(1);
+        info.put_u16(klen);
+        info.put_slice(key);
+        info.put_u16(vlen);
+        info.put_slice(value);
+        let (t_start, t_end) = h.transforms_span();
+        let message_start = h.message_start();
+        let message_len = self.len() - message_start;
+        let mut head = BytesMut::with_capacity(message_start + info.len() + 16);
+        write_header(
+            &mut head,
+            h.flags,
+            h.seqid,
+            h.protocol.ttheader_id(),
+            &self.head()[t_start..t_end],
+            &info,
+            h.inner_framed,
+            message_len,
+        )?;
+        head.put_slice(&self.head()[message_start..]);
+        self.replace_head(head);
+        self.reparse()
+    }
+
     /// Sets TTHeader int key `key` to `value`, replacing it if present, adding it if not; every
     /// other key is kept byte for byte. In place when the value keeps its length.
     pub fn set_int_key(&mut self, key: u16, value: &[u8]) -> Result<(), CodecError> {

@@ -242,6 +242,34 @@ proptest! {
     }
 
     #[test]
+    fn add_str_key_adds_one_and_keeps_every_other_byte_of_meaning(
+        p in protocol(), n in name(), seqid in any::<i32>(), h in header(),
+        value in proptest::collection::vec(any::<u8>(), 0..80),
+    ) {
+        let body = echo_args(p, b"payload");
+        let bytes = build(Transport::TTHeader, p, true, MessageType::Call, &n, seqid, &h, &body);
+        let before = decode(&bytes);
+        let mut f = decode(&bytes);
+        f.add_str_key(b"RPC_TRANSIT_traceparent", &value).unwrap();
+        let g = decode(&f.to_vec());
+        let mut want = str_kvs(&before);
+        want.push((b"RPC_TRANSIT_traceparent".to_vec(), value.clone()));
+        prop_assert_eq!(str_kvs(&g), want);
+        prop_assert_eq!(int_kvs(&g), int_kvs(&before));
+        prop_assert_eq!(g.ttheader().unwrap().acl_token(g.head()), h.acl.as_deref());
+        prop_assert_eq!(g.ttheader().unwrap().inner_framed, h.inner_framed);
+        prop_assert_eq!((g.name(), g.seqid()), (n.as_str(), seqid));
+        prop_assert_eq!(g.payload(), &body[..]);
+        // In place, once added: the same length.
+        let mut again = decode(&f.to_vec());
+        let other = vec![b'z'; value.len()];
+        prop_assert!(again.overwrite_str_value(|k| k == b"RPC_TRANSIT_traceparent", &other));
+        let g = decode(&again.to_vec());
+        prop_assert_eq!(g.ttheader().unwrap().str_value(g.head(), b"RPC_TRANSIT_traceparent"), Some(&other[..]));
+        prop_assert_eq!(g.len(), f.len());
+    }
+
+    #[test]
     fn exception_replies_decode_in_the_requests_transport(
         t in transport(), p in protocol(), strict in any::<bool>(), n in name(),
         seqid in any::<i32>(), h in header(), message in "[ -~]{0,80}",

@@ -189,7 +189,8 @@ async fn grpc_calls_are_traced_as_children_of_the_callers_span() {
 
 /// Thrift, exported over OTLP/HTTP (protobuf): a Volo call carrying its trace context as
 /// metainfo (TTHeader `RPC_TRANSIT_traceparent`) gets a span whose parent is the caller's, and
-/// the Volo function reads fnmesh's span as its parent from its own metainfo.
+/// the Volo function reads fnmesh's span as its parent from its own metainfo; a call without a
+/// context starts a trace, which the function reads the same way.
 #[tokio::test(flavor = "multi_thread")]
 async fn thrift_calls_are_traced_and_volo_functions_see_fnmeshs_span() {
     let receiver = Receiver::start();
@@ -235,4 +236,21 @@ async fn thrift_calls_are_traced_and_volo_functions_see_fnmeshs_span() {
     // The access log names the trace.
     let line: Value = serde_json::from_str(sc.stdout().lines().next().unwrap()).unwrap();
     assert_eq!(line["trace_id"], TRACE, "{line}");
+
+    // A call with no context starts a trace at fnmesh, and the function still reads fnmesh's
+    // span from its metainfo (fnmesh adds the transient key).
+    let req = EchoRequest {
+        message: "__traceparent__".into(),
+        sleep_ms: None,
+        meta: None,
+    };
+    let volo_thrift::MaybeException::Ok(root) = client.echo(req).await.expect("a call") else {
+        panic!("a declared exception")
+    };
+    let root = fields(&root.message);
+    assert_eq!(root.len(), 4, "{root:?}");
+    assert_ne!(root[1], TRACE);
+    let span = receiver.span_of(&root[1]);
+    assert_eq!(span["parent_span_id"], "", "a root span");
+    assert_eq!(span["span_id"], root[2], "{span}");
 }

@@ -48,8 +48,7 @@ pub(super) fn route(table: &[Route], frame: &mut Frame) -> Result<Routed, CallEr
     };
     let admitted = function.admit(frame.name(), caller, Some(oneway), parent.as_ref())?;
     if let Some(span) = admitted.verdict.span() {
-        // The instance's parent is fnmesh's span: in place, where the caller sent a context.
-        frame.overwrite_str_value(is_traceparent, span.traceparent().as_bytes());
+        pass_on(frame, &span.traceparent());
     }
     Ok(Routed {
         function: function.clone(),
@@ -69,6 +68,25 @@ fn is_traceparent(key: &[u8]) -> bool {
 
 fn is_tracestate(key: &[u8]) -> bool {
     key.eq_ignore_ascii_case(b"tracestate") || key.eq_ignore_ascii_case(b"rpc_transit_tracestate")
+}
+
+/// Gives the instance fnmesh's span as its parent: in place where the caller sent a context;
+/// as Kitex/Volo's transient `RPC_TRANSIT_traceparent` (which a Volo or Kitex function reads
+/// from its metainfo) where a TTHeader call sent none. Framed and unframed calls carry no keys.
+#[cold]
+fn pass_on(frame: &mut Frame, traceparent: &str) {
+    if frame.overwrite_str_value(is_traceparent, traceparent.as_bytes()) {
+        return;
+    }
+    let Some(h) = frame.ttheader() else {
+        return;
+    };
+    if h.str_kvs(frame.head()).any(|(k, _)| is_traceparent(k)) {
+        return; // a context fnmesh could not read: left as the caller sent it
+    }
+    if let Err(e) = frame.add_str_key(b"RPC_TRANSIT_traceparent", traceparent.as_bytes()) {
+        tracing::debug!(error = %e, "cannot pass the trace context on");
+    }
 }
 
 /// The caller's trace context from the frame's TTHeader string keys (traces are on).
