@@ -6,6 +6,8 @@
 //! admin listener reads it then ([`Scraped`]). Request latency has its own histogram
 //! ([`Latency`]): prometheus-client's takes a mutex and scans its buckets on every observation,
 //! and keeps its buckets to itself, which `fnmesh status` needs for its one-minute quantiles.
+//! A method's call counters ([`Calls`]) and histogram are not exposed while zero, so that many
+//! idle functions do not fill every scrape.
 
 use std::sync::{
     atomic::{AtomicUsize, Ordering},
