@@ -254,3 +254,41 @@ async fn thrift_calls_are_traced_and_volo_functions_see_fnmeshs_span() {
     assert_eq!(span["parent_span_id"], "", "a root span");
     assert_eq!(span["span_id"], root[2], "{span}");
 }
+
+/// A sidecar stopped with SIGTERM exports the spans it still holds (the batch processor would
+/// have sent them seconds later), and stops at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_still_held_are_exported_at_shutdown() {
+    let receiver = Receiver::start();
+    let mut sc = Sidecar::start(&format!(
+        "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{}\"\n\n{}",
+        receiver.grpc,
+        grpc_echo_function("gecho", "min = 0", "")
+    ));
+    let client = EchoClientBuilder::new("gecho").address(sc.addr).build();
+    let mut req = volo_grpc::Request::new(GrpcRequest {
+        message: "last".into(),
+        sleep_ms: 0,
+    });
+    let trace = "5d1c3f2e4b6a7980a1b2c3d4e5f60718";
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-{CALLER_SPAN}-01").parse().unwrap(),
+    );
+    client.unary_echo(req).await.expect("a call");
+    let stopped = Instant::now();
+    sc.signal("TERM");
+    let status = sc.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        stopped.elapsed()
+    );
+    // Already there: the batch processor's own schedule (5 s) did not send it.
+    let span = receiver
+        .spans()
+        .into_iter()
+        .find(|s| s["trace_id"] == trace);
+    assert!(span.is_some(), "{:?}", receiver.spans());
+}

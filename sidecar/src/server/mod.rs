@@ -144,7 +144,10 @@ async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
         }
     }
     sidecar.shutdown(signals).await;
-    crate::trace::flush();
+    // The last spans go out: from a blocking thread, while this runtime keeps driving the
+    // exporter's connection (it lives here), and for a bounded time.
+    let flushed = tokio::task::spawn_blocking(crate::trace::flush);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), flushed).await;
     Ok(())
 }
 
