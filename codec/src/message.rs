@@ -98,35 +98,39 @@ pub enum ReplyKind {
 /// cannot be read (Binary strict or Compact; the old Binary form reads as `None`).
 pub fn reply_kind(frame: &[u8]) -> Option<ReplyKind> {
     let message = message_of(frame)?;
-    let (exception, result) = match message {
-        [0x80, 0x01, _, t, rest @ ..] => {
-            let name = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-            let at = 4usize.checked_add(name)?.checked_add(4)?;
-            (t & 0x07 == MessageType::Exception as u8, rest.get(at..)?)
+    let id = match *message {
+        [0x80, 0x01, _, t, ..] if t & 0x07 == MessageType::Exception as u8 => {
+            return Some(ReplyKind::Exception)
         }
-        [COMPACT_PROTOCOL_ID, tv, rest @ ..] => {
+        [COMPACT_PROTOCOL_ID, tv, ..] if tv >> 5 == MessageType::Exception as u8 => {
+            return Some(ReplyKind::Exception)
+        }
+        // Binary: version and type (4), the name's length (4) and the name, the seqid (4),
+        // then the result struct's first field: its type (0: STOP, a void result) and id.
+        [0x80, 0x01, _, _, a, b, c, d, ..] => {
+            let at = 12 + u32::from_be_bytes([a, b, c, d]) as usize;
+            match *message.get(at..)? {
+                [0, ..] => 0,
+                [_, hi, lo, ..] => i16::from_be_bytes([hi, lo]),
+                _ => return None,
+            }
+        }
+        [COMPACT_PROTOCOL_ID, _, ref rest @ ..] => {
             let (_, n) = varint(rest)?;
             let (name, m) = varint(rest.get(n..)?)?;
             let at = n.checked_add(m)?.checked_add(usize::try_from(name).ok()?)?;
-            (tv >> 5 == MessageType::Exception as u8, rest.get(at..)?)
-        }
-        _ => return None,
-    };
-    if exception {
-        return Some(ReplyKind::Exception);
-    }
-    let compact = message[0] == COMPACT_PROTOCOL_ID;
-    let id = match result {
-        // STOP: an empty result (a void method).
-        [0, ..] => 0,
-        [_, hi, lo, ..] if !compact => i16::from_be_bytes([*hi, *lo]),
-        [h, rest @ ..] if compact => match h >> 4 {
-            0 => {
-                let (z, _) = varint(rest)?;
-                ((z >> 1) as i64 ^ -((z & 1) as i64)) as i16
+            match *rest.get(at..)? {
+                [0, ..] => 0,
+                [h, ref more @ ..] => match h >> 4 {
+                    0 => {
+                        let (z, _) = varint(more)?;
+                        ((z >> 1) as i64 ^ -((z & 1) as i64)) as i16
+                    }
+                    delta => i16::from(delta),
+                },
+                _ => return None,
             }
-            delta => i16::from(delta),
-        },
+        }
         _ => return None,
     };
     Some(match id {

@@ -58,13 +58,13 @@ pub fn enable(ratio: f64) {
 pub fn log(
     calls: &'static CallMetrics,
     outcome: Outcome,
-    took: Duration,
+    took_ns: u64,
     trace_id: impl FnOnce() -> Option<String>,
 ) {
     if !ON.load(Ordering::Relaxed) {
         return;
     }
-    sampled(calls, outcome, took, trace_id());
+    sampled(calls, outcome, Duration::from_nanos(took_ns), trace_id());
 }
 
 #[cold]

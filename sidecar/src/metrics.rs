@@ -22,6 +22,20 @@ use prometheus_client::{
 
 use crate::error::Kind;
 
+/// Now, in nanoseconds of the monotonic clock (`std::time::Instant`'s clock): a plain number,
+/// so that a call's latency is a subtraction, where `Instant` normalises and checks a
+/// `timespec` on every read and every difference.
+#[inline]
+pub fn now_ns() -> u64 {
+    use nix::time::{clock_gettime, ClockId};
+    match clock_gettime(ClockId::CLOCK_MONOTONIC) {
+        Ok(t) => (t.tv_sec() as u64)
+            .wrapping_mul(1_000_000_000)
+            .wrapping_add(t.tv_nsec() as u64),
+        Err(_) => 0,
+    }
+}
+
 /// How a call ended, as `fnmesh_requests_total` counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -509,11 +523,11 @@ impl CallMetrics {
         self.protocol
     }
 
-    /// A call ended `outcome`, `took` after it arrived.
+    /// A call ended `outcome`, `took_ns` nanoseconds after it arrived.
     #[inline]
-    pub fn record(&self, outcome: Outcome, took: std::time::Duration) {
+    pub fn record(&self, outcome: Outcome, took_ns: u64) {
         self.requests[outcome.index()].inc();
-        self.duration.observe(took);
+        self.duration.observe_ns(took_ns);
     }
 }
 
@@ -581,11 +595,7 @@ struct LatencyInner {
 
 impl Latency {
     #[inline]
-    pub fn observe(&self, d: std::time::Duration) {
-        let ns = d
-            .as_secs()
-            .saturating_mul(1_000_000_000)
-            .saturating_add(u64::from(d.subsec_nanos()));
+    pub fn observe_ns(&self, ns: u64) {
         self.0.buckets[latency_bucket(ns)].fetch_add(1, Ordering::Relaxed);
         self.0.sum_ns.fetch_add(ns, Ordering::Relaxed);
     }

@@ -144,7 +144,7 @@ impl Function {
         oneway: Option<bool>,
         parent: Option<&crate::trace::Parent>,
     ) -> Result<Admitted, CallError> {
-        let arrived = Instant::now();
+        let arrived = crate::metrics::now_ns();
         let policy = self.policy.load();
         let f = &policy.function;
         let (declared, calls) = match &f.methods {
@@ -178,7 +178,7 @@ impl Function {
             (Some(p), Some(c)) => Some(p.min(c)),
             (p, c) => p.or(c),
         };
-        let deadline = budget.map(|b| arrived + b);
+        let deadline = budget.map(|b| Instant::now() + b);
         let retry = method_policy.retry.and_then(|policy| {
             let idempotent = method_policy.idempotent.unwrap_or(false)
                 && !declared.is_some_and(|m| m.client_streaming);
@@ -190,7 +190,7 @@ impl Function {
         };
         Ok(Admitted {
             classify: !policy.breakers.is_empty(),
-            verdict: Verdict::new(breaker, calls, arrived, deadline, span),
+            verdict: Verdict::new(breaker, calls, arrived, budget, span),
             budget,
             deadline,
             retry,
@@ -231,8 +231,11 @@ fn traced(
 
 /// Counts a call refused at admission, and gives back its error.
 #[cold]
-fn refused(calls: &CallMetrics, arrived: Instant, e: CallError) -> CallError {
-    calls.record(Outcome::Error(e.kind), arrived.elapsed());
+fn refused(calls: &CallMetrics, arrived: u64, e: CallError) -> CallError {
+    calls.record(
+        Outcome::Error(e.kind),
+        crate::metrics::now_ns().saturating_sub(arrived),
+    );
     e
 }
 

@@ -4,8 +4,6 @@
 
 use std::sync::Arc;
 
-use tokio::time::Instant;
-
 use fnmesh_codec::ReplyKind;
 
 use super::breaker::Breaker;
@@ -51,10 +49,12 @@ pub enum Failure {
 /// timed out) counts as a timeout; one whose caller went away before it is not counted.
 pub struct Verdict {
     breaker: Option<Arc<Breaker>>,
-    calls: &'static CallMetrics,
-    arrived: Instant,
-    deadline: Option<Instant>,
-    recorded: bool,
+    /// The method's metrics; `None` once the outcome is recorded.
+    calls: Option<&'static CallMetrics>,
+    /// When the call arrived ([`crate::metrics::now_ns`]).
+    arrived: u64,
+    /// Its deadline in the same clock, 0 for none.
+    deadline: u64,
     /// The call's span, when traces are on (locked only then, and only by the call's task).
     span: Option<Box<std::sync::Mutex<CallSpan>>>,
 }
@@ -64,16 +64,18 @@ impl Verdict {
     pub fn new(
         breaker: Option<Arc<Breaker>>,
         calls: &'static CallMetrics,
-        arrived: Instant,
-        deadline: Option<Instant>,
+        arrived: u64,
+        budget: Option<std::time::Duration>,
         span: Option<CallSpan>,
     ) -> Verdict {
+        let deadline = budget.map_or(0, |b| {
+            arrived.saturating_add(u64::try_from(b.as_nanos()).unwrap_or(u64::MAX))
+        });
         Verdict {
             breaker,
-            calls,
+            calls: Some(calls),
             arrived,
             deadline,
-            recorded: false,
             span: span.map(|s| Box::new(std::sync::Mutex::new(s))),
         }
     }
@@ -88,10 +90,17 @@ impl Verdict {
     /// queued, whether it waited for the instance's cold start).
     #[inline]
     pub fn leased(&self, instance: &crate::instances::Instance) {
+        if self.span.is_some() {
+            self.note_lease(instance);
+        }
+    }
+
+    #[cold]
+    fn note_lease(&self, instance: &crate::instances::Instance) {
         if let Some(mut span) = self.span() {
-            let waited = self.arrived.elapsed();
-            let queued = (waited > std::time::Duration::from_micros(100)).then_some(waited);
-            let cold = instance.ready_at > self.arrived.into_std();
+            let waited = crate::metrics::now_ns().saturating_sub(self.arrived);
+            let queued = (waited > 100_000).then_some(std::time::Duration::from_nanos(waited));
+            let cold = instance.ready_at > self.arrived;
             span.leased(instance.id, queued, cold);
         }
     }
@@ -110,41 +119,44 @@ impl Verdict {
 
     /// The call's method, as its metrics name it.
     pub fn method(&self) -> &str {
-        self.calls.method()
+        self.calls.map_or(crate::metrics::UNKNOWN, |c| c.method())
     }
 
     /// Records the outcome (the first call only).
     #[inline]
     pub fn record(&mut self, outcome: Outcome) {
-        if !self.recorded {
-            if let Some(b) = &self.breaker {
-                b.record(outcome.is_failure());
-            }
-            let took = self.arrived.elapsed();
-            self.calls.record(outcome, took);
-            crate::access::log(self.calls, outcome, took, || self.trace_id());
-            if let Some(span) = self.span.take() {
-                let span = span.into_inner().unwrap_or_else(|p| p.into_inner());
-                span.end(outcome);
-            }
-            self.recorded = true;
+        let Some(calls) = self.calls.take() else {
+            return;
+        };
+        if let Some(b) = &self.breaker {
+            b.record(outcome.is_failure());
+        }
+        let took = crate::metrics::now_ns().saturating_sub(self.arrived);
+        calls.record(outcome, took);
+        crate::access::log(calls, outcome, took, || self.trace_id());
+        if let Some(span) = self.span.take() {
+            let span = span.into_inner().unwrap_or_else(|p| p.into_inner());
+            span.end(outcome);
         }
     }
 }
 
 impl Drop for Verdict {
     fn drop(&mut self) {
-        if !self.recorded && self.deadline.is_some_and(|d| Instant::now() >= d) {
+        if self.calls.is_some() && self.deadline != 0 && crate::metrics::now_ns() >= self.deadline {
             self.record(Outcome::Error(Kind::Timeout));
         }
     }
 }
 
-/// A Thrift reply's outcome from its headers ([`fnmesh_codec::reply_kind`]); an EXCEPTION's
-/// TApplicationException type is read only when `exception_type` is asked.
+/// A Thrift reply's outcome from its headers (`kind`, as [`fnmesh_codec::reply_kind`] read it);
+/// an EXCEPTION's TApplicationException type is read only when `exception_type` is asked.
 #[inline]
-pub fn thrift_reply(frame: &[u8], exception_type: impl FnOnce() -> Option<i32>) -> Outcome {
-    match fnmesh_codec::reply_kind(frame) {
+pub fn thrift_reply(
+    kind: Option<ReplyKind>,
+    exception_type: impl FnOnce() -> Option<i32>,
+) -> Outcome {
+    match kind {
         Some(ReplyKind::Success) => Outcome::Ok,
         Some(ReplyKind::Declared) => Outcome::Exception,
         Some(ReplyKind::Exception) if !thrift_exception_is_failure(exception_type()) => {

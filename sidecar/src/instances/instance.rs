@@ -77,8 +77,9 @@ fn answered_end(s: &OwnedFd) -> bool {
 pub struct Instance {
     pub id: u64,
     pub addr: Endpoint,
-    /// When it became ready: a call that arrived before waited for its cold start.
-    pub ready_at: std::time::Instant,
+    /// When it became ready ([`crate::metrics::now_ns`]): a call that arrived before waited
+    /// for its cold start.
+    pub ready_at: u64,
     /// Idle connections by protocol: each slot, once set, holds one front end's per-worker
     /// lists ([`PerWorker`]). Set slots are never replaced, so a lookup is an atomic load and a
     /// type check.
@@ -130,7 +131,7 @@ impl Instance {
         Instance {
             id,
             addr,
-            ready_at: std::time::Instant::now(),
+            ready_at: crate::metrics::now_ns(),
             idle: Default::default(),
             workers,
             probe: Mutex::new(probe),

@@ -340,10 +340,11 @@ async fn forward(
             Ok(Some(reply)) => {
                 // A server that answers EXCEPTION often closes the connection next (Volo does,
                 // for a request it cannot decode): pooled, the close could meet the next call.
-                if !fnmesh_codec::is_exception(&reply) {
+                let kind = fnmesh_codec::reply_kind(&reply);
+                if kind != Some(fnmesh_codec::ReplyKind::Exception) {
                     conn.recycle(instance);
                 }
-                let outcome = outcome::thrift_reply(&reply, || exception_type(&reply, *limits));
+                let outcome = outcome::thrift_reply(kind, || exception_type(&reply, *limits));
                 return Ok(Some((reply.freeze().chain(Bytes::new()), outcome)));
             }
             Ok(None) => {}

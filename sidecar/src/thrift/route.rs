@@ -42,13 +42,13 @@ pub(super) fn route(table: &[Route], frame: &mut Frame) -> Result<Routed, CallEr
         .filter(|ms| *ms > 0)
         .map(Duration::from_millis);
     let oneway = frame.kind() == MessageType::Oneway;
-    let parent = match crate::trace::enabled() {
-        false => None,
-        true => caller_trace(frame),
-    };
+    let traced = crate::trace::enabled();
+    let parent = if traced { caller_trace(frame) } else { None };
     let admitted = function.admit(frame.name(), caller, Some(oneway), parent.as_ref())?;
-    if let Some(span) = admitted.verdict.span() {
-        pass_on(frame, &span.traceparent());
+    if traced {
+        if let Some(span) = admitted.verdict.span() {
+            pass_on(frame, &span.traceparent());
+        }
     }
     Ok(Routed {
         function: function.clone(),
