@@ -159,9 +159,10 @@ struct LimitedLabels {
     method: String,
 }
 
-/// Latency buckets, 25 us doubling to about 26 s: fine enough to tell 50 us from 500 us.
+/// Latency buckets, 2^15 ns (32.8 us) doubling to 2^35 ns (34 s): fine enough to tell 50 us
+/// from 500 us, and powers of two, so that an observation's bucket is a shift.
 fn latency_buckets() -> impl Iterator<Item = f64> {
-    prometheus_client::metrics::histogram::exponential_buckets(25e-6, 2.0, 21)
+    (0..LATENCY_BUCKETS).map(latency_bound)
 }
 
 /// The process's metrics that are counted as things happen.
@@ -579,7 +580,7 @@ impl CallMetrics {
     }
 }
 
-/// Upper bounds of the latency buckets: 25 us doubling, 21 of them (about 26 s), then +Inf.
+/// Upper bounds of the latency buckets: 2^15 ns doubling, 21 of them (about 34 s), then +Inf.
 const LATENCY_BUCKETS: usize = 21;
 
 /// A latency histogram whose observation is two relaxed atomic adds: the bucket is computed
@@ -601,22 +602,18 @@ impl Latency {
     }
 }
 
-/// The bucket of an observation of `ns` nanoseconds: the first whose bound (25 us * 2^k) holds
+/// The bucket of an observation of `ns` nanoseconds: the first whose bound (2^(15+k) ns) holds
 /// it, or the last (+Inf).
 #[inline]
 fn latency_bucket(ns: u64) -> usize {
-    let units = ns.div_ceil(25_000);
-    let k = match units {
-        0 | 1 => 0,
-        u => (64 - (u - 1).leading_zeros()) as usize,
-    };
-    k.min(LATENCY_BUCKETS)
+    let units = ns.saturating_sub(1) >> 15;
+    ((64 - units.leading_zeros()) as usize).min(LATENCY_BUCKETS)
 }
 
 /// The upper bound of bucket `k`, in seconds.
 fn latency_bound(k: usize) -> f64 {
     match k {
-        k if k < LATENCY_BUCKETS => 25e-6 * f64::from(1u32 << k),
+        k if k < LATENCY_BUCKETS => (1u64 << (15 + k)) as f64 / 1e9,
         _ => f64::INFINITY,
     }
 }
@@ -917,11 +914,10 @@ mod tests {
     fn latency_buckets_hold_what_their_bounds_say() {
         let us = |n: u64| Duration::from_micros(n).as_nanos() as u64;
         assert_eq!(latency_bucket(0), 0);
-        assert_eq!(latency_bucket(us(25)), 0);
-        assert_eq!(latency_bucket(us(25) + 1), 1);
-        assert_eq!(latency_bucket(us(50)), 1);
-        assert_eq!(latency_bucket(us(51)), 2);
-        assert_eq!(latency_bucket(us(500)), 5, "400 < 500 <= 800");
+        assert_eq!(latency_bucket(32_768), 0);
+        assert_eq!(latency_bucket(32_769), 1);
+        assert_eq!(latency_bucket(us(50)), 1, "32.8 < 50 <= 65.5 us");
+        assert_eq!(latency_bucket(us(500)), 4, "262 < 500 <= 524 us");
         for k in 0..LATENCY_BUCKETS {
             let bound = (latency_bound(k) * 1e9).round() as u64;
             assert_eq!(latency_bucket(bound), k, "{k}");
@@ -937,7 +933,7 @@ mod tests {
         b.outcomes[Outcome::Ok.index()] = 90;
         b.outcomes[Outcome::Exception.index()] = 5;
         b.outcomes[Outcome::Error(Kind::Timeout).index()] = 5;
-        // 98 calls at (200, 400] us, 2 at (12.8, 25.6] ms.
+        // 98 calls at (262, 524] us, 2 at (16.8, 33.6] ms.
         b.buckets[4] = 98;
         b.buckets[10] = 2;
         a.outcomes[Outcome::Ok.index()] = 0;
@@ -946,9 +942,9 @@ mod tests {
         assert_eq!(w.per_second, 10.0);
         assert_eq!(w.success_rate, Some(0.95));
         let p50 = w.p50_ms.unwrap();
-        assert!(p50 > 0.2 && p50 <= 0.4, "{p50}");
+        assert!(p50 > 0.262 && p50 <= 0.525, "{p50}");
         let p99 = w.p99_ms.unwrap();
-        assert!(p99 > 12.8 && p99 <= 25.6, "{p99}");
+        assert!(p99 > 16.7 && p99 <= 33.6, "{p99}");
         assert_eq!(Totals::default().since(&a, 1.0).p50_ms, None);
     }
 }
