@@ -25,7 +25,9 @@ use super::{instance::Instance, process, watchdog::Watchdog};
 struct Slot {
     instance: Arc<Instance>,
     in_flight: usize,
-    last_used: Instant,
+    /// Since when it has had no call: `None` when its last call ended after the idle reaper
+    /// last looked (the reaper then starts the count), so that a call's end reads no clock.
+    idle_since: Option<Instant>,
     /// Failed calls in a row (`breaker.rs` decides what failed).
     failures: u32,
     /// Times ejected since its last success, and until when it is out of balancing.
@@ -38,7 +40,7 @@ impl Slot {
         Slot {
             instance,
             in_flight: 0,
-            last_used: Instant::now(),
+            idle_since: Some(Instant::now()),
             failures: 0,
             ejections: 0,
             ejected_until: None,
@@ -421,14 +423,14 @@ impl Pool {
             return; // the instance has gone (crashed or stopped)
         };
         slot.in_flight -= 1;
-        let now = Instant::now();
-        slot.last_used = now;
+        slot.idle_since = None;
         match failed {
             Some(false) => {
                 slot.failures = 0;
                 slot.ejections = 0;
             }
             Some(true) => {
+                let now = Instant::now();
                 slot.failures += 1;
                 let due = slot.failures >= EJECT_AFTER && !slot.ejected(Some(now));
                 // Never the last instance serving when no replacement can start: failing
@@ -699,21 +701,27 @@ impl Pool {
             let Some(p) = pool.upgrade() else { return };
             let idle = p.scale().idle;
             let min = p.scale().min;
-            let stopping: Vec<Arc<Instance>> =
-                {
-                    let mut st = lock(&p.state);
-                    let now = Instant::now();
-                    let mut out = Vec::new();
-                    while st.ready.len() > min {
-                        let Some(i) = st.ready.iter().position(|s| {
-                            s.in_flight == 0 && now.duration_since(s.last_used) >= idle
-                        }) else {
-                            break;
-                        };
-                        out.push(st.ready.remove(i).instance);
-                    }
-                    out
-                };
+            let stopping: Vec<Arc<Instance>> = {
+                let mut st = lock(&p.state);
+                let now = Instant::now();
+                // A slot whose last call ended since the last look is idle from now: at
+                // most one reaper period (a quarter of `idle`, 1 s at most) later than its
+                // call's end.
+                for s in st.ready.iter_mut().filter(|s| s.in_flight == 0) {
+                    s.idle_since.get_or_insert(now);
+                }
+                let mut out = Vec::new();
+                while st.ready.len() > min {
+                    let Some(i) = st.ready.iter().position(|s| {
+                        s.in_flight == 0
+                            && s.idle_since.is_some_and(|t| now.duration_since(t) >= idle)
+                    }) else {
+                        break;
+                    };
+                    out.push(st.ready.remove(i).instance);
+                }
+                out
+            };
             for instance in stopping {
                 tracing::info!(function = %p.name, instance = instance.id, "stopping idle instance");
                 instance.stop();
