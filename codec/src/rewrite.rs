@@ -133,23 +133,7 @@ impl Frame {
         info.put_slice(key);
         info.put_u16(vlen);
         info.put_slice(value);
-        let (t_start, t_end) = h.transforms_span();
-        let message_start = h.message_start();
-        let message_len = self.len() - message_start;
-        let mut head = BytesMut::with_capacity(message_start + info.len() + 16);
-        write_header(
-            &mut head,
-            h.flags,
-            h.seqid,
-            h.protocol.ttheader_id(),
-            &self.head()[t_start..t_end],
-            &info,
-            h.inner_framed,
-            message_len,
-        )?;
-        head.put_slice(&self.head()[message_start..]);
-        self.replace_head(head);
-        self.reparse()
+        self.rewrite_header(&h, &info)
     }
 
     /// Sets TTHeader int key `key` to `value`, replacing it if present, adding it if not; every
@@ -175,6 +159,12 @@ impl Frame {
             }
         }
         let info = rebuild_info(self.head(), &h, key, value)?;
+        self.rewrite_header(&h, &info)
+    }
+
+    /// Writes the TTHeader `h` again with `info` as its info section (flags, seqid, protocol
+    /// and transforms kept), the message after it as it was, and re-reads the head.
+    fn rewrite_header(&mut self, h: &TTHeader, info: &[u8]) -> Result<(), CodecError> {
         let (t_start, t_end) = h.transforms_span();
         let message_start = h.message_start();
         let message_len = self.len() - message_start;
@@ -185,7 +175,7 @@ impl Frame {
             h.seqid,
             h.protocol.ttheader_id(),
             &self.head()[t_start..t_end],
-            &info,
+            info,
             h.inner_framed,
             message_len,
         )?;
