@@ -285,6 +285,25 @@ async fn the_callers_deadline_gives_deadline_exceeded_on_time() {
         "instance saw {seen:?}"
     );
 
+    // Volo writes a deadline that is not whole milliseconds under a second in nanoseconds,
+    // past the specification's 8 digits (1.997 s is `1997000000n`): it is the caller's all the
+    // same.
+    let volo = EchoClientBuilder::new("echo")
+        .address(sc.addr)
+        .rpc_timeout(Some(Duration::from_millis(1997)))
+        .build();
+    let resp = volo.unary_echo(req("budget", 0)).await.expect("reply");
+    let seen = resp
+        .metadata()
+        .get("x-grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(fnmesh::grpc::parse_grpc_timeout)
+        .expect("the instance saw Volo's grpc-timeout");
+    assert!(
+        seen < Duration::from_millis(1997) && seen > Duration::from_millis(1500),
+        "instance saw {seen:?}"
+    );
+
     // fnmesh's own deadline (the policy's), for a caller that set none: answered by the sidecar.
     let sc = Sidecar::start(&grpc_echo_function(
         "echo",

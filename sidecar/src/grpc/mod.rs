@@ -58,16 +58,17 @@ pub(crate) fn service_method(path: &str) -> Option<(&str, &str)> {
         .then_some((service, method))
 }
 
-/// gRPC's `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n).
+/// gRPC's `grpc-timeout`: digits and a unit (H, M, S, m, u, n). The specification allows 8
+/// digits; Volo's client sends more (1.997 s as `1997000000n`), so up to 19 are taken.
 pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    if digits.is_empty() || digits.len() > 19 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
         "S" => Duration::from_secs(n),
         "m" => Duration::from_millis(n),
         "u" => Duration::from_micros(n),
@@ -135,7 +136,16 @@ mod tests {
             parse_grpc_timeout("99999999n"),
             Some(Duration::from_nanos(99_999_999))
         );
-        for bad in ["", "m", "123456789m", "10x", "-1S", "1.5S"] {
+        // Volo's client writes sub-second remainders in nanoseconds, past 8 digits.
+        assert_eq!(
+            parse_grpc_timeout("1997000000n"),
+            Some(Duration::from_millis(1997))
+        );
+        assert_eq!(
+            parse_grpc_timeout("9999999999999999999H"),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        for bad in ["", "m", "12345678901234567890m", "10x", "-1S", "1.5S"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
         for d in [
