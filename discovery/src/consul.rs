@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::{
     http::{Http, Tls},
-    Endpoint, Error, Registration, Registry, Resolver,
+    Endpoint, Error, Registration, Registry, Resolver, Service as Listed,
 };
 
 const NAME: &str = "consul";
@@ -213,25 +213,23 @@ pub fn endpoints(body: &[u8]) -> Result<Vec<Endpoint>, Error> {
     Ok(out)
 }
 
-impl Resolver for Consul {
-    /// Blocking queries of the passing instances: each answer whose index moved is yielded.
-    fn resolve(
+impl Consul {
+    /// Blocking queries of `path` (which has a query string): each answer whose index moved
+    /// is read by `read` and yielded.
+    fn follow<T: Send + 'static>(
         &self,
-        name: &str,
-    ) -> impl Stream<Item = Result<Vec<Endpoint>, Error>> + Send + 'static {
+        path: String,
+        read: fn(&[u8]) -> Result<T, Error>,
+    ) -> impl Stream<Item = Result<T, Error>> + Send + 'static {
         let http = self.http.clone();
-        let name = name.to_owned();
         futures_util::stream::unfold((0u64, false), move |(index, failing)| {
-            let (http, name) = (http.clone(), name.clone());
+            let (http, path) = (http.clone(), path.clone());
             async move {
                 if failing {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 loop {
-                    let path = format!(
-                        "/v1/health/service/{name}?passing=true&index={index}&wait={}s",
-                        WAIT.as_secs()
-                    );
+                    let path = format!("{path}&index={index}&wait={}s", WAIT.as_secs());
                     let a = match http.send(Method::GET, &path, None, REQUEST + WAIT).await {
                         Ok(a) => a,
                         Err(e) => return Some((Err(e), (0, true))),
@@ -252,16 +250,66 @@ impl Resolver for Consul {
                         continue;
                     }
                     let next = if next < index { 0 } else { next };
-                    return Some((endpoints(&a.body), (next, false)));
+                    return Some((read(&a.body), (next, false)));
                 }
             }
         })
     }
 }
 
+/// Services from a catalog query's body (`{name: [tags]}`), with the `idl_service:` tag's value.
+pub fn services(body: &[u8]) -> Result<Vec<Listed>, Error> {
+    let listed: BTreeMap<String, Option<Vec<String>>> =
+        serde_json::from_slice(body).map_err(|e| Error::Refused {
+            registry: NAME,
+            detail: format!("unreadable catalog answer: {e}"),
+        })?;
+    Ok(crate::services(listed.into_iter().map(|(name, tags)| {
+        let idl = tags
+            .unwrap_or_default()
+            .iter()
+            .find_map(|t| t.strip_prefix("idl_service:").map(str::to_owned));
+        (name, idl)
+    })))
+}
+
+impl Resolver for Consul {
+    /// Blocking queries of the passing instances.
+    fn resolve(
+        &self,
+        name: &str,
+    ) -> impl Stream<Item = Result<Vec<Endpoint>, Error>> + Send + 'static {
+        self.follow(format!("/v1/health/service/{name}?passing=true"), endpoints)
+    }
+
+    /// Blocking queries of the catalog's services.
+    fn services(&self) -> impl Stream<Item = Result<Vec<Listed>, Error>> + Send + 'static {
+        self.follow("/v1/catalog/services?stale=false".to_owned(), services)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn catalog_services_carry_their_idl_service() {
+        let body = br#"{"consul": [], "echo": ["protocol:thrift", "idl_service:EchoService"], "plain": null}"#;
+        let got = services(body).unwrap();
+        let pairs: Vec<(&str, Option<&str>)> = got
+            .iter()
+            .map(|s| (s.name.as_str(), s.idl_service.as_deref()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("consul", None),
+                ("echo", Some("EchoService")),
+                ("plain", None)
+            ]
+        );
+        assert!(services(b"[1]").is_err());
+    }
 
     fn registration() -> Registration {
         Registration {

@@ -11,7 +11,7 @@ use std::{
 use futures_util::Stream;
 use tokio::sync::watch;
 
-use crate::{Endpoint, Error, Registration, Registry, Resolver};
+use crate::{Endpoint, Error, Registration, Registry, Resolver, Service};
 
 type Table = BTreeMap<String, BTreeMap<String, Endpoint>>;
 
@@ -87,25 +87,51 @@ impl Registry for Embedded {
     }
 }
 
-impl Resolver for Embedded {
-    fn resolve(
+impl Embedded {
+    /// `read` of the table now, then again each time what it reads changes.
+    fn follow<T: PartialEq + Clone + Send + 'static>(
         &self,
-        name: &str,
-    ) -> impl Stream<Item = Result<Vec<Endpoint>, Error>> + Send + 'static {
+        read: impl Fn(&Embedded) -> T + Send + Sync + 'static,
+    ) -> impl Stream<Item = Result<T, Error>> + Send + 'static {
         let this = self.clone();
-        let name = name.to_owned();
+        let read = Arc::new(read);
         let rx = self.changed.subscribe();
         futures_util::stream::unfold((rx, None), move |(mut rx, last)| {
-            let (this, name) = (this.clone(), name.clone());
+            let (this, read) = (this.clone(), read.clone());
             async move {
                 loop {
-                    let now = this.endpoints(&name);
+                    let now = read(&this);
                     if last.as_ref() != Some(&now) {
                         return Some((Ok(now.clone()), (rx, Some(now))));
                     }
                     rx.changed().await.ok()?;
                 }
             }
+        })
+    }
+}
+
+impl Resolver for Embedded {
+    fn resolve(
+        &self,
+        name: &str,
+    ) -> impl Stream<Item = Result<Vec<Endpoint>, Error>> + Send + 'static {
+        let name = name.to_owned();
+        self.follow(move |e| e.endpoints(&name))
+    }
+
+    fn services(&self) -> impl Stream<Item = Result<Vec<Service>, Error>> + Send + 'static {
+        self.follow(|e| {
+            let table = e.table.lock().unwrap_or_else(|p| p.into_inner());
+            crate::services(
+                table
+                    .iter()
+                    .filter(|(_, m)| !m.is_empty())
+                    .map(|(name, m)| {
+                        let idl = m.values().find_map(|e| e.tags.get("idl_service").cloned());
+                        (name.clone(), idl)
+                    }),
+            )
         })
     }
 }

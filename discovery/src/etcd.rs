@@ -24,7 +24,7 @@ use serde_json::json;
 
 use crate::{
     http::{Http, Tls},
-    Endpoint, Error, Registration, Registry, Resolver,
+    Endpoint, Error, Registration, Registry, Resolver, Service,
 };
 
 const NAME: &str = "etcd";
@@ -102,6 +102,8 @@ struct Header {
 
 #[derive(Deserialize)]
 struct KeyValue {
+    #[serde(default)]
+    key: String,
     #[serde(default)]
     value: String,
 }
@@ -253,19 +255,19 @@ impl Etcd {
         }))
     }
 
-    /// The values under `prefix` and the revision they were read at.
-    async fn list(&self, prefix: &str) -> Result<(Vec<Endpoint>, i64), Error> {
+    /// The keys and values under `prefix` (decoded; pairs that do not decode are skipped) and
+    /// the revision they were read at.
+    async fn list(&self, prefix: &str) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, i64), Error> {
         let (key, range_end) = prefix_range(prefix);
         let got = self
             .call("kv/range", json!({ "key": key, "range_end": range_end }))
             .await?;
-        let values: Vec<Vec<u8>> = got
+        let pairs = got
             .kvs
             .iter()
-            .filter_map(|kv| B64.decode(&kv.value).ok())
+            .filter_map(|kv| Some((B64.decode(&kv.key).ok()?, B64.decode(&kv.value).ok()?)))
             .collect();
-        let list = endpoints(values.iter().map(Vec::as_slice));
-        Ok((list, number(got.header.revision.as_deref())))
+        Ok((pairs, number(got.header.revision.as_deref())))
     }
 
     /// A watch of every key under `prefix` from `revision` on: a body of one JSON answer per
@@ -441,17 +443,18 @@ enum Follow {
     Watching(Box<Watch>),
 }
 
-impl Resolver for Etcd {
-    /// The name's keys read in full, then again after each change the prefix watch reports.
-    fn resolve(
+impl Etcd {
+    /// The keys under `prefix` read in full (and read by `read`), then again after each
+    /// change the prefix watch reports.
+    fn follow<T: Send + 'static>(
         &self,
-        name: &str,
-    ) -> impl Stream<Item = Result<Vec<Endpoint>, Error>> + Send + 'static {
+        prefix: String,
+        read: impl Fn(&str, Vec<(Vec<u8>, Vec<u8>)>) -> T + Clone + Send + Sync + 'static,
+    ) -> impl Stream<Item = Result<T, Error>> + Send + 'static {
         let etcd = self.clone();
-        let prefix = format!("{}/{}/", self.prefix, name);
         let start = Follow::Start { after_error: false };
         futures_util::stream::unfold(start, move |state| {
-            let (etcd, prefix) = (etcd.clone(), prefix.clone());
+            let (etcd, prefix, read) = (etcd.clone(), prefix.clone(), read.clone());
             async move {
                 let mut state = state;
                 loop {
@@ -460,7 +463,7 @@ impl Resolver for Etcd {
                             if after_error {
                                 tokio::time::sleep(Duration::from_millis(500)).await;
                             }
-                            let (list, revision) = match etcd.list(&prefix).await {
+                            let (pairs, revision) = match etcd.list(&prefix).await {
                                 Ok(got) => got,
                                 Err(e) => {
                                     let next = Follow::Start { after_error: true };
@@ -471,7 +474,7 @@ impl Resolver for Etcd {
                                 Ok(watch) => Follow::Watching(Box::new(watch)),
                                 Err(_) => Follow::Start { after_error: true },
                             };
-                            return Some((Ok(list), next));
+                            return Some((Ok(read(&prefix, pairs)), next));
                         }
                         Follow::Watching(mut watch) => match watch.next().await {
                             Some(answer) if !answer.canceled && answer.error.is_none() => {
@@ -492,9 +495,70 @@ impl Resolver for Etcd {
     }
 }
 
+/// Services from the keys under the whole prefix (`{prefix}/{name}/{addr}`), with the IDL
+/// service their values' tags name.
+fn services(prefix: &str, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<Service> {
+    crate::services(pairs.into_iter().filter_map(|(key, value)| {
+        let key = String::from_utf8(key).ok()?;
+        let name = key.strip_prefix(prefix)?.split_once('/')?.0.to_owned();
+        let idl = serde_json::from_slice::<Value>(&value)
+            .ok()
+            .and_then(|mut v| v.tags.remove("idl_service"));
+        (!name.is_empty()).then_some((name, idl))
+    }))
+}
+
+impl Resolver for Etcd {
+    /// The name's keys, followed.
+    fn resolve(
+        &self,
+        name: &str,
+    ) -> impl Stream<Item = Result<Vec<Endpoint>, Error>> + Send + 'static {
+        let prefix = format!("{}/{}/", self.prefix, name);
+        self.follow(prefix, |_, pairs| {
+            endpoints(pairs.iter().map(|(_, v)| v.as_slice()))
+        })
+    }
+
+    /// Every key under the prefix, followed.
+    fn services(&self) -> impl Stream<Item = Result<Vec<Service>, Error>> + Send + 'static {
+        self.follow(format!("{}/", self.prefix), services)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn services_are_the_names_under_the_prefix() {
+        let r = |name: &str, idl: Option<&str>| Registration {
+            name: name.into(),
+            address: "127.0.0.1:8888".parse().unwrap(),
+            protocol: "grpc".into(),
+            idl_service: idl.map(Into::into),
+            methods: vec![],
+            weight: 10,
+        };
+        let pairs = vec![
+            (
+                b"p/echo/127.0.0.1:1".to_vec(),
+                Etcd::value(&r("echo", Some("echo.Echo"))).into_bytes(),
+            ),
+            (b"p/echo/127.0.0.1:2".to_vec(), b"not json".to_vec()),
+            (
+                b"p/plain/10.0.0.1:9".to_vec(),
+                Etcd::value(&r("plain", None)).into_bytes(),
+            ),
+            (b"p/nothing".to_vec(), b"{}".to_vec()),
+        ];
+        let got = services("p/", pairs);
+        let names: Vec<(&str, Option<&str>)> = got
+            .iter()
+            .map(|s| (s.name.as_str(), s.idl_service.as_deref()))
+            .collect();
+        assert_eq!(names, [("echo", Some("echo.Echo")), ("plain", None)]);
+    }
 
     #[test]
     fn values_are_kitex_registry_etcd_instances() {

@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, future::Future, net::SocketAddr, time::Duration};
 
-use futures_util::Stream;
+use futures_util::{stream::BoxStream, Stream, StreamExt};
 
 pub mod consul;
 pub mod embedded;
@@ -125,6 +125,14 @@ pub trait Registry: Send + Sync + 'static {
     fn deregister(&self, r: &Registration) -> impl Future<Output = Result<(), Error>> + Send;
 }
 
+/// A service the registry lists: its name, and the IDL service its registrations name (tag
+/// `idl_service`, which fnmesh sets), when one does.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Service {
+    pub name: String,
+    pub idl_service: Option<String>,
+}
+
 /// Resolves a service name into its endpoints, and follows them.
 pub trait Resolver: Send + Sync + 'static {
     /// The endpoints of `name` now, then again after each change; an error while the registry
@@ -133,6 +141,26 @@ pub trait Resolver: Send + Sync + 'static {
         &self,
         name: &str,
     ) -> impl Stream<Item = Result<Vec<Endpoint>, Error>> + Send + 'static;
+
+    /// Every service the registry lists, sorted, now and again after each change (errors as
+    /// for [`Resolver::resolve`]).
+    fn services(&self) -> impl Stream<Item = Result<Vec<Service>, Error>> + Send + 'static;
+}
+
+/// Services from `(name, idl_service)` pairs, one per name (the first IDL service seen wins),
+/// sorted.
+pub(crate) fn services(pairs: impl Iterator<Item = (String, Option<String>)>) -> Vec<Service> {
+    let mut by_name: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for (name, idl) in pairs {
+        let slot = by_name.entry(name).or_default();
+        if slot.is_none() {
+            *slot = idl;
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|(name, idl_service)| Service { name, idl_service })
+        .collect()
 }
 
 /// A registry chosen when the sidecar starts (`[discovery] backend`).
@@ -177,5 +205,28 @@ impl Registry for Backend {
             Backend::Consul(b) => b.deregister(r).await,
             Backend::Etcd(b) => b.deregister(r).await,
         }
+    }
+}
+
+impl Resolver for Backend {
+    fn resolve(
+        &self,
+        name: &str,
+    ) -> impl Stream<Item = Result<Vec<Endpoint>, Error>> + Send + 'static {
+        let s: BoxStream<'static, _> = match self {
+            Backend::Embedded(b) => b.resolve(name).boxed(),
+            Backend::Consul(b) => b.resolve(name).boxed(),
+            Backend::Etcd(b) => b.resolve(name).boxed(),
+        };
+        s
+    }
+
+    fn services(&self) -> impl Stream<Item = Result<Vec<Service>, Error>> + Send + 'static {
+        let s: BoxStream<'static, _> = match self {
+            Backend::Embedded(b) => b.services().boxed(),
+            Backend::Consul(b) => b.services().boxed(),
+            Backend::Etcd(b) => b.services().boxed(),
+        };
+        s
     }
 }
