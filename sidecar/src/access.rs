@@ -93,7 +93,7 @@ fn sampled(
 }
 
 /// A uniform draw from this thread's xorshift generator.
-fn draw() -> u64 {
+pub(crate) fn draw() -> u64 {
     thread_local!(static STATE: std::cell::Cell<u64> = std::cell::Cell::new(seed()));
     STATE.with(|s| {
         let mut x = s.get();

@@ -15,7 +15,7 @@ use tokio::time::{sleep, Instant};
 use crate::{
     config::{Config, FunctionConfig, Protocol, SidecarConfig},
     drain::Drain,
-    governance::{Function, Route},
+    governance::{Function, Route, Services},
     grpc::GrpcFront,
     instances::{watchdog::Watchdog, Pool},
     lock,
@@ -38,6 +38,15 @@ pub struct Mesh {
     /// Keeps the functions registered in `[discovery]`'s registry (once started), and which
     /// registry that is.
     registrar: Mutex<Option<(&'static str, Registrar)>>,
+    /// The egress listener's front ends, with `[sidecar] egress`.
+    pub egress: Option<Egress>,
+}
+
+/// What the egress listener serves: this sidecar's functions, then the registry's services.
+pub struct Egress {
+    pub thrift: Arc<ThriftFront>,
+    pub grpc: Arc<GrpcFront>,
+    pub services: Arc<Services>,
 }
 
 struct InForce {
@@ -113,6 +122,7 @@ fn sidecar_changes(a: &SidecarConfig, b: &SidecarConfig) -> Vec<&'static str> {
     check(a.listen != b.listen, "listen");
     check(a.admin != b.admin, "admin");
     check(a.advertise != b.advertise, "advertise");
+    check(a.egress != b.egress, "egress");
     check(a.drain_timeout != b.drain_timeout, "drain_timeout");
     check(a.max_frame_size != b.max_frame_size, "max_frame_size");
     check(a.workers != b.workers, "workers");
@@ -154,6 +164,7 @@ impl Mesh {
             limits: thrift_limits,
             connections: config.sidecar.connections,
             drain: drain.clone(),
+            services: None,
         });
         let grpc = Arc::new(GrpcFront::new(
             grpc_routes,
@@ -173,7 +184,43 @@ impl Mesh {
             drain,
             watchdog,
             registrar: Mutex::new(None),
+            egress: None,
         }
+    }
+
+    /// Adds the egress front ends (with `[sidecar] egress`), resolving services in `backend`;
+    /// call it inside the control runtime.
+    pub fn with_egress(mut self, backend: &Backend) -> Mesh {
+        let st = lock(&self.state);
+        let config = &st.config;
+        if config.sidecar.egress.is_none() {
+            drop(st);
+            return self;
+        }
+        let services = Services::start(
+            backend.clone(),
+            &config.services,
+            self.watchdog.clone(),
+            config.sidecar.drain_timeout,
+            config.sidecar.workers,
+        );
+        let (thrift_routes, grpc_routes) = routes(&st.functions);
+        let thrift = Arc::new(ThriftFront {
+            functions: arc_swap::ArcSwap::from_pointee(thrift_routes),
+            limits: self.thrift.limits,
+            connections: config.sidecar.connections,
+            drain: self.drain.clone(),
+            services: Some(services.clone()),
+        });
+        let mut grpc = GrpcFront::new(grpc_routes, self.drain.clone(), config.sidecar.connections);
+        grpc.services = Some(services.clone());
+        drop(st);
+        self.egress = Some(Egress {
+            thrift,
+            grpc: Arc::new(grpc),
+            services,
+        });
+        self
     }
 
     /// What the registry should hold: every function, at the advertised address.
@@ -291,6 +338,12 @@ impl Mesh {
         self.thrift.functions.store(Arc::new(thrift_routes));
         self.grpc.functions.store(Arc::new(grpc_routes));
         self.grpc.reloads.send_modify(|n| *n += 1);
+        if let Some(egress) = &self.egress {
+            let (thrift_routes, grpc_routes) = routes(&functions);
+            egress.thrift.functions.store(Arc::new(thrift_routes));
+            egress.grpc.functions.store(Arc::new(grpc_routes));
+            egress.services.reconfigure(&config.services);
+        }
         if let Some((_, registrar)) = lock(&self.registrar).as_ref() {
             registrar.set(Self::registrations(&functions, base.sidecar.advertise));
         }
@@ -302,6 +355,7 @@ impl Mesh {
             discovery: base.discovery,
             telemetry: base.telemetry,
             functions: config.functions,
+            services: config.services,
         };
         Ok(changes)
     }

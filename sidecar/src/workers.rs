@@ -209,7 +209,7 @@ async fn poll_busily(window: Duration) {
 }
 
 struct Worker {
-    tx: mpsc::UnboundedSender<std::net::TcpStream>,
+    tx: mpsc::UnboundedSender<(std::net::TcpStream, Listener)>,
     /// Connections this worker is serving.
     conns: Arc<AtomicUsize>,
 }
@@ -227,6 +227,15 @@ impl Drop for Counted {
     }
 }
 
+/// The listener a connection came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// `[sidecar] listen`: callers of the functions.
+    Main,
+    /// `[sidecar] egress`: the functions' own calls.
+    Egress,
+}
+
 impl Workers {
     /// Starts `n` worker threads; each serves a connection it is given with `serve`. Their
     /// connections' sweep ticks every `sweep_every` on the calling (control) runtime.
@@ -237,7 +246,7 @@ impl Workers {
         serve: F,
     ) -> std::io::Result<Workers>
     where
-        F: Fn(TcpStream) -> Fut + Clone + Send + 'static,
+        F: Fn(TcpStream, Listener) -> Fut + Clone + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let sweeper = Sweeper::new();
@@ -247,7 +256,7 @@ impl Workers {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let (tx, mut rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
+            let (tx, mut rx) = mpsc::unbounded_channel::<(std::net::TcpStream, Listener)>();
             let conns = Arc::new(AtomicUsize::new(0));
             let serve = serve.clone();
             let counted = conns.clone();
@@ -261,7 +270,7 @@ impl Workers {
                     }
                     SWEEPER.with(|s| *s.borrow_mut() = Some(sweeper.clone()));
                     rt.block_on(async move {
-                        while let Some(sock) = rx.recv().await {
+                        while let Some((sock, listener)) = rx.recv().await {
                             let guard = Counted(counted.clone());
                             let Ok(sock) = TcpStream::from_std(sock) else {
                                 continue;
@@ -269,7 +278,7 @@ impl Workers {
                             let serve = serve.clone();
                             tokio::spawn(async move {
                                 let _guard = guard;
-                                serve(sock).await;
+                                serve(sock, listener).await;
                             });
                         }
                     });
@@ -287,8 +296,8 @@ impl Workers {
         self.workers.is_empty()
     }
 
-    /// Hands an accepted connection to the worker serving the fewest.
-    pub fn dispatch(&self, sock: TcpStream) {
+    /// Hands a connection `listener` accepted to the worker serving the fewest.
+    pub fn dispatch(&self, sock: TcpStream, listener: Listener) {
         let Some(w) = self
             .workers
             .iter()
@@ -299,7 +308,7 @@ impl Workers {
         match sock.into_std() {
             Ok(sock) => {
                 w.conns.fetch_add(1, Ordering::Relaxed);
-                if w.tx.send(sock).is_err() {
+                if w.tx.send((sock, listener)).is_err() {
                     w.conns.fetch_sub(1, Ordering::Relaxed);
                 }
             }

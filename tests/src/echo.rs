@@ -146,6 +146,22 @@ impl EchoService for EchoHandler {
                 instance: self.instance.clone(),
             }));
         }
+        // Egress hook for tests: `__egress__ thrift NAME` / `__egress__ grpc NAME` calls
+        // service NAME through the sidecar's egress (FNMESH_EGRESS), passing on what is left
+        // of this call's own deadline, as a Volo function forwarding its deadline would; the
+        // answer is `in=MS last=WHAT` (this call's RPC timeout in ms, and the deadline the
+        // last hop saw: its RPC timeout in ms, or its `grpc-timeout`).
+        if let Some(rest) = req.message.strip_prefix("__egress__ ") {
+            let inbound = SEEN_TIMEOUT_MS.load(Ordering::SeqCst);
+            let message = match egress_call(rest, inbound).await {
+                Ok((last, via)) => format!("in={inbound} last={last} via={via}"),
+                Err(e) => format!("egress failed: {e}"),
+            };
+            return Ok(MaybeException::Ok(EchoResponse {
+                message: message.into(),
+                instance: self.instance.clone(),
+            }));
+        }
         if req.message == "__count__" {
             return Ok(MaybeException::Ok(EchoResponse {
                 message: earlier.to_string().into(),
@@ -163,6 +179,55 @@ impl EchoService for EchoHandler {
 
     async fn ping(&self, _note: FastStr) -> Result<(), ServerError> {
         Ok(())
+    }
+}
+
+/// One call through FNMESH_EGRESS (`kind` `thrift` or `grpc`, then the service's name) with
+/// `timeout_ms` as its deadline: the deadline the last hop saw, and the instance that answered.
+async fn egress_call(what: &str, timeout_ms: u64) -> Result<(String, String), String> {
+    let (kind, name) = what.split_once(' ').ok_or("usage: __egress__ KIND NAME")?;
+    let egress: std::net::SocketAddr = std::env::var("FNMESH_EGRESS")
+        .map_err(|_| "FNMESH_EGRESS is not set".to_owned())?
+        .parse()
+        .map_err(|e| format!("FNMESH_EGRESS: {e}"))?;
+    let timeout = Some(Duration::from_millis(timeout_ms.max(1)));
+    match kind {
+        "thrift" => {
+            let client = crate::gen::volo_gen::echo::EchoServiceClientBuilder::new(name)
+                .address(egress)
+                .rpc_timeout(timeout)
+                .build();
+            let req = EchoRequest {
+                message: "__timeout__".into(),
+                sleep_ms: None,
+                meta: None,
+            };
+            match client.echo(req).await.map_err(|e| e.to_string())? {
+                MaybeException::Ok(r) => Ok((
+                    r.message.to_string(),
+                    r.instance.map(|i| i.to_string()).unwrap_or_default(),
+                )),
+                MaybeException::Exception(e) => Err(format!("{e:?}")),
+            }
+        }
+        "grpc" => {
+            let client = crate::proto::proto_gen::echo::EchoClientBuilder::new(name)
+                .address(egress)
+                .rpc_timeout(timeout)
+                .build();
+            let req = crate::proto::proto_gen::echo::EchoRequest {
+                message: "through egress".into(),
+                sleep_ms: 0,
+            };
+            let reply = client.unary_echo(req).await.map_err(|e| e.to_string())?;
+            let seen = reply.metadata().get("x-grpc-timeout");
+            let seen = seen
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+                .to_owned();
+            Ok((seen, reply.into_inner().instance.to_string()))
+        }
+        other => Err(format!("unknown kind {other}")),
     }
 }
 

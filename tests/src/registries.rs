@@ -461,6 +461,17 @@ impl Consul {
         http_get(self.http, path, &token)
     }
 
+    /// Registers `name` at 127.0.0.1:`port` as a plain service would (an ID, a name, an
+    /// address, no tags and no check): it is passing for as long as it stays registered.
+    pub fn register_plain(&self, name: &str, port: u16) {
+        let body = format!(
+            r#"{{"ID": "{name}-{port}", "Name": "{name}", "Address": "127.0.0.1", "Port": {port}}}"#
+        );
+        let (status, text) =
+            http_request(self.http, "PUT", "/v1/agent/service/register", "", &body);
+        assert!(status.contains(" 200"), "{status}: {text}");
+    }
+
     /// The passing instances of `service`, as Consul's health endpoint lists them.
     pub fn passing(&self, service: &str) -> Vec<serde_json::Value> {
         let (_, body) = self.get(&format!("/v1/health/service/{service}?passing=true"));
@@ -481,6 +492,17 @@ impl Consul {
 /// One HTTP/1.1 GET to 127.0.0.1:`port` (`headers`: more header lines, each ending in CRLF):
 /// the status line and the body (put together when chunked); empty when nothing answers.
 pub fn http_get(port: u16, path: &str, headers: &str) -> (String, String) {
+    http_request(port, "GET", path, headers, "")
+}
+
+/// As [`http_get`], with any method and a body.
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (String, String) {
     use std::io::{Read, Write};
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return (String::new(), String::new());
@@ -488,7 +510,8 @@ pub fn http_get(port: u16, path: &str, headers: &str) -> (String, String) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = write!(
         s,
-        "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{headers}connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
     );
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);

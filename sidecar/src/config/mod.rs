@@ -17,6 +17,8 @@ pub struct Config {
     pub sidecar: SidecarConfig,
     pub discovery: DiscoveryConfig,
     pub functions: Vec<FunctionConfig>,
+    /// `[[service]]`: services egress calls reach through the registry (`remote` set).
+    pub services: Vec<FunctionConfig>,
     pub telemetry: TelemetryConfig,
 }
 
@@ -100,6 +102,8 @@ pub struct SidecarConfig {
     pub listen: SocketAddr,
     pub admin: Option<SocketAddr>,
     pub advertise: SocketAddr,
+    /// The egress listener for the functions' own calls (`FNMESH_EGRESS`); none: no egress.
+    pub egress: Option<SocketAddr>,
     pub drain_timeout: Duration,
     pub max_frame_size: usize,
     /// Threads serving connections, each with its own single-threaded runtime (default: one per
@@ -170,6 +174,10 @@ pub struct FunctionConfig {
     pub policy: PolicyConfig,
     /// Per-method overrides.
     pub methods_policy: BTreeMap<String, PolicyConfig>,
+    /// A service in the registry (`[[service]]`, or one an egress call named): its endpoints
+    /// come from the registry, nothing is started (`command` is empty, `scale` bounds the
+    /// calls on each endpoint and the queue).
+    pub remote: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -203,6 +211,56 @@ fn default_startup() -> Duration {
 }
 fn default_queue() -> usize {
     1024
+}
+
+/// Calls in flight on one endpoint of a service in the registry before more wait (Envoy's
+/// default for a cluster's requests is 1024).
+pub const REMOTE_IN_FLIGHT: usize = 1024;
+
+/// What bounds calls to a service in the registry: [`REMOTE_IN_FLIGHT`] per endpoint, a queue
+/// of as many; nothing is started (`max` 0).
+pub fn remote_scale() -> ScaleConfig {
+    ScaleConfig {
+        min: 0,
+        max: 0,
+        concurrency: REMOTE_IN_FLIGHT,
+        queue: REMOTE_IN_FLIGHT,
+        ..ScaleConfig::default()
+    }
+}
+
+/// The policy of a service in the registry, for the keys its `[[service]]` leaves unset (or
+/// with no entry): Envoy's default route timeout, 15 s, and one more try on another endpoint
+/// when a call could not reach one (always safe: the endpoint never got it).
+pub fn remote_policy() -> PolicyConfig {
+    PolicyConfig {
+        timeout: Some(Duration::from_secs(15)),
+        retry: Some(Retry {
+            attempts: 2,
+            backoff: Duration::from_millis(5),
+            on_connect: true,
+            on_unavailable: false,
+            on_timeout: false,
+        }),
+        ..PolicyConfig::default()
+    }
+}
+
+/// A service egress calls reach through the registry, with no `[[service]]` entry.
+pub fn discovered_service(name: &str, protocol: Protocol) -> FunctionConfig {
+    FunctionConfig {
+        name: name.to_owned(),
+        protocol,
+        transport: Transport::Tcp,
+        service: None,
+        methods: None,
+        command: Vec::new(),
+        env: BTreeMap::new(),
+        scale: remote_scale(),
+        policy: remote_policy(),
+        methods_policy: BTreeMap::new(),
+        remote: true,
+    }
 }
 
 impl Default for ScaleConfig {

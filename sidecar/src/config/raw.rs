@@ -18,6 +18,22 @@ pub(super) struct RawFile {
     pub(super) function: Vec<Spanned<RawFunction>>,
     #[serde(default)]
     pub(super) telemetry: Option<Spanned<RawTelemetry>>,
+    #[serde(default)]
+    pub(super) service: Vec<Spanned<RawService>>,
+}
+
+/// `[[service]]`: a service egress calls reach through the registry, and its policy.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawService {
+    pub(super) name: Spanned<String>,
+    pub(super) protocol: Spanned<String>,
+    pub(super) idl: Option<Spanned<String>>,
+    pub(super) service: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) policy: Option<Spanned<RawPolicy>>,
+    #[serde(default)]
+    pub(super) method: BTreeMap<String, Spanned<RawPolicy>>,
 }
 
 #[derive(Deserialize)]
@@ -38,6 +54,7 @@ pub(super) struct RawSidecar {
     pub(super) listen: Spanned<String>,
     pub(super) admin: Option<Spanned<String>>,
     pub(super) advertise: Option<Spanned<String>>,
+    pub(super) egress: Option<Spanned<String>>,
     #[serde(default = "default_drain", deserialize_with = "duration")]
     pub(super) drain_timeout: Duration,
     #[serde(default = "default_frame", deserialize_with = "size")]

@@ -590,3 +590,80 @@ fn a_registry_needs_an_address_callers_can_reach() {
         "10.0.0.7:8888".parse().unwrap()
     );
 }
+
+#[test]
+fn egress_and_services_parse_and_instances_learn_the_egress() {
+    let text = GOOD.replacen(
+        "drain_timeout",
+        "egress = \"127.0.0.1:8889\"\ndrain_timeout",
+        1,
+    ) + r#"
+[[service]]
+name = "gecho"
+protocol = "grpc"
+idl = "idl/proto/echo.proto"
+
+[service.policy]
+timeout = "200ms"
+idempotent = true
+
+[service.method.UnaryEcho]
+retry = { attempts = 3, on = ["connect", "unavailable"] }
+
+[[service]]
+name = "legacy"
+protocol = "thrift"
+service = "LegacyService"
+"#;
+    let c = parse(&text).unwrap();
+    assert_eq!(c.sidecar.egress, Some("127.0.0.1:8889".parse().unwrap()));
+    assert_eq!(
+        c.functions[0].env.get("FNMESH_EGRESS").map(String::as_str),
+        Some("127.0.0.1:8889")
+    );
+    let [gecho, legacy] = &c.services[..] else {
+        panic!("two services: {:?}", c.services);
+    };
+    assert!(gecho.remote && legacy.remote);
+    assert!(gecho.command.is_empty());
+    assert_eq!(gecho.service.as_deref(), Some("echo.Echo"));
+    assert_eq!(gecho.policy.timeout, Some(Duration::from_millis(200)));
+    // Keys a service leaves unset take the defaults for services (retry on connect).
+    assert_eq!(gecho.policy.retry, remote_policy().retry);
+    assert_eq!(gecho.policy_for("UnaryEcho").retry.unwrap().attempts, 3);
+    assert_eq!(legacy.service.as_deref(), Some("LegacyService"));
+    assert_eq!(legacy.policy, remote_policy());
+    assert_eq!(legacy.scale, remote_scale());
+    // No egress: nothing added.
+    assert!(!parse(GOOD).unwrap().functions[0]
+        .env
+        .contains_key("FNMESH_EGRESS"));
+}
+
+#[test]
+fn bad_egress_and_services_are_refused_by_key_and_line() {
+    let with = |extra: &str| GOOD.replacen("drain_timeout", &format!("{extra}\ndrain_timeout"), 1);
+    let e = err(&with("egress = \"127.0.0.1:8888\""));
+    assert!(
+        e.contains("sidecar.egress") && e.contains("already the listen"),
+        "{e}"
+    );
+    let e = err(&with("egress = \"nowhere\""));
+    assert!(e.contains("sidecar.egress") && e.contains("ip:port"), "{e}");
+    let svc = |body: &str| format!("{GOOD}\n[[service]]\n{body}\n");
+    let e = err(&svc("name = \"x\"\nprotocol = \"smtp\""));
+    assert!(e.contains("service[x].protocol"), "{e}");
+    let e = err(&svc(
+        "name = \"x\"\nprotocol = \"grpc\"\ncommand = [\"/bin/true\"]",
+    ));
+    assert!(e.contains("command"), "a service runs nothing: {e}");
+    let e = err(&svc(
+        "name = \"x\"\nprotocol = \"grpc\"\nidl = \"idl/proto/echo.proto\"\n[service.method.Nope]\ntimeout = \"1s\"",
+    ));
+    assert!(e.contains("service[x].method.Nope"), "{e}");
+    let twice = format!(
+        "{GOOD}\n[[service]]\nname = \"x\"\nprotocol = \"grpc\"\n[[service]]\nname = \"x\"\nprotocol = \"grpc\"\n"
+    );
+    let e = err(&twice);
+    assert!(e.contains("service.name") && e.contains("twice"), "{e}");
+}

@@ -12,7 +12,7 @@ use fnmesh_discovery::Tls;
 use toml::Spanned;
 
 use super::{
-    raw::{parse_duration, RawDiscovery, RawFile, RawFunction, RawPolicy, RawSidecar},
+    raw::{parse_duration, RawDiscovery, RawFile, RawFunction, RawPolicy, RawService, RawSidecar},
     CircuitBreaker, Config, ConfigError, ConnectionLimits, DiscoveryBackend, DiscoveryConfig,
     FunctionConfig, PolicyConfig, Protocol, RateLimit, Retry, ScaleConfig, SidecarConfig,
     TelemetryConfig, Transport,
@@ -396,18 +396,8 @@ impl Config {
                 format!("{advertise} cannot be registered: set an address callers can reach"),
             );
         }
-        let mut functions: Vec<FunctionConfig> = Vec::new();
-        for f in &raw.function {
-            let fc = function(&cx, f, base)?;
-            if functions.iter().any(|o| o.name == fc.name) {
-                return cx.invalid(
-                    f.get_ref().name.span().start,
-                    "function.name",
-                    format!("{:?} is configured twice", fc.name),
-                );
-            }
-            functions.push(fc);
-        }
+        let egress = egress(&cx, s, listen, admin)?;
+        let (functions, services) = functions_and_services(&cx, &raw, base, egress)?;
         let workers = match &s.workers {
             Some(w) if !(1..=256).contains(w.get_ref()) => {
                 return cx.invalid(
@@ -427,6 +417,7 @@ impl Config {
                 listen,
                 admin,
                 advertise,
+                egress,
                 drain_timeout: s.drain_timeout,
                 max_frame_size: s.max_frame_size,
                 workers,
@@ -434,8 +425,73 @@ impl Config {
                 connections: connection_limits(&cx, s)?,
             },
             functions,
+            services,
         })
     }
+}
+
+/// `[sidecar] egress`: an address that is neither `listen` nor `admin`.
+fn egress(
+    cx: &Ctx<'_>,
+    s: &RawSidecar,
+    listen: SocketAddr,
+    admin: Option<SocketAddr>,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    let Some(at) = &s.egress else {
+        return Ok(None);
+    };
+    let e = cx.addr(at, "sidecar.egress")?;
+    if e == listen || Some(e) == admin {
+        return cx.invalid(
+            at.span().start,
+            "sidecar.egress",
+            format!("{e} is already the listen or admin address"),
+        );
+    }
+    Ok(Some(e))
+}
+
+/// The `[[function]]`s (each told where the egress is, when there is one) and the
+/// `[[service]]`s, each name once.
+fn functions_and_services(
+    cx: &Ctx<'_>,
+    raw: &RawFile,
+    base: &Path,
+    egress: Option<SocketAddr>,
+) -> Result<(Vec<FunctionConfig>, Vec<FunctionConfig>), ConfigError> {
+    let mut functions: Vec<FunctionConfig> = Vec::new();
+    for f in &raw.function {
+        let fc = function(cx, f, base)?;
+        if functions.iter().any(|o| o.name == fc.name) {
+            return cx.invalid(
+                f.get_ref().name.span().start,
+                "function.name",
+                format!("{:?} is configured twice", fc.name),
+            );
+        }
+        functions.push(fc);
+    }
+    let mut services: Vec<FunctionConfig> = Vec::new();
+    for raw in &raw.service {
+        let sc = service(cx, raw, base)?;
+        if services.iter().any(|o| o.name == sc.name) {
+            return cx.invalid(
+                raw.get_ref().name.span().start,
+                "service.name",
+                format!("{:?} is configured twice", sc.name),
+            );
+        }
+        services.push(sc);
+    }
+    // Every instance learns where its egress is (docs/design.md: FNMESH_EGRESS).
+    if let Some(e) = egress {
+        for f in &mut functions {
+            f.env
+                .entry("FNMESH_EGRESS".to_owned())
+                .or_insert_with(|| e.to_string());
+        }
+    }
+    Ok((functions, services))
 }
 
 /// `[telemetry]`: the access log and its ratio, in (0, 1].
@@ -679,14 +735,25 @@ fn rate_limit(cx: &Ctx<'_>, v: &Spanned<toml::Value>, key: &str) -> Result<RateL
     Ok(RateLimit { rps, burst })
 }
 
-fn function(
+/// What a function and a `[[service]]` both declare: name, protocol, IDL and policy.
+struct Interface<'r> {
+    name: &'r Spanned<String>,
+    protocol: &'r Spanned<String>,
+    idl: Option<&'r Spanned<String>>,
+    service: Option<&'r Spanned<String>>,
+    policy: Option<&'r Spanned<RawPolicy>>,
+    method: &'r BTreeMap<String, Spanned<RawPolicy>>,
+}
+
+/// An [`Interface`] checked, as a configuration with no command, scale or environment yet.
+fn interface(
     cx: &Ctx<'_>,
-    f: &Spanned<RawFunction>,
+    table: &str,
+    r: &Interface<'_>,
     base: &Path,
 ) -> Result<FunctionConfig, ConfigError> {
-    let r = f.get_ref();
     let name = r.name.get_ref().clone();
-    let key = |k: &str| format!("function[{name}].{k}");
+    let key = |k: &str| format!("{table}[{name}].{k}");
     let valid_name = !name.is_empty()
         && name
             .chars()
@@ -694,7 +761,7 @@ fn function(
     if !valid_name {
         return cx.invalid(
             r.name.span().start,
-            "function.name",
+            format!("{table}.name"),
             format!("{name:?}: use letters, digits, '-', '_' or '.'"),
         );
     }
@@ -709,34 +776,29 @@ fn function(
             )
         }
     };
-    let transport = transport(cx, r, &key)?;
-    let command = command(cx, f, base, &key)?;
-    let scale = scale(cx, f, &key)?;
-
-    let (service, methods) = match &r.idl {
+    let (service, methods) = match r.idl {
         Some(idl) => {
             let path = base.join(idl.get_ref());
             let catalog = fnmesh_idl::Catalog::load(&path, &[])
                 .or_else(|e| cx.invalid(idl.span().start, key("idl"), e.to_string()))?;
-            let wanted = r.service.as_ref().map(|s| s.get_ref().as_str());
+            let wanted = r.service.map(|s| s.get_ref().as_str());
             let svc = catalog.select(wanted).or_else(|e| {
                 cx.invalid(
-                    r.service.as_ref().unwrap_or(idl).span().start,
+                    r.service.unwrap_or(idl).span().start,
                     key("service"),
                     e.to_string(),
                 )
             })?;
             (Some(svc.name.clone()), Some(svc.methods.clone()))
         }
-        None => (r.service.as_ref().map(|s| s.get_ref().clone()), None),
+        None => (r.service.map(|s| s.get_ref().clone()), None),
     };
-
-    let policy_cfg = match &r.policy {
+    let policy_cfg = match r.policy {
         Some(p) => policy(cx, p, &key("policy"))?,
         None => PolicyConfig::default(),
     };
     let mut methods_policy = BTreeMap::new();
-    for (m, p) in &r.method {
+    for (m, p) in r.method {
         if let Some(ms) = &methods {
             if ms.iter().all(|x| &x.name != m) {
                 return cx.invalid(
@@ -751,15 +813,66 @@ fn function(
     Ok(FunctionConfig {
         name,
         protocol,
-        transport,
+        transport: Transport::Tcp,
         service,
         methods,
-        command,
-        env: r.env.clone(),
-        scale,
+        command: Vec::new(),
+        env: BTreeMap::new(),
+        scale: ScaleConfig::default(),
         policy: policy_cfg,
         methods_policy,
+        remote: false,
     })
+}
+
+fn function(
+    cx: &Ctx<'_>,
+    f: &Spanned<RawFunction>,
+    base: &Path,
+) -> Result<FunctionConfig, ConfigError> {
+    let r = f.get_ref();
+    let i = Interface {
+        name: &r.name,
+        protocol: &r.protocol,
+        idl: r.idl.as_ref(),
+        service: r.service.as_ref(),
+        policy: r.policy.as_ref(),
+        method: &r.method,
+    };
+    let mut config = interface(cx, "function", &i, base)?;
+    let name = config.name.clone();
+    let key = |k: &str| format!("function[{name}].{k}");
+    config.transport = transport(cx, r, &key)?;
+    config.command = command(cx, f, base, &key)?;
+    config.scale = scale(cx, f, &key)?;
+    config.env = r.env.clone();
+    Ok(config)
+}
+
+/// A `[[service]]`: what egress calls to it follow. Nothing is started for it: each endpoint
+/// the registry lists takes up to `REMOTE_IN_FLIGHT` calls, and as many more may wait.
+fn service(
+    cx: &Ctx<'_>,
+    s: &Spanned<RawService>,
+    base: &Path,
+) -> Result<FunctionConfig, ConfigError> {
+    let r = s.get_ref();
+    let i = Interface {
+        name: &r.name,
+        protocol: &r.protocol,
+        idl: r.idl.as_ref(),
+        service: r.service.as_ref(),
+        policy: r.policy.as_ref(),
+        method: &r.method,
+    };
+    let mut config = interface(cx, "service", &i, base)?;
+    config.remote = true;
+    config.scale = super::remote_scale();
+    let defaults = super::remote_policy();
+    let p = &mut config.policy;
+    p.timeout = p.timeout.or(defaults.timeout);
+    p.retry = p.retry.or(defaults.retry);
+    Ok(config)
 }
 
 /// `transport`: `tcp` (the default) or `unix`.

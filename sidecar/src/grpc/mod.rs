@@ -14,7 +14,7 @@ use crate::{
     config::ConnectionLimits,
     drain::Drain,
     error::{CallError, Kind},
-    governance::{Function, Route},
+    governance::{Function, Route, Services},
 };
 
 /// What every gRPC connection shares.
@@ -29,6 +29,9 @@ pub struct GrpcFront {
     pub drain: Drain,
     /// How long a started frame may take, and an idle connection may stay.
     pub connections: ConnectionLimits,
+    /// On the egress listener: the services in the registry, for streams no function here
+    /// serves.
+    pub services: Option<Arc<Services>>,
 }
 
 impl GrpcFront {
@@ -38,6 +41,7 @@ impl GrpcFront {
             reloads: watch::Sender::new(0),
             drain,
             connections,
+            services: None,
         }
     }
 
@@ -96,8 +100,14 @@ pub(crate) enum Target<'a> {
     Health { watch: bool },
 }
 
-/// Routes a stream by its `:path`.
-pub(crate) fn target<'a>(front: &GrpcFront, path: &'a str) -> Result<Target<'a>, CallError> {
+/// Routes a stream by its `:path`; on the egress listener, a stream no function here serves
+/// goes to the registry's service its `:authority` names (without a port), else to the one
+/// whose IDL service is the path's.
+pub(crate) fn target<'a>(
+    front: &GrpcFront,
+    path: &'a str,
+    authority: Option<&str>,
+) -> Result<Target<'a>, CallError> {
     let Some((service, method)) = service_method(path) else {
         return Err(CallError::new(
             Kind::NoRoute,
@@ -106,6 +116,15 @@ pub(crate) fn target<'a>(front: &GrpcFront, path: &'a str) -> Result<Target<'a>,
     };
     if let Some(function) = front.function(service) {
         return Ok(Target::Function(function, method));
+    }
+    if let Some(services) = &front.services {
+        if let Some(function) = remote(&front.functions.load(), services, service, authority) {
+            return Ok(Target::Function(function, method));
+        }
+        return Err(CallError::new(
+            Kind::NoRoute,
+            format!("no service for {service}"),
+        ));
     }
     if service != health::SERVICE {
         return Err(CallError::new(
@@ -121,6 +140,30 @@ pub(crate) fn target<'a>(front: &GrpcFront, path: &'a str) -> Result<Target<'a>,
             format!("{} has no method {other}", health::SERVICE),
         )),
     }
+}
+
+/// An egress stream's function: a local one its `:authority` names, else the registry's
+/// service it names, else the registry's service for the path's IDL service.
+#[cold]
+fn remote(
+    local: &[Route],
+    services: &Services,
+    service: &str,
+    authority: Option<&str>,
+) -> Option<Arc<Function>> {
+    let grpc = crate::config::Protocol::Grpc;
+    let name = authority
+        .map(|a| a.rsplit_once(':').map_or(a, |(host, _)| host))
+        .filter(|n| !n.is_empty() && n.parse::<std::net::IpAddr>().is_err() && *n != "localhost");
+    if let Some(name) = name {
+        if let Some(r) = local.iter().find(|r| r.function.name == name) {
+            return Some(r.function.clone());
+        }
+        if let Some(f) = services.by_name(name, grpc) {
+            return Some(f);
+        }
+    }
+    services.by_idl_service(service, grpc)
 }
 
 #[cfg(test)]

@@ -93,6 +93,8 @@ pub struct Instance {
     exited: tokio_util::sync::CancellationToken,
     /// Its connections (see [`Open`]), and whether it is stopping.
     conns: Arc<Conns>,
+    /// An endpoint from the registry, not a process of this sidecar: nothing exits.
+    remote: bool,
 }
 
 impl std::fmt::Debug for Instance {
@@ -138,6 +140,16 @@ impl Instance {
             stop: Mutex::new(Some(stop)),
             exited: tokio_util::sync::CancellationToken::new(),
             conns: Arc::default(),
+            remote: false,
+        }
+    }
+
+    /// An endpoint the registry lists (another sidecar, a plain service): no process, no probe.
+    pub(super) fn remote(id: u64, addr: std::net::SocketAddr, workers: usize) -> Instance {
+        let (stop, _) = oneshot::channel();
+        Instance {
+            remote: true,
+            ..Instance::new(id, Endpoint::Tcp(addr), workers, None, stop)
         }
     }
 
@@ -176,6 +188,9 @@ impl Instance {
     /// so that a crash takes the instance out (its monitor reaps it) before the next call
     /// could pick it, while a live instance that only dropped a connection stays.
     pub async fn exits_within(&self, grace: std::time::Duration) -> bool {
+        if self.remote {
+            return false; // a broken connection to a remote endpoint is no exit to wait for
+        }
         tokio::time::timeout(grace, self.exited.cancelled())
             .await
             .is_ok()

@@ -33,6 +33,10 @@ struct Slot {
     /// Times ejected since its last success, and until when it is out of balancing.
     ejections: u32,
     ejected_until: Option<Instant>,
+    /// The registry's weight for a remote endpoint (1 for an instance).
+    weight: u32,
+    /// A remote endpoint's peak-EWMA latency (ns), for balancing: 0 until a call ended.
+    ewma_ns: u64,
 }
 
 impl Slot {
@@ -44,7 +48,16 @@ impl Slot {
             failures: 0,
             ejections: 0,
             ejected_until: None,
+            weight: 1,
+            ewma_ns: 0,
         }
+    }
+
+    /// What a call would cost on it, for power-of-two-choices: its latency times the calls it
+    /// would then have, over its weight (Linkerd's and Finagle's least-loaded, weighted).
+    fn cost(&self) -> u128 {
+        let latency = u128::from(self.ewma_ns.max(1));
+        latency * (self.in_flight as u128 + 1) * 1024 / u128::from(self.weight.max(1))
     }
 
     fn ejected(&self, now: Option<Instant>) -> bool {
@@ -83,6 +96,10 @@ struct Scaling {
     /// Consecutive start failures and crashes, for the restart backoff.
     failures: u32,
     draining: bool,
+    /// A remote service's endpoints: balanced by power of two choices.
+    p2c: bool,
+    /// A remote service: whether the registry has answered once.
+    resolved: bool,
 }
 
 /// What the admin API and tests read.
@@ -115,6 +132,9 @@ pub struct Pool {
     /// The runtime instance processes are started and watched on, whichever worker's call
     /// asked for them.
     control: tokio::runtime::Handle,
+    /// A service in the registry: its endpoints are set by [`Pool::set_endpoints`], nothing
+    /// is started or stopped for idleness.
+    pub remote: bool,
 }
 
 /// A slot on an instance; dropping it frees the slot (and hands it to the next waiting call).
@@ -126,6 +146,8 @@ pub struct Lease {
     /// The call's deadline: a lease dropped unfinished after it is a failed call (a hung
     /// instance), one dropped before it is not (the caller went away).
     deadline: Option<Instant>,
+    /// When the call took the slot, on a remote endpoint (its latency feeds balancing).
+    started: Option<std::time::Instant>,
 }
 
 const OUTCOME_UNKNOWN: u8 = 0;
@@ -135,6 +157,7 @@ const OUTCOME_FAILED: u8 = 2;
 impl Lease {
     fn new(pool: Arc<Pool>, instance: Arc<Instance>) -> Lease {
         Lease {
+            started: pool.remote.then(std::time::Instant::now),
             pool,
             instance,
             outcome: std::sync::atomic::AtomicU8::new(OUTCOME_UNKNOWN),
@@ -197,7 +220,8 @@ impl Drop for Lease {
                 .is_some_and(|d| Instant::now() >= d)
                 .then_some(true),
         };
-        self.pool.release(&self.instance, outcome);
+        let took = self.started.map(|t| t.elapsed());
+        self.pool.release(&self.instance, outcome, took);
     }
 }
 
@@ -216,7 +240,7 @@ impl Drop for Waiting {
         crate::metrics::global().queue_wait(&self.pool.name, self.since.elapsed());
         self.rx.close();
         if let Ok(Ok(instance)) = self.rx.try_recv() {
-            self.pool.release(&instance, None);
+            self.pool.release(&instance, None, None);
         }
     }
 }
@@ -229,20 +253,91 @@ impl Pool {
         watchdog: Arc<Watchdog>,
         workers: usize,
     ) -> Arc<Pool> {
+        let remote = function.remote;
         let pool = Arc::new(Pool {
+            remote,
             name: function.name.clone(),
             config: arc_swap::ArcSwap::new(function),
             grace,
             watchdog,
-            state: Mutex::new(Scaling::default()),
+            state: Mutex::new(Scaling {
+                p2c: remote,
+                ..Scaling::default()
+            }),
             next_id: std::sync::atomic::AtomicU64::new(1),
             processes: tokio_util::task::TaskTracker::new(),
             workers,
             control: tokio::runtime::Handle::current(),
         });
-        pool.start_to_min();
-        tokio::spawn(Pool::reap_idle(Arc::downgrade(&pool)));
+        if !remote {
+            pool.start_to_min();
+            tokio::spawn(Pool::reap_idle(Arc::downgrade(&pool)));
+        }
         pool
+    }
+
+    /// Sets a remote service's endpoints (the registry's latest answer): new ones join the
+    /// balancing, gone ones leave it (calls on them finish; their idle connections close).
+    /// Waiting calls get the new endpoints, or `unavailable` when there is none.
+    pub fn set_endpoints(&self, endpoints: &[(std::net::SocketAddr, u32)]) {
+        let mut st = lock(&self.state);
+        st.resolved = true;
+        let mut gone = Vec::new();
+        st.ready.retain(|s| {
+            let keep = matches!(&s.instance.addr, super::Endpoint::Tcp(a) if endpoints.iter().any(|(e, _)| e == a));
+            if !keep {
+                gone.push(s.instance.clone());
+            }
+            keep
+        });
+        for (addr, weight) in endpoints {
+            let known = st
+                .ready
+                .iter_mut()
+                .find(|s| matches!(&s.instance.addr, super::Endpoint::Tcp(a) if a == addr));
+            match known {
+                Some(slot) => slot.weight = *weight,
+                None => {
+                    let id = self
+                        .next_id
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let instance = Arc::new(Instance::remote(id, *addr, self.workers));
+                    let mut slot = Slot::new(instance);
+                    slot.weight = *weight;
+                    st.ready.push(slot);
+                }
+            }
+        }
+        if st.ready.is_empty() {
+            let e = CallError::new(
+                Kind::Unavailable,
+                format!(
+                    "service {}: the registry lists no passing endpoint",
+                    self.name
+                ),
+            );
+            Self::fail_waiters(&mut st, &e);
+        } else {
+            self.dispatch(&mut st);
+        }
+        drop(st);
+        for instance in gone {
+            instance.stop();
+            instance.exited();
+        }
+    }
+
+    /// A remote service's registry could not be read before it ever answered: the calls
+    /// waiting for its endpoints get `unavailable` (later calls wait for the next try).
+    pub fn unresolved(&self, why: &str) {
+        let mut st = lock(&self.state);
+        if !st.resolved {
+            let e = CallError::new(
+                Kind::Unavailable,
+                format!("service {}: cannot resolve it: {why}", self.name),
+            );
+            Self::fail_waiters(&mut st, &e);
+        }
     }
 
     /// The function's scaling settings now.
@@ -333,6 +428,12 @@ impl Pool {
             if let Some(instance) = Self::take_slot(&mut st, self.scale().concurrency) {
                 return Ok(Lease::new(self.clone(), instance));
             }
+            if self.remote && st.resolved && st.ready.is_empty() {
+                return Err(CallError::new(
+                    Kind::Unavailable,
+                    format!("service {name}: the registry lists no passing endpoint"),
+                ));
+            }
             if st.waiters.len() >= self.scale().queue {
                 // Callers that gave up still hold places; free them first.
                 st.waiters.retain(|tx| !tx.is_closed());
@@ -386,16 +487,53 @@ impl Pool {
         avoid: Option<u64>,
     ) -> Option<Arc<Instance>> {
         let now = ejection_clock(&st.ready);
-        let slot = st
-            .ready
-            .iter_mut()
-            .filter(|s| {
-                s.in_flight < concurrency && !s.ejected(now) && Some(s.instance.id) != avoid
-            })
-            .min_by_key(|s| s.in_flight)?;
+        let usable =
+            |s: &Slot| s.in_flight < concurrency && !s.ejected(now) && Some(s.instance.id) != avoid;
+        let slot = match st.p2c {
+            true => {
+                let i = Self::two_choices(&st.ready, usable)?;
+                &mut st.ready[i]
+            }
+            false => st
+                .ready
+                .iter_mut()
+                .filter(|s| usable(s))
+                .min_by_key(|s| s.in_flight)?,
+        };
         slot.ejected_until = None;
         slot.in_flight += 1;
         Some(slot.instance.clone())
+    }
+
+    /// Power of two choices: two usable slots drawn by weight, the one a call costs less on.
+    fn two_choices(ready: &[Slot], usable: impl Fn(&Slot) -> bool) -> Option<usize> {
+        let total: u64 = ready
+            .iter()
+            .filter(|s| usable(s))
+            .map(|s| u64::from(s.weight.max(1)))
+            .sum();
+        if total == 0 {
+            return None;
+        }
+        let pick = || {
+            let mut at = crate::access::draw() % total;
+            ready.iter().position(|s| {
+                if !usable(s) {
+                    return false;
+                }
+                let w = u64::from(s.weight.max(1));
+                if at < w {
+                    return true;
+                }
+                at -= w;
+                false
+            })
+        };
+        let (a, b) = (pick()?, pick()?);
+        Some(match ready[a].cost() <= ready[b].cost() {
+            true => a,
+            false => b,
+        })
     }
 
     /// Instances to start so that ready + starting can serve everything in flight and queued,
@@ -413,7 +551,14 @@ impl Pool {
 
     /// Frees a slot on `instance` and counts how its call went (`None`: unknown), which may
     /// eject the instance after failures in a row; the slot goes to the next waiting call.
-    fn release(self: &Arc<Pool>, instance: &Arc<Instance>, failed: Option<bool>) {
+    /// `took`: the call's latency on a remote endpoint, folded into its peak EWMA (a slower
+    /// call counts at once, faster ones pull it down a tenth at a time).
+    fn release(
+        self: &Arc<Pool>,
+        instance: &Arc<Instance>,
+        failed: Option<bool>,
+        took: Option<Duration>,
+    ) {
         let mut st = lock(&self.state);
         let Some(slot) = st
             .ready
@@ -424,6 +569,13 @@ impl Pool {
         };
         slot.in_flight -= 1;
         slot.idle_since = None;
+        if let Some(took) = took {
+            let ns = took.as_nanos().min(u128::from(u64::MAX)) as u64;
+            slot.ewma_ns = match ns > slot.ewma_ns {
+                true => ns,
+                false => slot.ewma_ns - (slot.ewma_ns - ns) / 10,
+            };
+        }
         match failed {
             Some(false) => {
                 slot.failures = 0;

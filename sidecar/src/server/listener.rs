@@ -10,13 +10,15 @@ use bytes::BytesMut;
 use fnmesh_codec::{detect, Detected, Detection};
 use tokio::{io::AsyncReadExt, net::TcpStream, time::timeout};
 
-use crate::{grpc::GrpcFront, thrift::ThriftFront};
+use crate::{grpc::GrpcFront, thrift::ThriftFront, workers::Listener};
 
 /// The front ends a connection can go to, and the count of open caller connections.
 #[derive(Clone)]
 pub struct Fronts {
     pub thrift: Arc<ThriftFront>,
     pub grpc: Arc<GrpcFront>,
+    /// The egress listener's, when there is one.
+    pub egress: Option<(Arc<ThriftFront>, Arc<GrpcFront>)>,
     pub open: Arc<AtomicUsize>,
 }
 
@@ -38,12 +40,16 @@ pub fn admit(open: &AtomicUsize, max: usize) -> bool {
 }
 
 /// Serves one accepted connection (on a worker thread); its place was taken by [`admit`].
-pub async fn connection(mut sock: TcpStream, fronts: Fronts) {
+pub async fn connection(mut sock: TcpStream, listener: Listener, fronts: Fronts) {
     let _open = Open(fronts.open.clone());
+    let (thrift, grpc) = match (listener, fronts.egress) {
+        (Listener::Egress, Some(egress)) => egress,
+        _ => (fronts.thrift, fronts.grpc),
+    };
     let peer = sock.peer_addr().ok();
     let mut buf = BytesMut::with_capacity(8 * 1024);
     // A new connection has `header_timeout` to send enough bytes to tell its protocol.
-    let within = fronts.thrift.connections.header_timeout;
+    let within = thrift.connections.header_timeout;
     let detected = timeout(within, async {
         loop {
             match detect(&buf) {
@@ -61,11 +67,11 @@ pub async fn connection(mut sock: TcpStream, fronts: Fronts) {
     match detected {
         Ok(Some(Detected::Http2)) => {
             let _counted = Connection::open(&GRPC_CONNECTIONS);
-            crate::grpc::serve(sock, buf, fronts.grpc).await
+            crate::grpc::serve(sock, buf, grpc).await
         }
         Ok(Some(d)) => {
             let _counted = Connection::open(&THRIFT_CONNECTIONS);
-            crate::thrift::serve(sock, d, buf, fronts.thrift).await
+            crate::thrift::serve(sock, d, buf, thrift).await
         }
         Ok(None) if buf.is_empty() => {}
         Ok(None) => {

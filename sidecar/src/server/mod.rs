@@ -23,7 +23,7 @@ use crate::{
     config::{Config, DiscoveryBackend},
     instances::watchdog::Watchdog,
     mesh::Mesh,
-    workers::Workers,
+    workers::{Listener, Workers},
     Throttled,
 };
 
@@ -117,7 +117,10 @@ async fn registry(backend: &DiscoveryBackend) -> Result<Backend, String> {
 
 /// A running sidecar: its listener, worker threads and functions.
 struct Sidecar {
-    listener: TcpListener,
+    /// The main listener; closed when the drain starts.
+    listener: Option<TcpListener>,
+    /// `[sidecar] egress`'s listener, when set.
+    egress: Option<TcpListener>,
     workers: Workers,
     mesh: Arc<Mesh>,
     /// The registry's name (`none` without one).
@@ -137,7 +140,8 @@ async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
     let mut signals = Signals::new().map_err(|e| format!("cannot watch signals: {e}"))?;
     loop {
         tokio::select! {
-            accepted = sidecar.listener.accept() => sidecar.dispatch(accepted).await,
+            accepted = accept_on(&sidecar.listener) => sidecar.dispatch(accepted, Listener::Main).await,
+            accepted = accept_on(&sidecar.egress) => sidecar.dispatch(accepted, Listener::Egress).await,
             _ = signals.term.recv() => break,
             _ = signals.int.recv() => break,
             _ = signals.hup.recv() => { let _ = sidecar.mesh.reload_and_log("SIGHUP"); }
@@ -170,7 +174,15 @@ async fn start(path: PathBuf, config: Config) -> Result<Sidecar, String> {
         crate::trace::init(endpoint, t.otlp_protocol, t.sample_ratio, &t.service_name)?;
     }
     let backend = registry(&config.discovery.backend).await?;
-    let mesh = Arc::new(Mesh::new(path, config, limits, watchdog));
+    let egress = match settings.egress {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on egress address {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    let mesh = Arc::new(Mesh::new(path, config, limits, watchdog).with_egress(&backend));
     if let Some(addr) = settings.admin {
         let l = TcpListener::bind(addr)
             .await
@@ -181,6 +193,10 @@ async fn start(path: PathBuf, config: Config) -> Result<Sidecar, String> {
     let fronts = listener::Fronts {
         thrift: mesh.thrift.clone(),
         grpc: mesh.grpc.clone(),
+        egress: mesh
+            .egress
+            .as_ref()
+            .map(|e| (e.thrift.clone(), e.grpc.clone())),
         open: open.clone(),
     };
     let sweep_every = settings.connections.sweep_every();
@@ -188,11 +204,12 @@ async fn start(path: PathBuf, config: Config) -> Result<Sidecar, String> {
         settings.workers,
         settings.busy_poll,
         sweep_every,
-        move |sock| listener::connection(sock, fronts.clone()),
+        move |sock, from| listener::connection(sock, from, fronts.clone()),
     )
     .map_err(|e| format!("cannot start the worker threads: {e}"))?;
     tracing::info!(
         listen = %listen,
+        egress = ?settings.egress,
         functions = mesh.functions().len(),
         workers = workers.len(),
         "fnmesh serving"
@@ -201,7 +218,8 @@ async fn start(path: PathBuf, config: Config) -> Result<Sidecar, String> {
     let registry = backend.name();
     mesh.register(backend);
     Ok(Sidecar {
-        listener,
+        listener: Some(listener),
+        egress,
         workers,
         mesh,
         registry,
@@ -219,10 +237,11 @@ impl Sidecar {
     async fn dispatch(
         &self,
         accepted: std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)>,
+        from: Listener,
     ) {
         match accepted {
             Ok((sock, _)) if listener::admit(&self.open, self.max_connections) => {
-                self.workers.dispatch(sock)
+                self.workers.dispatch(sock, from)
             }
             Ok((sock, peer)) => {
                 drop(sock);
@@ -243,6 +262,16 @@ impl Sidecar {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
+    }
+}
+
+/// The next connection on `listener`; never, without one.
+async fn accept_on(
+    listener: &Option<TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
     }
 }
 

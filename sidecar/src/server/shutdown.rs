@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use tokio::time::{sleep, timeout};
 
-use super::{Sidecar, Signals};
-use crate::workers::Workers;
+use super::{accept_on, Sidecar, Signals};
+use crate::workers::{Listener, Workers};
 
 /// How long deregistering may take when the sidecar drains.
 const DEREGISTER: Duration = Duration::from_secs(2);
@@ -55,7 +55,7 @@ impl Sidecar {
 
     /// Says the sidecar is going, stops accepting, and waits (within `grace`) for the work in
     /// progress; gives back the worker threads, which still serve the connections they have.
-    async fn drain(self, grace: Duration) -> Workers {
+    async fn drain(mut self, grace: Duration) -> Workers {
         let mesh = self.mesh.clone();
         let leave = async {
             mesh.deregister(DEREGISTER.min(grace)).await;
@@ -66,24 +66,33 @@ impl Sidecar {
         tokio::pin!(leave);
         loop {
             tokio::select! {
-                accepted = self.listener.accept() => self.dispatch(accepted).await,
+                accepted = accept_on(&self.listener) => self.dispatch(accepted, Listener::Main).await,
+                accepted = accept_on(&self.egress) => self.dispatch(accepted, Listener::Egress).await,
                 () = &mut leave => break,
             }
         }
         // No new connections; the worker threads serve those they have until the end.
-        let Sidecar {
-            listener, workers, ..
-        } = self;
-        drop(listener);
+        drop(self.listener.take());
         // Thrift calls and gRPC streams in flight, and HTTP/2 connections still open after
-        // their GOAWAY (each closes once its streams are done and flushed).
+        // their GOAWAY (each closes once its streams are done and flushed). Functions still
+        // finishing calls may call out through the egress listener meanwhile.
         tracing::info!(in_flight = mesh.drain.in_progress(), "draining");
-        if timeout(grace, mesh.drain.finished()).await.is_err() {
+        let drained = timeout(grace, async {
+            let finished = mesh.drain.finished();
+            tokio::pin!(finished);
+            loop {
+                tokio::select! {
+                    () = &mut finished => return,
+                    accepted = accept_on(&self.egress) => self.dispatch(accepted, Listener::Egress).await,
+                }
+            }
+        });
+        if drained.await.is_err() {
             tracing::warn!(
                 in_flight = mesh.drain.in_progress(),
                 "drain_timeout passed with calls still in flight"
             );
         }
-        workers
+        self.workers
     }
 }

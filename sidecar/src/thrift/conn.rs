@@ -29,7 +29,7 @@ use super::{
 use crate::{
     config::ConnectionLimits,
     error::{CallError, Kind},
-    governance::{Function, Route},
+    governance::{Function, Route, Services},
     workers::{Stalled, Stalls},
 };
 
@@ -170,6 +170,8 @@ struct Reader<'a> {
     /// The routing table as of the last call: checked against the current one with a pointer
     /// comparison instead of a full load per call.
     table: arc_swap::Cache<&'a arc_swap::ArcSwap<Vec<Route>>, Arc<Vec<Route>>>,
+    /// On the egress listener: the services in the registry.
+    services: Option<&'a Services>,
     /// Nothing more is read once the caller has closed or sent something it must not.
     reading: bool,
     /// Once the sidecar drains: the number of the last frame read.
@@ -183,6 +185,7 @@ impl<'a> Reader<'a> {
             decoder: FrameDecoder::for_transport(detected, front.limits),
             frames: 0,
             table: arc_swap::Cache::new(&front.functions),
+            services: front.services.as_deref(),
             reading: true,
             last_frame: None,
         }
@@ -225,7 +228,7 @@ impl<'a> Reader<'a> {
                 return None;
             }
             let unordered = out_of_order(&frame);
-            match route(self.table.load(), &mut frame) {
+            match route(self.table.load(), self.services, &mut frame) {
                 Ok(routed) => return Some(prepare(frame, routed, oneway, unordered, replies)),
                 Err(e) if e.kind == Kind::BadRequest => {
                     // The caller broke the protocol (a message type its IDL does not declare):

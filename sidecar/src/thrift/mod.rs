@@ -11,7 +11,14 @@ use fnmesh_codec::{encode_exception, Limits, ReplyTarget};
 
 pub use conn::serve;
 
-use crate::{config::ConnectionLimits, drain::Drain, error::CallError, governance::Route};
+use std::sync::Arc;
+
+use crate::{
+    config::ConnectionLimits,
+    drain::Drain,
+    error::CallError,
+    governance::{Route, Services},
+};
 
 /// A reply on its way to the caller: at most two pieces (a rewritten head and the rest), written
 /// with one vectored write.
@@ -26,6 +33,9 @@ pub struct ThriftFront {
     pub connections: ConnectionLimits,
     /// The sidecar's drain, which waits for calls between decode and reply.
     pub drain: Drain,
+    /// On the egress listener: the services in the registry, for calls no function here
+    /// serves.
+    pub services: Option<Arc<Services>>,
 }
 
 /// The one place errors become Thrift replies (docs/design.md's table): an EXCEPTION message in the

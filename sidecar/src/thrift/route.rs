@@ -7,7 +7,7 @@ use tokio::time::Instant;
 
 use crate::{
     error::{CallError, Kind},
-    governance::{outcome::Verdict, retry::Attempts, Function, Route},
+    governance::{outcome::Verdict, retry::Attempts, Function, Route, Services},
 };
 
 /// A routed call: its function, deadline, budget, breaker verdict, whether replies are read for
@@ -24,18 +24,28 @@ pub(super) struct Routed {
 /// ToService, then `isn`, then a `Service:` name prefix (stripped), then the only Thrift
 /// function for a call that names no service at all. A call naming a service no function serves
 /// is `no-route`, and so is a method the IDL lacks, without starting anything.
+///
+/// On the egress listener (`services`), a call no function here serves goes to the service
+/// the registry lists by its ToService name, else by its `isn` or `Service:` prefix as an IDL
+/// service.
 #[inline]
-pub(super) fn route(table: &[Route], frame: &mut Frame) -> Result<Routed, CallError> {
-    let found = find(table, frame).inspect_err(|e| unrouted(e.kind))?;
-    let Some(index) = found else {
-        unrouted(Kind::NoRoute);
-        let asked = asked_service(frame);
-        return Err(CallError::new(
-            Kind::NoRoute,
-            format!("no function for service {asked}"),
-        ));
+pub(super) fn route(
+    table: &[Route],
+    services: Option<&Services>,
+    frame: &mut Frame,
+) -> Result<Routed, CallError> {
+    let egress;
+    let function = match services {
+        None => match find(table, frame).inspect_err(|e| unrouted(e.kind))? {
+            Some(index) => &table[index].function,
+            None => return Err(no_route(frame, "function")),
+        },
+        Some(services) => {
+            let found = find_egress(table, services, frame).inspect_err(|e| unrouted(e.kind))?;
+            egress = found.ok_or_else(|| no_route_egress(frame))?;
+            &egress
+        }
     };
-    let function = &table[index].function;
     let caller = frame
         .ttheader()
         .and_then(|h| h.rpc_timeout_ms(frame.head()))
@@ -106,6 +116,83 @@ fn caller_trace(frame: &Frame) -> Option<crate::trace::Parent> {
     let mut parent = parent?;
     parent.state = state;
     Some(parent)
+}
+
+/// `no-route` for a call naming what no function (or service) serves.
+#[cold]
+fn no_route(frame: &Frame, what: &str) -> CallError {
+    unrouted(Kind::NoRoute);
+    let asked = asked_service(frame);
+    CallError::new(Kind::NoRoute, format!("no {what} for service {asked}"))
+}
+
+/// `no-route` for an egress call, naming the first name it carries (the one that decided).
+#[cold]
+fn no_route_egress(frame: &Frame) -> CallError {
+    unrouted(Kind::NoRoute);
+    let head = frame.head();
+    let named = |s: &&[u8]| !s.is_empty();
+    let asked = frame
+        .ttheader()
+        .and_then(|h| {
+            h.to_service(head)
+                .filter(named)
+                .or_else(|| h.idl_service(head).filter(named))
+        })
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .unwrap_or_else(|| asked_service(frame));
+    CallError::new(Kind::NoRoute, format!("no service for service {asked}"))
+}
+
+/// The function or registry service an egress call names, by the first name it carries:
+/// ToService (a function's or a registered name), else `isn` (an IDL service), else a
+/// `Service:` prefix (either; stripped), else the only Thrift function here. A name found
+/// neither here nor in the registry is `no-route`: it never falls through to a later rule.
+#[cold]
+fn find_egress(
+    table: &[Route],
+    services: &Services,
+    frame: &mut Frame,
+) -> Result<Option<Arc<Function>>, CallError> {
+    let thrift = crate::config::Protocol::Thrift;
+    let text = |b: &[u8]| {
+        std::str::from_utf8(b)
+            .ok()
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    let by_name = |n: &str| {
+        let local = table.iter().find(|r| r.function.name == n);
+        local
+            .map(|r| r.function.clone())
+            .or_else(|| services.by_name(n, thrift))
+    };
+    let by_service = |s: &str| {
+        let local = table.iter().find(|r| r.service.as_deref() == Some(s));
+        local
+            .map(|r| r.function.clone())
+            .or_else(|| services.by_idl_service(s, thrift))
+    };
+    if let Some(h) = frame.ttheader() {
+        let head = frame.head();
+        if let Some(to) = h.to_service(head).and_then(text) {
+            return Ok(by_name(&to));
+        }
+        if let Some(isn) = h.idl_service(head).and_then(text) {
+            return Ok(by_service(&isn));
+        }
+    }
+    if let Some((prefix, _)) = frame.name().split_once(':') {
+        let prefix = prefix.to_owned();
+        let found = by_service(&prefix).or_else(|| by_name(&prefix));
+        if found.is_some() {
+            frame
+                .strip_service_prefix()
+                .map_err(|e| CallError::new(Kind::BadRequest, e.to_string()))?;
+        }
+        return Ok(found);
+    }
+    Ok((table.len() == 1).then(|| table[0].function.clone()))
 }
 
 #[cold]

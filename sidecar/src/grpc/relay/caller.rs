@@ -138,7 +138,8 @@ impl Relay<'_> {
         self.last_stream = id;
         // The path goes into a buffer the connection reuses.
         let mut path = std::mem::take(&mut self.path);
-        let head = match RequestHead::decode(&mut self.caller.decoder, block, &mut path) {
+        let egress = self.front.services.is_some();
+        let head = match RequestHead::decode(&mut self.caller.decoder, block, &mut path, egress) {
             Ok(head) => head,
             Err(fnmesh_codec::hpack::HpackError::ListTooLarge { .. }) => {
                 self.reset(id, reason::PROTOCOL_ERROR);
@@ -157,7 +158,11 @@ impl Relay<'_> {
             let mut stream = Stream::new(head.block, end, self.caller.peer_window);
             stream.content_left = head.content_length;
             stream.list_size = head.list_size;
-            self.open_stream(id, stream, &path, head.timeout, head.parent);
+            let to = Destination {
+                path: &path,
+                authority: head.authority.as_deref(),
+            };
+            self.open_stream(id, stream, to, head.timeout, head.parent);
         }
         self.path = path;
         Ok(())
@@ -201,11 +206,11 @@ impl Relay<'_> {
         &mut self,
         id: u32,
         mut stream: Stream,
-        path: &str,
+        to: Destination<'_>,
         timeout: Option<Duration>,
         parent: Option<Box<crate::trace::Parent>>,
     ) {
-        match self.route(path, timeout, &mut stream, parent.as_deref()) {
+        match self.route(to, timeout, &mut stream, parent.as_deref()) {
             Ok(None) => {
                 self.streams.insert(id, stream);
             }
@@ -249,12 +254,12 @@ impl Relay<'_> {
     /// Routes a stream; gives a slot on an instance when one is free now, else queues for one.
     pub(super) fn route(
         &mut self,
-        path: &str,
+        to: Destination<'_>,
         caller_timeout: Option<Duration>,
         stream: &mut Stream,
         parent: Option<&crate::trace::Parent>,
     ) -> Result<Option<Lease>, CallError> {
-        let target = grpc::target(self.front, path)
+        let target = grpc::target(self.front, to.path, to.authority)
             .inspect_err(|e| crate::metrics::global().unrouted("grpc", e.kind))?;
         let (function, method) = match target {
             grpc::Target::Function(function, method) => (function, method),
@@ -649,6 +654,15 @@ struct RequestHead {
     /// With traces on: the caller's `traceparent` (and `tracestate`), taken out of the block
     /// (the instance gets fnmesh's span as its parent instead).
     parent: Option<Box<crate::trace::Parent>>,
+    /// On the egress listener: `:authority`, which may name a registered service.
+    authority: Option<Box<str>>,
+}
+
+/// Where a new stream asks to go: its `:path`, and on the egress listener its `:authority`.
+#[derive(Clone, Copy)]
+pub(super) struct Destination<'a> {
+    pub path: &'a str,
+    pub authority: Option<&'a str>,
 }
 
 impl RequestHead {
@@ -656,6 +670,7 @@ impl RequestHead {
         decoder: &mut Decoder,
         block: &[u8],
         path: &mut String,
+        egress: bool,
     ) -> Result<RequestHead, fnmesh_codec::hpack::HpackError> {
         path.clear();
         let mut head = RequestHead {
@@ -666,6 +681,7 @@ impl RequestHead {
             content_length: None,
             list_size: 0,
             parent: None,
+            authority: None,
         };
         let tracing = crate::trace::enabled();
         let mut state = None;
@@ -685,6 +701,9 @@ impl RequestHead {
                 };
                 head.malformed |= pseudo_done || seen & bit != 0 || bit == 16;
                 seen |= bit;
+                if bit == 8 && egress {
+                    head.authority = std::str::from_utf8(f.value).ok().map(Into::into);
+                }
                 if bit == 4 {
                     path.push_str(&String::from_utf8_lossy(f.value));
                     head.has_path = true;
