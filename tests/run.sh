@@ -50,6 +50,8 @@ command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 # A real Prometheus for the metrics tests (it scrapes a sidecar and answers PromQL).
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+# `ip netns` for the multi-node tests (a namespace per node; they need root, as CI runs).
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "== installing Debian ${missing[*]}"

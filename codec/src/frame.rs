@@ -30,7 +30,7 @@ pub enum Transport {
 /// the payload is the rest (the argument or result struct), never touched. Both live in one buffer
 /// taken off the read buffer with a single split; only a rewrite that resizes the head separates
 /// them (the payload keeps its bytes where they are, the head gets a new small buffer).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Frame {
     /// The head, followed by the payload while `joined`.
     pub(crate) buf: BytesMut,

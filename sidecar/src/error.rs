@@ -13,6 +13,10 @@ pub enum Kind {
     CircuitOpen,
     Unavailable,
     Timeout,
+    /// A call another fnmesh node forwarded here (it carries the hop marker) found no ready
+    /// instance with room: refused at once, so that the node that sent it serves it itself.
+    /// Only fnmesh nodes see it; the forwarding node never passes it on.
+    NotWarm,
 }
 
 impl Kind {
@@ -33,6 +37,7 @@ impl Kind {
             Kind::CircuitOpen => "circuit-open",
             Kind::Unavailable => "unavailable",
             Kind::Timeout => "timeout",
+            Kind::NotWarm => "not-warm",
         }
     }
 
@@ -41,20 +46,22 @@ impl Kind {
         match self {
             Kind::NoRoute => ExceptionType::UnknownMethod,
             Kind::BadRequest | Kind::TooLarge => ExceptionType::ProtocolError,
-            Kind::Overloaded | Kind::CircuitOpen | Kind::Unavailable | Kind::Timeout => {
-                ExceptionType::InternalError
-            }
+            Kind::Overloaded
+            | Kind::CircuitOpen
+            | Kind::Unavailable
+            | Kind::Timeout
+            | Kind::NotWarm => ExceptionType::InternalError,
         }
     }
 
     /// The `grpc-status` a gRPC caller gets.
     pub fn grpc_status(self) -> u16 {
         match self {
-            Kind::NoRoute => 12,                         // UNIMPLEMENTED
-            Kind::BadRequest => 13,                      // INTERNAL
-            Kind::TooLarge | Kind::Overloaded => 8,      // RESOURCE_EXHAUSTED
-            Kind::Unavailable | Kind::CircuitOpen => 14, // UNAVAILABLE
-            Kind::Timeout => 4,                          // DEADLINE_EXCEEDED
+            Kind::NoRoute => 12,                                         // UNIMPLEMENTED
+            Kind::BadRequest => 13,                                      // INTERNAL
+            Kind::TooLarge | Kind::Overloaded => 8,                      // RESOURCE_EXHAUSTED
+            Kind::Unavailable | Kind::CircuitOpen | Kind::NotWarm => 14, // UNAVAILABLE
+            Kind::Timeout => 4,                                          // DEADLINE_EXCEEDED
         }
     }
 }
@@ -91,6 +98,7 @@ mod tests {
             (Kind::CircuitOpen, "circuit-open", InternalError, 14),
             (Kind::Unavailable, "unavailable", InternalError, 14),
             (Kind::Timeout, "timeout", InternalError, 4),
+            (Kind::NotWarm, "not-warm", InternalError, 14),
         ];
         for (kind, name, thrift, grpc) in table {
             assert_eq!(kind.as_str(), name);

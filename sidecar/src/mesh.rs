@@ -40,6 +40,8 @@ pub struct Mesh {
     registrar: Mutex<Option<(&'static str, Registrar)>>,
     /// The egress listener's front ends, with `[sidecar] egress`.
     pub egress: Option<Egress>,
+    /// The registry other nodes are found in (not `none`): functions get their peers there.
+    backend: Option<Backend>,
 }
 
 /// What the egress listener serves: this sidecar's functions, then the registry's services.
@@ -185,12 +187,52 @@ impl Mesh {
             watchdog,
             registrar: Mutex::new(None),
             egress: None,
+            backend: None,
         }
+    }
+
+    /// Finds every function's peers (the other nodes serving it) in `backend`, unless it is
+    /// `none`, and adds the egress front ends (with `[sidecar] egress`); call it inside the
+    /// control runtime.
+    pub fn with_registry(mut self, backend: &Backend) -> Mesh {
+        if !matches!(backend, Backend::Embedded(_)) {
+            self.backend = Some(backend.clone());
+            let st = lock(&self.state);
+            for function in &st.functions {
+                self.attach_peers(&st.config, function);
+            }
+        }
+        self.with_egress(backend)
+    }
+
+    /// Follows the other nodes that register `function`'s name (every address but this
+    /// node's `advertise`) in a pool of remote endpoints: its peers.
+    fn attach_peers(&self, config: &Config, function: &Arc<Function>) {
+        let Some(backend) = &self.backend else {
+            return;
+        };
+        let f = function.config();
+        let peers = Pool::new(
+            Arc::new(crate::config::discovered_service(&f.name, f.protocol)),
+            config.sidecar.drain_timeout,
+            self.watchdog.clone(),
+            config.sidecar.workers,
+        );
+        let own = Some(config.sidecar.advertise);
+        let control = tokio::runtime::Handle::current();
+        crate::governance::services::follow(
+            backend,
+            &control,
+            &f.name,
+            Arc::downgrade(&peers),
+            own,
+        );
+        let _ = function.peers.set(peers);
     }
 
     /// Adds the egress front ends (with `[sidecar] egress`), resolving services in `backend`;
     /// call it inside the control runtime.
-    pub fn with_egress(mut self, backend: &Backend) -> Mesh {
+    fn with_egress(mut self, backend: &Backend) -> Mesh {
         let st = lock(&self.state);
         let config = &st.config;
         if config.sidecar.egress.is_none() {
@@ -321,11 +363,15 @@ impl Mesh {
                 Some(function) => {
                     changes.restarted.push(f.name.clone());
                     self.retire(&mut st, &function.pool, base.sidecar.drain_timeout);
-                    new_function(&base, f.clone(), &self.watchdog)
+                    let function = new_function(&base, f.clone(), &self.watchdog);
+                    self.attach_peers(&base, &function);
+                    function
                 }
                 None => {
                     changes.added.push(f.name.clone());
-                    new_function(&base, f.clone(), &self.watchdog)
+                    let function = new_function(&base, f.clone(), &self.watchdog);
+                    self.attach_peers(&base, &function);
+                    function
                 }
             };
             functions.push(function);

@@ -52,7 +52,7 @@ pub enum Outcome {
 }
 
 /// Every outcome, in the order of [`Outcome::index`].
-const OUTCOMES: [Outcome; 10] = [
+const OUTCOMES: [Outcome; 11] = [
     Outcome::Ok,
     Outcome::Exception,
     Outcome::Failed,
@@ -63,6 +63,7 @@ const OUTCOMES: [Outcome; 10] = [
     Outcome::Error(Kind::CircuitOpen),
     Outcome::Error(Kind::Unavailable),
     Outcome::Error(Kind::Timeout),
+    Outcome::Error(Kind::NotWarm),
 ];
 
 impl Outcome {
@@ -78,6 +79,7 @@ impl Outcome {
             Outcome::Error(Kind::CircuitOpen) => 7,
             Outcome::Error(Kind::Unavailable) => 8,
             Outcome::Error(Kind::Timeout) => 9,
+            Outcome::Error(Kind::NotWarm) => 10,
         }
     }
 
@@ -94,6 +96,7 @@ impl Outcome {
             Outcome::Error(Kind::CircuitOpen) => "circuit_open",
             Outcome::Error(Kind::Unavailable) => "unavailable",
             Outcome::Error(Kind::Timeout) => "timeout",
+            Outcome::Error(Kind::NotWarm) => "not_warm",
         }
     }
 

@@ -156,9 +156,36 @@ pub struct Etcd {
     /// With TLS: the port of its `https` client URL (clients must present a certificate of the
     /// CA), besides the plain one the test reads through.
     https: Option<u16>,
+    /// Another address its clients may reach it on (a test network's host side).
+    also: Option<std::net::IpAddr>,
 }
 
 impl Etcd {
+    /// A server reachable on `ip` too (as `http://IP:PORT`, [`Etcd::url_on`]).
+    pub fn start_reachable_on(ip: std::net::IpAddr) -> Etcd {
+        let dir = std::env::temp_dir().join(format!(
+            "fnmesh-etcd-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        let mut e = Etcd {
+            child: None,
+            dir,
+            client: free_port(),
+            peer: free_port(),
+            extra: Vec::new(),
+            https: None,
+            also: Some(ip),
+        };
+        e.run();
+        e
+    }
+
+    /// `http://IP:PORT` for another address it serves on.
+    pub fn url_on(&self, ip: std::net::IpAddr) -> String {
+        format!("http://{ip}:{}", self.client)
+    }
+
     pub fn start() -> Etcd {
         Etcd::start_on(free_port())
     }
@@ -186,6 +213,7 @@ impl Etcd {
             peer: free_port(),
             extra,
             https,
+            also: None,
         };
         e.run();
         e
@@ -275,10 +303,13 @@ impl Etcd {
 
     fn run(&mut self) {
         let peer = format!("http://127.0.0.1:{}", self.peer);
-        let clients = match self.https {
+        let mut clients = match self.https {
             Some(_) => format!("{},{}", self.url(), self.https_url()),
             None => self.url(),
         };
+        if let Some(ip) = self.also {
+            clients = format!("{clients},{}", self.url_on(ip));
+        }
         let mut child = Command::new("etcd")
             .args(["--name", "fnmesh-test", "--data-dir"])
             .arg(&self.dir)
@@ -341,6 +372,8 @@ pub struct Consul {
     /// With HTTPS: its port and the agent's TLS settings (HCL); clients must present a
     /// certificate of the CA.
     https: Option<(u16, String)>,
+    /// Another address its HTTP API listens on (a test network's host side).
+    also: Option<std::net::IpAddr>,
 }
 
 impl Consul {
@@ -356,9 +389,29 @@ impl Consul {
             ports: [free_port(), free_port(), free_port()],
             acl: None,
             https: None,
+            also: None,
         };
         c.run();
         c
+    }
+
+    /// An agent whose HTTP API listens on `ip` too ([`Consul::url_on`]).
+    pub fn start_reachable_on(ip: std::net::IpAddr) -> Consul {
+        let mut c = Consul {
+            child: None,
+            http: free_port(),
+            ports: [free_port(), free_port(), free_port()],
+            acl: None,
+            https: None,
+            also: Some(ip),
+        };
+        c.run();
+        c
+    }
+
+    /// `http://IP:PORT` for another address its API listens on.
+    pub fn url_on(&self, ip: std::net::IpAddr) -> String {
+        format!("http://{ip}:{}", self.http)
     }
 
     /// An agent whose API is served over HTTPS too ([`Consul::https_url`]), with `pki`'s server
@@ -377,6 +430,7 @@ impl Consul {
             ports: [free_port(), free_port(), free_port()],
             acl: None,
             https: Some((port, hcl)),
+            also: None,
         };
         c.run();
         c
@@ -399,6 +453,7 @@ impl Consul {
             ports: [free_port(), free_port(), free_port()],
             acl: Some(token.to_owned()),
             https: None,
+            also: None,
         };
         c.run();
         c
@@ -411,15 +466,12 @@ impl Consul {
 
     fn run(&mut self) {
         let [serf_lan, serf_wan, server] = self.ports;
+        let clients = match self.also {
+            Some(ip) => format!("127.0.0.1 {ip}"),
+            None => "127.0.0.1".to_owned(),
+        };
         let mut child = Command::new(consul_bin())
-            .args([
-                "agent",
-                "-dev",
-                "-bind",
-                "127.0.0.1",
-                "-client",
-                "127.0.0.1",
-            ])
+            .args(["agent", "-dev", "-bind", "127.0.0.1", "-client", &clients])
             .args(["-http-port", &self.http.to_string()])
             .args(["-dns-port", "-1", "-grpc-port", "-1"])
             .args(["-serf-lan-port", &serf_lan.to_string()])

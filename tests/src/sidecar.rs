@@ -102,23 +102,41 @@ impl Sidecar {
         functions: &str,
         level: Option<&str>,
     ) -> Sidecar {
+        Self::start_at(program, None, sidecar, functions, level)
+    }
+
+    /// As [`Sidecar::start_with`], in network namespace `ns` (`ip netns exec`), listening
+    /// (and serving its admin API) on `ip`, the namespace's address.
+    pub fn start_in(ns: &str, ip: std::net::IpAddr, sidecar: &str, functions: &str) -> Sidecar {
+        Self::start_at(&fnmesh_bin(), Some((ns, ip)), sidecar, functions, None)
+    }
+
+    fn start_at(
+        program: &str,
+        place: Option<(&str, std::net::IpAddr)>,
+        sidecar: &str,
+        functions: &str,
+        level: Option<&str>,
+    ) -> Sidecar {
         for _ in 0..2 {
-            if let Ok(s) = Self::try_start(program, sidecar, functions, level) {
+            if let Ok(s) = Self::try_start(program, place, sidecar, functions, level) {
                 return s;
             }
         }
-        Self::try_start(program, sidecar, functions, level)
+        Self::try_start(program, place, sidecar, functions, level)
             .unwrap_or_else(|status| panic!("fnmesh exited at start: {status}"))
     }
 
     fn try_start(
         program: &str,
+        place: Option<(&str, std::net::IpAddr)>,
         sidecar: &str,
         functions: &str,
         level: Option<&str>,
     ) -> Result<Sidecar, std::process::ExitStatus> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let ip = place.map_or(std::net::IpAddr::from([127, 0, 0, 1]), |(_, ip)| ip);
+        let addr = SocketAddr::new(ip, free_port());
+        let admin = SocketAddr::new(ip, free_port());
         let dir =
             std::env::temp_dir().join(format!("fnmesh-e2e-{}-{}", std::process::id(), addr.port()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -130,7 +148,16 @@ impl Sidecar {
         // The log goes to a file the test can read (`Sidecar::log`), and is printed when the
         // test fails.
         let log = std::fs::File::create(dir.join("fnmesh.log")).unwrap();
-        let child = Command::new(program)
+        let mut command = match place {
+            // `ip netns exec` runs the program in the namespace as itself (same process).
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        };
+        let child = command
             .args(["run", "-c"])
             .arg(&path)
             .env(

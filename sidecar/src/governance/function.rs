@@ -76,6 +76,10 @@ pub struct Function {
     pub retry_budget: Budget,
     /// The control runtime, where the breakers' task runs whichever thread reloads.
     control: tokio::runtime::Handle,
+    /// The other fnmesh nodes serving this function, as the registry lists them (set once,
+    /// with a registry): a call that finds no ready instance here goes to one with a ready
+    /// instance before this node starts its own.
+    pub peers: std::sync::OnceLock<Arc<Pool>>,
 }
 
 /// A call its function admitted: its budget (the policy's timeout capped by the caller's) and
@@ -101,6 +105,7 @@ impl Function {
             retry_budget: Budget::of(&config.name),
             policy: arc_swap::ArcSwap::from_pointee(Policy::new(config)),
             control: tokio::runtime::Handle::current(),
+            peers: std::sync::OnceLock::new(),
         });
         function.tick_breakers();
         function

@@ -15,6 +15,10 @@ use crate::{
     lock,
 };
 
+/// The TTHeader string key (and HTTP/2 header) a call forwarded by another fnmesh node carries:
+/// such a call is served here or refused (`not-warm`), never forwarded again.
+pub const HOP: &str = "fnmesh-hop";
+
 /// The most services without a `[[service]]` entry egress calls may reach; past it, a name not
 /// yet reached is `no-route`.
 const MAX_REACHED: usize = 4096;
@@ -148,29 +152,7 @@ impl Services {
 
     /// Keeps `pool`'s endpoints as the registry lists `name`'s passing ones.
     fn follow(&self, name: &str, pool: std::sync::Weak<Pool>) {
-        let answers = self.backend.resolve(name);
-        let name = name.to_owned();
-        self.control.spawn(async move {
-            let mut answers = std::pin::pin!(answers);
-            while let Some(answer) = answers.next().await {
-                let Some(pool) = pool.upgrade() else {
-                    return;
-                };
-                match answer {
-                    Ok(endpoints) => {
-                        let list: Vec<_> =
-                            endpoints.iter().map(|e| (e.address, e.weight)).collect();
-                        tracing::debug!(service = %name, endpoints = list.len(), "endpoints");
-                        pool.set_endpoints(&list);
-                    }
-                    Err(e) => {
-                        // The last endpoints stay in use while the registry is away.
-                        tracing::warn!(service = %name, error = %e, "cannot resolve");
-                        pool.unresolved(&e.to_string());
-                    }
-                }
-            }
-        });
+        follow(&self.backend, &self.control, name, pool, None);
     }
 
     /// Applies a reload's `[[service]]` entries: services already reached take their new
@@ -196,4 +178,41 @@ impl Services {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
+}
+
+/// Keeps `pool`'s endpoints as the registry lists `name`'s passing ones (without `skip`: this
+/// node's own address, for its peers), on `control`, while the pool lives.
+pub fn follow(
+    backend: &Backend,
+    control: &tokio::runtime::Handle,
+    name: &str,
+    pool: std::sync::Weak<Pool>,
+    skip: Option<std::net::SocketAddr>,
+) {
+    let answers = backend.resolve(name);
+    let name = name.to_owned();
+    control.spawn(async move {
+        let mut answers = std::pin::pin!(answers);
+        while let Some(answer) = answers.next().await {
+            let Some(pool) = pool.upgrade() else {
+                return;
+            };
+            match answer {
+                Ok(endpoints) => {
+                    let list: Vec<_> = endpoints
+                        .iter()
+                        .filter(|e| Some(e.address) != skip)
+                        .map(|e| (e.address, e.weight))
+                        .collect();
+                    tracing::debug!(service = %name, endpoints = list.len(), "endpoints");
+                    pool.set_endpoints(&list);
+                }
+                Err(e) => {
+                    // The last endpoints stay in use while the registry is away.
+                    tracing::warn!(service = %name, error = %e, "cannot resolve");
+                    pool.unresolved(&e.to_string());
+                }
+            }
+        }
+    });
 }

@@ -327,6 +327,29 @@ impl Pool {
         }
     }
 
+    /// Takes a remote endpoint out of balancing for `period`, without counting a failure: a
+    /// peer that said it has no ready instance is not asked again meanwhile.
+    pub fn cool(&self, instance: &Arc<Instance>, period: Duration) {
+        let mut st = lock(&self.state);
+        if let Some(slot) = st
+            .ready
+            .iter_mut()
+            .find(|s| Arc::ptr_eq(&s.instance, instance))
+        {
+            slot.ejected_until = Some(Instant::now() + period);
+        }
+    }
+
+    /// Whether a call would find a ready instance with room now.
+    pub fn has_room(&self) -> bool {
+        let st = lock(&self.state);
+        let concurrency = self.scale().concurrency;
+        let now = ejection_clock(&st.ready);
+        st.ready
+            .iter()
+            .any(|s| s.in_flight < concurrency && !s.ejected(now))
+    }
+
     /// A remote service's registry could not be read before it ever answered: the calls
     /// waiting for its endpoints get `unavailable` (later calls wait for the next try).
     pub fn unresolved(&self, why: &str) {
@@ -938,6 +961,42 @@ mod tests {
         let got: Vec<u64> = (1..=8).map(|n| ejection(n).as_secs()).collect();
         assert_eq!(got, [1, 2, 4, 8, 16, 30, 30, 30]);
         assert_eq!(ejection(u32::MAX), Duration::from_secs(30));
+    }
+
+    /// Power of two choices over remote endpoints: the less loaded of two draws wins most
+    /// of the time, draws follow the registry's weights, and an unusable endpoint is never
+    /// chosen.
+    #[test]
+    fn two_choices_prefer_the_less_loaded_and_follow_weights() {
+        let slot = |id: u64, weight: u32, in_flight: usize| {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 1000 + id as u16));
+            let mut s = Slot::new(Arc::new(Instance::remote(id, addr, 1)));
+            s.weight = weight;
+            s.in_flight = in_flight;
+            s.ewma_ns = 1_000_000;
+            s
+        };
+        let share = |ready: &[Slot], usable: &dyn Fn(&Slot) -> bool, want: usize| {
+            let n = 4000;
+            let hits = (0..n)
+                .filter(|_| Pool::two_choices(ready, usable) == Some(want))
+                .count();
+            hits as f64 / n as f64
+        };
+        let any = |_: &Slot| true;
+        // Equal weights, one busy: the idle one loses only when both draws are the busy one.
+        let ready = [slot(1, 1, 0), slot(2, 1, 5)];
+        let idle = share(&ready, &any, 0);
+        assert!((0.7..0.8).contains(&idle), "idle endpoint chosen {idle}");
+        // Equally loaded, weights 1 and 9: the heavy one is drawn nine times in ten and costs
+        // less (load over weight), so it loses only when both draws are the light one.
+        let ready = [slot(1, 1, 0), slot(2, 9, 0)];
+        let heavy = share(&ready, &any, 1);
+        assert!((0.97..=1.0).contains(&heavy), "weight 9 chosen {heavy}");
+        // The only usable one always; none usable, none.
+        let not_first = |s: &Slot| s.instance.id != 1;
+        assert_eq!(share(&ready, &not_first, 1), 1.0);
+        assert_eq!(Pool::two_choices(&ready, |_: &Slot| false), None);
     }
 
     /// A function whose instances only listen: enough for a pool to start them and hand out

@@ -182,7 +182,7 @@ async fn start(path: PathBuf, config: Config) -> Result<Sidecar, String> {
         ),
         None => None,
     };
-    let mesh = Arc::new(Mesh::new(path, config, limits, watchdog).with_egress(&backend));
+    let mesh = Arc::new(Mesh::new(path, config, limits, watchdog).with_registry(&backend));
     if let Some(addr) = settings.admin {
         let l = TcpListener::bind(addr)
             .await

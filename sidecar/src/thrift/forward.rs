@@ -131,9 +131,19 @@ async fn exchange(
     oneway: bool,
 ) -> Result<Replied, CallError> {
     let (function, deadline) = (&routed.function, routed.deadline);
-    let lease = match function.pool.try_acquire()? {
-        Some(lease) => lease,
+    let (lease, request) = match function.pool.try_acquire()? {
+        Some(lease) => (lease, request),
         None => {
+            // No instance here has room: a node with peers asks one with a ready instance
+            // first (boxed: the multi-node path's state does not weigh on every call).
+            let request = match function.peers.get() {
+                None => request,
+                Some(peers) => match Box::pin(to_peer(front, routed, peers, request, oneway)).await
+                {
+                    Ok(done) => return done,
+                    Err(request) => request,
+                },
+            };
             // Boxed: the queueing path's state does not weigh on every call's future.
             let lease = Box::pin(function.pool.acquire()).await?;
             // The connection's timer stops a two-way call that waits too long; a oneway call
@@ -144,7 +154,7 @@ async fn exchange(
                     format!("function {}: deadline passed while queued", function.name),
                 ));
             }
-            lease
+            (lease, request)
         }
     };
     routed.verdict.leased(&lease.instance);
@@ -163,6 +173,104 @@ async fn exchange(
     };
     // Boxed: the retrying path's state does not weigh on every call's future.
     Box::pin(retrying(attempt, retry, lease, request)).await
+}
+
+/// How many peers a call that finds no room here may ask before this node serves it itself.
+const PEER_TRIES: usize = 3;
+
+/// How long a peer that had no ready instance with room is not asked again.
+const PEER_COOL: Duration = Duration::from_millis(500);
+
+/// A call that found no room here, on a node with peers (docs/multi-node.md): a call another
+/// node forwarded is refused (`not-warm`, never forwarded again); any other TTHeader two-way
+/// call goes, marked, to up to [`PEER_TRIES`] peers until one serves it. `Err` gives the
+/// request back to be served here: no peer had room, none could be reached, or one failed
+/// after taking it and the call may be sent again.
+async fn to_peer(
+    front: &ThriftFront,
+    routed: &Routed,
+    peers: &std::sync::Arc<crate::instances::Pool>,
+    request: Outgoing,
+    oneway: bool,
+) -> Result<Result<Replied, CallError>, Outgoing> {
+    let function = &routed.function;
+    if routed.hop {
+        return Ok(Err(CallError::new(
+            Kind::NotWarm,
+            format!(
+                "function {}: no ready instance with room on this node",
+                function.name
+            ),
+        )));
+    }
+    let Outgoing::Timed(frame) = &request else {
+        return Err(request); // no TTHeader or no deadline: served here
+    };
+    if oneway {
+        return Err(request);
+    }
+    let Some(marked) = mark(frame, routed.deadline) else {
+        return Err(request);
+    };
+    let replays = routed.retry.as_ref().is_some_and(|r| r.replays());
+    for _ in 0..PEER_TRIES {
+        let Ok(Some(lease)) = peers.try_acquire() else {
+            break;
+        };
+        let bytes = marked.first_ref().clone().chain(marked.last_ref().clone());
+        let sent = forward(&lease.instance, &function.name, bytes, false, &front.limits).await;
+        match sent {
+            Ok(Some((reply, _))) if refused_by_peer(&reply, front.limits) => {
+                peers.cool(&lease.instance, PEER_COOL);
+            }
+            Ok(replied) => {
+                lease.outcome(false);
+                return Ok(Ok(replied));
+            }
+            // It never reached the peer, or the peer may have run it and it may run again.
+            Err(Broke(_, Failure::Connect, local)) => lease.broken(local),
+            Err(Broke(_, _, local)) if replays => lease.broken(local),
+            Err(Broke(e, _, local)) => {
+                lease.broken(local);
+                return Ok(Err(e));
+            }
+        }
+    }
+    Err(request)
+}
+
+/// The request's bytes with the hop marker added and RPCTimeout set to what is left.
+#[cold]
+fn mark(frame: &Frame, deadline: Option<Instant>) -> Option<Reply> {
+    let mut marked = frame.clone();
+    marked
+        .add_str_key(crate::governance::services::HOP.as_bytes(), b"1")
+        .ok()?;
+    match deadline {
+        Some(d) => with_remaining_budget(marked, d).ok(),
+        None => Some(marked.into_buf()),
+    }
+}
+
+/// Whether a peer's reply is its `not-warm` refusal (TTHeader `fnmesh-error`).
+fn refused_by_peer(reply: &Reply, limits: Limits) -> bool {
+    let mut buf = BytesMut::new();
+    buf.extend_from_slice(reply.first_ref());
+    buf.extend_from_slice(reply.last_ref());
+    if !fnmesh_codec::is_exception(&buf) {
+        return false;
+    }
+    let Ok(Some(frame)) = FrameDecoder::new(limits).decode(&mut buf) else {
+        return false;
+    };
+    let Some(h) = frame.ttheader() else {
+        return false;
+    };
+    let not_warm = crate::error::Kind::NotWarm.as_str().as_bytes();
+    let refused = h
+        .str_kvs(frame.head())
+        .any(|(k, v)| k == b"fnmesh-error" && v == not_warm);
+    refused
 }
 
 /// Attempts until one succeeds or the retry state machine says no more.

@@ -19,6 +19,9 @@ pub(super) struct Routed {
     pub verdict: Verdict,
     pub classify: bool,
     pub retry: Option<Attempts>,
+    /// Forwarded by another fnmesh node (it carries the hop marker): served by an instance
+    /// here with room, or refused, never forwarded again.
+    pub hop: bool,
 }
 
 /// ToService, then `isn`, then a `Service:` name prefix (stripped), then the only Thrift
@@ -60,7 +63,10 @@ pub(super) fn route(
             pass_on(frame, &span.traceparent());
         }
     }
+    // Only a function with peers can be sent a forwarded call, or forward one.
+    let hop = function.peers.get().is_some() && forwarded(frame);
     Ok(Routed {
+        hop,
         function: function.clone(),
         deadline: admitted.deadline,
         budget: admitted.budget,
@@ -116,6 +122,14 @@ fn caller_trace(frame: &Frame) -> Option<crate::trace::Parent> {
     let mut parent = parent?;
     parent.state = state;
     Some(parent)
+}
+
+/// Whether another fnmesh node forwarded the call (TTHeader string key `fnmesh-hop`).
+fn forwarded(frame: &Frame) -> bool {
+    let hop = crate::governance::services::HOP.as_bytes();
+    frame
+        .ttheader()
+        .is_some_and(|h| h.str_kvs(frame.head()).any(|(k, _)| k == hop))
 }
 
 /// `no-route` for a call naming what no function (or service) serves.
