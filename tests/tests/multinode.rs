@@ -339,3 +339,77 @@ async fn no_forwarding_loop_forms_with_every_node_at_max() {
         assert_eq!(n.sidecar.stat("echo", "processes"), 1, "every node at max");
     }
 }
+
+/// gRPC too: sequential calls over three nodes run one instance in the mesh, and concurrent
+/// ones (which some peers refuse, and the nodes then serve themselves) all succeed.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_calls_share_one_instance_across_nodes() {
+    use fnmesh_tests::proto::proto_gen::echo::{EchoClientBuilder, EchoRequest as GrpcRequest};
+    let net = Net::new(3);
+    let consul = Consul::start_reachable_on(net.host());
+    let discovery = consul_table(&consul, &net);
+    let nodes: Vec<Sidecar> = (0..3)
+        .map(|i| {
+            Sidecar::start_in(
+                net.namespace(i),
+                net.node(i),
+                "",
+                &format!(
+                    "[discovery]\n{discovery}\n\n{}",
+                    fnmesh_tests::sidecar::grpc_echo_function(
+                        "gecho",
+                        "idle = \"30s\"\nconcurrency = 4",
+                        ""
+                    )
+                ),
+            )
+        })
+        .collect();
+    wait_until(Duration::from_secs(10), "every node registered", || {
+        consul.passing("gecho").len() == 3
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let clients: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            EchoClientBuilder::new("gecho")
+                .address(n.addr)
+                .rpc_timeout(Some(Duration::from_secs(10)))
+                .build()
+        })
+        .collect();
+    let call = |i: usize, sleep_ms: i64| {
+        let client = clients[i % 3].clone();
+        async move {
+            let req = GrpcRequest {
+                message: format!("m{i}").into(),
+                sleep_ms,
+            };
+            client
+                .unary_echo(req)
+                .await
+                .map(|r| r.into_inner().message.to_string())
+        }
+    };
+    for i in 0..60 {
+        assert_eq!(call(i, 0).await.expect("a call"), format!("m{i}"));
+    }
+    let running: Vec<usize> = nodes.iter().map(|n| n.stat("gecho", "processes")).collect();
+    assert_eq!(
+        running.iter().sum::<usize>(),
+        1,
+        "one instance: {running:?}"
+    );
+    let burst: Vec<_> = (0..48).map(|i| tokio::spawn(call(i, 100))).collect();
+    for (i, b) in burst.into_iter().enumerate() {
+        assert_eq!(
+            b.await.unwrap().expect("a concurrent call"),
+            format!("m{i}")
+        );
+    }
+    let running: Vec<usize> = nodes.iter().map(|n| n.stat("gecho", "processes")).collect();
+    assert!(
+        running.iter().filter(|p| **p > 0).count() >= 2,
+        "instances spread: {running:?}"
+    );
+}

@@ -19,6 +19,12 @@ use crate::{
 /// such a call is served here or refused (`not-warm`), never forwarded again.
 pub const HOP: &str = "fnmesh-hop";
 
+/// How many peers a call that finds no room here may try before this node serves it itself.
+pub const PEER_TRIES: u32 = 3;
+
+/// How long a peer that had no ready instance with room is not asked again.
+pub const PEER_COOL: Duration = Duration::from_millis(500);
+
 /// The most services without a `[[service]]` entry egress calls may reach; past it, a name not
 /// yet reached is `no-route`.
 const MAX_REACHED: usize = 4096;

@@ -175,15 +175,9 @@ async fn exchange(
     Box::pin(retrying(attempt, retry, lease, request)).await
 }
 
-/// How many peers a call that finds no room here may ask before this node serves it itself.
-const PEER_TRIES: usize = 3;
-
-/// How long a peer that had no ready instance with room is not asked again.
-const PEER_COOL: Duration = Duration::from_millis(500);
-
 /// A call that found no room here, on a node with peers (docs/multi-node.md): a call another
 /// node forwarded is refused (`not-warm`, never forwarded again); any other TTHeader two-way
-/// call goes, marked, to up to [`PEER_TRIES`] peers until one serves it. `Err` gives the
+/// call goes, marked, to up to `PEER_TRIES` peers until one serves it. `Err` gives the
 /// request back to be served here: no peer had room, none could be reached, or one failed
 /// after taking it and the call may be sent again.
 async fn to_peer(
@@ -213,6 +207,7 @@ async fn to_peer(
         return Err(request);
     };
     let replays = routed.retry.as_ref().is_some_and(|r| r.replays());
+    use crate::governance::services::{PEER_COOL, PEER_TRIES};
     for _ in 0..PEER_TRIES {
         let Ok(Some(lease)) = peers.try_acquire() else {
             break;

@@ -158,6 +158,7 @@ impl Relay<'_> {
             let mut stream = Stream::new(head.block, end, self.caller.peer_window);
             stream.content_left = head.content_length;
             stream.list_size = head.list_size;
+            stream.hop = head.hop;
             let to = Destination {
                 path: &path,
                 authority: head.authority.as_deref(),
@@ -217,6 +218,13 @@ impl Relay<'_> {
             Ok(Some(lease)) => {
                 self.streams.insert(id, stream);
                 self.leased(id, Ok(lease));
+            }
+            Err(e) if e.kind == Kind::NotWarm => {
+                // A forwarded stream with no room here: refused as never processed, so the
+                // node that sent it serves it itself.
+                stream.outcome(Outcome::Error(e.kind));
+                self.streams.insert(id, stream);
+                self.reset(id, reason::REFUSED_STREAM);
             }
             Err(e) => {
                 // Answered now; what the caller still sends on the stream is dropped. A call
@@ -292,8 +300,71 @@ impl Relay<'_> {
         if let Some(lease) = function.pool.try_acquire()? {
             return Ok(Some(lease));
         }
+        if let Some(peers) = function.peers.get() {
+            if stream.hop {
+                return Err(CallError::new(
+                    Kind::NotWarm,
+                    format!(
+                        "function {}: no ready instance with room on this node",
+                        function.name
+                    ),
+                ));
+            }
+            if let Some(lease) = to_peer(peers, stream, 0) {
+                return Ok(Some(lease));
+            }
+        }
         self.queue(&function, stream.deadline, stream.budget);
         Ok(None)
+    }
+
+    /// A stream on a peer that refused it (or could not be reached, or failed before answering
+    /// a request that may run twice) goes to the next peer, or is served here: `true` when it
+    /// was taken care of.
+    fn peer_fallback(&mut self, id: u32, why: Failure) -> bool {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return false;
+        };
+        let Some(tried) = s.peer.take() else {
+            return false;
+        };
+        let replays = s.retry.as_ref().is_some_and(|r| r.attempts.replays());
+        let Some(copy) = tried.copy.filter(|_| !s.answered) else {
+            return false;
+        };
+        if why != Failure::Connect && !(why == Failure::Unavailable && replays) {
+            return false;
+        }
+        let Some(function) = s.function.clone() else {
+            return false;
+        };
+        let peers = function.peers.get();
+        if let (Some(lease), Some(peers)) = (s.lease.take(), peers) {
+            if why == Failure::Connect {
+                peers.cool(&lease.instance, crate::governance::services::PEER_COOL);
+            }
+        }
+        s.request = Some(copy.block.clone());
+        s.to_up = copy.data.iter().cloned().collect();
+        s.up_done = false;
+        let (deadline, budget) = (s.deadline, s.budget);
+        self.cancel_up(id, reason::CANCEL);
+        let Some(s) = self.streams.get_mut(&id) else {
+            return true;
+        };
+        s.peer = Some(PeerTry {
+            copy: Some(copy),
+            tries: tried.tries,
+        });
+        let next = peers.and_then(|p| to_peer(p, s, tried.tries));
+        match next {
+            Some(lease) => self.leased(id, Ok(lease)),
+            None => {
+                s.peer = None;
+                self.queue_for(id, function, deadline, budget, None);
+            }
+        }
+        true
     }
 
     /// Waits for a slot for the stream routed last.
@@ -409,6 +480,17 @@ impl Relay<'_> {
                 }
                 if *size > REPLAY_LIMIT {
                     r.copy = None;
+                }
+            }
+        }
+        if let Some(p) = s.peer.as_mut() {
+            if let Some(copy) = p.copy.as_mut() {
+                copy.size += data.len();
+                if !data.is_empty() {
+                    copy.data.push(data.clone());
+                }
+                if copy.size > REPLAY_LIMIT {
+                    p.copy = None;
                 }
             }
         }
@@ -575,8 +657,12 @@ impl Relay<'_> {
     }
 
     /// Retries a failed attempt when the policy allows (on another instance, after a backoff);
-    /// otherwise answers the caller with `e`.
+    /// otherwise answers the caller with `e`. A stream a peer node had goes to the next peer
+    /// or is served here first, when it can be.
     pub(super) fn retry_or_fail(&mut self, id: u32, e: &CallError, why: Failure) {
+        if self.peer_fallback(id, why) {
+            return;
+        }
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
@@ -629,6 +715,30 @@ impl Relay<'_> {
     }
 }
 
+/// A slot on a peer node for `stream`, the `tried`th peer tried (up to `PEER_TRIES`): the
+/// request keeps an unmarked copy and gets the hop marker.
+fn to_peer(peers: &Arc<crate::instances::Pool>, stream: &mut Stream, tried: u32) -> Option<Lease> {
+    if tried >= crate::governance::services::PEER_TRIES {
+        return None;
+    }
+    let lease = peers.try_acquire().ok().flatten()?;
+    let block = stream.request.as_mut()?;
+    let copy = match stream.peer.take().and_then(|p| p.copy) {
+        Some(copy) => copy,
+        None => RequestCopy {
+            block: block.clone(),
+            data: Vec::new(),
+            size: 0,
+        },
+    };
+    encode_field(block, HOP.as_bytes(), b"1", false);
+    stream.peer = Some(PeerTry {
+        copy: Some(copy),
+        tries: tried + 1,
+    });
+    Some(lease)
+}
+
 /// A header block that does not decode: the connection's HPACK state is lost.
 fn undecodable() -> FrameError {
     FrameError {
@@ -656,6 +766,8 @@ struct RequestHead {
     parent: Option<Box<crate::trace::Parent>>,
     /// On the egress listener: `:authority`, which may name a registered service.
     authority: Option<Box<str>>,
+    /// Another fnmesh node forwarded it (header `fnmesh-hop`, taken out of the block).
+    hop: bool,
 }
 
 /// Where a new stream asks to go: its `:path`, and on the egress listener its `:authority`.
@@ -682,6 +794,7 @@ impl RequestHead {
             list_size: 0,
             parent: None,
             authority: None,
+            hop: false,
         };
         let tracing = crate::trace::enabled();
         let mut state = None;
@@ -711,6 +824,10 @@ impl RequestHead {
                 }
             } else {
                 pseudo_done = true;
+                if f.name == HOP.as_bytes() {
+                    head.hop = true;
+                    return;
+                }
                 if f.name == b"grpc-timeout" {
                     head.timeout = std::str::from_utf8(f.value)
                         .ok()

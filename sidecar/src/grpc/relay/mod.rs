@@ -51,6 +51,7 @@ use crate::{
     governance::{
         outcome::{self, Failure, Outcome, Verdict},
         retry::Attempts,
+        services::HOP,
         Function,
     },
     grpc::{self, GrpcFront},

@@ -33,6 +33,11 @@ pub(super) struct Stream {
     pub(super) watch: bool,
     /// Retries: the attempts, and a copy of the request while it may be sent again.
     pub(super) retry: Option<Retrying>,
+    /// Another fnmesh node forwarded it (header `fnmesh-hop`): served here or refused.
+    pub(super) hop: bool,
+    /// On a peer node: the request as it goes to an instance here should the peer refuse it
+    /// or fail before answering, and the peers tried so far.
+    pub(super) peer: Option<PeerTry>,
     /// This attempt's share of the deadline, when a later attempt may follow a timeout.
     pub(super) attempt_deadline: Option<Instant>,
     /// What the caller's DATA must still add up to, when it declared a `content-length`.
@@ -71,6 +76,13 @@ pub(super) struct RequestCopy {
     pub(super) size: usize,
 }
 
+/// A stream sent to a peer node (docs/multi-node.md): the request unmarked, kept until the peer
+/// answers (dropped past [`REPLAY_LIMIT`]), and how many peers were tried.
+pub(super) struct PeerTry {
+    pub(super) copy: Option<RequestCopy>,
+    pub(super) tries: u32,
+}
+
 /// The most of a request kept for sending it again.
 pub(super) const REPLAY_LIMIT: usize = 1 << 20;
 
@@ -104,6 +116,8 @@ impl Stream {
             health: None,
             watch: false,
             retry: None,
+            hop: false,
+            peer: None,
             attempt_deadline: None,
             content_left: None,
             list_size: 0,

@@ -44,9 +44,11 @@ impl Up {
     }
 
     /// Whether a new stream to `instance` may go on this connection: open, and within the
-    /// instance's SETTINGS_MAX_CONCURRENT_STREAMS (once known).
-    fn takes(&self, instance: u64) -> bool {
-        self.instance.id == instance
+    /// instance's SETTINGS_MAX_CONCURRENT_STREAMS (once known). Instances are told apart by
+    /// identity: ids are only unique within one pool (two functions, or a function and its
+    /// peers, both have an instance 1).
+    fn takes(&self, instance: &Arc<Instance>) -> bool {
+        Arc::ptr_eq(&self.instance, instance)
             && !self.link.closed
             && !self.link.going_away
             && (!self.settled || self.streams.len() < self.link.peer_max_streams)
@@ -150,14 +152,14 @@ impl Relay<'_> {
     /// Puts a stream that has its slot on a connection to its instance: one open with room
     /// under the instance's stream limit, an idle one, or a new one.
     fn place(&mut self, id: u32, instance: Arc<Instance>) {
-        if let Some(i) = self.ups.iter().position(|u| u.takes(instance.id)) {
+        if let Some(i) = self.ups.iter().position(|u| u.takes(&instance)) {
             self.start_on(id, i);
             return;
         }
         let open = self
             .ups
             .iter()
-            .filter(|u| u.instance.id == instance.id && !u.link.closed)
+            .filter(|u| Arc::ptr_eq(&u.instance, &instance) && !u.link.closed)
             .count();
         if open >= MAX_UPS_PER_INSTANCE {
             // An instance that takes (almost) no streams is not given connections without end.
@@ -224,7 +226,7 @@ impl Relay<'_> {
             if !self.unsent(id) {
                 continue; // ended (or moved on) meanwhile
             }
-            if self.ups[i].takes(instance.id) {
+            if self.ups[i].takes(&instance) {
                 self.open_up(id, i);
             } else {
                 self.place(id, instance.clone());
@@ -634,6 +636,7 @@ impl Relay<'_> {
             }
             s.answered = true;
             s.attempt_deadline = None;
+            s.peer = None;
             if let Some(r) = s.retry.as_mut() {
                 r.copy = None;
             }
