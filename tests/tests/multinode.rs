@@ -65,9 +65,19 @@ fn wait_until(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
 
 /// One echo call to `addr` (by name `echo`), sleeping `sleep_ms` in the function.
 async fn echo(addr: SocketAddr, message: &str, sleep_ms: i64) -> Result<String, String> {
+    echo_within(addr, message, sleep_ms, Some(Duration::from_secs(10))).await
+}
+
+/// As [`echo`], with `timeout` as the call's deadline (none: the call carries none).
+async fn echo_within(
+    addr: SocketAddr,
+    message: &str,
+    sleep_ms: i64,
+    timeout: Option<Duration>,
+) -> Result<String, String> {
     let client = EchoServiceClientBuilder::new("echo")
         .address(addr)
-        .rpc_timeout(Some(Duration::from_secs(10)))
+        .rpc_timeout(timeout)
         .build();
     let req = EchoRequest {
         message: message.to_owned().into(),
@@ -103,7 +113,11 @@ async fn scale_from_zero_across(discovery: impl Fn(&Net) -> String) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     for i in 0..100 {
         let addr = addrs[i % 3];
-        let m = echo(addr, &format!("seq {i}"), 0).await.expect("a call");
+        // Every other call carries no deadline (it is forwarded all the same).
+        let timeout = (i % 2 == 0).then_some(Duration::from_secs(10));
+        let m = echo_within(addr, &format!("seq {i}"), 0, timeout)
+            .await
+            .expect("a call");
         assert_eq!(m, format!("seq {i}"));
     }
     assert_eq!(

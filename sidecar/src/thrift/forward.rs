@@ -197,13 +197,24 @@ async fn to_peer(
             ),
         )));
     }
-    let Outgoing::Timed(frame) = &request else {
-        return Err(request); // no TTHeader or no deadline: served here
-    };
     if oneway {
         return Err(request);
     }
-    let Some(marked) = mark(frame, routed.deadline) else {
+    let marked = match &request {
+        Outgoing::Timed(frame) => mark(frame, routed.deadline),
+        // Without a deadline the frame went on as bytes: read again (its head only).
+        Outgoing::Ready(bytes) => {
+            let mut buf = BytesMut::with_capacity(bytes.remaining());
+            buf.extend_from_slice(bytes.first_ref());
+            buf.extend_from_slice(bytes.last_ref());
+            match FrameDecoder::new(front.limits).decode(&mut buf) {
+                Ok(Some(frame)) => mark(&frame, routed.deadline),
+                _ => None,
+            }
+        }
+    };
+    // Framed and unframed calls carry no header for the marker: served here.
+    let Some(marked) = marked else {
         return Err(request);
     };
     let replays = routed.retry.as_ref().is_some_and(|r| r.replays());
@@ -234,9 +245,11 @@ async fn to_peer(
     Err(request)
 }
 
-/// The request's bytes with the hop marker added and RPCTimeout set to what is left.
+/// A TTHeader request's bytes with the hop marker added and RPCTimeout set to what is left;
+/// `None` for other transports.
 #[cold]
 fn mark(frame: &Frame, deadline: Option<Instant>) -> Option<Reply> {
+    frame.ttheader()?;
     let mut marked = frame.clone();
     marked
         .add_str_key(crate::governance::services::HOP.as_bytes(), b"1")

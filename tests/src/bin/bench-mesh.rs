@@ -60,7 +60,10 @@ async fn main() {
     let b = Sidecar::start(&format!("{discovery}{}", echo_function("echo", warm, "")));
     let cold = "min = 0\nmax = 1\nconcurrency = 1024";
     let a = Sidecar::start(&format!("{discovery}{}", echo_function("echo", cold, "")));
-    while consul.passing("echo").len() < 2 || consul.passing("plain-echo").is_empty() {
+    while consul.passing("echo").len() < 2
+        || consul.passing("plain-echo").is_empty()
+        || b.stat("echo", "ready") == 0
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
