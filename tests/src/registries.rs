@@ -516,8 +516,14 @@ impl Consul {
     /// Registers `name` at 127.0.0.1:`port` as a plain service would (an ID, a name, an
     /// address, no tags and no check): it is passing for as long as it stays registered.
     pub fn register_plain(&self, name: &str, port: u16) {
+        self.register_plain_at(name, ([127, 0, 0, 1], port).into());
+    }
+
+    /// As [`Consul::register_plain`], at `addr`.
+    pub fn register_plain_at(&self, name: &str, addr: std::net::SocketAddr) {
+        let (ip, port) = (addr.ip(), addr.port());
         let body = format!(
-            r#"{{"ID": "{name}-{port}", "Name": "{name}", "Address": "127.0.0.1", "Port": {port}}}"#
+            r#"{{"ID": "{name}-{port}", "Name": "{name}", "Address": "{ip}", "Port": {port}}}"#
         );
         let (status, text) =
             http_request(self.http, "PUT", "/v1/agent/service/register", "", &body);

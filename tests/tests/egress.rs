@@ -1,7 +1,8 @@
 //! Egress end to end: functions calling other services through their sidecar's egress listener,
-//! which finds them in a real Consul (and etcd) and governs the calls. Two sidecars on one
-//! host stand for two nodes: node B serves a gRPC function, a plain Volo server is registered
-//! by hand, and node A's function calls both through A's egress.
+//! which finds them in a real Consul (and etcd) and governs the calls. Node A, node B and a
+//! plain Volo server each run in their own network namespace (`ip netns`; root, as CI runs):
+//! node B serves a gRPC function, the plain server is registered by hand, and node A's
+//! function calls both through A's egress.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -14,6 +15,7 @@ use std::{
 use fnmesh_tests::registries::Etcd;
 use fnmesh_tests::{
     gen::volo_gen::echo::{EchoRequest, EchoServiceClientBuilder},
+    netns::Net,
     registries::Consul,
     sidecar::{echo_fn, echo_function, free_port, grpc_echo_function, Sidecar},
 };
@@ -31,15 +33,30 @@ struct Plain(Child);
 
 impl Plain {
     fn start(port: u16) -> Plain {
-        let child = Command::new(echo_fn())
+        Plain::start_at(SocketAddr::from(([127, 0, 0, 1], port)), None)
+    }
+
+    /// The same on `addr`, in network namespace `ns` when given.
+    fn start_at(addr: SocketAddr, ns: Option<&str>) -> Plain {
+        let mut command = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, &echo_fn()]);
+                c
+            }
+            None => Command::new(echo_fn()),
+        };
+        let port = addr.port();
+        let child = command
             .env("PORT", port.to_string())
+            .env("ECHO_FN_HOST", addr.ip().to_string())
             .env("FNMESH_INSTANCE", format!("plain-{port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("echo-fn runs");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(addr).is_err() {
             assert!(Instant::now() < deadline, "echo-fn did not listen");
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -109,16 +126,26 @@ fn deadlines(answer: &str) -> (Duration, Duration, String) {
 
 /// Node B serves the gRPC function `gecho`; a plain Volo server is registered as
 /// `plain-echo` (by `register_plain`); node A's `echo` calls both through A's egress.
-async fn calls_cross_the_mesh(discovery: &str, register_plain: impl FnOnce(u16)) {
-    let b = Sidecar::start(&format!(
-        "[discovery]\n{discovery}\n\n{}",
-        grpc_echo_function("gecho", "", "")
-    ));
-    let plain_port = free_port();
-    let _plain = Plain::start(plain_port);
-    register_plain(plain_port);
-    let egress = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let a = Sidecar::start_with(
+/// Each in its own network namespace of `net`: A (node 0), B (node 1), the plain server
+/// (node 2).
+async fn calls_cross_the_mesh(net: &Net, discovery: &str, register_plain: impl FnOnce(SocketAddr)) {
+    let b = Sidecar::start_in(
+        net.namespace(1),
+        net.node(1),
+        "",
+        &format!(
+            "[discovery]\n{discovery}\n\n{}",
+            grpc_echo_function("gecho", "", "")
+        ),
+    );
+    let plain = SocketAddr::new(net.node(2), free_port());
+    let plain_port = plain.port();
+    let _plain = Plain::start_at(plain, Some(net.namespace(2)));
+    register_plain(plain);
+    let egress = SocketAddr::new(net.node(0), free_port());
+    let a = Sidecar::start_in(
+        net.namespace(0),
+        net.node(0),
         &format!("egress = \"{egress}\""),
         &format!(
             "[discovery]\n{discovery}\n\n{}",
@@ -193,9 +220,14 @@ fn consul_table(c: &Consul) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn through_consul_a_function_calls_a_grpc_function_on_another_node_and_a_plain_volo_service()
 {
-    let consul = Consul::start();
-    calls_cross_the_mesh(&consul_table(&consul), |port| {
-        consul.register_plain("plain-echo", port)
+    let net = Net::new(3);
+    let consul = Consul::start_reachable_on(net.host());
+    let table = format!(
+        "backend = \"consul\"\naddress = \"{}\"\nttl = \"2s\"",
+        consul.url_on(net.host())
+    );
+    calls_cross_the_mesh(&net, &table, |addr| {
+        consul.register_plain_at("plain-echo", addr)
     })
     .await;
 }
@@ -203,17 +235,17 @@ async fn through_consul_a_function_calls_a_grpc_function_on_another_node_and_a_p
 #[cfg(feature = "etcd")]
 #[tokio::test(flavor = "multi_thread")]
 async fn through_etcd_a_function_calls_a_grpc_function_on_another_node_and_a_plain_volo_service() {
-    let etcd = Etcd::start();
+    let net = Net::new(3);
+    let etcd = Etcd::start_reachable_on(net.host());
     let table = format!(
         "backend = \"etcd\"\nendpoints = [\"{}\"]\nttl = \"2s\"",
-        etcd.url()
+        etcd.url_on(net.host())
     );
     let url = etcd.url();
-    calls_cross_the_mesh(&table, |port| {
+    calls_cross_the_mesh(&net, &table, |addr| {
         // Kitex registry-etcd's layout, as a Kitex or Volo server registers itself.
-        let key = format!("kitex/registry-etcd/plain-echo/127.0.0.1:{port}");
-        let value =
-            format!(r#"{{"network":"tcp","address":"127.0.0.1:{port}","weight":10,"tags":{{}}}}"#);
+        let key = format!("kitex/registry-etcd/plain-echo/{addr}");
+        let value = format!(r#"{{"network":"tcp","address":"{addr}","weight":10,"tags":{{}}}}"#);
         futures_executor(async move {
             let mut client = etcd_client::Client::connect([url], None).await.unwrap();
             client.put(key, value, None).await.unwrap();

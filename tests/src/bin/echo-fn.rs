@@ -24,15 +24,17 @@ async fn main() {
     }
 }
 
-/// 127.0.0.1:$PORT; with ECHO_FN_CLOSE_HOOK, a front there that closes connections on a hook.
+/// 127.0.0.1:$PORT (or $ECHO_FN_HOST:$PORT, for a plain server other hosts reach); with
+/// ECHO_FN_CLOSE_HOOK, a front there that closes connections on a hook.
 async fn tcp_listener() -> tokio::net::TcpListener {
     let port: u16 = std::env::var("PORT")
         .ok()
         .and_then(|p| p.parse().ok())
         .unwrap_or(8083);
-    let mut listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+    let host = std::env::var("ECHO_FN_HOST").unwrap_or_else(|_| "127.0.0.1".into());
+    let mut listener = tokio::net::TcpListener::bind((host.as_str(), port))
         .await
-        .unwrap_or_else(|e| panic!("echo-fn: cannot listen on 127.0.0.1:{port}: {e}"));
+        .unwrap_or_else(|e| panic!("echo-fn: cannot listen on {host}:{port}: {e}"));
     if std::env::var_os("ECHO_FN_CLOSE_HOOK").is_some() {
         let inner = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await
