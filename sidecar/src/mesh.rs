@@ -607,4 +607,41 @@ mod tests {
         assert!(mesh.reload().unwrap_err().contains("draining"));
         let _ = std::fs::remove_dir_all(dir);
     }
+
+    /// Egress services take a reload's `[[service]]` policy; one whose entry went takes the
+    /// defaults for services. Functions here are on the egress tables too.
+    #[tokio::test]
+    async fn a_reload_gives_services_egress_reached_their_new_policy() {
+        let dir = std::env::temp_dir().join(format!("fnmesh-mesh-egress-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("fnmesh.toml");
+        let file = |service: &str| {
+            format!(
+                "[sidecar]\nlisten = \"127.0.0.1:1\"\negress = \"127.0.0.1:2\"\n\n{}{service}",
+                function("a", "thrift", "/bin/true", "")
+            )
+        };
+        let entry = |timeout: &str| {
+            format!("[[service]]\nname = \"svc\"\nprotocol = \"thrift\"\npolicy = {{ timeout = \"{timeout}\" }}\n")
+        };
+        std::fs::write(&path, file(&entry("1s"))).unwrap();
+        let backend = Backend::Embedded(Default::default());
+        let mesh = mesh_at(&path).with_registry(&backend);
+        let egress = mesh.egress.as_ref().expect("egress front ends");
+        assert_eq!(names(&egress.thrift.functions.load()), ["a"]);
+        let svc = egress
+            .services
+            .by_name("svc", Protocol::Thrift)
+            .expect("a configured service");
+        let timeout = || svc.config().policy.timeout;
+        assert_eq!(timeout(), Some(Duration::from_secs(1)));
+        std::fs::write(&path, file(&entry("2s"))).unwrap();
+        mesh.reload().unwrap();
+        assert_eq!(timeout(), Some(Duration::from_secs(2)));
+        std::fs::write(&path, file("")).unwrap();
+        mesh.reload().unwrap();
+        assert_eq!(timeout(), crate::config::remote_policy().timeout);
+        mesh.close();
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -427,3 +427,51 @@ async fn grpc_calls_share_one_instance_across_nodes() {
         "instances spread: {running:?}"
     );
 }
+
+/// A node whose calls in flight on a peer fill one of its own instances starts one, though the
+/// peer still has room: steady load is served where it arrives, without the extra hop.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_whose_forwarded_calls_fill_an_instance_starts_its_own() {
+    let net = Net::new(2);
+    let consul = Consul::start_reachable_on(net.host());
+    let table = consul_table(&consul, &net);
+    let discovery = format!("[discovery]\n{table}\n\n");
+    let warm = echo_function("echo", "min = 1\nconcurrency = 64\nidle = \"30s\"", "");
+    let b = Sidecar::start_in(
+        net.namespace(1),
+        net.node(1),
+        "",
+        &format!("{discovery}{warm}"),
+    );
+    let cold = echo_function("echo", "concurrency = 4\nidle = \"30s\"", "");
+    let a = Sidecar::start_in(
+        net.namespace(0),
+        net.node(0),
+        "",
+        &format!("{discovery}{cold}"),
+    );
+    wait_until(Duration::from_secs(10), "both registered, B warm", || {
+        consul.passing("echo").len() == 2 && b.stat("echo", "ready") == 1
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // One call at a time goes to B's instance: A starts nothing.
+    for i in 0..10 {
+        echo(a.addr, &format!("one {i}"), 0).await.unwrap();
+    }
+    assert_eq!(a.stat("echo", "processes"), 0, "a trickle is forwarded");
+    let callers: Vec<_> = (0..16)
+        .map(|c| {
+            let addr = a.addr;
+            tokio::spawn(async move {
+                for i in 0..5 {
+                    echo(addr, &format!("{c} {i}"), 100).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for c in callers {
+        c.await.unwrap();
+    }
+    assert!(a.stat("echo", "processes") >= 1, "A started its own");
+    assert_eq!(b.stat("echo", "processes"), 1, "B had room all along");
+}

@@ -111,6 +111,15 @@ impl Function {
         function
     }
 
+    /// Before a call goes to a peer: when this node's calls in flight on its peers fill one
+    /// of its own instances (`concurrency`), it starts one, so that a node with steady load
+    /// serves it itself rather than adding a hop to each call.
+    pub fn peer_load_check(&self, peers: &Pool) {
+        if peers.snapshot().in_flight >= self.policy().function.scale.concurrency {
+            self.pool.start_one();
+        }
+    }
+
     /// What calls of this function follow now.
     pub fn policy(&self) -> arc_swap::Guard<Arc<Policy>> {
         self.policy.load()

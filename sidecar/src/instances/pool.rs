@@ -340,6 +340,20 @@ impl Pool {
         }
     }
 
+    /// Starts an instance when none is ready or starting here (within `max`): the calls this
+    /// node sends to its peers fill one of its own, so the load justifies it.
+    pub fn start_one(self: &Arc<Pool>) {
+        let mut st = lock(&self.state);
+        if st.draining || st.ready.len() + st.starting > 0 || self.scale().max == 0 {
+            return;
+        }
+        st.starting += 1;
+        let delay = backoff(st.failures);
+        drop(st);
+        tracing::info!(function = %self.name, "starting an instance: the calls sent to peers fill one");
+        self.spawn_start(delay);
+    }
+
     /// Whether a call would find a ready instance with room now.
     pub fn has_room(&self) -> bool {
         let st = lock(&self.state);

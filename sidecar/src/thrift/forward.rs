@@ -218,6 +218,7 @@ async fn to_peer(
         return Err(request);
     };
     let replays = routed.retry.as_ref().is_some_and(|r| r.replays());
+    function.peer_load_check(peers);
     use crate::governance::services::{PEER_COOL, PEER_TRIES};
     for _ in 0..PEER_TRIES {
         let Ok(Some(lease)) = peers.try_acquire() else {

@@ -310,6 +310,7 @@ impl Relay<'_> {
                     ),
                 ));
             }
+            function.peer_load_check(peers);
             if let Some(lease) = to_peer(peers, stream, 0) {
                 return Ok(Some(lease));
             }
