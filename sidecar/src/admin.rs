@@ -327,10 +327,15 @@ fn functions(mesh: &Mesh) -> serde_json::Value {
                     let ago = at.elapsed().unwrap_or_default();
                     json!({ "seconds_ago": ago.as_secs_f64(), "ms": took.as_secs_f64() * 1e3 })
                 });
+            let peers = f.peers.get().map(|p| {
+                let p = p.snapshot();
+                json!({ "nodes": p.ready, "in_flight": p.in_flight })
+            });
             json!({
                 "name": f.name,
                 "ready": s.ready,
                 "starting": s.starting,
+                "peers": peers,
                 "max": policy.function.scale.max,
                 "queued": s.queued,
                 "in_flight": s.in_flight,
@@ -346,7 +351,21 @@ fn functions(mesh: &Mesh) -> serde_json::Value {
     let registry = mesh
         .registry_health()
         .map(|(name, health)| json!({ "backend": name, "state": health.to_string() }));
-    json!({ "functions": functions, "registry": registry })
+    let services: Vec<serde_json::Value> = mesh
+        .egress
+        .iter()
+        .flat_map(|e| e.services.reached())
+        .map(|f| {
+            let s = f.pool.snapshot();
+            json!({
+                "name": f.name,
+                "endpoints": s.ready,
+                "in_flight": s.in_flight,
+                "queued": s.queued,
+            })
+        })
+        .collect();
+    json!({ "functions": functions, "services": services, "registry": registry })
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

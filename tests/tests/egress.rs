@@ -184,6 +184,21 @@ async fn calls_cross_the_mesh(net: &Net, discovery: &str, register_plain: impl F
         format!("plain-{plain_port}"),
         "the plain server answered: {answer}"
     );
+    // The admin API lists the services egress reached, with their endpoints.
+    let (_, body) = a.admin_get("/admin/functions");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let endpoints = |name: &str| {
+        v["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .map(|s| s["endpoints"].as_u64().unwrap())
+    };
+    assert_eq!(endpoints("gecho"), Some(1), "{body}");
+    assert_eq!(endpoints("plain-echo"), Some(1), "{body}");
+    // Node A's own function has one peer-less registration: no other node serves `echo`.
+    assert_eq!(v["functions"][0]["peers"]["nodes"], 0, "{body}");
     // A name the registry does not know: no-route, named.
     let (answer, _) = call(a.addr, "echo", "__egress__ thrift no-such-service", hop)
         .await
