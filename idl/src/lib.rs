@@ -4,7 +4,9 @@
 #![forbid(unsafe_code)]
 
 mod proto;
+pub mod schema;
 mod thrift;
+pub mod thrift_json;
 
 use std::path::{Path, PathBuf};
 
@@ -94,6 +96,8 @@ pub enum IdlError {
         service: String,
         parent: String,
     },
+    #[error("{}: unknown type {name}", path.display())]
+    UnknownType { path: PathBuf, name: String },
     #[error("{}: not an IDL file fnmesh reads (want .thrift or .proto)", path.display())]
     UnsupportedKind { path: PathBuf },
     #[error("{}: {message}", path.display())]
@@ -116,6 +120,15 @@ impl Catalog {
 
     pub fn service(&self, name: &str) -> Option<&Service> {
         self.services.iter().find(|s| s.name == name)
+    }
+
+    /// The types and methods of a `.thrift` file, for encoding calls from JSON
+    /// ([`thrift_json`]).
+    pub fn thrift_schema(
+        path: impl AsRef<Path>,
+        include_dirs: &[PathBuf],
+    ) -> Result<schema::Schema, IdlError> {
+        schema::load(path.as_ref(), include_dirs)
     }
 
     /// The service a function serves: the one named, or else the root file's only service.

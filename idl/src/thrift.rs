@@ -47,15 +47,23 @@ pub(crate) fn load(root: &Path, include_dirs: &[PathBuf]) -> Result<Catalog, Idl
     })
 }
 
-fn parse_file(path: &Path, include_dirs: &[PathBuf]) -> Result<Parsed, IdlError> {
+/// A file's items as pilota parsed them, and its includes by the scope that names them.
+pub(crate) struct Items {
+    pub(crate) text: String,
+    pub(crate) items: Vec<Item>,
+    pub(crate) includes: HashMap<String, PathBuf>,
+}
+
+/// Parses `path` and finds the files it includes.
+pub(crate) fn parse_items(path: &Path, include_dirs: &[PathBuf]) -> Result<Items, IdlError> {
     let text = read(path)?;
     let source =
         FileSource::new_with_path(path.to_owned(), &text).map_err(|e| convert(path, &text, e))?;
     let file = FileParser::new(source)
         .parse()
         .map_err(|e| convert(path, &text, e))?;
-    let mut services = Vec::new();
     let mut includes = HashMap::new();
+    let mut items = Vec::new();
     for item in file.items {
         match item {
             Item::Include(inc) => {
@@ -76,10 +84,29 @@ fn parse_file(path: &Path, include_dirs: &[PathBuf]) -> Result<Parsed, IdlError>
                     .to_owned();
                 includes.insert(scope, found);
             }
-            Item::Service(s) => services.push(s),
-            _ => {}
+            other => items.push(other),
         }
     }
+    Ok(Items {
+        text,
+        items,
+        includes,
+    })
+}
+
+fn parse_file(path: &Path, include_dirs: &[PathBuf]) -> Result<Parsed, IdlError> {
+    let Items {
+        text,
+        items,
+        includes,
+    } = parse_items(path, include_dirs)?;
+    let services = items
+        .into_iter()
+        .filter_map(|item| match item {
+            Item::Service(s) => Some(s),
+            _ => None,
+        })
+        .collect();
     Ok(Parsed {
         text,
         services,

@@ -1,0 +1,210 @@
+//! The JSON codec against an IDL that uses every Thrift type: JSON in equals JSON out, errors
+//! name the field, replies and exceptions read back.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+
+use fnmesh_idl::{
+    schema::{Schema, TType},
+    thrift_json::{decode_reply, decode_struct, encode_call, encode_struct, Reply},
+    Catalog,
+};
+use serde_json::{json, Value};
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/thrift")
+}
+
+fn schema() -> Schema {
+    Catalog::thrift_schema(dir().join("types.thrift"), &[]).unwrap()
+}
+
+fn index(s: &Schema, name: &str) -> usize {
+    s.structs.iter().position(|x| x.name == name).unwrap()
+}
+
+fn all() -> Value {
+    json!({
+        "b": true,
+        "i8v": -128,
+        "i16v": 32767,
+        "i32v": -2147483648i64,
+        "i64v": 9223372036854775807i64,
+        "d": -1.5e300,
+        "s": "héllo \u{0}\"",
+        "bin": "AAEC/w==",
+        "color": "BLUE",
+        "ints": [1, -1, 0],
+        "tags": ["a", "b"],
+        "by_name": {"x": {"name": "x", "at": 5}, "": {"name": ""}},
+        "by_number": [[7, [["p", "q"], []]], [-3, []]],
+        "deep": [{"RED": [1, 2], "GREEN": []}, {}],
+        "inner": {"name": "in"},
+        "choice": {"inner": {"name": "c", "at": -9}},
+        "meta": {"caller": "me", "tags": {"k": "v"}},
+        "plain": "",
+        "next": {
+            "b": false, "i8v": 127, "i16v": -32768, "i32v": 2147483647,
+            "i64v": -9223372036854775808i64, "d": 0.0, "s": "", "plain": "p"
+        }
+    })
+}
+
+#[test]
+fn every_type_round_trips_json_in_equals_json_out() {
+    let s = schema();
+    let i = index(&s, "All");
+    let bytes = encode_struct(&s, i, &all()).unwrap();
+    assert_eq!(decode_struct(&s, i, &bytes).unwrap(), all());
+    // i64 also as a string; enums also by number: they come back canonical.
+    let mut v = all();
+    v["i64v"] = json!("9223372036854775807");
+    v["color"] = json!(10);
+    let back = decode_struct(&s, i, &encode_struct(&s, i, &v).unwrap()).unwrap();
+    assert_eq!(back, all());
+    // An enum number the IDL does not declare comes back as a number.
+    v["color"] = json!(99);
+    let back = decode_struct(&s, i, &encode_struct(&s, i, &v).unwrap()).unwrap();
+    assert_eq!(back["color"], json!(99));
+}
+
+#[test]
+fn errors_name_the_field() {
+    let s = schema();
+    let i = index(&s, "All");
+    let bad = |f: &dyn Fn(&mut Value)| {
+        let mut v = all();
+        f(&mut v);
+        encode_struct(&s, i, &v).unwrap_err().to_string()
+    };
+    let e = bad(&|v| v["i8v"] = json!(128));
+    assert!(e.starts_with("i8v: expected an i8"), "{e}");
+    let e = bad(&|v| v["ints"][1] = json!("one"));
+    assert!(e.starts_with("ints[1]: expected an i32"), "{e}");
+    let e = bad(&|v| {
+        v.as_object_mut().unwrap().remove("s");
+    });
+    assert_eq!(e, "s: required field missing");
+    let e = bad(&|v| v["nope"] = json!(1));
+    assert!(e.starts_with("nope: unknown field"), "{e}");
+    let e = bad(&|v| v["inner"]["extra"] = json!(1));
+    assert!(e.starts_with("inner.extra: unknown field"), "{e}");
+    let e = bad(&|v| v["choice"] = json!({"text": "a", "number": 1}));
+    assert!(
+        e.contains("choice: a union takes exactly one field, got 2"),
+        "{e}"
+    );
+    let e = bad(&|v| v["color"] = json!("PINK"));
+    assert!(e.starts_with("color: \"PINK\" is not a Color"), "{e}");
+    let e = bad(&|v| v["bin"] = json!("not base64!"));
+    assert!(e.starts_with("bin: expected base64"), "{e}");
+    let e = bad(&|v| v["by_number"] = json!({"7": []}));
+    assert!(
+        e.starts_with("by_number: expected an array of [key, value] pairs"),
+        "{e}"
+    );
+    let e = bad(&|v| v["by_number"][0] = json!([7]));
+    assert!(
+        e.starts_with("by_number[0]: expected a [key, value] pair"),
+        "{e}"
+    );
+    let e = bad(&|v| v["b"] = json!(1));
+    assert!(e.starts_with("b: expected a boolean"), "{e}");
+    let e = bad(&|v| v["i64v"] = json!("12x"));
+    assert!(e.starts_with("i64v: expected an i64"), "{e}");
+    let e = bad(&|v| v["next"]["next"] = json!(3));
+    assert!(e.starts_with("next.next: expected an object"), "{e}");
+}
+
+#[test]
+fn calls_encode_by_argument_name_or_as_the_one_struct_and_replies_decode() {
+    let s = schema();
+    let svc = s.service("Types").unwrap();
+    let two = svc.method("Two").unwrap();
+    let call = encode_call(&s, two, &json!({"a": 7, "b": "x"}), 9).unwrap();
+    // Strict binary CALL, name, seqid, then field 1 (i32) and field 2 (string).
+    assert_eq!(&call[..4], &[0x80, 0x01, 0x00, 0x01]);
+    assert_eq!(&call[4..11], b"\0\0\0\x03Two");
+    assert_eq!(&call[11..15], &[0, 0, 0, 9]);
+    assert_eq!(&call[15..22], &[8, 0, 1, 0, 0, 0, 7]);
+    let e = encode_call(&s, two, &json!({"a": 7, "c": 1}), 1).unwrap_err();
+    assert!(e.to_string().starts_with("c: unknown field"), "{e}");
+    // One struct argument: by name, or the struct as the whole body.
+    let rt = svc.method("Roundtrip").unwrap();
+    let by_name = encode_call(&s, rt, &json!({"all": all()}), 1).unwrap();
+    let whole = encode_call(&s, rt, &all(), 1).unwrap();
+    assert_eq!(by_name, whole);
+    // Replies: success, a declared exception, a TApplicationException, void.
+    let i = index(&s, "All");
+    let mut reply = vec![0x80, 0x01, 0x00, 0x02, 0, 0, 0, 9];
+    reply.extend_from_slice(b"Roundtrip");
+    reply.extend_from_slice(&[0, 0, 0, 1]);
+    let head = reply.clone();
+    reply.extend_from_slice(&[12, 0, 0]);
+    reply.extend_from_slice(&encode_struct(&s, i, &all()).unwrap());
+    reply.push(0);
+    assert_eq!(decode_reply(&s, rt, &reply).unwrap(), Reply::Success(all()));
+    let mut oops = head.clone();
+    oops.extend_from_slice(&[12, 0, 1, 8, 0, 1, 0, 0, 0, 42, 0, 0]);
+    assert_eq!(
+        decode_reply(&s, rt, &oops).unwrap(),
+        Reply::Declared {
+            field: "oops".into(),
+            value: json!({"code": 42})
+        }
+    );
+    let mut app = vec![0x80, 0x01, 0x00, 0x03, 0, 0, 0, 9];
+    app.extend_from_slice(b"Roundtrip");
+    app.extend_from_slice(&[0, 0, 0, 1]);
+    app.extend_from_slice(&[11, 0, 1, 0, 0, 0, 2, b'n', b'o', 8, 0, 2, 0, 0, 0, 1, 0]);
+    assert_eq!(
+        decode_reply(&s, rt, &app).unwrap(),
+        Reply::Application {
+            kind: 1,
+            message: "no".into()
+        }
+    );
+    let nothing = svc.method("Nothing").unwrap();
+    let mut void = vec![0x80, 0x01, 0x00, 0x02, 0, 0, 0, 7];
+    void.extend_from_slice(b"Nothing");
+    void.extend_from_slice(&[0, 0, 0, 1, 0]);
+    assert_eq!(
+        decode_reply(&s, nothing, &void).unwrap(),
+        Reply::Success(Value::Null)
+    );
+    // Extends: the parent's methods are there; types resolve through typedefs and includes.
+    let more = s.service("MoreTypes").unwrap();
+    assert!(more.method("More").is_some() && more.method("Two").is_some());
+    let inner = &s.structs[index(&s, "Inner")];
+    assert_eq!(inner.fields[1].ty, TType::I64);
+}
+
+#[test]
+fn truncated_or_corrupt_replies_are_errors_never_panics() {
+    let s = schema();
+    let rt = s.service("Types").unwrap().method("Roundtrip").unwrap();
+    let i = index(&s, "All");
+    let mut reply = vec![0x80, 0x01, 0x00, 0x02, 0, 0, 0, 9];
+    reply.extend_from_slice(b"Roundtrip");
+    reply.extend_from_slice(&[0, 0, 0, 1, 12, 0, 0]);
+    reply.extend_from_slice(&encode_struct(&s, i, &all()).unwrap());
+    reply.push(0);
+    for n in 0..reply.len() {
+        let _ = decode_reply(&s, rt, &reply[..n]);
+        for b in [0u8, 0x7f, 0x80, 0xff] {
+            let mut x = reply.clone();
+            x[n] = b;
+            let _ = decode_reply(&s, rt, &x);
+        }
+    }
+    assert!(decode_reply(&s, rt, &reply[..reply.len() - 1]).is_err());
+}
+
+#[test]
+fn the_example_idl_loads() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("thrift/echo.thrift");
+    let s = Catalog::thrift_schema(root, &[]).unwrap();
+    let echo = s.service("EchoService").unwrap().method("Echo").unwrap();
+    let call = encode_call(&s, echo, &json!({"message": "hi", "sleep_ms": "5"}), 3).unwrap();
+    assert!(call.windows(2).any(|w| w == b"hi"));
+}
