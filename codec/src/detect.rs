@@ -24,6 +24,34 @@ pub enum Detected {
     Unframed(Protocol),
     /// The HTTP/2 connection preface (gRPC over h2c).
     Http2,
+    /// An HTTP/1.1 request line (`POST /...`): the JSON gateway.
+    Http1,
+}
+
+/// The HTTP/1.1 methods a request may start with (each followed by a space).
+const HTTP1_METHODS: [&[u8]; 7] = [
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"HEAD ",
+    b"DELETE ",
+    b"OPTIONS ",
+    b"PATCH ",
+];
+
+/// An HTTP/1.1 request line's method: found, possible with more bytes, or not one.
+fn detect_http1(prefix: &[u8]) -> Option<Detection> {
+    let mut possible = false;
+    for m in HTTP1_METHODS {
+        let n = prefix.len().min(m.len());
+        if prefix[..n] == m[..n] {
+            if n == m.len() {
+                return Some(Detection::Found(Detected::Http1));
+            }
+            possible = true;
+        }
+    }
+    possible.then_some(Detection::NeedMore(1))
 }
 
 /// The answer of [`detect`] for a prefix of a stream.
@@ -42,8 +70,17 @@ pub fn detect(prefix: &[u8]) -> Detection {
     let Some(&first) = prefix.first() else {
         return Detection::NeedMore(1);
     };
+    let http1 = detect_http1(prefix);
     if first == HTTP2_PREFACE[0] {
-        return detect_preface(prefix);
+        // The HTTP/2 preface, POST, PUT and PATCH all start with "P".
+        return match (detect_preface(prefix), http1) {
+            (Detection::Found(d), _) | (_, Some(Detection::Found(d))) => Detection::Found(d),
+            (_, Some(_)) => Detection::NeedMore(1),
+            (preface, None) => preface,
+        };
+    }
+    if let Some(http1) = http1 {
+        return http1;
     }
     if first == BINARY_VERSION_1[0] {
         return match prefix.get(1) {
@@ -145,6 +182,31 @@ mod tests {
             Detection::Found(Detected::Unframed(Protocol::Compact))
         );
         assert_eq!(detect(HTTP2_PREFACE), Detection::Found(Detected::Http2));
+        // HTTP/1.1 request lines, and every prefix of them and of the preface waits for more.
+        for line in [
+            &b"POST /echo/Echo HTTP/1.1\r\n"[..],
+            b"GET / HTTP/1.1\r\n",
+            b"PUT /x",
+            b"PATCH /",
+        ] {
+            assert_eq!(detect(line), Detection::Found(Detected::Http1), "{line:?}");
+            let space = line.iter().position(|b| *b == b' ').unwrap();
+            for n in 1..=space {
+                assert!(
+                    matches!(detect(&line[..n]), Detection::NeedMore(_)),
+                    "{:?}",
+                    &line[..n]
+                );
+            }
+        }
+        for n in 1..HTTP2_PREFACE.len() {
+            assert!(
+                matches!(detect(&HTTP2_PREFACE[..n]), Detection::NeedMore(_)),
+                "{n}"
+            );
+        }
+        assert_eq!(detect(b"POSTX"), Detection::Unknown);
+        assert_eq!(detect(b"PRX"), Detection::Unknown);
         let mut non_strict = vec![0, 0, 0, 4];
         non_strict.extend_from_slice(b"Echo\x01\0\0\0\x07");
         assert_eq!(
@@ -159,7 +221,11 @@ mod tests {
         assert_eq!(detect(&[0, 0, 0]), Detection::NeedMore(3));
         assert_eq!(detect(b"PRI * HT"), Detection::NeedMore(16));
         assert_eq!(detect(&[0x80]), Detection::NeedMore(1));
-        assert_eq!(detect(b"GET / HTTP/1.1\r\n"), Detection::Unknown);
+        assert_eq!(
+            detect(b"GET / HTTP/1.1\r\n"),
+            Detection::Found(Detected::Http1)
+        );
+        assert_eq!(detect(b"GETX / HTTP/1.1\r\n"), Detection::Unknown);
         assert_eq!(detect(b"PRX"), Detection::Unknown);
         assert_eq!(detect(&[0xff, 0, 0, 0, 0, 0]), Detection::Unknown);
         assert_eq!(detect(&[0x80, 0x02]), Detection::Unknown);

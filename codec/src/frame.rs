@@ -197,7 +197,7 @@ impl FrameDecoder {
             Detected::TTHeader => self.length_prefixed(buf, None),
             Detected::Framed(p) => self.length_prefixed(buf, Some(p)),
             Detected::Unframed(p) => self.unframed(buf, p),
-            Detected::Http2 => Err(CodecError::UnknownProtocol(first4(buf))),
+            Detected::Http2 | Detected::Http1 => Err(CodecError::UnknownProtocol(first4(buf))),
         }
     }
 
@@ -214,7 +214,9 @@ impl FrameDecoder {
             Detected::TTHeader => None,
             Detected::Framed(p) => Some(p),
             Detected::Unframed(p) => return Ok(self.unframed(buf, p)?.map(|f| f.buf)),
-            Detected::Http2 => return Err(CodecError::UnknownProtocol(first4(buf))),
+            Detected::Http2 | Detected::Http1 => {
+                return Err(CodecError::UnknownProtocol(first4(buf)))
+            }
         };
         let Some(total) = self.prefixed_len(buf, framed)? else {
             return Ok(None);
@@ -232,7 +234,7 @@ impl FrameDecoder {
         match self.transport {
             Some(d) => Ok(Some(d)),
             None => match detect(buf) {
-                Detection::Found(Detected::Http2) | Detection::Unknown => {
+                Detection::Found(Detected::Http2 | Detected::Http1) | Detection::Unknown => {
                     Err(CodecError::UnknownProtocol(first4(buf)))
                 }
                 Detection::Found(d) => {

@@ -29,5 +29,5 @@ pub use message::{is_exception, reply_kind, MessageHeader, MessageType, Protocol
 pub use reply::{encode_exception, ExceptionType, ReplyTarget, FNMESH_ERROR_KEY};
 pub use skip::{exception_type, skip_struct};
 pub use ttheader::{
-    info, int_key, str_key, IntKvs, StrKvs, TTHeader, TTHeaderBuilder, TTHEADER_MAGIC,
+    info, int_key, str_key, wrap_call, IntKvs, StrKvs, TTHeader, TTHeaderBuilder, TTHEADER_MAGIC,
 };

@@ -67,7 +67,9 @@ impl<'a> ReplyTarget<'a> {
     /// (a TTHeader request is answered the way Volo frames it, binary with a Framed length).
     pub fn for_detected(detected: Detected) -> ReplyTarget<'static> {
         let (transport, protocol) = match detected {
-            Detected::TTHeader | Detected::Http2 => (Transport::TTHeader, Protocol::Binary),
+            Detected::TTHeader | Detected::Http2 | Detected::Http1 => {
+                (Transport::TTHeader, Protocol::Binary)
+            }
             Detected::Framed(p) => (Transport::Framed, p),
             Detected::Unframed(p) => (Transport::Unframed, p),
         };

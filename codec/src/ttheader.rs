@@ -589,3 +589,32 @@ pub(crate) fn write_header(
     }
     Ok(())
 }
+
+/// A call's `message` (an encoded Binary message) in a TTHeader with an inner Framed length, as
+/// a Volo client sends it: ToService = `to_service`, `isn` = `idl_service`, RPCTimeout =
+/// `rpc_timeout_ms` when given. For callers that build calls themselves (the HTTP gateway,
+/// `fnmesh call`).
+pub fn wrap_call(
+    seqid: u32,
+    to_service: &str,
+    idl_service: &str,
+    rpc_timeout_ms: Option<u64>,
+    message: &[u8],
+) -> Result<bytes::BytesMut, CodecError> {
+    let ms = rpc_timeout_ms.map(|t| t.max(1).to_string());
+    let mut int_kvs: Vec<(u16, &[u8])> = vec![(int_key::TO_SERVICE, to_service.as_bytes())];
+    if let Some(ms) = &ms {
+        int_kvs.push((int_key::RPC_TIMEOUT, ms.as_bytes()));
+    }
+    let header = TTHeaderBuilder {
+        seqid,
+        str_kvs: vec![(str_key::IDL_SERVICE_NAME, idl_service.as_bytes())],
+        int_kvs,
+        inner_framed: true,
+        ..TTHeaderBuilder::default()
+    };
+    let mut buf = bytes::BytesMut::with_capacity(message.len() + 64);
+    header.encode(&mut buf, message.len())?;
+    buf.extend_from_slice(message);
+    Ok(buf)
+}

@@ -1,4 +1,5 @@
-//! The command line (clap): `fnmesh run`, `fnmesh check`, `fnmesh reload`, `fnmesh status`.
+//! The command line (clap): `fnmesh run`, `fnmesh check`, `fnmesh reload`, `fnmesh status`,
+//! `fnmesh call`, `fnmesh idl`.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -59,6 +60,29 @@ enum Command {
         /// Print the admin API's JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Call FUNCTION's METHOD with JSON arguments (or `-` for stdin): a real TTHeader call
+    /// built from the function's IDL, sent to the sidecar; prints the reply as JSON. The exit
+    /// status says how it ended (docs/gateway.md).
+    Call {
+        #[command(flatten)]
+        config: ConfigFile,
+        /// Where to send it, instead of the file's `sidecar.listen`.
+        #[arg(long, value_name = "HOST:PORT")]
+        addr: Option<std::net::SocketAddr>,
+        /// The call's deadline (sent as its RPC timeout).
+        #[arg(long, default_value = "10s", value_parser = crate::config::parse_duration)]
+        timeout: std::time::Duration,
+        function: String,
+        method: String,
+        /// The arguments as JSON (`-`: read from stdin; none: `{}`).
+        json: Option<String>,
+    },
+    /// Print the services, methods and types each function (or FUNCTION) serves.
+    Idl {
+        #[command(flatten)]
+        config: ConfigFile,
+        function: Option<String>,
     },
 }
 
@@ -142,6 +166,23 @@ pub fn main() -> ExitCode {
             };
             crate::status::main(admin, watch, json)
         }
+        Command::Call {
+            config,
+            addr,
+            timeout,
+            function,
+            method,
+            json,
+        } => match load(&config.config) {
+            Some(loaded) => {
+                crate::call::main(&loaded, addr, timeout, &function, &method, json.as_deref())
+            }
+            None => ExitCode::from(1),
+        },
+        Command::Idl { config, function } => match load(&config.config) {
+            Some(loaded) => crate::call::idl(&loaded, function.as_deref()),
+            None => ExitCode::from(1),
+        },
     }
 }
 

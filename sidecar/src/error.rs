@@ -54,6 +54,18 @@ impl Kind {
         }
     }
 
+    /// The HTTP status a gateway caller gets.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Kind::NoRoute => 404,
+            Kind::BadRequest => 400,
+            Kind::TooLarge => 413,
+            Kind::Overloaded => 429,
+            Kind::CircuitOpen | Kind::Unavailable | Kind::NotWarm => 503,
+            Kind::Timeout => 504,
+        }
+    }
+
     /// The `grpc-status` a gRPC caller gets.
     pub fn grpc_status(self) -> u16 {
         match self {

@@ -2,7 +2,8 @@
 //! (docs/architecture.md; `tests/layers.rs` checks it):
 //!
 //! 1. `cli` parses the command line; `server` runs the sidecar (listener, drain, signals);
-//!    `status` reads a running sidecar's admin API for `fnmesh status`;
+//!    `status` reads a running sidecar's admin API for `fnmesh status`; `call` makes one
+//!    JSON call for `fnmesh call` and prints IDLs for `fnmesh idl`;
 //!    `admin` serves the admin API; `mesh` holds the functions and reloads them.
 //! 2. Protocol front ends: `thrift` (connections and forwarding) and `grpc` (the HTTP/2 relay).
 //! 3. `governance`: routing admission, deadlines, retries and their budget, breakers and outcome
@@ -17,6 +18,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod call;
 pub mod cli;
 pub mod config;
 pub mod drain;

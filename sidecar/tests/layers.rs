@@ -19,7 +19,7 @@ const LAYERS: &[&[&str]] = &[
     &["thrift", "grpc"],
     &["mesh"],
     &["admin"],
-    &["server", "status"],
+    &["server", "status", "call"],
     &["cli"],
 ];
 

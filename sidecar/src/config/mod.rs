@@ -167,6 +167,8 @@ pub struct FunctionConfig {
     pub service: Option<String>,
     /// Methods the IDL declares; `None` without an IDL (then every method is routed).
     pub methods: Option<Vec<fnmesh_idl::Method>>,
+    /// A `.thrift` IDL's types, for JSON calls (the HTTP gateway).
+    pub schema: Option<std::sync::Arc<fnmesh_idl::schema::Schema>>,
     /// The program and its arguments, the program resolved to a path that exists.
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
@@ -254,6 +256,7 @@ pub fn discovered_service(name: &str, protocol: Protocol) -> FunctionConfig {
         transport: Transport::Tcp,
         service: None,
         methods: None,
+        schema: None,
         command: Vec::new(),
         env: BTreeMap::new(),
         scale: remote_scale(),

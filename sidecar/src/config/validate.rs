@@ -793,6 +793,15 @@ fn interface(
         }
         None => (r.service.map(|s| s.get_ref().clone()), None),
     };
+    let schema = match r.idl {
+        Some(idl) if idl.get_ref().ends_with(".thrift") => {
+            let path = base.join(idl.get_ref());
+            let schema = fnmesh_idl::Catalog::thrift_schema(&path, &[])
+                .or_else(|e| cx.invalid(idl.span().start, key("idl"), e.to_string()))?;
+            Some(std::sync::Arc::new(schema))
+        }
+        _ => None,
+    };
     let policy_cfg = match r.policy {
         Some(p) => policy(cx, p, &key("policy"))?,
         None => PolicyConfig::default(),
@@ -816,6 +825,7 @@ fn interface(
         transport: Transport::Tcp,
         service,
         methods,
+        schema,
         command: Vec::new(),
         env: BTreeMap::new(),
         scale: ScaleConfig::default(),

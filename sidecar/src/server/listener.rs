@@ -65,6 +65,7 @@ pub async fn connection(mut sock: TcpStream, listener: Listener, fronts: Fronts)
     .await;
     use crate::metrics::{Connection, GRPC_CONNECTIONS, THRIFT_CONNECTIONS};
     match detected {
+        Ok(Some(Detected::Http1)) => crate::thrift::http::serve(sock, buf, thrift).await,
         Ok(Some(Detected::Http2)) => {
             let _counted = Connection::open(&GRPC_CONNECTIONS);
             crate::grpc::serve(sock, buf, grpc).await

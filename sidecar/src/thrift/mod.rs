@@ -4,6 +4,7 @@
 
 mod conn;
 mod forward;
+pub mod http;
 mod route;
 
 use bytes::{buf::Chain, Buf, Bytes};

@@ -1,0 +1,254 @@
+//! The HTTP/JSON gateway end to end: HTTP/1.1 requests on the main listener become Thrift calls
+//! of a real Volo function (from zero instances), built from its IDL; errors get their statuses
+//! and never reach the instance.
+#![forbid(unsafe_code)]
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use fnmesh_tests::sidecar::{echo_function, Sidecar};
+use serde_json::{json, Value};
+
+/// One response read off `s`: status and JSON body (by content-length).
+fn read_response(s: &mut TcpStream) -> (u16, Value) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut byte).unwrap(),
+            1,
+            "response ended early: {head:?}"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let status: u16 = head[9..12].parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    (status, body)
+}
+
+fn request(method: &str, path: &str, headers: &str, body: &str) -> String {
+    format!(
+        "{method} {path} HTTP/1.1\r\nhost: fnmesh\r\ncontent-type: application/json\r\n{headers}content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn post(addr: SocketAddr, path: &str, headers: &str, body: &str) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request("POST", path, headers, body).as_bytes())
+        .unwrap();
+    read_response(&mut s)
+}
+
+#[test]
+fn json_calls_reach_a_volo_function_from_zero_and_errors_get_their_statuses() {
+    let sc = Sidecar::start(&echo_function("echo", "idle = \"30s\"", ""));
+    // Refused without starting anything: each names what is wrong.
+    let refused = [
+        (
+            "/nope/Echo",
+            r#"{"message": "x"}"#,
+            404,
+            "no Thrift function nope",
+        ),
+        (
+            "/echo/Nope",
+            r#"{"message": "x"}"#,
+            404,
+            "has no method Nope",
+        ),
+        ("/echo/Echo", r#"{"message": "#, 400, "malformed JSON"),
+        (
+            "/echo/Echo",
+            r#"{"message": 5}"#,
+            400,
+            "req.message: expected a string",
+        ),
+        (
+            "/echo/Echo",
+            r#"{"sleep_ms": 5}"#,
+            400,
+            "req.message: required field missing",
+        ),
+        (
+            "/echo/Echo",
+            r#"{"message": "x", "bogus": 1}"#,
+            400,
+            "req.bogus: unknown field",
+        ),
+    ];
+    for (path, body, status, needle) in refused {
+        let (got, v) = post(sc.addr, path, "", body);
+        assert_eq!(got, status, "{path} {body}: {v}");
+        let kind = if status == 404 {
+            "no-route"
+        } else {
+            "bad-request"
+        };
+        assert_eq!(v["error"], kind, "{v}");
+        assert!(v["message"].as_str().unwrap().contains(needle), "{v}");
+    }
+    assert_eq!(
+        sc.stat("echo", "processes"),
+        0,
+        "no refused call started an instance"
+    );
+    // From zero: the struct as the body, or the argument by name.
+    let (status, v) = post(sc.addr, "/echo/Echo", "", r#"{"message": "hi"}"#);
+    assert_eq!(
+        (status, v),
+        (200, json!({"message": "hi", "instance": "1"}))
+    );
+    let (status, v) = post(
+        sc.addr,
+        "/echo/Echo",
+        "",
+        r#"{"req": {"message": "by name"}}"#,
+    );
+    assert_eq!((status, &v["message"]), (200, &json!("by name")));
+    // A declared exception, and a TApplicationException.
+    let (status, v) = post(sc.addr, "/echo/Echo", "", r#"{"message": "__business__"}"#);
+    assert_eq!(status, 422, "{v}");
+    assert_eq!(
+        v,
+        json!({"exception": "err", "value": {"code": 42, "reason": "declared business error"}})
+    );
+    let (status, v) = post(sc.addr, "/echo/Echo", "", r#"{"message": "__fail__"}"#);
+    assert_eq!(status, 502, "{v}");
+    assert_eq!(v["error"], "application-exception");
+    assert_eq!(v["type"], 6);
+    // The deadline header: the function sleeps past it.
+    let (status, v) = post(
+        sc.addr,
+        "/echo/Echo",
+        "fnmesh-timeout: 100ms\r\n",
+        r#"{"message": "slow", "sleep_ms": 2000}"#,
+    );
+    assert_eq!((status, &v["error"]), (504, &json!("timeout")), "{v}");
+    // The instance sees it as its RPC timeout.
+    let (_, v) = post(
+        sc.addr,
+        "/echo/Echo",
+        "fnmesh-timeout: 1500ms\r\n",
+        r#"{"message": "__timeout__"}"#,
+    );
+    let seen: u64 = v["message"].as_str().unwrap().parse().unwrap();
+    assert!(seen > 1000 && seen <= 1500, "{v}");
+    // Oneway: accepted.
+    let (status, v) = post(sc.addr, "/echo/Ping", "", r#"{"note": "n"}"#);
+    assert_eq!((status, v), (202, json!({})));
+    // Not POST.
+    let mut s = TcpStream::connect(sc.addr).unwrap();
+    s.write_all(request("GET", "/echo/Echo", "", "").as_bytes())
+        .unwrap();
+    assert_eq!(read_response(&mut s).0, 400);
+}
+
+#[test]
+fn keep_alive_and_pipelined_requests_are_answered_in_order() {
+    let sc = Sidecar::start(&echo_function("echo", "", ""));
+    let mut s = TcpStream::connect(sc.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for i in 0..3 {
+        let body = format!(r#"{{"message": "k{i}"}}"#);
+        s.write_all(request("POST", "/echo/Echo", "", &body).as_bytes())
+            .unwrap();
+        let (status, v) = read_response(&mut s);
+        assert_eq!((status, &v["message"]), (200, &json!(format!("k{i}"))));
+    }
+    let mut pipelined = String::new();
+    for i in 0..5 {
+        let body = format!(r#"{{"message": "p{i}", "sleep_ms": {}}}"#, 50 - 10 * i);
+        pipelined.push_str(&request("POST", "/echo/Echo", "", &body));
+    }
+    s.write_all(pipelined.as_bytes()).unwrap();
+    for i in 0..5 {
+        let (status, v) = read_response(&mut s);
+        assert_eq!((status, &v["message"]), (200, &json!(format!("p{i}"))));
+    }
+}
+
+#[test]
+fn a_body_over_max_frame_size_is_413() {
+    let sc = Sidecar::start_with("max_frame_size = \"1KiB\"", &echo_function("echo", "", ""));
+    let big = format!(r#"{{"message": "{}"}}"#, "x".repeat(2000));
+    let (status, v) = post(sc.addr, "/echo/Echo", "", &big);
+    assert_eq!((status, &v["error"]), (413, &json!("too-large")), "{v}");
+    let (status, _) = post(sc.addr, "/echo/Echo", "", r#"{"message": "small"}"#);
+    assert_eq!(status, 200);
+}
+
+/// `fnmesh call` with the sidecar's policy file: (exit status, stdout, stderr).
+fn fnmesh_call(sc: &Sidecar, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(fnmesh_tests::sidecar::fnmesh_bin())
+        .arg(args[0])
+        .arg("-c")
+        .arg(sc.config_path())
+        .args(&args[1..])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn fnmesh_call_and_fnmesh_idl_speak_the_idl() {
+    let sc = Sidecar::start(&echo_function("echo", "", ""));
+    let (code, out, err) = fnmesh_call(&sc, &["call", "echo", "Echo", r#"{"message": "hi"}"#]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v, json!({"message": "hi", "instance": "1"}));
+    let (code, out, _) = fnmesh_call(
+        &sc,
+        &["call", "echo", "Echo", r#"{"message": "__business__"}"#],
+    );
+    assert_eq!(code, 20);
+    assert!(out.contains(r#""exception":"err""#), "{out}");
+    let (code, _, err) = fnmesh_call(&sc, &["call", "echo", "Nope", "{}"]);
+    assert_eq!(
+        (code, err.trim()),
+        (10, "fnmesh: no-route: function echo has no method Nope")
+    );
+    let (code, _, err) = fnmesh_call(&sc, &["call", "echo", "Echo", r#"{"message": 1}"#]);
+    assert_eq!(code, 11, "{err}");
+    assert!(err.contains("req.message: expected a string"), "{err}");
+    let slow = r#"{"message": "slow", "sleep_ms": 3000}"#;
+    let (code, _, err) = fnmesh_call(&sc, &["call", "--timeout", "200ms", "echo", "Echo", slow]);
+    assert_eq!(code, 16, "{err}");
+    assert!(err.starts_with("fnmesh: timeout: "), "{err}");
+    let (code, out, _) = fnmesh_call(&sc, &["idl"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("function echo (thrift): service EchoService"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "EchoResponse Echo(1: required EchoRequest req) throws (1: FunctionError err)"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("oneway void Ping(1: required string note)"),
+        "{out}"
+    );
+    assert!(out.contains("struct EchoRequest { 1: required string message, 2: optional i64 sleep_ms, 3: optional Meta meta }"), "{out}");
+}
