@@ -34,6 +34,12 @@ if ! python3 -c "from opentelemetry.proto.collector.trace.v1 import trace_servic
     python3 -m pip install --quiet --disable-pip-version-check opentelemetry-proto
 fi
 
+# openapi-spec-validator: the gateway test validates /admin/openapi.json with it.
+if ! python3 -c "import openapi_spec_validator" >/dev/null 2>&1; then
+    echo "== installing PyPI openapi-spec-validator"
+    python3 -m pip install --quiet --disable-pip-version-check openapi-spec-validator
+fi
+
 # Python h2 (with hpack and hyperframe): the HTTP/2 conformance cases' independent client.
 if ! python3 -c "import h2, hpack" >/dev/null 2>&1; then
     echo "== installing PyPI h2"

@@ -3,6 +3,7 @@
 //! without starting an instance.
 #![forbid(unsafe_code)]
 
+pub mod openapi;
 mod proto;
 pub mod schema;
 mod thrift;

@@ -170,6 +170,14 @@ fn answer(mesh: &Mesh, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let body = serde_json::to_vec_pretty(&config(mesh)).unwrap_or_default();
             respond(StatusCode::OK, "application/json", body)
         }
+        (&Method::GET | &Method::HEAD, "/admin/idl") => {
+            let body = serde_json::to_vec_pretty(&idl(mesh)).unwrap_or_default();
+            respond(StatusCode::OK, "application/json", body)
+        }
+        (&Method::GET | &Method::HEAD, "/admin/openapi.json") => {
+            let body = serde_json::to_vec_pretty(&openapi(mesh)).unwrap_or_default();
+            respond(StatusCode::OK, "application/json", body)
+        }
         (&Method::GET | &Method::HEAD, "/admin/functions") => {
             let body = serde_json::to_vec(&functions(mesh)).unwrap_or_default();
             respond(StatusCode::OK, "application/json", body)
@@ -298,6 +306,52 @@ fn duration(d: Duration) -> String {
         _ if us % 1_000 == 0 => format!("{}ms", us / 1_000),
         _ => format!("{us}us"),
     }
+}
+
+/// `/admin/idl`: each function's IDL service and methods.
+fn idl(mesh: &Mesh) -> serde_json::Value {
+    let functions: Vec<serde_json::Value> = mesh
+        .functions()
+        .iter()
+        .map(|f| {
+            let c = f.config();
+            let methods: Vec<serde_json::Value> = c
+                .methods
+                .iter()
+                .flatten()
+                .map(|m| {
+                    json!({
+                        "name": m.name,
+                        "oneway": m.oneway,
+                        "client_streaming": m.client_streaming,
+                        "server_streaming": m.server_streaming,
+                    })
+                })
+                .collect();
+            let protocol = match c.protocol {
+                crate::config::Protocol::Thrift => "thrift",
+                crate::config::Protocol::Grpc => "grpc",
+            };
+            json!({ "name": f.name, "protocol": protocol, "service": c.service, "methods": methods })
+        })
+        .collect();
+    json!({ "functions": functions })
+}
+
+/// `/admin/openapi.json`: the gateway's routes, with schemas from the Thrift IDLs.
+fn openapi(mesh: &Mesh) -> serde_json::Value {
+    let configs: Vec<_> = mesh.functions().iter().map(|f| f.config()).collect();
+    let served: Vec<fnmesh_idl::openapi::Served<'_>> = configs
+        .iter()
+        .filter_map(|c| {
+            Some(fnmesh_idl::openapi::Served {
+                function: &c.name,
+                schema: c.schema.as_deref()?,
+                service: c.service.as_deref()?,
+            })
+        })
+        .collect();
+    fnmesh_idl::openapi::document(&served)
 }
 
 /// `/admin/functions`: each function's instances, queue and breakers.

@@ -252,3 +252,53 @@ fn fnmesh_call_and_fnmesh_idl_speak_the_idl() {
     );
     assert!(out.contains("struct EchoRequest { 1: required string message, 2: optional i64 sleep_ms, 3: optional Meta meta }"), "{out}");
 }
+
+/// `/admin/idl` lists every function's service and methods; `/admin/openapi.json` describes
+/// the gateway's routes with schemas from the IDL, and validates as OpenAPI 3
+/// (`openapi-spec-validator`, from PyPI).
+#[test]
+fn the_catalog_and_an_openapi_document_that_validates() {
+    let sc = Sidecar::start(&format!(
+        "{}{}",
+        echo_function("echo", "", ""),
+        fnmesh_tests::sidecar::grpc_echo_function("gecho", "", "")
+    ));
+    let (_, body) = sc.admin_get("/admin/idl");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["functions"][0]["service"], "EchoService");
+    assert_eq!(
+        v["functions"][0]["methods"][1],
+        json!({"name": "Ping", "oneway": true, "client_streaming": false, "server_streaming": false})
+    );
+    assert_eq!(v["functions"][1]["service"], "echo.Echo");
+    assert_eq!(v["functions"][1]["methods"][3]["client_streaming"], true);
+    let (_, doc) = sc.admin_get("/admin/openapi.json");
+    let v: Value = serde_json::from_str(&doc).unwrap();
+    let echo = &v["paths"]["/echo/Echo"]["post"];
+    assert_eq!(
+        echo["responses"]["200"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/echo.EchoResponse"
+    );
+    assert_eq!(
+        v["components"]["schemas"]["echo.EchoRequest"]["required"],
+        json!(["message"])
+    );
+    assert!(v["paths"]["/echo/Ping"]["post"]["responses"]["202"].is_object());
+    let file = std::env::temp_dir().join(format!("fnmesh-openapi-{}.json", std::process::id()));
+    std::fs::write(&file, &doc).unwrap();
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys; from openapi_spec_validator import validate; validate(json.load(open(sys.argv[1]))); print('valid')",
+        ])
+        .arg(&file)
+        .output()
+        .expect("python3 runs");
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
