@@ -33,6 +33,7 @@ pub const TIMEOUT_HEADER: &str = "fnmesh-timeout";
 
 /// Serves HTTP/1.1 requests on a connection whose first bytes (`read`) were already taken.
 pub async fn serve(sock: TcpStream, read: BytesMut, front: Arc<ThriftFront>) {
+    let _ = sock.set_nodelay(true);
     let io = hyper_util::rt::TokioIo::new(Prefixed {
         prefix: read.freeze(),
         sock,
@@ -64,7 +65,12 @@ pub async fn serve(sock: TcpStream, read: BytesMut, front: Arc<ThriftFront>) {
 
 /// One request: its JSON reply, or fnmesh's error as `{"error": KIND, "message": ...}`.
 async fn handle(front: &ThriftFront, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-    match answer(front, req).await {
+    // Events for the worker's busy poller, as a binary connection's are: it keeps polling
+    // for the instance's reply and the next request instead of sleeping between them.
+    crate::workers::busy();
+    let answered = answer(front, req).await;
+    crate::workers::busy();
+    match answered {
         Ok((status, body)) => respond(status, &body),
         Err(e) => {
             let status = StatusCode::from_u16(e.kind.http_status())
