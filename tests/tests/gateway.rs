@@ -302,3 +302,64 @@ fn the_catalog_and_an_openapi_document_that_validates() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Hostile HTTP/1.1 peers: headers that never end are cut off at `header_timeout`, a request
+/// line that is not HTTP, and a header section past hyper's limits get an error and the
+/// connection closes; callers on other connections are served throughout.
+#[test]
+fn hostile_http_peers_hurt_no_one_else() {
+    let sc = Sidecar::start_with("header_timeout = \"1s\"", &echo_function("echo", "", ""));
+    let read_all = |s: &mut TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    // Headers that never end.
+    let mut slow = TcpStream::connect(sc.addr).unwrap();
+    slow.write_all(b"POST /echo/Echo HTTP/1.1\r\nhost: x\r\n")
+        .unwrap();
+    let t = std::time::Instant::now();
+    let out = read_all(&mut slow);
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "closed after {took:?}: {out}"
+    );
+    // Not HTTP after a method.
+    let mut junk = TcpStream::connect(sc.addr).unwrap();
+    junk.write_all(b"GET \x00\x01\x02 nonsense\r\n\r\n")
+        .unwrap();
+    let out = read_all(&mut junk);
+    assert!(out.is_empty() || out.starts_with("HTTP/1.1 400"), "{out}");
+    // A header section of 1 MiB.
+    let mut huge = TcpStream::connect(sc.addr).unwrap();
+    let header = format!(
+        "POST /echo/Echo HTTP/1.1\r\nx-big: {}\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    let _ = huge.write_all(header.as_bytes());
+    let out = read_all(&mut huge);
+    assert!(
+        out.is_empty() || out.starts_with("HTTP/1.1 431") || out.starts_with("HTTP/1.1 400"),
+        "{}",
+        &out[..out.len().min(200)]
+    );
+    // A keep-alive connection left idle: closed once `header_timeout` passes with no request.
+    let mut idle = TcpStream::connect(sc.addr).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    idle.write_all(request("POST", "/echo/Echo", "", r#"{"message": "once"}"#).as_bytes())
+        .unwrap();
+    assert_eq!(read_response(&mut idle).0, 200);
+    let t = std::time::Instant::now();
+    let out = read_all(&mut idle);
+    assert!(
+        out.is_empty() && t.elapsed() < Duration::from_secs(4),
+        "{out} after {:?}",
+        t.elapsed()
+    );
+    // Meanwhile and after: served.
+    let (status, v) = post(sc.addr, "/echo/Echo", "", r#"{"message": "fine"}"#);
+    assert_eq!((status, &v["message"]), (200, &json!("fine")));
+}
