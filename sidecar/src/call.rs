@@ -40,29 +40,76 @@ fn fail(kind: &str, message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(exit_for(kind))
 }
 
-/// `fnmesh call`: `function`'s `method` with `args` (JSON; `-` reads stdin) at `addr` (else
-/// the file's `listen`).
+/// Where `fnmesh call` sends a call, and the IDL it builds it from.
+pub struct Target {
+    pub addr: SocketAddr,
+    pub schema: std::sync::Arc<Schema>,
+    /// The IDL service (`isn`).
+    pub service: String,
+}
+
+impl Target {
+    /// `function` as the policy file configures it, at `addr` or else the file's `listen`.
+    pub fn of_function(
+        config: &Config,
+        function: &str,
+        addr: Option<SocketAddr>,
+    ) -> Result<Target, ExitCode> {
+        let Some(f) = config.functions.iter().find(|f| f.name == function) else {
+            return Err(fail(
+                "no-route",
+                format!("the file configures no function {function}"),
+            ));
+        };
+        let (Protocol::Thrift, Some(schema), Some(service)) = (f.protocol, &f.schema, &f.service)
+        else {
+            return Err(fail(
+                "bad-request",
+                format!("function {function}: calls need a Thrift IDL (gRPC functions: not yet)"),
+            ));
+        };
+        let mut listen = config.sidecar.listen;
+        if listen.ip().is_unspecified() {
+            listen.set_ip([127, 0, 0, 1].into());
+        }
+        Ok(Target {
+            addr: addr.unwrap_or(listen),
+            schema: schema.clone(),
+            service: service.clone(),
+        })
+    }
+
+    /// Any Thrift server at `addr` (a sidecar, or a Kitex or Volo server), from its `.thrift`
+    /// IDL and the service named (else the IDL's only one).
+    pub fn of_idl(
+        addr: SocketAddr,
+        idl: &std::path::Path,
+        service: Option<&str>,
+    ) -> Result<Target, ExitCode> {
+        let loaded = fnmesh_idl::Catalog::load(idl, &[]).and_then(|c| {
+            let service = c.select(service)?.name.clone();
+            Ok((fnmesh_idl::Catalog::thrift_schema(idl, &[])?, service))
+        });
+        match loaded {
+            Ok((schema, service)) => Ok(Target {
+                addr,
+                schema: std::sync::Arc::new(schema),
+                service,
+            }),
+            Err(e) => Err(fail("bad-request", e)),
+        }
+    }
+}
+
+/// `fnmesh call`: `function`'s `method` with `args` (JSON; `-` reads stdin) at the target.
 pub fn main(
-    config: &Config,
-    addr: Option<SocketAddr>,
+    target: &Target,
     timeout: Duration,
     function: &str,
     method: &str,
     args: Option<&str>,
 ) -> ExitCode {
-    let Some(f) = config.functions.iter().find(|f| f.name == function) else {
-        return fail(
-            "no-route",
-            format!("the file configures no function {function}"),
-        );
-    };
-    let (Protocol::Thrift, Some(schema), Some(service)) = (f.protocol, &f.schema, &f.service)
-    else {
-        return fail(
-            "bad-request",
-            format!("function {function}: calls need a Thrift IDL (gRPC functions: not yet)"),
-        );
-    };
+    let (schema, service) = (&*target.schema, &target.service);
     let Some(m) = schema.service(service).and_then(|s| s.method(method)) else {
         return fail(
             "no-route",
@@ -93,11 +140,7 @@ pub fn main(
         Ok(f) => f,
         Err(e) => return fail("bad-request", e),
     };
-    let mut listen = config.sidecar.listen;
-    if listen.ip().is_unspecified() {
-        listen.set_ip([127, 0, 0, 1].into());
-    }
-    let addr = addr.unwrap_or(listen);
+    let addr = target.addr;
     if m.oneway {
         return match send(addr, &frame, timeout, false) {
             Ok(_) => ExitCode::SUCCESS,

@@ -65,11 +65,25 @@ enum Command {
     /// built from the function's IDL, sent to the sidecar; prints the reply as JSON. The exit
     /// status says how it ended (docs/gateway.md).
     Call {
-        #[command(flatten)]
-        config: ConfigFile,
-        /// Where to send it, instead of the file's `sidecar.listen`.
-        #[arg(long, value_name = "HOST:PORT")]
+        /// The policy file: the function's IDL, and its `listen` address.
+        #[arg(
+            short,
+            long = "config",
+            value_name = "FILE",
+            required_unless_present = "idl",
+            conflicts_with = "idl"
+        )]
+        config: Option<PathBuf>,
+        /// Where to send it, instead of the file's `sidecar.listen` (with --idl: required).
+        #[arg(long, value_name = "HOST:PORT", required_unless_present = "config")]
         addr: Option<std::net::SocketAddr>,
+        /// Without a policy file: the `.thrift` IDL to build the call from (any Thrift server
+        /// at --addr, a Kitex or Volo one too).
+        #[arg(long, value_name = "FILE")]
+        idl: Option<PathBuf>,
+        /// With --idl: the IDL service (default: the IDL's only one).
+        #[arg(long, value_name = "NAME", requires = "idl")]
+        service: Option<String>,
         /// The call's deadline (sent as its RPC timeout).
         #[arg(long, default_value = "10s", value_parser = crate::config::parse_duration)]
         timeout: std::time::Duration,
@@ -169,16 +183,27 @@ pub fn main() -> ExitCode {
         Command::Call {
             config,
             addr,
+            idl,
+            service,
             timeout,
             function,
             method,
             json,
-        } => match load(&config.config) {
-            Some(loaded) => {
-                crate::call::main(&loaded, addr, timeout, &function, &method, json.as_deref())
+        } => {
+            use crate::call::Target;
+            let target = match (config, idl, addr) {
+                (Some(file), _, addr) => match load(&file) {
+                    Some(loaded) => Target::of_function(&loaded, &function, addr),
+                    None => return ExitCode::from(1),
+                },
+                (None, Some(idl), Some(addr)) => Target::of_idl(addr, &idl, service.as_deref()),
+                _ => return ExitCode::from(2),
+            };
+            match target {
+                Ok(t) => crate::call::main(&t, timeout, &function, &method, json.as_deref()),
+                Err(code) => code,
             }
-            None => ExitCode::from(1),
-        },
+        }
         Command::Idl { config, function } => match load(&config.config) {
             Some(loaded) => crate::call::idl(&loaded, function.as_deref()),
             None => ExitCode::from(1),

@@ -234,6 +234,22 @@ fn fnmesh_call_and_fnmesh_idl_speak_the_idl() {
     let (code, _, err) = fnmesh_call(&sc, &["call", "--timeout", "200ms", "echo", "Echo", slow]);
     assert_eq!(code, 16, "{err}");
     assert!(err.starts_with("fnmesh: timeout: "), "{err}");
+    // Without a policy file: any Thrift server, from its IDL (here a plain Volo server).
+    let (_plain, plain) = fnmesh_tests::bench::start_function(&fnmesh_tests::sidecar::echo_fn());
+    let idl = fnmesh_tests::sidecar::idl("thrift/echo.thrift");
+    let out = std::process::Command::new(fnmesh_tests::sidecar::fnmesh_bin())
+        .args(["call", "--addr", &plain.to_string(), "--idl"])
+        .arg(&idl)
+        .args(["echo", "Echo", r#"{"message": "straight to Volo"}"#])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["message"], "straight to Volo");
     let (code, out, _) = fnmesh_call(&sc, &["idl"]);
     assert_eq!(code, 0);
     assert!(
