@@ -379,3 +379,39 @@ fn hostile_http_peers_hurt_no_one_else() {
     let (status, v) = post(sc.addr, "/echo/Echo", "", r#"{"message": "fine"}"#);
     assert_eq!((status, &v["message"]), (200, &json!("fine")));
 }
+
+/// An ordinary HTTP client (Python's `urllib`) calls the function from zero instances, and
+/// reads fnmesh's errors as HTTP statuses.
+#[test]
+fn python_urllib_calls_a_function_from_zero() {
+    let sc = Sidecar::start(&echo_function("echo", "", ""));
+    let script = r#"
+import json, sys, urllib.request, urllib.error
+base = sys.argv[1]
+def post(path, body):
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+print(json.dumps([post("/echo/Echo", {"message": "from python"}), post("/echo/Echo", {"message": 1}), post("/nope/Echo", {})]))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &format!("http://{}", sc.addr)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v[0],
+        json!([200, {"message": "from python", "instance": "1"}])
+    );
+    assert_eq!(v[1][0], 400);
+    assert_eq!(v[1][1]["error"], "bad-request");
+    assert_eq!(v[2][0], 404);
+}
