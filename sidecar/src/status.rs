@@ -94,6 +94,41 @@ pub fn table(status: &Value) -> String {
         ),
     };
     out.push_str(&format!("registry: {registry}\n"));
+    let peers: Vec<String> = status["functions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| f["peers"].is_object())
+        .map(|f| {
+            let p = &f["peers"];
+            format!(
+                "{} ({} nodes, {} in flight)",
+                f["name"].as_str().unwrap_or("?"),
+                p["nodes"],
+                p["in_flight"]
+            )
+        })
+        .collect();
+    if !peers.is_empty() {
+        out.push_str(&format!("peers: {}\n", peers.join(", ")));
+    }
+    let services: Vec<String> = status["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            format!(
+                "{} ({} endpoints, {} in flight, {} queued)",
+                s["name"].as_str().unwrap_or("?"),
+                s["endpoints"],
+                s["in_flight"],
+                s["queued"]
+            )
+        })
+        .collect();
+    if !services.is_empty() {
+        out.push_str(&format!("egress services: {}\n", services.join(", ")));
+    }
     out
 }
 
@@ -132,4 +167,27 @@ fn row(f: &Value) -> Vec<String> {
             _ => "-".into(),
         },
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn peers_and_egress_services_follow_the_functions() {
+        let status = json!({
+            "functions": [
+                {"name": "echo", "ready": 1, "starting": 0, "max": 8, "in_flight": 0, "queued": 0,
+                 "peers": {"nodes": 2, "in_flight": 3}},
+                {"name": "solo", "ready": 0, "starting": 0, "max": 8, "in_flight": 0, "queued": 0,
+                 "peers": null},
+            ],
+            "services": [{"name": "payments", "endpoints": 3, "in_flight": 1, "queued": 0}],
+            "registry": {"backend": "consul", "state": "registered"},
+        });
+        let t = super::table(&status);
+        assert!(t.contains("registry: consul registered\npeers: echo (2 nodes, 3 in flight)\negress services: payments (3 endpoints, 1 in flight, 0 queued)\n"), "{t}");
+        let bare = super::table(&json!({"functions": [], "registry": null}));
+        assert_eq!(bare.lines().last(), Some("registry: none"));
+    }
 }
