@@ -5,6 +5,7 @@
 
 pub mod openapi;
 mod proto;
+pub mod proto_json;
 pub mod schema;
 mod thrift;
 pub mod thrift_json;

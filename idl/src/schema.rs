@@ -87,7 +87,7 @@ pub struct ServiceDef {
 }
 
 /// Every type and service of an IDL file and the files it includes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Schema {
     pub structs: Vec<StructDef>,
     pub enums: Vec<EnumDef>,

@@ -415,3 +415,44 @@ print(json.dumps([post("/echo/Echo", {"message": "from python"}), post("/echo/Ec
     assert_eq!(v[1][1]["error"], "bad-request");
     assert_eq!(v[2][0], 404);
 }
+
+/// `fnmesh call` for a gRPC function: the request from the `.proto` (proto3 JSON), a unary
+/// call over HTTP/2 through the sidecar, the response as JSON; gRPC errors by their kind.
+#[test]
+fn fnmesh_call_speaks_grpc_from_the_proto() {
+    let sc = Sidecar::start(&fnmesh_tests::sidecar::grpc_echo_function("gecho", "", ""));
+    let (code, out, err) = fnmesh_call(
+        &sc,
+        &[
+            "call",
+            "gecho",
+            "UnaryEcho",
+            r#"{"message": "hi", "sleepMs": "1"}"#,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v, json!({"message": "hi", "instance": "1"}));
+    let (code, _, err) = fnmesh_call(&sc, &["call", "gecho", "UnaryEcho", r#"{"bogus": 1}"#]);
+    assert_eq!(code, 11, "{err}");
+    assert!(err.contains("bogus"), "{err}");
+    let (code, _, err) = fnmesh_call(
+        &sc,
+        &[
+            "call",
+            "gecho",
+            "UnaryEcho",
+            r#"{"message": "__status__ 5 gone"}"#,
+        ],
+    );
+    assert_eq!(code, 21, "{err}");
+    assert!(err.contains("grpc-status 5: gone"), "{err}");
+    let slow = r#"{"message": "slow", "sleepMs": 3000}"#;
+    let (code, _, err) = fnmesh_call(
+        &sc,
+        &["call", "--timeout", "200ms", "gecho", "UnaryEcho", slow],
+    );
+    assert_eq!(code, 16, "{err}");
+    let (code, _, _) = fnmesh_call(&sc, &["call", "gecho", "Nope", "{}"]);
+    assert_eq!(code, 10);
+}

@@ -169,6 +169,8 @@ pub struct FunctionConfig {
     pub methods: Option<Vec<fnmesh_idl::Method>>,
     /// A `.thrift` IDL's types, for JSON calls (the HTTP gateway).
     pub schema: Option<std::sync::Arc<fnmesh_idl::schema::Schema>>,
+    /// A `.proto` IDL's descriptors, for JSON calls (`fnmesh call`).
+    pub proto: Option<std::sync::Arc<fnmesh_idl::proto_json::ProtoSchema>>,
     /// The program and its arguments, the program resolved to a path that exists.
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
@@ -257,6 +259,7 @@ pub fn discovered_service(name: &str, protocol: Protocol) -> FunctionConfig {
         service: None,
         methods: None,
         schema: None,
+        proto: None,
         command: Vec::new(),
         env: BTreeMap::new(),
         scale: remote_scale(),

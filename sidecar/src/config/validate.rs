@@ -802,6 +802,15 @@ fn interface(
         }
         _ => None,
     };
+    let proto = match r.idl {
+        Some(idl) if idl.get_ref().ends_with(".proto") => {
+            let path = base.join(idl.get_ref());
+            let proto = fnmesh_idl::proto_json::ProtoSchema::load(&path, &[])
+                .or_else(|e| cx.invalid(idl.span().start, key("idl"), e.to_string()))?;
+            Some(std::sync::Arc::new(proto))
+        }
+        _ => None,
+    };
     let policy_cfg = match r.policy {
         Some(p) => policy(cx, p, &key("policy"))?,
         None => PolicyConfig::default(),
@@ -826,6 +835,7 @@ fn interface(
         service,
         methods,
         schema,
+        proto,
         command: Vec::new(),
         env: BTreeMap::new(),
         scale: ScaleConfig::default(),

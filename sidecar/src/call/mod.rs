@@ -17,6 +17,8 @@ use fnmesh_idl::{
 };
 use serde_json::Value;
 
+mod grpc;
+
 use crate::config::{Config, FunctionConfig, Protocol};
 
 /// Exit status of `fnmesh call` for each way a call can end (docs/gateway.md lists them).
@@ -35,7 +37,7 @@ fn exit_for(kind: &str) -> u8 {
     }
 }
 
-fn fail(kind: &str, message: impl std::fmt::Display) -> ExitCode {
+pub(super) fn fail(kind: &str, message: impl std::fmt::Display) -> ExitCode {
     eprintln!("fnmesh: {kind}: {message}");
     ExitCode::from(exit_for(kind))
 }
@@ -44,8 +46,10 @@ fn fail(kind: &str, message: impl std::fmt::Display) -> ExitCode {
 pub struct Target {
     pub addr: SocketAddr,
     pub schema: std::sync::Arc<Schema>,
-    /// The IDL service (`isn`).
+    /// The IDL service (`isn`; gRPC: `package.Service`).
     pub service: String,
+    /// A gRPC function's descriptors: the call goes over HTTP/2 instead.
+    pub proto: Option<std::sync::Arc<fnmesh_idl::proto_json::ProtoSchema>>,
 }
 
 impl Target {
@@ -61,22 +65,29 @@ impl Target {
                 format!("the file configures no function {function}"),
             ));
         };
-        let (Protocol::Thrift, Some(schema), Some(service)) = (f.protocol, &f.schema, &f.service)
-        else {
-            return Err(fail(
-                "bad-request",
-                format!("function {function}: calls need a Thrift IDL (gRPC functions: not yet)"),
-            ));
-        };
         let mut listen = config.sidecar.listen;
         if listen.ip().is_unspecified() {
             listen.set_ip([127, 0, 0, 1].into());
         }
-        Ok(Target {
-            addr: addr.unwrap_or(listen),
-            schema: schema.clone(),
-            service: service.clone(),
-        })
+        let addr = addr.unwrap_or(listen);
+        match (f.protocol, &f.schema, &f.proto, &f.service) {
+            (Protocol::Thrift, Some(schema), _, Some(service)) => Ok(Target {
+                addr,
+                schema: schema.clone(),
+                service: service.clone(),
+                proto: None,
+            }),
+            (Protocol::Grpc, _, Some(proto), Some(service)) => Ok(Target {
+                addr,
+                schema: std::sync::Arc::new(Schema::default()),
+                service: service.clone(),
+                proto: Some(proto.clone()),
+            }),
+            _ => Err(fail(
+                "bad-request",
+                format!("function {function}: calls need an IDL (`idl` in its table)"),
+            )),
+        }
     }
 
     /// Any Thrift server at `addr` (a sidecar, or a Kitex or Volo server), from its `.thrift`
@@ -95,6 +106,7 @@ impl Target {
                 addr,
                 schema: std::sync::Arc::new(schema),
                 service,
+                proto: None,
             }),
             Err(e) => Err(fail("bad-request", e)),
         }
@@ -110,26 +122,21 @@ pub fn main(
     args: Option<&str>,
 ) -> ExitCode {
     let (schema, service) = (&*target.schema, &target.service);
+    if let Some(proto) = &target.proto {
+        return match read_args(args) {
+            Ok(args) => grpc::call(target.addr, proto, service, method, timeout, &args),
+            Err(code) => code,
+        };
+    }
     let Some(m) = schema.service(service).and_then(|s| s.method(method)) else {
         return fail(
             "no-route",
             format!("function {function} has no method {method}"),
         );
     };
-    let text = match args {
-        Some("-") => {
-            let mut s = String::new();
-            if let Err(e) = std::io::stdin().read_to_string(&mut s) {
-                return fail("bad-request", format!("cannot read stdin: {e}"));
-            }
-            s
-        }
-        Some(text) => text.to_owned(),
-        None => "{}".to_owned(),
-    };
-    let args: Value = match serde_json::from_str(&text) {
+    let args = match read_args(args) {
         Ok(v) => v,
-        Err(e) => return fail("bad-request", format!("malformed JSON: {e}")),
+        Err(code) => return code,
     };
     let message = match thrift_json::encode_call(schema, m, &args, 1) {
         Ok(m) => m,
@@ -151,6 +158,22 @@ pub fn main(
         Ok(reply) => print_reply(schema, m, &reply),
         Err(e) => fail("unavailable", format!("{addr}: {e}")),
     }
+}
+
+/// The call's arguments: `args` (`-`: stdin; none: `{}`) as JSON.
+fn read_args(args: Option<&str>) -> Result<Value, ExitCode> {
+    let text = match args {
+        Some("-") => {
+            let mut s = String::new();
+            if let Err(e) = std::io::stdin().read_to_string(&mut s) {
+                return Err(fail("bad-request", format!("cannot read stdin: {e}")));
+            }
+            s
+        }
+        Some(text) => text.to_owned(),
+        None => "{}".to_owned(),
+    };
+    serde_json::from_str(&text).map_err(|e| fail("bad-request", format!("malformed JSON: {e}")))
 }
 
 /// Writes `frame` to `addr` and reads one reply frame (when `reply`).
