@@ -11,7 +11,8 @@
 //! 4. `instances`: each function's pool, scaler, process runtime and watchdog; then `access`
 //!    (the access log) and `trace` (spans over OTLP).
 //! 5. Foundations every layer uses: `drain` (the drain signal and the work it waits for),
-//!    `workers` (the worker threads, and the sweep that watches connections for stalls) and
+//!    `workers` (the worker threads, and the sweep that watches connections for stalls), `unary`
+//!    (one gRPC call over HTTP/2, for the calls fnmesh makes itself) and
 //!    `metrics` (the Prometheus metrics and their request-path handles), on `config` and
 //!    `error` (the error kinds and their protocol mappings).
 #![forbid(unsafe_code)]
@@ -32,6 +33,7 @@ pub mod server;
 pub mod status;
 pub mod thrift;
 pub mod trace;
+pub mod unary;
 pub mod workers;
 
 /// Locks a mutex whose critical sections are a few field updates: a panic inside one leaves the

@@ -12,7 +12,7 @@ use std::{
 /// Top-level modules by layer, lowest first. A new module must be placed here.
 const LAYERS: &[&[&str]] = &[
     &["", "config", "error"],
-    &["drain", "workers", "metrics"],
+    &["drain", "workers", "metrics", "unary"],
     &["access", "trace"],
     &["instances"],
     &["governance"],

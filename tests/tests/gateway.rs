@@ -60,12 +60,7 @@ fn json_calls_reach_a_volo_function_from_zero_and_errors_get_their_statuses() {
     let sc = Sidecar::start(&echo_function("echo", "idle = \"30s\"", ""));
     // Refused without starting anything: each names what is wrong.
     let refused = [
-        (
-            "/nope/Echo",
-            r#"{"message": "x"}"#,
-            404,
-            "no Thrift function nope",
-        ),
+        ("/nope/Echo", r#"{"message": "x"}"#, 404, "no function nope"),
         (
             "/echo/Nope",
             r#"{"message": "x"}"#,
@@ -455,4 +450,39 @@ fn fnmesh_call_speaks_grpc_from_the_proto() {
     assert_eq!(code, 16, "{err}");
     let (code, _, _) = fnmesh_call(&sc, &["call", "gecho", "Nope", "{}"]);
     assert_eq!(code, 10);
+}
+
+/// gRPC functions through the gateway: the request from the `.proto`, the call through the
+/// sidecar's own listener (the path gRPC callers take), from zero instances.
+#[test]
+fn json_calls_reach_a_volo_grpc_function_too() {
+    let sc = Sidecar::start(&fnmesh_tests::sidecar::grpc_echo_function("gecho", "", ""));
+    let (status, v) = post(sc.addr, "/gecho/UnaryEcho", "", r#"{"message": "hi"}"#);
+    assert_eq!(
+        (status, v),
+        (200, json!({"message": "hi", "instance": "1"}))
+    );
+    let (status, v) = post(
+        sc.addr,
+        "/gecho/UnaryEcho",
+        "",
+        r#"{"message": "__status__ 5 gone"}"#,
+    );
+    assert_eq!(status, 502, "{v}");
+    assert_eq!(
+        v,
+        json!({"error": "grpc-status", "code": 5, "message": "gone"})
+    );
+    let (status, v) = post(
+        sc.addr,
+        "/gecho/UnaryEcho",
+        "fnmesh-timeout: 100ms\r\n",
+        r#"{"message": "slow", "sleepMs": 2000}"#,
+    );
+    assert_eq!((status, &v["error"]), (504, &json!("timeout")), "{v}");
+    let (status, v) = post(sc.addr, "/gecho/UnaryEcho", "", r#"{"bogus": 1}"#);
+    assert_eq!((status, &v["error"]), (400, &json!("bad-request")), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("bogus"), "{v}");
+    let (status, _) = post(sc.addr, "/gecho/ServerStreamingEcho", "", "{}");
+    assert_eq!(status, 404);
 }

@@ -19,6 +19,9 @@ pub struct Fronts {
     pub grpc: Arc<GrpcFront>,
     /// The egress listener's, when there is one.
     pub egress: Option<(Arc<ThriftFront>, Arc<GrpcFront>)>,
+    /// The main listener's address as this host reaches it: the gateway calls gRPC functions
+    /// through it.
+    pub own: std::net::SocketAddr,
     pub open: Arc<AtomicUsize>,
 }
 
@@ -65,7 +68,24 @@ pub async fn connection(mut sock: TcpStream, listener: Listener, fronts: Fronts)
     .await;
     use crate::metrics::{Connection, GRPC_CONNECTIONS, THRIFT_CONNECTIONS};
     match detected {
-        Ok(Some(Detected::Http1)) => crate::thrift::http::serve(sock, buf, thrift).await,
+        Ok(Some(Detected::Http1)) => {
+            let gateway = crate::thrift::http::GrpcGateway {
+                lookup: Arc::new(move |name: &str| {
+                    let table = grpc.functions.load();
+                    let c = table
+                        .iter()
+                        .find(|r| r.function.name == name)?
+                        .function
+                        .config();
+                    Some(crate::thrift::http::GrpcTarget {
+                        proto: c.proto.clone()?,
+                        service: c.service.clone()?,
+                    })
+                }),
+                own: fronts.own,
+            };
+            crate::thrift::http::serve(sock, buf, thrift, Some(gateway)).await
+        }
         Ok(Some(Detected::Http2)) => {
             let _counted = Connection::open(&GRPC_CONNECTIONS);
             crate::grpc::serve(sock, buf, grpc).await

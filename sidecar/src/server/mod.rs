@@ -197,6 +197,14 @@ async fn start(path: PathBuf, config: Config) -> Result<Sidecar, String> {
             .egress
             .as_ref()
             .map(|e| (e.thrift.clone(), e.grpc.clone())),
+        own: match listener.local_addr() {
+            Ok(mut a) if a.ip().is_unspecified() => {
+                a.set_ip([127, 0, 0, 1].into());
+                a
+            }
+            Ok(a) => a,
+            Err(_) => listen,
+        },
         open: open.clone(),
     };
     let sweep_every = settings.connections.sweep_every();

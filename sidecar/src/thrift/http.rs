@@ -31,8 +31,30 @@ use crate::error::{CallError, Kind};
 /// The request header that sets a call's deadline (`500ms`, `2s`: the policy file's durations).
 pub const TIMEOUT_HEADER: &str = "fnmesh-timeout";
 
+/// A gRPC function the gateway can call: its descriptors and IDL service.
+pub struct GrpcTarget {
+    pub proto: Arc<fnmesh_idl::proto_json::ProtoSchema>,
+    pub service: String,
+}
+
+/// Finds a gRPC function by name.
+pub type GrpcLookup = Arc<dyn Fn(&str) -> Option<GrpcTarget> + Send + Sync>;
+
+/// How the gateway reaches gRPC functions: it finds them by name, and calls them through the
+/// sidecar's own listener (`own`), so that they take exactly the path gRPC callers take.
+#[derive(Clone)]
+pub struct GrpcGateway {
+    pub lookup: GrpcLookup,
+    pub own: std::net::SocketAddr,
+}
+
 /// Serves HTTP/1.1 requests on a connection whose first bytes (`read`) were already taken.
-pub async fn serve(sock: TcpStream, read: BytesMut, front: Arc<ThriftFront>) {
+pub async fn serve(
+    sock: TcpStream,
+    read: BytesMut,
+    front: Arc<ThriftFront>,
+    grpc: Option<GrpcGateway>,
+) {
     let _ = sock.set_nodelay(true);
     let io = hyper_util::rt::TokioIo::new(Prefixed {
         prefix: read.freeze(),
@@ -41,8 +63,8 @@ pub async fn serve(sock: TcpStream, read: BytesMut, front: Arc<ThriftFront>) {
     let limits = front.connections;
     let drain = front.drain.clone();
     let service = hyper::service::service_fn(move |req| {
-        let front = front.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(&front, req).await) }
+        let (front, grpc) = (front.clone(), grpc.clone());
+        async move { Ok::<_, std::convert::Infallible>(handle(&front, grpc.as_ref(), req).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
@@ -64,11 +86,15 @@ pub async fn serve(sock: TcpStream, read: BytesMut, front: Arc<ThriftFront>) {
 }
 
 /// One request: its JSON reply, or fnmesh's error as `{"error": KIND, "message": ...}`.
-async fn handle(front: &ThriftFront, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    front: &ThriftFront,
+    grpc: Option<&GrpcGateway>,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
     // Events for the worker's busy poller, as a binary connection's are: it keeps polling
     // for the instance's reply and the next request instead of sleeping between them.
     crate::workers::busy();
-    let answered = answer(front, req).await;
+    let answered = answer(front, grpc, req).await;
     crate::workers::busy();
     match answered {
         Ok((status, body)) => respond(status, &body),
@@ -100,6 +126,7 @@ fn bad(message: impl Into<String>) -> CallError {
 /// The call a request asks for, made: the status and JSON body of its reply.
 async fn answer(
     front: &ThriftFront,
+    grpc: Option<&GrpcGateway>,
     req: Request<hyper::body::Incoming>,
 ) -> Result<(StatusCode, Value), CallError> {
     let path = req.uri().path().to_owned();
@@ -117,11 +144,13 @@ async fn answer(
         return Err(bad(format!("{} {path}: use POST", req.method())));
     }
     let table = front.functions.load();
-    let function = table
-        .iter()
-        .find(|r| r.function.name == name)
-        .map(|r| r.function.clone())
-        .ok_or_else(|| CallError::new(Kind::NoRoute, format!("no Thrift function {name}")))?;
+    let found = table.iter().find(|r| r.function.name == name);
+    let Some(function) = found.map(|r| r.function.clone()) else {
+        return match grpc.and_then(|g| Some(((g.lookup)(name)?, g.own))) {
+            Some((target, own)) => grpc_call(front, req, name, method, target, own).await,
+            None => Err(CallError::new(Kind::NoRoute, format!("no function {name}"))),
+        };
+    };
     let config = function.config();
     let (Some(schema), Some(service)) = (config.schema.clone(), config.service.clone()) else {
         return Err(CallError::new(
@@ -139,32 +168,7 @@ async fn answer(
                 format!("function {name} has no method {method}"),
             )
         })?;
-    let timeout = match req.headers().get(TIMEOUT_HEADER) {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|t| crate::config::parse_duration(t).ok())
-                .ok_or_else(|| bad(format!("{TIMEOUT_HEADER}: want a duration such as 500ms")))?,
-        ),
-    };
-    let limit = front.limits.max_frame_size;
-    let body = Limited::new(req.into_body(), limit)
-        .collect()
-        .await
-        .map_err(
-            |e| match e.downcast_ref::<http_body_util::LengthLimitError>() {
-                Some(_) => {
-                    CallError::new(Kind::TooLarge, format!("request body over {limit} bytes"))
-                }
-                None => bad(format!("cannot read the request body: {e}")),
-            },
-        )?
-        .to_bytes();
-    let args: Value = match body.is_empty() {
-        true => Value::Null,
-        false => serde_json::from_slice(&body).map_err(|e| bad(format!("malformed JSON: {e}")))?,
-    };
+    let (timeout, args) = deadline_and_body(front, req).await?;
     let message = thrift_json::encode_call(&schema, &m, &args, 1)
         .map_err(|e| bad(format!("function {name} method {method}: {e}")))?;
     let frame = ttheader_call(name, &service, timeout, &message, front.limits)?;
@@ -187,6 +191,97 @@ async fn answer(
             ),
         },
     )
+}
+
+/// The request's `fnmesh-timeout`, and its body as JSON (within `max_frame_size`).
+async fn deadline_and_body(
+    front: &ThriftFront,
+    req: Request<hyper::body::Incoming>,
+) -> Result<(Option<std::time::Duration>, Value), CallError> {
+    let timeout = match req.headers().get(TIMEOUT_HEADER) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|t| crate::config::parse_duration(t).ok())
+                .ok_or_else(|| bad(format!("{TIMEOUT_HEADER}: want a duration such as 500ms")))?,
+        ),
+    };
+    let limit = front.limits.max_frame_size;
+    let body = Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map_err(
+            |e| match e.downcast_ref::<http_body_util::LengthLimitError>() {
+                Some(_) => {
+                    CallError::new(Kind::TooLarge, format!("request body over {limit} bytes"))
+                }
+                None => bad(format!("cannot read the request body: {e}")),
+            },
+        )?
+        .to_bytes();
+    let args = match body.is_empty() {
+        true => Value::Null,
+        false => serde_json::from_slice(&body).map_err(|e| bad(format!("malformed JSON: {e}")))?,
+    };
+    Ok((timeout, args))
+}
+
+/// A gRPC function's unary `method`, called through the sidecar's own listener: 200 with the
+/// response, fnmesh's errors by their kind, the function's own gRPC status as 502
+/// `{"error": "grpc-status", "code", "message"}`.
+async fn grpc_call(
+    front: &ThriftFront,
+    req: Request<hyper::body::Incoming>,
+    name: &str,
+    method: &str,
+    target: GrpcTarget,
+    own: std::net::SocketAddr,
+) -> Result<(StatusCode, Value), CallError> {
+    let m = target
+        .proto
+        .method(&target.service, method)
+        .filter(|m| !m.is_client_streaming() && !m.is_server_streaming())
+        .ok_or_else(|| {
+            CallError::new(
+                Kind::NoRoute,
+                format!("function {name} has no unary method {method}"),
+            )
+        })?;
+    let (timeout, args) = deadline_and_body(front, req).await?;
+    let message = fnmesh_idl::proto_json::encode_request(&m, &args)
+        .map_err(|e| bad(format!("function {name} method {method}: {e}")))?;
+    let path = format!("/{}/{method}", target.service);
+    let answer = crate::unary::unary(own, &path, message, timeout)
+        .await
+        .map_err(|e| CallError::new(Kind::Unavailable, format!("function {name}: {e}")))?;
+    if let Some(kind) = answer.fnmesh_error.as_deref().and_then(kind_named) {
+        return Err(CallError::new(kind, answer.message));
+    }
+    if answer.status != 0 {
+        let body =
+            json!({ "error": "grpc-status", "code": answer.status, "message": answer.message });
+        return Ok((StatusCode::BAD_GATEWAY, body));
+    }
+    let v = fnmesh_idl::proto_json::decode_response(&m, &answer.body)
+        .map_err(|e| CallError::new(Kind::Unavailable, format!("function {name}: {e}")))?;
+    Ok((StatusCode::OK, v))
+}
+
+/// The error kind an `fnmesh-error` names.
+fn kind_named(name: &str) -> Option<Kind> {
+    [
+        Kind::NoRoute,
+        Kind::BadRequest,
+        Kind::TooLarge,
+        Kind::Overloaded,
+        Kind::CircuitOpen,
+        Kind::Unavailable,
+        Kind::Timeout,
+        Kind::NotWarm,
+    ]
+    .into_iter()
+    .find(|k| k.as_str() == name)
 }
 
 /// `message` in a TTHeader naming the function (ToService) and its IDL service, with the
