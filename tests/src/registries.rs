@@ -163,22 +163,7 @@ pub struct Etcd {
 impl Etcd {
     /// A server reachable on `ip` too (as `http://IP:PORT`, [`Etcd::url_on`]).
     pub fn start_reachable_on(ip: std::net::IpAddr) -> Etcd {
-        let dir = std::env::temp_dir().join(format!(
-            "fnmesh-etcd-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        let mut e = Etcd {
-            child: None,
-            dir,
-            client: free_port(),
-            peer: free_port(),
-            extra: Vec::new(),
-            https: None,
-            also: Some(ip),
-        };
-        e.run();
-        e
+        Etcd::start_full(free_port(), Vec::new(), None, Some(ip))
     }
 
     /// `http://IP:PORT` for another address it serves on.
@@ -196,11 +181,17 @@ impl Etcd {
     }
 
     fn start_with(client: u16, extra: Vec<String>) -> Etcd {
-        Etcd::start_full(client, extra, None)
+        Etcd::start_full(client, extra, None, None)
     }
 
-    /// A server on `client` (and on `https` over TLS), with `extra` flags.
-    fn start_full(client: u16, extra: Vec<String>, https: Option<u16>) -> Etcd {
+    /// A server on `client` (and on `https` over TLS, and on `also`'s address), with `extra`
+    /// flags.
+    fn start_full(
+        client: u16,
+        extra: Vec<String>,
+        https: Option<u16>,
+        also: Option<std::net::IpAddr>,
+    ) -> Etcd {
         let dir = std::env::temp_dir().join(format!(
             "fnmesh-etcd-{}-{}",
             std::process::id(),
@@ -213,7 +204,7 @@ impl Etcd {
             peer: free_port(),
             extra,
             https,
-            also: None,
+            also,
         };
         e.run();
         e
@@ -233,7 +224,7 @@ impl Etcd {
             .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
             .collect();
         extra.push("--client-cert-auth".into());
-        Etcd::start_full(free_port(), extra, Some(https))
+        Etcd::start_full(free_port(), extra, Some(https), None)
     }
 
     /// `https://127.0.0.1:PORT`, with TLS.
@@ -277,23 +268,8 @@ impl Etcd {
 
     /// POST `/v3/{call}` of the JSON gateway: (status line, body).
     pub fn post(&self, call: &str, body: &str) -> (String, String) {
-        use std::io::{Read, Write};
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client)) else {
-            return (String::new(), String::new());
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = write!(
-            s,
-            "POST /v3/{call} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-        (
-            head.lines().next().unwrap_or("").to_owned(),
-            body.to_owned(),
-        )
+        let json = "content-type: application/json\r\n";
+        http_request(self.client, "POST", &format!("/v3/{call}"), json, body)
     }
 
     /// `http://127.0.0.1:PORT`.
