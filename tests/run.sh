@@ -21,6 +21,13 @@ if ! python3 -c "import thrift" >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check thrift
 fi
 
+# thriftpy2: a second, independent Thrift implementation that loads an IDL at run time; its
+# Compact protocol checks fnmesh's JSON codec in Compact (Volo cannot decode Compact bools).
+if ! python3 -c "import thriftpy2" >/dev/null 2>&1; then
+    echo "== installing PyPI thriftpy2"
+    python3 -m pip install --quiet --disable-pip-version-check thriftpy2
+fi
+
 # Python grpcio and its health stub: an independent gRPC client for the end-to-end tests; and
 # grpcio-tools, which generates the stubs of the documented Python function (examples/).
 if ! python3 -c "import grpc, grpc_health.v1.health_pb2, grpc_tools.protoc" >/dev/null 2>&1; then

@@ -590,9 +590,9 @@ pub(crate) fn write_header(
     Ok(())
 }
 
-/// A call's `message` (an encoded Binary message) in a TTHeader with an inner Framed length, as
-/// a Volo client sends it: ToService = `to_service`, `isn` = `idl_service`, RPCTimeout =
-/// `rpc_timeout_ms` when given. For callers that build calls themselves (the HTTP gateway,
+/// A call's `message` (an encoded Binary or Compact message; the header's protocol id says
+/// which) in a TTHeader with an inner Framed length, as a Volo client sends it: ToService =
+/// `to_service`, `isn` = `idl_service`, RPCTimeout = `rpc_timeout_ms` when given. For callers that build calls themselves (the HTTP gateway,
 /// `fnmesh call`).
 pub fn wrap_call(
     seqid: u32,
@@ -611,6 +611,10 @@ pub fn wrap_call(
         str_kvs: vec![(str_key::IDL_SERVICE_NAME, idl_service.as_bytes())],
         int_kvs,
         inner_framed: true,
+        protocol: Some(match message.first() {
+            Some(&crate::message::COMPACT_PROTOCOL_ID) => Protocol::Compact,
+            _ => Protocol::Binary,
+        }),
         ..TTHeaderBuilder::default()
     };
     let mut buf = bytes::BytesMut::with_capacity(message.len() + 64);

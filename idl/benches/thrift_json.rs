@@ -6,7 +6,7 @@ use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fnmesh_idl::{
-    thrift_json::{decode_reply, decode_struct, encode_call, encode_struct},
+    thrift_json::{decode_reply, decode_struct, encode_call, encode_struct, Protocol},
     Catalog,
 };
 use serde_json::json;
@@ -21,20 +21,22 @@ fn codec(c: &mut Criterion) {
         "ints": [1, 2, 3, 4, 5], "tags": ["x", "y"], "inner": {"name": "in", "at": 5},
         "plain": "p"
     });
-    let bytes = encode_struct(&types, all, &twelve).unwrap();
     let mut g = c.benchmark_group("thrift_json");
     g.throughput(Throughput::Elements(1));
-    g.bench_function("encode a 13-field struct", |b| {
-        b.iter(|| encode_struct(&types, all, &twelve).unwrap())
-    });
-    g.bench_function("decode a 13-field struct", |b| {
-        b.iter(|| decode_struct(&types, all, &bytes).unwrap())
-    });
+    for (p, name) in [(Protocol::Binary, ""), (Protocol::Compact, ", Compact")] {
+        let bytes = encode_struct(&types, all, &twelve, p).unwrap();
+        g.bench_function(format!("encode a 13-field struct{name}"), |b| {
+            b.iter(|| encode_struct(&types, all, &twelve, p).unwrap())
+        });
+        g.bench_function(format!("decode a 13-field struct{name}"), |b| {
+            b.iter(|| decode_struct(&types, all, &bytes, p).unwrap())
+        });
+    }
     let echo = Catalog::thrift_schema(root.join("thrift/echo.thrift"), &[]).unwrap();
     let m = echo.service("EchoService").unwrap().method("Echo").unwrap();
     let args = json!({"message": "x".repeat(1000)});
     g.bench_function("encode Echo, 1 KB message", |b| {
-        b.iter(|| encode_call(&echo, m, &args, 1).unwrap())
+        b.iter(|| encode_call(&echo, m, &args, 1, Protocol::Binary).unwrap())
     });
     let mut reply = vec![0x80, 0x01, 0x00, 0x02, 0, 0, 0, 4];
     reply.extend_from_slice(b"Echo");

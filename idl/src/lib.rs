@@ -9,6 +9,7 @@ pub mod proto_json;
 pub mod schema;
 mod thrift;
 pub mod thrift_json;
+mod thrift_wire;
 
 use std::path::{Path, PathBuf};
 

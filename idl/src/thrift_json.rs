@@ -3,12 +3,14 @@
 //! names; i64 as a number or a string of digits; binary as base64; enums by name or number (out:
 //! by name when declared); lists and sets as arrays; maps with string (or enum) keys as objects,
 //! others as arrays of `[key, value]`; required fields enforced, unknown fields refused. Binary
-//! protocol, strict messages.
+//! (strict) or Compact messages, by [`Protocol`] (thrift_wire has the protocols).
 
 use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use serde_json::{Map, Number, Value};
 
 use crate::schema::{FieldDef, MethodDef, Requiredness, Schema, StructKind, TType};
+pub use crate::thrift_wire::Protocol;
+use crate::thrift_wire::*;
 
 /// Why JSON does not fit the IDL: where (`req.items[2].name`) and what.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,20 +35,6 @@ pub enum Reply {
     /// A TApplicationException: its type and message.
     Application { kind: i32, message: String },
 }
-
-const T_STOP: u8 = 0;
-const T_BOOL: u8 = 2;
-const T_BYTE: u8 = 3;
-const T_DOUBLE: u8 = 4;
-const T_I16: u8 = 6;
-const T_I32: u8 = 8;
-const T_I64: u8 = 10;
-const T_STRING: u8 = 11;
-const T_STRUCT: u8 = 12;
-const T_MAP: u8 = 13;
-const T_SET: u8 = 14;
-const T_LIST: u8 = 15;
-const T_UUID: u8 = 16;
 
 /// Containers and structs nested deeper than this are refused (both ways).
 const MAX_DEPTH: usize = 64;
@@ -76,12 +64,10 @@ pub fn encode_call(
     method: &MethodDef,
     args: &Value,
     seqid: i32,
+    proto: Protocol,
 ) -> Result<Vec<u8>, JsonError> {
-    let mut out = Vec::with_capacity(128);
-    let kind: u32 = if method.oneway { 4 } else { 1 };
-    out.extend_from_slice(&(0x8001_0000u32 | kind).to_be_bytes());
-    put_str(&mut out, method.name.as_bytes());
-    out.extend_from_slice(&seqid.to_be_bytes());
+    let mut out = Out::new(proto, 128);
+    out.message(if method.oneway { 4 } else { 1 }, &method.name, seqid);
     let by_name = match args {
         Value::Object(o) => o.keys().all(|k| method.args.iter().any(|a| a.name == *k)),
         Value::Null => true,
@@ -107,30 +93,40 @@ pub fn encode_call(
         let args = if args.is_null() { &empty } else { args };
         w.fields(&method.args, args, "", StructKind::Struct, 0)?;
     }
-    Ok(w.out)
+    Ok(w.out.buf)
 }
 
 /// A struct of type `index` from JSON (what [`decode_struct`] gives back).
-pub fn encode_struct(schema: &Schema, index: usize, value: &Value) -> Result<Vec<u8>, JsonError> {
+pub fn encode_struct(
+    schema: &Schema,
+    index: usize,
+    value: &Value,
+    proto: Protocol,
+) -> Result<Vec<u8>, JsonError> {
     let mut w = Writer {
         schema,
-        out: Vec::new(),
+        out: Out::new(proto, 128),
     };
     w.value(&TType::Struct(index), value, "", 0)?;
-    Ok(w.out)
+    Ok(w.out.buf)
 }
 
 /// A struct of type `index` as JSON.
-pub fn decode_struct(schema: &Schema, index: usize, bytes: &[u8]) -> Result<Value, DecodeError> {
+pub fn decode_struct(
+    schema: &Schema,
+    index: usize,
+    bytes: &[u8],
+    proto: Protocol,
+) -> Result<Value, DecodeError> {
     let mut r = Reader {
         schema,
-        buf: bytes,
-        at: 0,
+        r: In::new(proto, bytes),
     };
     r.value(&TType::Struct(index), 0)
 }
 
-/// A reply message to `method` (Binary protocol, strict or old-style).
+/// A reply message to `method`, in the protocol its first byte shows (Binary strict or
+/// old-style, or Compact).
 pub fn decode_reply(
     schema: &Schema,
     method: &MethodDef,
@@ -138,32 +134,13 @@ pub fn decode_reply(
 ) -> Result<Reply, DecodeError> {
     let mut r = Reader {
         schema,
-        buf: bytes,
-        at: 0,
+        r: In::new(Protocol::of_message(bytes), bytes),
     };
-    let first = r.i32()?;
-    let kind = if first < 0 {
-        let version = (first as u32) & 0xffff_0000;
-        if version != 0x8001_0000 {
-            return Err(DecodeError(format!("bad version {version:#x}")));
-        }
-        r.bytes()?;
-        (first & 0xff) as u8
-    } else {
-        r.take(first as usize)?;
-        r.u8()?
-    };
-    r.i32()?; // seqid
-    match kind {
+    match r.r.message()? {
         2 => r.result(method),
         3 => r.application(),
         other => Err(DecodeError(format!("message type {other} is not a reply"))),
     }
-}
-
-fn put_str(out: &mut Vec<u8>, s: &[u8]) {
-    out.extend_from_slice(&(s.len() as i32).to_be_bytes());
-    out.extend_from_slice(s);
 }
 
 fn err<T>(path: &str, message: impl Into<String>) -> Result<T, JsonError> {
@@ -191,7 +168,7 @@ fn kind_of(v: &Value) -> &'static str {
 
 struct Writer<'s> {
     schema: &'s Schema,
-    out: Vec<u8>,
+    out: Out,
 }
 
 impl Writer<'_> {
@@ -215,6 +192,7 @@ impl Writer<'_> {
             );
         }
         let mut set = 0;
+        let outer = self.out.struct_begin();
         for f in fields {
             let at = join(path, &f.name);
             match o.get(&f.name) {
@@ -222,10 +200,13 @@ impl Writer<'_> {
                     return err(&at, "required field missing");
                 }
                 None | Some(Value::Null) => {}
+                Some(Value::Bool(b)) if f.ty == TType::Bool => {
+                    set += 1;
+                    self.out.bool_field(f.id, *b);
+                }
                 Some(value) => {
                     set += 1;
-                    self.out.push(wire_type(&f.ty));
-                    self.out.extend_from_slice(&f.id.to_be_bytes());
+                    self.out.field(wire_type(&f.ty), f.id);
                     self.value(&f.ty, value, &at, depth + 1)?;
                 }
             }
@@ -233,7 +214,7 @@ impl Writer<'_> {
         if kind == StructKind::Union && set != 1 {
             return err(path, format!("a union takes exactly one field, got {set}"));
         }
-        self.out.push(T_STOP);
+        self.out.struct_end(outer);
         Ok(())
     }
 
@@ -253,20 +234,20 @@ impl Writer<'_> {
         };
         match t {
             TType::Bool => match v {
-                Value::Bool(b) => self.out.push(u8::from(*b)),
+                Value::Bool(b) => self.out.bool(*b),
                 _ => return err(path, format!("expected a boolean, got {}", kind_of(v))),
             },
             TType::I8 => {
                 let n = int(i8::MIN.into(), i8::MAX.into(), "an i8 (-128..127)")?;
-                self.out.push(n as i8 as u8);
+                self.out.i8(n as i8);
             }
             TType::I16 => {
                 let n = int(i16::MIN.into(), i16::MAX.into(), "an i16")?;
-                self.out.extend_from_slice(&(n as i16).to_be_bytes());
+                self.out.i16(n as i16);
             }
             TType::I32 => {
                 let n = int(i32::MIN.into(), i32::MAX.into(), "an i32")?;
-                self.out.extend_from_slice(&(n as i32).to_be_bytes());
+                self.out.i32(n as i32);
             }
             TType::I64 => {
                 let n = match v {
@@ -280,18 +261,18 @@ impl Writer<'_> {
                         format!("expected an i64 (a number or a string of digits), got {v}"),
                     );
                 };
-                self.out.extend_from_slice(&n.to_be_bytes());
+                self.out.i64(n);
             }
             TType::Double => match v.as_f64() {
-                Some(x) => self.out.extend_from_slice(&x.to_bits().to_be_bytes()),
+                Some(x) => self.out.double(x),
                 None => return err(path, format!("expected a number, got {}", kind_of(v))),
             },
             TType::String => match v {
-                Value::String(s) => put_str(&mut self.out, s.as_bytes()),
+                Value::String(s) => self.out.bytes(s.as_bytes()),
                 _ => return err(path, format!("expected a string, got {}", kind_of(v))),
             },
             TType::Binary => match v.as_str().map(|s| B64.decode(s)) {
-                Some(Ok(bytes)) => put_str(&mut self.out, &bytes),
+                Some(Ok(bytes)) => self.out.bytes(&bytes),
                 _ => return err(path, "expected base64 (binary)"),
             },
             TType::Uuid => self.uuid(v, path)?,
@@ -300,9 +281,7 @@ impl Writer<'_> {
                 let Value::Array(items) = v else {
                     return err(path, format!("expected an array, got {}", kind_of(v)));
                 };
-                self.out.push(wire_type(e));
-                self.out
-                    .extend_from_slice(&(items.len() as i32).to_be_bytes());
+                self.out.list(wire_type(e), items.len());
                 for (n, item) in items.iter().enumerate() {
                     self.value(e, item, &format!("{path}[{n}]"), depth + 1)?;
                 }
@@ -335,7 +314,7 @@ impl Writer<'_> {
             },
             _ => return err(path, format!("expected a {} name or number", e.name)),
         };
-        self.out.extend_from_slice(&n.to_be_bytes());
+        self.out.i32(n);
         Ok(())
     }
 
@@ -346,15 +325,16 @@ impl Writer<'_> {
             .chars()
             .filter(|c| *c != '-')
             .collect();
-        let bytes: Option<Vec<u8>> = (hex.len() == 32)
+        let bytes: Option<[u8; 16]> = (hex.len() == 32)
             .then(|| {
                 (0..16)
                     .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
-                    .collect()
+                    .collect::<Option<Vec<u8>>>()
             })
-            .flatten();
+            .flatten()
+            .and_then(|b| b.try_into().ok());
         match bytes {
-            Some(b) => self.out.extend_from_slice(&b),
+            Some(b) => self.out.uuid(&b),
             None => return err(path, "expected a UUID (8-4-4-4-12 hex digits)"),
         }
         Ok(())
@@ -368,11 +348,10 @@ impl Writer<'_> {
         path: &str,
         depth: usize,
     ) -> Result<(), JsonError> {
-        self.out.push(wire_type(k));
-        self.out.push(wire_type(val));
+        let (kt, vt) = (wire_type(k), wire_type(val));
         match (string_keyed(k), v) {
             (true, Value::Object(o)) => {
-                self.out.extend_from_slice(&(o.len() as i32).to_be_bytes());
+                self.out.map(kt, vt, o.len());
                 for (key, item) in o {
                     let at = format!("{path}[{key:?}]");
                     self.value(k, &Value::String(key.clone()), &at, depth + 1)?;
@@ -380,8 +359,7 @@ impl Writer<'_> {
                 }
             }
             (false, Value::Array(pairs)) => {
-                self.out
-                    .extend_from_slice(&(pairs.len() as i32).to_be_bytes());
+                self.out.map(kt, vt, pairs.len());
                 for (n, pair) in pairs.iter().enumerate() {
                     let at = format!("{path}[{n}]");
                     let Some([key, item]) = pair
@@ -424,75 +402,25 @@ fn join(path: &str, field: &str) -> String {
 
 struct Reader<'s, 'b> {
     schema: &'s Schema,
-    buf: &'b [u8],
-    at: usize,
+    r: In<'b>,
 }
 
 impl Reader<'_, '_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|e| *e <= self.buf.len())
-            .ok_or_else(|| DecodeError(format!("ends early at byte {}", self.at)))?;
-        let bytes = &self.buf[self.at..end];
-        self.at = end;
-        Ok(bytes)
-    }
-
-    fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn i16(&mut self) -> Result<i16, DecodeError> {
-        Ok(i16::from_be_bytes(
-            self.take(2)?.try_into().unwrap_or_default(),
-        ))
-    }
-
-    fn i32(&mut self) -> Result<i32, DecodeError> {
-        Ok(i32::from_be_bytes(
-            self.take(4)?.try_into().unwrap_or_default(),
-        ))
-    }
-
-    fn i64(&mut self) -> Result<i64, DecodeError> {
-        Ok(i64::from_be_bytes(
-            self.take(8)?.try_into().unwrap_or_default(),
-        ))
-    }
-
-    fn len(&mut self) -> Result<usize, DecodeError> {
-        let n = self.i32()?;
-        usize::try_from(n)
-            .ok()
-            .filter(|n| *n <= self.buf.len() - self.at)
-            .ok_or_else(|| DecodeError(format!("bad length {n}")))
-    }
-
-    fn bytes(&mut self) -> Result<&[u8], DecodeError> {
-        let n = self.len()?;
-        self.take(n)
-    }
-
     fn value(&mut self, t: &TType, depth: usize) -> Result<Value, DecodeError> {
         if depth > MAX_DEPTH {
             return Err(DecodeError(format!("nested deeper than {MAX_DEPTH}")));
         }
         Ok(match t {
-            TType::Bool => Value::Bool(self.u8()? != 0),
-            TType::I8 => Value::from(self.u8()? as i8),
-            TType::I16 => Value::from(self.i16()?),
-            TType::I32 => Value::from(self.i32()?),
-            TType::I64 => Value::from(self.i64()?),
-            TType::Double => {
-                let x = f64::from_bits(self.i64()? as u64);
-                Number::from_f64(x).map_or(Value::Null, Value::Number)
-            }
-            TType::String => Value::String(String::from_utf8_lossy(self.bytes()?).into_owned()),
-            TType::Binary => Value::String(B64.encode(self.bytes()?)),
+            TType::Bool => Value::Bool(self.r.bool()?),
+            TType::I8 => Value::from(self.r.i8()?),
+            TType::I16 => Value::from(self.r.i16()?),
+            TType::I32 => Value::from(self.r.i32()?),
+            TType::I64 => Value::from(self.r.i64()?),
+            TType::Double => Number::from_f64(self.r.double()?).map_or(Value::Null, Value::Number),
+            TType::String => Value::String(String::from_utf8_lossy(self.r.bytes()?).into_owned()),
+            TType::Binary => Value::String(B64.encode(self.r.bytes()?)),
             TType::Uuid => {
-                let b = self.take(16)?;
+                let b = self.r.uuid()?;
                 let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
                 Value::String(format!(
                     "{}-{}-{}-{}-{}",
@@ -504,7 +432,7 @@ impl Reader<'_, '_> {
                 ))
             }
             TType::Enum(i) => {
-                let n = self.i32()?;
+                let n = self.r.i32()?;
                 let e = &self.schema.enums[*i];
                 match e.values.iter().find(|(_, v)| *v == n) {
                     Some((name, _)) => Value::String(name.clone()),
@@ -512,8 +440,7 @@ impl Reader<'_, '_> {
                 }
             }
             TType::List(e) | TType::Set(e) => {
-                self.u8()?;
-                let n = self.len()?;
+                let (_, n) = self.r.list()?;
                 let mut items = Vec::with_capacity(n.min(1024));
                 for _ in 0..n {
                     items.push(self.value(e, depth + 1)?);
@@ -521,8 +448,7 @@ impl Reader<'_, '_> {
                 Value::Array(items)
             }
             TType::Map(k, v) => {
-                self.take(2)?;
-                let n = self.len()?;
+                let (_, _, n) = self.r.map()?;
                 if string_keyed(k) {
                     let mut o = Map::new();
                     for _ in 0..n {
@@ -556,12 +482,8 @@ impl Reader<'_, '_> {
         depth: usize,
     ) -> Result<Map<String, Value>, DecodeError> {
         let mut o = Map::new();
-        loop {
-            let wire = self.u8()?;
-            if wire == T_STOP {
-                return Ok(o);
-            }
-            let id = self.i16()?;
+        let outer = self.r.struct_begin();
+        while let Some((wire, id)) = self.r.field()? {
             match fields
                 .iter()
                 .find(|f| f.id == id && wire_type(&f.ty) == wire)
@@ -573,6 +495,8 @@ impl Reader<'_, '_> {
                 None => self.skip(wire, depth + 1)?,
             }
         }
+        self.r.struct_end(outer);
+        Ok(o)
     }
 
     fn skip(&mut self, wire: u8, depth: usize) -> Result<(), DecodeError> {
@@ -580,30 +504,29 @@ impl Reader<'_, '_> {
             return Err(DecodeError(format!("nested deeper than {MAX_DEPTH}")));
         }
         match wire {
-            T_BOOL | T_BYTE => drop(self.take(1)?),
-            T_I16 => drop(self.take(2)?),
-            T_I32 => drop(self.take(4)?),
-            T_I64 | T_DOUBLE => drop(self.take(8)?),
-            T_UUID => drop(self.take(16)?),
-            T_STRING => drop(self.bytes()?),
-            T_STRUCT => loop {
-                let w = self.u8()?;
-                if w == T_STOP {
-                    break;
+            T_BOOL => drop(self.r.bool()?),
+            T_BYTE => drop(self.r.i8()?),
+            T_I16 => drop(self.r.i16()?),
+            T_I32 => drop(self.r.i32()?),
+            T_I64 => drop(self.r.i64()?),
+            T_DOUBLE => drop(self.r.double()?),
+            T_UUID => drop(self.r.uuid()?),
+            T_STRING => drop(self.r.bytes()?),
+            T_STRUCT => {
+                let outer = self.r.struct_begin();
+                while let Some((w, _)) = self.r.field()? {
+                    self.skip(w, depth + 1)?;
                 }
-                self.take(2)?;
-                self.skip(w, depth + 1)?;
-            },
+                self.r.struct_end(outer);
+            }
             T_LIST | T_SET => {
-                let e = self.u8()?;
-                let n = self.len()?;
+                let (e, n) = self.r.list()?;
                 for _ in 0..n {
                     self.skip(e, depth + 1)?;
                 }
             }
             T_MAP => {
-                let (k, v) = (self.u8()?, self.u8()?);
-                let n = self.len()?;
+                let (k, v, n) = self.r.map()?;
                 for _ in 0..n {
                     self.skip(k, depth + 1)?;
                     self.skip(v, depth + 1)?;

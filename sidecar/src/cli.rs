@@ -87,6 +87,10 @@ enum Command {
         /// The call's deadline (sent as its RPC timeout).
         #[arg(long, default_value = "10s", value_parser = crate::config::parse_duration)]
         timeout: std::time::Duration,
+        /// Thrift: the protocol to write the call in, `binary` or `compact` (default: the
+        /// function's `thrift_protocol`, else binary).
+        #[arg(long, value_name = "PROTOCOL", value_parser = ["binary", "compact"])]
+        protocol: Option<String>,
         function: String,
         method: String,
         /// The arguments as JSON (`-`: read from stdin; none: `{}`).
@@ -186,21 +190,23 @@ pub fn main() -> ExitCode {
             idl,
             service,
             timeout,
+            protocol,
             function,
             method,
             json,
         } => {
-            use crate::call::Target;
             let target = match (config, idl, addr) {
                 (Some(file), _, addr) => match load(&file) {
-                    Some(loaded) => Target::of_function(&loaded, &function, addr),
+                    Some(loaded) => crate::call::Target::of_function(&loaded, &function, addr),
                     None => return ExitCode::from(1),
                 },
-                (None, Some(idl), Some(addr)) => Target::of_idl(addr, &idl, service.as_deref()),
+                (None, Some(idl), Some(addr)) => {
+                    crate::call::Target::of_idl(addr, &idl, service.as_deref())
+                }
                 _ => return ExitCode::from(2),
             };
             match target {
-                Ok(t) => crate::call::main(&t, timeout, &function, &method, json.as_deref()),
+                Ok(t) => call(t, protocol, timeout, &function, &method, json.as_deref()),
                 Err(code) => code,
             }
         }
@@ -264,4 +270,22 @@ fn post_reload(
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
     let ok = head.split_whitespace().nth(1) == Some("200");
     Ok((ok, body.to_owned()))
+}
+
+/// `fnmesh call` to `target`, in `protocol` when given.
+fn call(
+    mut target: crate::call::Target,
+    protocol: Option<String>,
+    timeout: std::time::Duration,
+    function: &str,
+    method: &str,
+    json: Option<&str>,
+) -> ExitCode {
+    use fnmesh_idl::thrift_json::Protocol as Thrift;
+    match protocol.as_deref() {
+        Some("compact") => target.thrift_protocol = Thrift::Compact,
+        Some(_) => target.thrift_protocol = Thrift::Binary,
+        None => {}
+    }
+    crate::call::main(&target, timeout, function, method, json)
 }

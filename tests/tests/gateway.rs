@@ -264,6 +264,39 @@ fn fnmesh_call_and_fnmesh_idl_speak_the_idl() {
     assert!(out.contains("struct EchoRequest { 1: required string message, 2: optional i64 sleep_ms, 3: optional Meta meta }"), "{out}");
 }
 
+/// A function with `thrift_protocol = "compact"` gets JSON calls (the gateway's, `fnmesh
+/// call`'s) in Compact: types-fn adds 1,000,000 to `Two` when Volo decoded Compact.
+#[test]
+fn thrift_protocol_compact_sends_json_calls_in_compact() {
+    let types = |name: &str, extra: &str| {
+        format!(
+            "[[function]]\nname = \"{name}\"\nprotocol = \"thrift\"\nidl = \"{}\"\nservice = \"Types\"\n{extra}command = [\"{}\"]\n\n",
+            fnmesh_tests::sidecar::idl("tests/thrift/types.thrift").display(),
+            fnmesh_tests::sidecar::bin("types-fn")
+        )
+    };
+    let config = types("compact", "thrift_protocol = \"compact\"\n") + &types("binary", "");
+    let sc = Sidecar::start(&config);
+    let two = r#"{"a": 40, "b": "xy"}"#;
+    assert_eq!(
+        post(sc.addr, "/compact/Two", "", two),
+        (200, json!(1_000_042))
+    );
+    assert_eq!(post(sc.addr, "/binary/Two", "", two), (200, json!(42)));
+    let (code, out, err) = fnmesh_call(&sc, &["call", "compact", "Two", two]);
+    assert_eq!((code, out.trim()), (0, "1000042"), "{err}");
+    let (code, out, err) = fnmesh_call(
+        &sc,
+        &["call", "--protocol", "binary", "compact", "Two", two],
+    );
+    assert_eq!((code, out.trim()), (0, "42"), "{err}");
+    let (code, out, err) = fnmesh_call(
+        &sc,
+        &["call", "--protocol", "compact", "binary", "Two", two],
+    );
+    assert_eq!((code, out.trim()), (0, "1000042"), "{err}");
+}
+
 /// `/admin/idl` lists every function's service and methods; `/admin/openapi.json` describes
 /// the gateway's routes with schemas from the IDL, and validates as OpenAPI 3
 /// (`openapi-spec-validator`, from PyPI).

@@ -40,7 +40,10 @@ struct All {
     16: optional Choice choice,
     17: optional base.Meta meta,
     18: string plain,
-    19: optional All next,
+    19: optional All child,
+    // A field id more than 15 past the one before (Compact's long field header), and a list
+    // of more than 14 bools (Compact's long list header; bools in a container).
+    40: optional list<bool> flags,
 }
 
 exception Oops {

@@ -50,6 +50,8 @@ pub struct Target {
     pub service: String,
     /// A gRPC function's descriptors: the call goes over HTTP/2 instead.
     pub proto: Option<std::sync::Arc<fnmesh_idl::proto_json::ProtoSchema>>,
+    /// The Thrift protocol the call is written in.
+    pub thrift_protocol: thrift_json::Protocol,
 }
 
 impl Target {
@@ -76,12 +78,14 @@ impl Target {
                 schema: schema.clone(),
                 service: service.clone(),
                 proto: None,
+                thrift_protocol: f.thrift_protocol,
             }),
             (Protocol::Grpc, _, Some(proto), Some(service)) => Ok(Target {
                 addr,
                 schema: std::sync::Arc::new(Schema::default()),
                 service: service.clone(),
                 proto: Some(proto.clone()),
+                thrift_protocol: thrift_json::Protocol::Binary,
             }),
             _ => Err(fail(
                 "bad-request",
@@ -107,6 +111,7 @@ impl Target {
                 schema: std::sync::Arc::new(schema),
                 service,
                 proto: None,
+                thrift_protocol: thrift_json::Protocol::Binary,
             }),
             Err(e) => Err(fail("bad-request", e)),
         }
@@ -138,7 +143,7 @@ pub fn main(
         Ok(v) => v,
         Err(code) => return code,
     };
-    let message = match thrift_json::encode_call(schema, m, &args, 1) {
+    let message = match thrift_json::encode_call(schema, m, &args, 1, target.thrift_protocol) {
         Ok(m) => m,
         Err(e) => return fail("bad-request", e),
     };

@@ -171,6 +171,9 @@ pub struct FunctionConfig {
     pub schema: Option<std::sync::Arc<fnmesh_idl::schema::Schema>>,
     /// A `.proto` IDL's descriptors, for JSON calls (`fnmesh call`).
     pub proto: Option<std::sync::Arc<fnmesh_idl::proto_json::ProtoSchema>>,
+    /// The Thrift protocol of the calls fnmesh builds from JSON (`thrift_protocol`; binary
+    /// calls are forwarded in whatever protocol their caller chose).
+    pub thrift_protocol: fnmesh_idl::thrift_json::Protocol,
     /// The program and its arguments, the program resolved to a path that exists.
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
@@ -260,6 +263,7 @@ pub fn discovered_service(name: &str, protocol: Protocol) -> FunctionConfig {
         methods: None,
         schema: None,
         proto: None,
+        thrift_protocol: Default::default(),
         command: Vec::new(),
         env: BTreeMap::new(),
         scale: remote_scale(),

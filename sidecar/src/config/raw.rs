@@ -118,6 +118,7 @@ pub(super) struct RawFunction {
     pub(super) transport: Option<Spanned<String>>,
     pub(super) idl: Option<Spanned<String>>,
     pub(super) service: Option<Spanned<String>>,
+    pub(super) thrift_protocol: Option<Spanned<String>>,
     pub(super) command: Spanned<Vec<String>>,
     #[serde(default)]
     pub(super) env: BTreeMap<String, String>,

@@ -49,6 +49,33 @@ timeout = "5s"
 "#;
 
 #[test]
+fn thrift_protocol_is_binary_unless_set_and_only_for_thrift() {
+    use fnmesh_idl::thrift_json::Protocol as Thrift;
+    assert_eq!(
+        parse(GOOD).unwrap().functions[0].thrift_protocol,
+        Thrift::Binary
+    );
+    let set = |v: &str| GOOD.replacen("idl = ", &format!("thrift_protocol = \"{v}\"\nidl = "), 1);
+    assert_eq!(
+        parse(&set("compact")).unwrap().functions[0].thrift_protocol,
+        Thrift::Compact
+    );
+    assert_eq!(
+        parse(&set("binary")).unwrap().functions[0].thrift_protocol,
+        Thrift::Binary
+    );
+    let grpc = set("compact")
+        .replacen("protocol = \"thrift\"", "protocol = \"grpc\"", 1)
+        .replacen("idl/thrift/echo.thrift", "idl/proto/echo.proto", 1)
+        .replacen("[function.method.Echo]", "[function.method.UnaryEcho]", 1);
+    let e = err(&grpc);
+    assert!(
+        e.contains("function[echo].thrift_protocol: a gRPC function has none"),
+        "{e}"
+    );
+}
+
+#[test]
 fn the_documented_file_parses_into_typed_values() {
     let c = parse(GOOD).unwrap();
     assert_eq!(c.functions[0].transport, Transport::Tcp, "the default");
@@ -397,6 +424,15 @@ const BAD_EDITS: &[(&str, &str, &[&str])] = &[
         "backend = \"none\"",
         "backend = \"none\"\n\n[telemetry]\naccess_log = true\naccess_log_ratio = 1.5",
         &["telemetry.access_log_ratio", "not in (0, 1]"],
+    ),
+    (
+        "protocol = \"thrift\"",
+        "protocol = \"thrift\"\nthrift_protocol = \"json\"",
+        &[
+            "fnmesh.toml:14",
+            "function[echo].thrift_protocol",
+            "not one of binary, compact",
+        ],
     ),
     (
         "protocol = \"thrift\"",

@@ -836,6 +836,7 @@ fn interface(
         methods,
         schema,
         proto,
+        thrift_protocol: Default::default(),
         command: Vec::new(),
         env: BTreeMap::new(),
         scale: ScaleConfig::default(),
@@ -863,6 +864,7 @@ fn function(
     let name = config.name.clone();
     let key = |k: &str| format!("function[{name}].{k}");
     config.transport = transport(cx, r, &key)?;
+    config.thrift_protocol = thrift_protocol(cx, r, config.protocol, &key)?;
     config.command = command(cx, f, base, &key)?;
     config.scale = scale(cx, f, &key)?;
     config.env = r.env.clone();
@@ -912,6 +914,30 @@ fn transport(
             at,
             key("transport"),
             format!("{other:?} is not one of tcp, unix"),
+        ),
+    }
+}
+
+/// `thrift_protocol`: `binary` (the default) or `compact`, for a Thrift function only.
+fn thrift_protocol(
+    cx: &Ctx<'_>,
+    r: &RawFunction,
+    protocol: Protocol,
+    key: &dyn Fn(&str) -> String,
+) -> Result<fnmesh_idl::thrift_json::Protocol, ConfigError> {
+    use fnmesh_idl::thrift_json::Protocol as Thrift;
+    let Some(p) = &r.thrift_protocol else {
+        return Ok(Thrift::Binary);
+    };
+    let at = p.span().start;
+    match (protocol, p.get_ref().as_str()) {
+        (Protocol::Grpc, _) => cx.invalid(at, key("thrift_protocol"), "a gRPC function has none"),
+        (_, "binary") => Ok(Thrift::Binary),
+        (_, "compact") => Ok(Thrift::Compact),
+        (_, other) => cx.invalid(
+            at,
+            key("thrift_protocol"),
+            format!("{other:?} is not one of binary, compact"),
         ),
     }
 }

@@ -169,7 +169,7 @@ async fn answer(
             )
         })?;
     let (timeout, args) = deadline_and_body(front, req).await?;
-    let message = thrift_json::encode_call(&schema, &m, &args, 1)
+    let message = thrift_json::encode_call(&schema, &m, &args, 1, config.thrift_protocol)
         .map_err(|e| bad(format!("function {name} method {method}: {e}")))?;
     let frame = ttheader_call(name, &service, timeout, &message, front.limits)?;
     let reply = exchange(front, frame, m.oneway).await?;
