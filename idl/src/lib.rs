@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod openapi;
+mod openapi_proto;
 mod proto;
 pub mod proto_json;
 pub mod schema;

@@ -1,25 +1,51 @@
 //! An OpenAPI 3 document of the HTTP gateway's routes (`POST /{function}/{method}`), with request
-//! and reply schemas made from Thrift IDLs by the JSON mapping of [`crate::thrift_json`].
+//! and reply schemas made from Thrift IDLs by the JSON mapping of [`crate::thrift_json`], and
+//! from `.proto` files by proto3's JSON mapping (openapi_proto).
 
 use serde_json::{json, Map, Value};
 
+use crate::proto_json::ProtoSchema;
 use crate::schema::{FieldDef, Requiredness, Schema, StructKind, TType};
 
-/// One function the gateway serves: its name, its IDL's schema and the IDL service.
+/// One function the gateway serves: its name, its IDL and the IDL service.
 pub struct Served<'a> {
     pub function: &'a str,
-    pub schema: &'a Schema,
     pub service: &'a str,
+    pub idl: Idl<'a>,
 }
 
-/// The document: a path per method of every function, components per struct and enum
-/// (named `function.Type`).
+/// A function's IDL.
+pub enum Idl<'a> {
+    Thrift(&'a Schema),
+    Proto(&'a ProtoSchema),
+}
+
+/// A Thrift function's schema, for the helpers below.
+struct Thrift<'a> {
+    function: &'a str,
+    schema: &'a Schema,
+}
+
+/// The document: a path per method of every function (gRPC: per unary method), components per
+/// struct, enum and message (named `function.Type`).
 pub fn document(served: &[Served<'_>]) -> Value {
     let mut paths = Map::new();
     let mut components = Map::new();
     components.insert("Error".into(), error_schema());
-    for s in served {
-        let Some(service) = s.schema.service(s.service) else {
+    for served in served {
+        let schema = match served.idl {
+            Idl::Thrift(schema) => schema,
+            Idl::Proto(proto) => {
+                let (function, service) = (served.function, served.service);
+                crate::openapi_proto::routes(function, service, proto, &mut paths, &mut components);
+                continue;
+            }
+        };
+        let s = &Thrift {
+            function: served.function,
+            schema,
+        };
+        let Some(service) = s.schema.service(served.service) else {
             continue;
         };
         for (i, st) in s.schema.structs.iter().enumerate() {
@@ -71,34 +97,14 @@ pub fn document(served: &[Served<'_>]) -> Value {
                     json!({ "description": "a declared exception", "content": { "application/json": { "schema": { "oneOf": exceptions } } } }),
                 );
             }
-            let error = json!({ "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } });
-            for (code, what) in [
-                ("400", "bad-request"),
-                ("404", "no-route"),
-                ("413", "too-large"),
-                ("429", "overloaded"),
-                ("502", "the function's TApplicationException"),
-                ("503", "circuit-open or unavailable"),
-                ("504", "timeout"),
-            ] {
-                let mut e = error.clone();
-                e["description"] = json!(what);
-                responses.insert(code.into(), e);
-            }
-            let operation = json!({
-                "operationId": format!("{}.{}", s.function, m.name),
-                "summary": format!("{}.{} ({})", s.service, m.name, s.function),
-                "parameters": [{
-                    "name": "fnmesh-timeout", "in": "header", "required": false,
-                    "description": "the call's deadline, e.g. 500ms",
-                    "schema": { "type": "string" },
-                }],
-                "requestBody": {
-                    "required": true,
-                    "content": { "application/json": { "schema": object(s, &m.args, false) } },
-                },
-                "responses": responses,
-            });
+            errors(&mut responses, "the function's TApplicationException");
+            let operation = operation(
+                s.function,
+                served.service,
+                &m.name,
+                object(s, &m.args, false),
+                responses,
+            );
             paths.insert(
                 format!("/{}/{}", s.function, m.name),
                 json!({ "post": operation }),
@@ -113,6 +119,48 @@ pub fn document(served: &[Served<'_>]) -> Value {
     })
 }
 
+/// fnmesh's error responses, with what a 502 means for the function's protocol.
+pub(crate) fn errors(responses: &mut Map<String, Value>, bad_gateway: &str) {
+    let error = json!({ "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } });
+    for (code, what) in [
+        ("400", "bad-request"),
+        ("404", "no-route"),
+        ("413", "too-large"),
+        ("429", "overloaded"),
+        ("502", bad_gateway),
+        ("503", "circuit-open or unavailable"),
+        ("504", "timeout"),
+    ] {
+        let mut e = error.clone();
+        e["description"] = json!(what);
+        responses.insert(code.into(), e);
+    }
+}
+
+/// The `post` of `/{function}/{method}`.
+pub(crate) fn operation(
+    function: &str,
+    service: &str,
+    method: &str,
+    request: Value,
+    responses: Map<String, Value>,
+) -> Value {
+    json!({
+        "operationId": format!("{function}.{method}"),
+        "summary": format!("{service}.{method} ({function})"),
+        "parameters": [{
+            "name": "fnmesh-timeout", "in": "header", "required": false,
+            "description": "the call's deadline, e.g. 500ms",
+            "schema": { "type": "string" },
+        }],
+        "requestBody": {
+            "required": true,
+            "content": { "application/json": { "schema": request } },
+        },
+        "responses": responses,
+    })
+}
+
 fn error_schema() -> Value {
     json!({
         "type": "object",
@@ -120,14 +168,15 @@ fn error_schema() -> Value {
         "properties": {
             "error": { "type": "string" },
             "message": { "type": "string" },
-            "type": { "type": "integer" },
+            "type": { "type": "integer", "description": "a TApplicationException's type" },
+            "code": { "type": "integer", "description": "a gRPC status code" },
         },
     })
 }
 
 /// A component's name: the function, then the type (the same IDL type in two functions is
 /// two components).
-fn component(s: &Served<'_>, t: &TType) -> String {
+fn component(s: &Thrift<'_>, t: &TType) -> String {
     let name = match t {
         TType::Struct(i) => &s.schema.structs[*i].name,
         TType::Enum(i) => &s.schema.enums[*i].name,
@@ -139,7 +188,7 @@ fn component(s: &Served<'_>, t: &TType) -> String {
 /// An object of `fields`, no other properties allowed (unknown fields are refused); `named`:
 /// a struct (a method's arguments are described by name only, though a one-struct method also
 /// takes the struct itself).
-fn object(s: &Served<'_>, fields: &[FieldDef], named: bool) -> Value {
+fn object(s: &Thrift<'_>, fields: &[FieldDef], named: bool) -> Value {
     let mut properties = Map::new();
     let mut required = Vec::new();
     for f in fields {
@@ -159,7 +208,7 @@ fn object(s: &Served<'_>, fields: &[FieldDef], named: bool) -> Value {
     o
 }
 
-fn schema_of(s: &Served<'_>, t: &TType) -> Value {
+fn schema_of(s: &Thrift<'_>, t: &TType) -> Value {
     match t {
         TType::Bool => json!({ "type": "boolean" }),
         TType::I8 => json!({ "type": "integer", "minimum": -128, "maximum": 127 }),

@@ -38,6 +38,10 @@ impl ProtoSchema {
         Ok(ProtoSchema { pool })
     }
 
+    pub(crate) fn pool(&self) -> &DescriptorPool {
+        &self.pool
+    }
+
     /// `service` (`package.Service`)'s `method`.
     pub fn method(&self, service: &str, method: &str) -> Option<MethodDescriptor> {
         self.pool

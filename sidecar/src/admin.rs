@@ -338,16 +338,22 @@ fn idl(mesh: &Mesh) -> serde_json::Value {
     json!({ "functions": functions })
 }
 
-/// `/admin/openapi.json`: the gateway's routes, with schemas from the Thrift IDLs.
+/// `/admin/openapi.json`: the gateway's routes, with schemas from the IDLs.
 fn openapi(mesh: &Mesh) -> serde_json::Value {
+    use fnmesh_idl::openapi::{Idl, Served};
     let configs: Vec<_> = mesh.functions().iter().map(|f| f.config()).collect();
-    let served: Vec<fnmesh_idl::openapi::Served<'_>> = configs
+    let served: Vec<Served<'_>> = configs
         .iter()
         .filter_map(|c| {
-            Some(fnmesh_idl::openapi::Served {
+            let idl = match (c.schema.as_deref(), c.proto.as_deref()) {
+                (Some(schema), _) => Idl::Thrift(schema),
+                (None, Some(proto)) => Idl::Proto(proto),
+                (None, None) => return None,
+            };
+            Some(Served {
                 function: &c.name,
-                schema: c.schema.as_deref()?,
                 service: c.service.as_deref()?,
+                idl,
             })
         })
         .collect();

@@ -328,6 +328,16 @@ fn the_catalog_and_an_openapi_document_that_validates() {
         json!(["message"])
     );
     assert!(v["paths"]["/echo/Ping"]["post"]["responses"]["202"].is_object());
+    // gRPC functions: their unary methods, with proto3 JSON schemas.
+    assert_eq!(
+        v["paths"]["/gecho/UnaryEcho"]["post"]["requestBody"]["content"]["application/json"]
+            ["schema"]["$ref"],
+        "#/components/schemas/gecho.echo.EchoRequest"
+    );
+    assert!(
+        v["components"]["schemas"]["gecho.echo.EchoRequest"]["properties"]["sleepMs"].is_object()
+    );
+    assert!(v["paths"].get("/gecho/ServerStreamingEcho").is_none());
     let file = std::env::temp_dir().join(format!("fnmesh-openapi-{}.json", std::process::id()));
     std::fs::write(&file, &doc).unwrap();
     let out = std::process::Command::new("python3")
