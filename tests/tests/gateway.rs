@@ -497,6 +497,23 @@ fn fnmesh_call_speaks_grpc_from_the_proto() {
 
 /// gRPC functions through the gateway: the request from the `.proto`, the call through the
 /// sidecar's own listener (the path gRPC callers take), from zero instances.
+/// The kept HTTP/2 connection to the sidecar's own listener closed by the sidecar as idle:
+/// the next gateway call makes a new one and succeeds.
+#[test]
+fn a_kept_grpc_connection_closed_as_idle_is_replaced() {
+    let sc = Sidecar::start_with(
+        "idle_timeout = \"300ms\"",
+        &fnmesh_tests::sidecar::grpc_echo_function("gecho", "idle = \"30s\"", ""),
+    );
+    for round in 0..3 {
+        let (status, v) = post(sc.addr, "/gecho/UnaryEcho", "", r#"{"message": "hi"}"#);
+        assert_eq!(status, 200, "round {round}: {v}");
+        std::thread::sleep(Duration::from_millis(900));
+        let open = sc.metric("fnmesh_connections{protocol=\"grpc\"}");
+        assert_eq!(open, 0.0, "round {round}: closed as idle");
+    }
+}
+
 #[test]
 fn json_calls_reach_a_volo_grpc_function_too() {
     let sc = Sidecar::start(&fnmesh_tests::sidecar::grpc_echo_function("gecho", "", ""));
@@ -528,4 +545,14 @@ fn json_calls_reach_a_volo_grpc_function_too() {
     assert!(v["message"].as_str().unwrap().contains("bogus"), "{v}");
     let (status, _) = post(sc.addr, "/gecho/ServerStreamingEcho", "", "{}");
     assert_eq!(status, 404);
+    // The gateway keeps its HTTP/2 connections to its own listener (one per worker thread at
+    // most) and multiplexes the calls on them, rather than connecting for each.
+    for n in 0..20 {
+        let body = format!(r#"{{"message": "m{n}"}}"#);
+        assert_eq!(post(sc.addr, "/gecho/UnaryEcho", "", &body).0, 200);
+    }
+    // (A connection made for one call alone would be closing now: give it time to go.)
+    std::thread::sleep(Duration::from_millis(300));
+    let open = sc.metric("fnmesh_connections{protocol=\"grpc\"}");
+    assert!((1.0..=2.0).contains(&open), "{open} gRPC connections open");
 }
