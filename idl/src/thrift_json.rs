@@ -79,15 +79,12 @@ pub fn encode_call(
     };
     let mut w = Writer { schema, out };
     if whole {
-        let mut wrapped = Map::new();
-        wrapped.insert(method.args[0].name.clone(), args.clone());
-        w.fields(
-            &method.args,
-            &Value::Object(wrapped),
-            "",
-            StructKind::Struct,
-            0,
-        )?;
+        // The body is the one struct argument: its field, then the arguments' stop.
+        let arg = &method.args[0];
+        let outer = w.out.struct_begin();
+        w.out.field(wire_type(&arg.ty), arg.id);
+        w.value(&arg.ty, args, &arg.name, 1)?;
+        w.out.struct_end(outer);
     } else {
         let empty = Value::Object(Map::new());
         let args = if args.is_null() { &empty } else { args };

@@ -154,6 +154,48 @@ fn json_calls_reach_a_volo_function_from_zero_and_errors_get_their_statuses() {
     assert_eq!(read_response(&mut s).0, 400);
 }
 
+/// Governance through the gateway: a rate limit's `overloaded` is 429, an open breaker's
+/// `circuit-open` and a function that cannot start's `unavailable` are 503, each with the kind.
+#[test]
+fn overloaded_circuit_open_and_unavailable_get_429_and_503() {
+    let broken = format!(
+        "[[function]]\nname = \"broken\"\nprotocol = \"thrift\"\nidl = \"{}\"\ncommand = [\"/bin/false\"]\n\n[function.scale]\nstartup_timeout = \"1s\"\n\n",
+        fnmesh_tests::sidecar::idl("thrift/echo.thrift").display()
+    );
+    let raw = "[[function]]\nname = \"raw\"\nprotocol = \"thrift\"\ncommand = [\"/bin/false\"]\n\n";
+    let sc = Sidecar::start(&format!(
+        "{}{}{broken}{raw}",
+        echo_function("limited", "", "rate_limit = { rps = 1, burst = 1 }"),
+        echo_function(
+            "fragile",
+            "min = 1\nmax = 1",
+            "circuit_breaker = { window = \"10s\", min_requests = 4, failure_ratio = 0.5, open = \"30s\" }",
+        ),
+    ));
+    let body = r#"{"message": "hi"}"#;
+    assert_eq!(post(sc.addr, "/limited/Echo", "", body).0, 200);
+    let (status, v) = post(sc.addr, "/limited/Echo", "", body);
+    assert_eq!((status, &v["error"]), (429, &json!("overloaded")), "{v}");
+    // Failures open the breaker (its task looks every 250 ms).
+    let fail = r#"{"message": "__fail__"}"#;
+    for _ in 0..6 {
+        assert_eq!(post(sc.addr, "/fragile/Echo", "", fail).0, 502);
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    let (status, v) = post(sc.addr, "/fragile/Echo", "", body);
+    assert_eq!((status, &v["error"]), (503, &json!("circuit-open")), "{v}");
+    // A function whose instances exit at once.
+    let (status, v) = post(sc.addr, "/broken/Echo", "", body);
+    assert_eq!((status, &v["error"]), (503, &json!("unavailable")), "{v}");
+    // No IDL: the gateway cannot build the call, so a function without one is no-route.
+    let (status, v) = post(sc.addr, "/raw/Echo", "", body);
+    assert_eq!((status, &v["error"]), (404, &json!("no-route")), "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("no Thrift IDL"),
+        "{v}"
+    );
+}
+
 #[test]
 fn keep_alive_and_pipelined_requests_are_answered_in_order() {
     let sc = Sidecar::start(&echo_function("echo", "", ""));

@@ -161,7 +161,6 @@ async fn answer(
     let m = schema
         .service(&service)
         .and_then(|s| s.method(method))
-        .cloned()
         .ok_or_else(|| {
             CallError::new(
                 Kind::NoRoute,
@@ -169,7 +168,7 @@ async fn answer(
             )
         })?;
     let (timeout, args) = deadline_and_body(front, req).await?;
-    let message = thrift_json::encode_call(&schema, &m, &args, 1, config.thrift_protocol)
+    let message = thrift_json::encode_call(&schema, m, &args, 1, config.thrift_protocol)
         .map_err(|e| bad(format!("function {name} method {method}: {e}")))?;
     let frame = ttheader_call(name, &service, timeout, &message, front.limits)?;
     let reply = exchange(front, frame, m.oneway).await?;
@@ -177,7 +176,7 @@ async fn answer(
         return Ok((StatusCode::ACCEPTED, json!({})));
     };
     Ok(
-        match thrift_json::decode_reply(&schema, &m, &reply)
+        match thrift_json::decode_reply(&schema, m, &reply)
             .map_err(|e| CallError::new(Kind::Unavailable, format!("function {name}: {e}")))?
         {
             JsonReply::Success(v) => (StatusCode::OK, v),
