@@ -66,6 +66,10 @@ fn message_of(frame: &[u8]) -> Option<&[u8]> {
                 m => m.get(4..).unwrap_or_default(),
             }
         }
+        // Unframed strict Binary or Compact: a length-prefixed frame cannot start with these
+        // bytes (its length would be 2 GiB or more), but a Compact header's seqid varint can
+        // put 0x82 where a Framed message's would be.
+        [0x80, 0x01, ..] | [COMPACT_PROTOCOL_ID, ..] => frame,
         [_, _, _, _, 0x80, 0x01, ..] | [_, _, _, _, COMPACT_PROTOCOL_ID, ..] => &frame[4..],
         _ => frame,
     })

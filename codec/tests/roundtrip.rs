@@ -346,3 +346,32 @@ fn read_varint(b: &[u8]) -> (u64, usize) {
     }
     panic!("unterminated varint")
 }
+
+/// An unframed Compact EXCEPTION whose seqid varint puts 0x82 (Compact's protocol id) where a
+/// Framed message's first byte would be: it is still read as the unframed exception it is
+/// (found by `frames_round_trip`).
+#[test]
+fn an_unframed_compact_exception_is_not_mistaken_for_a_framed_message() {
+    let h = Header {
+        flags: 0,
+        seqid: 0,
+        str_kvs: Vec::new(),
+        int_kvs: Vec::new(),
+        acl: None,
+        inner_framed: false,
+    };
+    let body = echo_args(Protocol::Compact, b"");
+    let seqid = -1_870_610_433;
+    let bytes = build(
+        Transport::Unframed,
+        Protocol::Compact,
+        true,
+        MessageType::Exception,
+        "_",
+        seqid,
+        &h,
+        &body,
+    );
+    assert_eq!(bytes[4], 0x82, "the case: a Framed-looking byte");
+    assert!(fnmesh_codec::is_exception(&bytes));
+}
