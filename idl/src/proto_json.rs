@@ -42,6 +42,19 @@ impl ProtoSchema {
         &self.pool
     }
 
+    /// The name of the only field of `method`'s request when it is a single `bytes` (what a
+    /// queue message's raw bytes fill).
+    pub fn raw_field(&self, service: &str, method: &str) -> Option<String> {
+        let input = self.method(service, method)?.input();
+        let mut fields = input.fields();
+        match (fields.next(), fields.next()) {
+            (Some(f), None) if f.kind() == prost_reflect::Kind::Bytes && !f.is_list() => {
+                Some(f.name().to_owned())
+            }
+            _ => None,
+        }
+    }
+
     /// `service` (`package.Service`)'s `method`.
     pub fn method(&self, service: &str, method: &str) -> Option<MethodDescriptor> {
         self.pool

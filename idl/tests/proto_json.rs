@@ -28,3 +28,15 @@ fn proto3_json_in_and_out_and_refusals() {
     assert!(schema.method("echo.Echo", "Nope").is_none());
     assert!(decode_response(&m, &[0x0a, 9]).is_err());
 }
+
+#[test]
+fn a_method_whose_request_is_one_bytes_field_has_a_raw_field() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/proto/types.proto");
+    let schema = ProtoSchema::load(&root, &[]).unwrap();
+    assert_eq!(
+        schema.raw_field("types.Types", "Eat").as_deref(),
+        Some("data")
+    );
+    assert_eq!(schema.raw_field("types.Types", "Roundtrip"), None);
+    assert_eq!(schema.raw_field("types.Types", "Nope"), None);
+}

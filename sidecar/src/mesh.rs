@@ -339,6 +339,9 @@ impl Mesh {
         if st.config.telemetry != config.telemetry {
             need_restart.push("telemetry");
         }
+        if st.config.queue != config.queue {
+            need_restart.push("async");
+        }
         let mut changes = Changes {
             need_restart,
             ..Changes::default()
@@ -402,6 +405,7 @@ impl Mesh {
             telemetry: base.telemetry,
             functions: config.functions,
             services: config.services,
+            queue: base.queue,
         };
         Ok(changes)
     }

@@ -55,6 +55,8 @@ service Types {
     All Roundtrip(1: All all) throws (1: Oops oops),
     void Nothing(),
     i64 Two(1: i32 a, 2: string b),
+    // A queue trigger's raw payload: the message bytes as the only argument.
+    i64 Raw(1: binary data),
 }
 
 service MoreTypes extends Types {

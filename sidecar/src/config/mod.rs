@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use serde::Deserialize;
 
+mod queue;
 mod raw;
 mod validate;
 
@@ -20,6 +21,76 @@ pub struct Config {
     /// `[[service]]`: services egress calls reach through the registry (`remote` set).
     pub services: Vec<FunctionConfig>,
     pub telemetry: TelemetryConfig,
+    /// `[async]`: async invocations and queue triggers; none without the table.
+    pub queue: Option<AsyncConfig>,
+}
+
+/// `[async]`: where NATS JetStream is, and how async calls are kept and retried
+/// (docs/async.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AsyncConfig {
+    /// The NATS server (`nats://host:port`).
+    pub nats: String,
+    /// How long a call's status is kept.
+    pub retention: Duration,
+    /// A message not heard from for this long is delivered again.
+    pub ack_wait: Duration,
+}
+
+/// How a function's async calls are consumed and retried (`[async]`, overridden by
+/// `[function.async]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AsyncPolicy {
+    /// Calls in flight per node (per function; per trigger).
+    pub concurrency: usize,
+    /// Attempts, the first included.
+    pub max_attempts: u32,
+    /// Before the second attempt; doubling up to `max_backoff`.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for AsyncPolicy {
+    fn default() -> Self {
+        AsyncPolicy {
+            concurrency: 16,
+            max_attempts: 3,
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+impl AsyncPolicy {
+    /// The wait before attempt `next` (2 or more): `backoff`, doubled for each attempt after
+    /// the second, at most `max_backoff`.
+    pub fn delay(&self, next: u32) -> Duration {
+        let doublings = next.saturating_sub(2).min(30);
+        self.backoff
+            .saturating_mul(1 << doublings)
+            .min(self.max_backoff)
+    }
+}
+
+/// What a queue message holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    /// The call's JSON, as the gateway takes it.
+    Json,
+    /// The bytes of the method's only argument (`binary` / `bytes`).
+    Raw,
+}
+
+/// `[[function.trigger]]`: each message on `subject` calls `method`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TriggerConfig {
+    pub subject: String,
+    pub method: String,
+    pub payload: Payload,
+    /// Deliveries before the message is dead-lettered; its retries wait `policy.delay`.
+    pub policy: AsyncPolicy,
+    /// For `Raw`: the argument (Thrift) or field (proto) the bytes go in.
+    pub raw_field: Option<String>,
 }
 
 /// How spans leave the sidecar: OTLP over gRPC, or over HTTP with protobuf bodies.
@@ -181,6 +252,10 @@ pub struct FunctionConfig {
     pub policy: PolicyConfig,
     /// Per-method overrides.
     pub methods_policy: BTreeMap<String, PolicyConfig>,
+    /// Async calls (`[async]` and `[function.async]`).
+    pub async_policy: AsyncPolicy,
+    /// `[[function.trigger]]`s.
+    pub triggers: Vec<TriggerConfig>,
     /// A service in the registry (`[[service]]`, or one an egress call named): its endpoints
     /// come from the registry, nothing is started (`command` is empty, `scale` bounds the
     /// calls on each endpoint and the queue).
@@ -264,6 +339,8 @@ pub fn discovered_service(name: &str, protocol: Protocol) -> FunctionConfig {
         schema: None,
         proto: None,
         thrift_protocol: Default::default(),
+        async_policy: AsyncPolicy::default(),
+        triggers: Vec::new(),
         command: Vec::new(),
         env: BTreeMap::new(),
         scale: remote_scale(),

@@ -20,6 +20,50 @@ pub(super) struct RawFile {
     pub(super) telemetry: Option<Spanned<RawTelemetry>>,
     #[serde(default)]
     pub(super) service: Vec<Spanned<RawService>>,
+    #[serde(default, rename = "async")]
+    pub(super) queue: Option<Spanned<RawAsync>>,
+}
+
+/// `[async]`: async invocations and queue triggers over NATS JetStream.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAsync {
+    pub(super) nats: Spanned<String>,
+    // The keys of RawAsyncPolicy (serde's flatten cannot refuse unknown keys).
+    pub(super) concurrency: Option<Spanned<usize>>,
+    pub(super) max_attempts: Option<Spanned<u32>>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub(super) backoff: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub(super) max_backoff: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub(super) retention: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub(super) ack_wait: Option<Duration>,
+}
+
+/// The keys `[async]` sets for every function and `[function.async]` for one.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAsyncPolicy {
+    pub(super) concurrency: Option<Spanned<usize>>,
+    pub(super) max_attempts: Option<Spanned<u32>>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub(super) backoff: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub(super) max_backoff: Option<Duration>,
+}
+
+/// `[[function.trigger]]`: messages on a subject call a method.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTrigger {
+    pub(super) subject: Spanned<String>,
+    pub(super) method: Spanned<String>,
+    pub(super) payload: Option<Spanned<String>>,
+    pub(super) max_deliver: Option<Spanned<u32>>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub(super) backoff: Option<Duration>,
 }
 
 /// `[[service]]`: a service egress calls reach through the registry, and its policy.
@@ -128,6 +172,10 @@ pub(super) struct RawFunction {
     pub(super) policy: Option<Spanned<RawPolicy>>,
     #[serde(default)]
     pub(super) method: BTreeMap<String, Spanned<RawPolicy>>,
+    #[serde(default, rename = "async")]
+    pub(super) queue: Option<Spanned<RawAsyncPolicy>>,
+    #[serde(default)]
+    pub(super) trigger: Vec<Spanned<RawTrigger>>,
 }
 
 #[derive(Deserialize)]

@@ -703,3 +703,111 @@ fn bad_egress_and_services_are_refused_by_key_and_line() {
     let e = err(&twice);
     assert!(e.contains("service.name") && e.contains("twice"), "{e}");
 }
+
+/// A file with `[async]` and a `types` function (idl/tests/thrift/types.thrift) with `extra` in
+/// its table.
+fn with_async(queue: &str, extra: &str) -> String {
+    format!(
+        "[sidecar]\nlisten = \"127.0.0.1:8888\"\n\n{queue}\n\n[[function]]\nname = \"types\"\nprotocol = \"thrift\"\nidl = \"idl/tests/thrift/types.thrift\"\nservice = \"Types\"\ncommand = [\"/bin/true\"]\n{extra}\n"
+    )
+}
+
+#[test]
+fn async_and_triggers_parse_with_their_defaults_and_overrides() {
+    let c = parse(&with_async(
+        "[async]\nnats = \"127.0.0.1:4222\"\nmax_attempts = 5\nbackoff = \"200ms\"",
+        "[function.async]\nconcurrency = 2\n\n[[function.trigger]]\nsubject = \"orders.*.created\"\nmethod = \"Two\"\n\n[[function.trigger]]\nsubject = \"blobs.>\"\nmethod = \"Raw\"\npayload = \"raw\"\nmax_deliver = 7\nbackoff = \"2s\"",
+    ))
+    .unwrap();
+    let q = c.queue.unwrap();
+    assert_eq!(q.nats, "nats://127.0.0.1:4222");
+    assert_eq!(q.retention, Duration::from_secs(86_400));
+    assert_eq!(q.ack_wait, Duration::from_secs(30));
+    let f = &c.functions[0];
+    let p = f.async_policy;
+    assert_eq!((p.concurrency, p.max_attempts), (2, 5));
+    assert_eq!(p.backoff, Duration::from_millis(200));
+    assert_eq!(p.delay(2), Duration::from_millis(200));
+    assert_eq!(p.delay(4), Duration::from_millis(800));
+    assert_eq!(
+        p.delay(30),
+        Duration::from_secs(60),
+        "capped at max_backoff"
+    );
+    let [json, raw] = f.triggers.as_slice() else {
+        panic!("two triggers")
+    };
+    assert_eq!((json.payload, json.policy.max_attempts), (Payload::Json, 5));
+    assert_eq!(raw.payload, Payload::Raw);
+    assert_eq!(raw.raw_field.as_deref(), Some("data"));
+    assert_eq!(raw.policy.max_attempts, 7);
+    assert_eq!(raw.policy.backoff, Duration::from_secs(2));
+    assert!(parse(GOOD).unwrap().queue.is_none());
+}
+
+#[test]
+fn bad_async_and_trigger_keys_are_refused_by_key() {
+    let nats = "[async]\nnats = \"nats://127.0.0.1:4222\"";
+    let trigger = |t: &str| format!("[[function.trigger]]\n{t}");
+    let cases: Vec<(String, &[&str])> = vec![
+        (
+            with_async("", &trigger("subject = \"a\"\nmethod = \"Two\"")),
+            &["function[types].async", "needs [async]"],
+        ),
+        (
+            with_async("[async]\nnats = \"http://x:1\"", ""),
+            &["async.nats", "not nats://HOST:PORT"],
+        ),
+        (
+            with_async(&format!("{nats}\nmax_attempts = 0"), ""),
+            &["async.max_attempts", "not between 1 and 100"],
+        ),
+        (
+            with_async(&format!("{nats}\nbackoff = \"2m\""), ""),
+            &["async.backoff", "at most max_backoff"],
+        ),
+        (
+            with_async(nats, &trigger("subject = \"a..b\"\nmethod = \"Two\"")),
+            &["trigger[0].subject", "non-empty"],
+        ),
+        (
+            with_async(nats, &trigger("subject = \"a.>.b\"\nmethod = \"Two\"")),
+            &["trigger[0].subject", "whole last token"],
+        ),
+        (
+            with_async(nats, &trigger("subject = \"fnmesh.x\"\nmethod = \"Two\"")),
+            &["trigger[0].subject", "reserved"],
+        ),
+        (
+            with_async(nats, &trigger("subject = \"a\"\nmethod = \"Nope\"")),
+            &["trigger[0].method", "no such method"],
+        ),
+        (
+            with_async(
+                nats,
+                &trigger("subject = \"a\"\nmethod = \"Two\"\npayload = \"raw\""),
+            ),
+            &["trigger[0].payload", "only argument is binary"],
+        ),
+        (
+            with_async(
+                nats,
+                &trigger("subject = \"a\"\nmethod = \"Two\"\npayload = \"xml\""),
+            ),
+            &["trigger[0].payload", "not one of json, raw"],
+        ),
+        (
+            with_async(
+                nats,
+                &trigger("subject = \"a\"\nmethod = \"Two\"\nbogus = 1"),
+            ),
+            &["unknown field `bogus`"],
+        ),
+    ];
+    for (text, needles) in cases {
+        let e = err(&text);
+        for n in needles {
+            assert!(e.contains(n), "{e:?} should contain {n:?}");
+        }
+    }
+}

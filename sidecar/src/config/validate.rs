@@ -301,7 +301,7 @@ fn discovery(
     Ok(DiscoveryConfig { backend, ttl })
 }
 
-struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     path: &'a str,
     text: &'a str,
 }
@@ -311,7 +311,7 @@ impl Ctx<'_> {
         self.text[..at.min(self.text.len())].matches('\n').count() + 1
     }
 
-    fn invalid<T>(
+    pub(super) fn invalid<T>(
         &self,
         at: usize,
         key: impl Into<String>,
@@ -397,7 +397,8 @@ impl Config {
             );
         }
         let egress = egress(&cx, s, listen, admin)?;
-        let (functions, services) = functions_and_services(&cx, &raw, base, egress)?;
+        let (mut functions, services) = functions_and_services(&cx, &raw, base, egress)?;
+        let queue = super::queue::apply(&cx, &raw, &mut functions)?;
         let workers = match &s.workers {
             Some(w) if !(1..=256).contains(w.get_ref()) => {
                 return cx.invalid(
@@ -426,6 +427,7 @@ impl Config {
             },
             functions,
             services,
+            queue,
         })
     }
 }
@@ -837,6 +839,8 @@ fn interface(
         schema,
         proto,
         thrift_protocol: Default::default(),
+        async_policy: Default::default(),
+        triggers: Vec::new(),
         command: Vec::new(),
         env: BTreeMap::new(),
         scale: ScaleConfig::default(),

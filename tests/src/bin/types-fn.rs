@@ -1,7 +1,8 @@
 //! A plain Volo server of the `Types` service (idl/tests/thrift/types.thrift) on 127.0.0.1:$PORT:
 //! `Roundtrip` answers the struct it got, so the JSON codec's round trips go through a real Volo
 //! decoder and encoder; `Roundtrip` of a struct whose `s` is `"oops"` throws the declared
-//! exception with `i32v` as its code. `Two(a, b)` answers `a + len(b)`, plus 1,000,000 when
+//! exception with `i32v` as its code. `Raw(data)` answers `len(data)`. `Two(a, b)` answers
+//! `a + len(b)`, plus 1,000,000 when
 //! the call came in the Compact protocol (so tests see which protocol reached the function).
 #![forbid(unsafe_code)]
 
@@ -65,6 +66,10 @@ impl Types for Handler {
 
     async fn nothing(&self) -> Result<(), ServerError> {
         Ok(())
+    }
+
+    async fn raw(&self, data: pilota::Bytes) -> Result<i64, ServerError> {
+        Ok(data.len() as i64)
     }
 
     async fn two(&self, a: i32, b: pilota::FastStr) -> Result<i64, ServerError> {
