@@ -592,13 +592,15 @@ pub(crate) fn write_header(
 
 /// A call's `message` (an encoded Binary or Compact message; the header's protocol id says
 /// which) in a TTHeader with an inner Framed length, as a Volo client sends it: ToService =
-/// `to_service`, `isn` = `idl_service`, RPCTimeout = `rpc_timeout_ms` when given. For callers that build calls themselves (the HTTP gateway,
-/// `fnmesh call`).
+/// `to_service`, `isn` = `idl_service`, RPCTimeout = `rpc_timeout_ms` when given, and
+/// `str_kvs` as further string keys. For callers that build calls themselves (the HTTP gateway,
+/// `fnmesh call`, queue consumers).
 pub fn wrap_call(
     seqid: u32,
     to_service: &str,
     idl_service: &str,
     rpc_timeout_ms: Option<u64>,
+    str_kvs: &[(&str, &str)],
     message: &[u8],
 ) -> Result<bytes::BytesMut, CodecError> {
     let ms = rpc_timeout_ms.map(|t| t.max(1).to_string());
@@ -608,7 +610,9 @@ pub fn wrap_call(
     }
     let header = TTHeaderBuilder {
         seqid,
-        str_kvs: vec![(str_key::IDL_SERVICE_NAME, idl_service.as_bytes())],
+        str_kvs: std::iter::once((str_key::IDL_SERVICE_NAME, idl_service.as_bytes()))
+            .chain(str_kvs.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())))
+            .collect(),
         int_kvs,
         inner_framed: true,
         protocol: Some(match message.first() {

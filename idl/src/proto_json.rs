@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use prost::Message;
-use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, MethodDescriptor};
+pub use prost_reflect::MethodDescriptor;
+use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage};
 use serde_json::Value;
 
 use crate::{thrift_json::DecodeError, thrift_json::JsonError, IdlError};

@@ -41,6 +41,22 @@ impl Kind {
         }
     }
 
+    /// The kind an `fnmesh-error` names.
+    pub fn named(name: &str) -> Option<Kind> {
+        [
+            Kind::NoRoute,
+            Kind::BadRequest,
+            Kind::TooLarge,
+            Kind::Overloaded,
+            Kind::CircuitOpen,
+            Kind::Unavailable,
+            Kind::Timeout,
+            Kind::NotWarm,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == name)
+    }
+
     /// The TApplicationException type a Thrift caller gets.
     pub fn thrift_exception(self) -> ExceptionType {
         match self {

@@ -58,12 +58,13 @@ pub struct Unary {
 }
 
 /// One unary call of `path` (`/package.Service/Method`) with `message` (an encoded protobuf
-/// message) to `addr`, with `timeout` as its `grpc-timeout`.
+/// message) to `addr`, with `timeout` as its `grpc-timeout` and `meta` as metadata.
 pub async fn unary(
     addr: SocketAddr,
     path: &str,
     message: Vec<u8>,
     timeout: Option<Duration>,
+    meta: &[(&'static str, String)],
 ) -> Result<Unary, String> {
     let mut framed = Vec::with_capacity(message.len() + 5);
     framed.push(0);
@@ -75,6 +76,9 @@ pub async fn unary(
     if let Some(t) = timeout {
         let ms = t.as_millis().clamp(1, 99_999_999);
         request = request.header("grpc-timeout", format!("{ms}m"));
+    }
+    for (k, v) in meta {
+        request = request.header(*k, v.as_str());
     }
     let request = request
         .body(Full::new(Bytes::from(framed)))

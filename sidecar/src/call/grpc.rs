@@ -52,7 +52,7 @@ pub(super) fn call(
     let path = format!("/{service}/{method}");
     let sent = runtime.block_on(async {
         let within = timeout + Duration::from_secs(1);
-        tokio::time::timeout(within, unary(addr, &path, message, Some(timeout))).await
+        tokio::time::timeout(within, unary(addr, &path, message, Some(timeout), &[])).await
     });
     let Unary {
         status,

@@ -148,7 +148,7 @@ pub fn main(
         Err(e) => return fail("bad-request", e),
     };
     let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-    let frame = match fnmesh_codec::wrap_call(1, function, service, Some(ms), &message) {
+    let frame = match fnmesh_codec::wrap_call(1, function, service, Some(ms), &[], &message) {
         Ok(f) => f,
         Err(e) => return fail("bad-request", e),
     };

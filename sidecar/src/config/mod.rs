@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use serde::Deserialize;
 
+mod ctx;
 mod queue;
 mod raw;
 mod validate;

@@ -6,8 +6,8 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::{
+    ctx::Ctx,
     raw::{RawAsyncPolicy, RawFile, RawTrigger},
-    validate::Ctx,
     AsyncConfig, AsyncPolicy, ConfigError, FunctionConfig, Payload, Protocol, TriggerConfig,
 };
 

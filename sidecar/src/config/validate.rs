@@ -12,6 +12,7 @@ use fnmesh_discovery::Tls;
 use toml::Spanned;
 
 use super::{
+    ctx::Ctx,
     raw::{parse_duration, RawDiscovery, RawFile, RawFunction, RawPolicy, RawService, RawSidecar},
     CircuitBreaker, Config, ConfigError, ConnectionLimits, DiscoveryBackend, DiscoveryConfig,
     FunctionConfig, PolicyConfig, Protocol, RateLimit, Retry, ScaleConfig, SidecarConfig,
@@ -301,41 +302,6 @@ fn discovery(
     Ok(DiscoveryConfig { backend, ttl })
 }
 
-pub(super) struct Ctx<'a> {
-    path: &'a str,
-    text: &'a str,
-}
-
-impl Ctx<'_> {
-    fn line(&self, at: usize) -> usize {
-        self.text[..at.min(self.text.len())].matches('\n').count() + 1
-    }
-
-    pub(super) fn invalid<T>(
-        &self,
-        at: usize,
-        key: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Result<T, ConfigError> {
-        Err(ConfigError::Invalid {
-            path: self.path.to_owned(),
-            line: self.line(at),
-            key: key.into(),
-            message: message.into(),
-        })
-    }
-
-    fn addr(&self, v: &Spanned<String>, key: &str) -> Result<SocketAddr, ConfigError> {
-        v.get_ref().parse().or_else(|_| {
-            self.invalid(
-                v.span().start,
-                key,
-                format!("{:?} is not an ip:port address", v.get_ref()),
-            )
-        })
-    }
-}
-
 impl Config {
     /// Reads and validates `path`. Relative `idl` paths and commands are taken from the file's
     /// directory.
@@ -354,7 +320,7 @@ impl Config {
             path: path.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
-        let cx = Ctx { path, text };
+        let cx = Ctx::new(path, text);
         let s = raw.sidecar.get_ref();
         let listen = cx.addr(&s.listen, "sidecar.listen")?;
         let admin = s
@@ -747,6 +713,42 @@ struct Interface<'r> {
     method: &'r BTreeMap<String, Spanned<RawPolicy>>,
 }
 
+/// The types of `r`'s IDL, for JSON calls: a `.thrift` file's schema or a `.proto` file's
+/// descriptors.
+#[allow(clippy::type_complexity)]
+fn typed_idl(
+    cx: &Ctx<'_>,
+    r: &Interface<'_>,
+    base: &Path,
+    key: &dyn Fn(&str) -> String,
+) -> Result<
+    (
+        Option<std::sync::Arc<fnmesh_idl::schema::Schema>>,
+        Option<std::sync::Arc<fnmesh_idl::proto_json::ProtoSchema>>,
+    ),
+    ConfigError,
+> {
+    let schema = match r.idl {
+        Some(idl) if idl.get_ref().ends_with(".thrift") => {
+            let path = base.join(idl.get_ref());
+            let schema = fnmesh_idl::Catalog::thrift_schema(&path, &[])
+                .or_else(|e| cx.invalid(idl.span().start, key("idl"), e.to_string()))?;
+            Some(std::sync::Arc::new(schema))
+        }
+        _ => None,
+    };
+    let proto = match r.idl {
+        Some(idl) if idl.get_ref().ends_with(".proto") => {
+            let path = base.join(idl.get_ref());
+            let proto = fnmesh_idl::proto_json::ProtoSchema::load(&path, &[])
+                .or_else(|e| cx.invalid(idl.span().start, key("idl"), e.to_string()))?;
+            Some(std::sync::Arc::new(proto))
+        }
+        _ => None,
+    };
+    Ok((schema, proto))
+}
+
 /// An [`Interface`] checked, as a configuration with no command, scale or environment yet.
 fn interface(
     cx: &Ctx<'_>,
@@ -795,24 +797,7 @@ fn interface(
         }
         None => (r.service.map(|s| s.get_ref().clone()), None),
     };
-    let schema = match r.idl {
-        Some(idl) if idl.get_ref().ends_with(".thrift") => {
-            let path = base.join(idl.get_ref());
-            let schema = fnmesh_idl::Catalog::thrift_schema(&path, &[])
-                .or_else(|e| cx.invalid(idl.span().start, key("idl"), e.to_string()))?;
-            Some(std::sync::Arc::new(schema))
-        }
-        _ => None,
-    };
-    let proto = match r.idl {
-        Some(idl) if idl.get_ref().ends_with(".proto") => {
-            let path = base.join(idl.get_ref());
-            let proto = fnmesh_idl::proto_json::ProtoSchema::load(&path, &[])
-                .or_else(|e| cx.invalid(idl.span().start, key("idl"), e.to_string()))?;
-            Some(std::sync::Arc::new(proto))
-        }
-        _ => None,
-    };
+    let (schema, proto) = typed_idl(cx, r, base, &key)?;
     let policy_cfg = match r.policy {
         Some(p) => policy(cx, p, &key("policy"))?,
         None => PolicyConfig::default(),

@@ -69,7 +69,7 @@ pub async fn connection(mut sock: TcpStream, listener: Listener, fronts: Fronts)
     use crate::metrics::{Connection, GRPC_CONNECTIONS, THRIFT_CONNECTIONS};
     match detected {
         Ok(Some(Detected::Http1)) => {
-            let gateway = crate::thrift::http::GrpcGateway {
+            let gateway = crate::thrift::json_call::GrpcGateway {
                 lookup: Arc::new(move |name: &str| {
                     let table = grpc.functions.load();
                     let c = table
@@ -77,7 +77,7 @@ pub async fn connection(mut sock: TcpStream, listener: Listener, fronts: Fronts)
                         .find(|r| r.function.name == name)?
                         .function
                         .config();
-                    Some(crate::thrift::http::GrpcTarget {
+                    Some(crate::thrift::json_call::GrpcTarget {
                         proto: c.proto.clone()?,
                         service: c.service.clone()?,
                     })

@@ -5,6 +5,7 @@
 mod conn;
 mod forward;
 pub mod http;
+pub mod json_call;
 mod route;
 
 use bytes::{buf::Chain, Buf, Bytes};
