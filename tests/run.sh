@@ -65,6 +65,8 @@ command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 # `ip netns` for the multi-node tests (a namespace per node; they need root, as CI runs).
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+# NATS with JetStream for the async-call and queue-trigger tests (tests start `nats-server -js`).
+command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "== installing Debian ${missing[*]}"

@@ -29,6 +29,7 @@ pub mod grpc;
 pub mod instances;
 pub mod mesh;
 pub mod metrics;
+pub mod queue;
 pub mod server;
 pub mod status;
 pub mod thrift;

@@ -315,6 +315,11 @@ impl Mesh {
         }
     }
 
+    /// `[async]` as the sidecar started with it (it changes only with a restart).
+    pub fn queue_config(&self) -> Option<crate::config::AsyncConfig> {
+        lock(&self.state).config.queue.clone()
+    }
+
     /// The functions served now.
     pub fn functions(&self) -> Vec<Arc<Function>> {
         lock(&self.state).functions.clone()

@@ -136,6 +136,13 @@ pub struct FunctionLabels {
     pub function: String,
 }
 
+/// A queue feed: the function, and `async` or the trigger's subject.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    pub function: String,
+    pub source: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ExitLabels {
     function: String,
@@ -184,6 +191,11 @@ pub struct Metrics {
     retries: Family<RetryLabels, Counter>,
     budget_exhausted: Family<FunctionLabels, Counter>,
     rate_limited: Family<LimitedLabels, Counter>,
+    /// Queue messages acknowledged, delivered again, dead-lettered; and pending.
+    queue_acked: Family<QueueLabels, Counter>,
+    queue_redelivered: Family<QueueLabels, Counter>,
+    queue_dead_lettered: Family<QueueLabels, Counter>,
+    queue_pending: Family<QueueLabels, Gauge>,
     /// Calls refused before a function was known (`function="unknown"`): Thrift, gRPC.
     unrouted: [Option<&'static CallMetrics>; 2],
     /// Every method's handles, made once per label set and kept for the process's life (as the
@@ -223,6 +235,30 @@ impl Drop for Connection {
     }
 }
 
+/// The queue's series (docs/async.md).
+fn register_queue(m: &Metrics, registry: &mut Registry) {
+    registry.register(
+        "fnmesh_queue_acked",
+        "Queue messages (async calls, trigger messages) acknowledged after their call",
+        m.queue_acked.clone(),
+    );
+    registry.register(
+        "fnmesh_queue_redelivered",
+        "Queue messages delivered more than once (a retry, or a consumer that went away)",
+        m.queue_redelivered.clone(),
+    );
+    registry.register(
+        "fnmesh_queue_dead_lettered",
+        "Queue messages moved to the dead-letter subject",
+        m.queue_dead_lettered.clone(),
+    );
+    registry.register(
+        "fnmesh_queue_pending",
+        "Queue messages waiting for a function, or in flight (read every 2s)",
+        m.queue_pending.clone(),
+    );
+}
+
 /// The process's metrics.
 pub fn global() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -244,6 +280,10 @@ impl Metrics {
             retries: Family::default(),
             budget_exhausted: Family::default(),
             rate_limited: Family::default(),
+            queue_acked: Family::default(),
+            queue_redelivered: Family::default(),
+            queue_dead_lettered: Family::default(),
+            queue_pending: Family::default(),
             registry: Registry::default(),
             unrouted: [None, None],
             interned: Mutex::default(),
@@ -301,6 +341,7 @@ impl Metrics {
             "Calls refused by a rate limit",
             m.rate_limited.clone(),
         );
+        register_queue(&m, &mut registry);
         let info = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
         info.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION"))])
             .set(1);
@@ -483,6 +524,30 @@ impl Metrics {
                 function: function.to_owned(),
             })
             .clone()
+    }
+
+    /// A queue message's `event`: `acked`, `redelivered` or `dead_lettered`.
+    pub fn queue_event(&self, function: &str, source: &str, event: &str) {
+        let family = match event {
+            "acked" => &self.queue_acked,
+            "redelivered" => &self.queue_redelivered,
+            _ => &self.queue_dead_lettered,
+        };
+        family
+            .get_or_create(&QueueLabels {
+                function: function.to_owned(),
+                source: source.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn queue_pending(&self, function: &str, source: &str, n: u64) {
+        self.queue_pending
+            .get_or_create(&QueueLabels {
+                function: function.to_owned(),
+                source: source.to_owned(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     pub fn rate_limited(&self, function: &str, method: &str) {

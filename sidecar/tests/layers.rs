@@ -18,7 +18,7 @@ const LAYERS: &[&[&str]] = &[
     &["governance"],
     &["thrift", "grpc"],
     &["mesh"],
-    &["admin"],
+    &["admin", "queue"],
     &["server", "status", "call"],
     &["cli"],
 ];

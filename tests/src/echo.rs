@@ -128,6 +128,41 @@ impl EchoService for EchoHandler {
                 instance: self.instance.clone(),
             }));
         }
+        // Queue hooks for tests: `__meta__ NAME` answers the transient metainfo NAME the call
+        // carried (TTHeader `RPC_TRANSIT_NAME`); `__fail_below__ N` fails while the call's
+        // `fnmesh-delivery` is below N, then answers `delivery D`.
+        let transient = |name: &str| {
+            use metainfo::Forward;
+            metainfo::METAINFO
+                .try_with(|m| {
+                    let m = m.borrow();
+                    m.get_upstream(name).or_else(|| m.get_transient(name))
+                })
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        };
+        if let Some(name) = req.message.strip_prefix("__meta__ ") {
+            return Ok(MaybeException::Ok(EchoResponse {
+                message: transient(name),
+                instance: self.instance.clone(),
+            }));
+        }
+        if let Some(n) = req.message.strip_prefix("__fail_below__ ") {
+            let delivery: u32 = transient("fnmesh-delivery").parse().unwrap_or(0);
+            if delivery < n.parse().unwrap_or(0) {
+                return Err(ServerError::Application(
+                    pilota::thrift::ApplicationException::new(
+                        ApplicationExceptionKind::INTERNAL_ERROR,
+                        format!("failing delivery {delivery} (__fail_below__ {n})"),
+                    ),
+                ));
+            }
+            return Ok(MaybeException::Ok(EchoResponse {
+                message: format!("delivery {delivery}").into(),
+                instance: self.instance.clone(),
+            }));
+        }
         // Introspection hook for tests: the trace context this call arrived with (Kitex/Volo
         // metainfo's transient `traceparent`, sent as TTHeader `RPC_TRANSIT_traceparent`).
         if req.message == "__traceparent__" {

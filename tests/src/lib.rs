@@ -10,6 +10,7 @@ pub mod capture;
 pub mod echo;
 pub mod grpc_echo;
 pub mod h2;
+pub mod nats;
 pub mod netns;
 pub mod prometheus;
 pub mod registries;

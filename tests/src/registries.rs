@@ -126,7 +126,7 @@ impl Drop for Pki {
 }
 
 /// Kills (SIGKILL) and reaps a server process, if it runs.
-fn kill(child: &mut Option<Child>) {
+pub(crate) fn kill(child: &mut Option<Child>) {
     if let Some(mut c) = child.take() {
         let _ = c.kill();
         let _ = c.wait();
@@ -134,7 +134,7 @@ fn kill(child: &mut Option<Child>) {
 }
 
 /// Waits until `addr` accepts connections.
-fn wait_listening(addr: &str, what: &str, child: &mut Child) {
+pub(crate) fn wait_listening(addr: &str, what: &str, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(addr).is_err() {
         if let Ok(Some(status)) = child.try_wait() {

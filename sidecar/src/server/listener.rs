@@ -23,6 +23,8 @@ pub struct Fronts {
     /// through it.
     pub own: std::net::SocketAddr,
     pub open: Arc<AtomicUsize>,
+    /// `/async/...` (with `[async]`).
+    pub queue: Option<crate::thrift::http::AsyncRoutes>,
 }
 
 /// Gives back a connection's place in the count (taken at accept) when it ends.
@@ -69,22 +71,8 @@ pub async fn connection(mut sock: TcpStream, listener: Listener, fronts: Fronts)
     use crate::metrics::{Connection, GRPC_CONNECTIONS, THRIFT_CONNECTIONS};
     match detected {
         Ok(Some(Detected::Http1)) => {
-            let gateway = crate::thrift::json_call::GrpcGateway {
-                lookup: Arc::new(move |name: &str| {
-                    let table = grpc.functions.load();
-                    let c = table
-                        .iter()
-                        .find(|r| r.function.name == name)?
-                        .function
-                        .config();
-                    Some(crate::thrift::json_call::GrpcTarget {
-                        proto: c.proto.clone()?,
-                        service: c.service.clone()?,
-                    })
-                }),
-                own: fronts.own,
-            };
-            crate::thrift::http::serve(sock, buf, thrift, Some(gateway)).await
+            let gateway = grpc_gateway(grpc, fronts.own);
+            crate::thrift::http::serve(sock, buf, thrift, Some(gateway), fronts.queue.clone()).await
         }
         Ok(Some(Detected::Http2)) => {
             let _counted = Connection::open(&GRPC_CONNECTIONS);
@@ -103,5 +91,27 @@ pub async fn connection(mut sock: TcpStream, listener: Listener, fronts: Fronts)
             ?peer,
             "no protocol detected within header_timeout; closing the connection"
         ),
+    }
+}
+
+/// How JSON calls find gRPC functions (in `grpc`'s table) and reach them (through `own`).
+pub fn grpc_gateway(
+    grpc: Arc<GrpcFront>,
+    own: std::net::SocketAddr,
+) -> crate::thrift::json_call::GrpcGateway {
+    crate::thrift::json_call::GrpcGateway {
+        lookup: Arc::new(move |name: &str| {
+            let table = grpc.functions.load();
+            let c = table
+                .iter()
+                .find(|r| r.function.name == name)?
+                .function
+                .config();
+            Some(crate::thrift::json_call::GrpcTarget {
+                proto: c.proto.clone()?,
+                service: c.service.clone()?,
+            })
+        }),
+        own,
     }
 }

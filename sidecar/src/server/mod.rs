@@ -23,6 +23,7 @@ use crate::{
     config::{Config, DiscoveryBackend},
     instances::watchdog::Watchdog,
     mesh::Mesh,
+    queue::Queue,
     workers::{Listener, Workers},
     Throttled,
 };
@@ -133,6 +134,8 @@ struct Sidecar {
     /// once a second.
     refused: Throttled,
     failed: Throttled,
+    /// `[async]`'s queue, when configured.
+    queue: Option<Arc<Queue>>,
 }
 
 async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
@@ -190,6 +193,15 @@ async fn start(path: PathBuf, config: Config) -> Result<Sidecar, String> {
         tokio::spawn(admin::serve(l, mesh.clone()));
     }
     let open = Arc::new(AtomicUsize::new(0));
+    let own = match listener.local_addr() {
+        Ok(mut a) if a.ip().is_unspecified() => {
+            a.set_ip([127, 0, 0, 1].into());
+            a
+        }
+        Ok(a) => a,
+        Err(_) => listen,
+    };
+    let queue = Queue::start(&mesh, listener::grpc_gateway(mesh.grpc.clone(), own));
     let fronts = listener::Fronts {
         thrift: mesh.thrift.clone(),
         grpc: mesh.grpc.clone(),
@@ -197,15 +209,9 @@ async fn start(path: PathBuf, config: Config) -> Result<Sidecar, String> {
             .egress
             .as_ref()
             .map(|e| (e.thrift.clone(), e.grpc.clone())),
-        own: match listener.local_addr() {
-            Ok(mut a) if a.ip().is_unspecified() => {
-                a.set_ip([127, 0, 0, 1].into());
-                a
-            }
-            Ok(a) => a,
-            Err(_) => listen,
-        },
+        own,
         open: open.clone(),
+        queue: queue.as_ref().map(Queue::routes),
     };
     let sweep_every = settings.connections.sweep_every();
     let workers = Workers::start(
@@ -236,6 +242,7 @@ async fn start(path: PathBuf, config: Config) -> Result<Sidecar, String> {
         max_connections: settings.connections.max,
         refused: Throttled::default(),
         failed: Throttled::default(),
+        queue,
     })
 }
 

@@ -27,6 +27,11 @@ impl Sidecar {
     pub(super) async fn shutdown(self, mut signals: Signals) {
         let (grace, mesh) = (self.grace, self.mesh.clone());
         mesh.drain.start();
+        // Queued work stops being pulled; calls in flight end within the grace (what does not
+        // is delivered again elsewhere after `ack_wait`).
+        if let Some(q) = &self.queue {
+            q.stop();
+        }
         let workers = tokio::select! {
             workers = self.drain(grace) => Some(workers),
             () = signals.stop() => None,

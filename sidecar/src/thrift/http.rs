@@ -28,12 +28,32 @@ use crate::error::{CallError, Kind};
 /// The request header that sets a call's deadline (`500ms`, `2s`: the policy file's durations).
 pub const TIMEOUT_HEADER: &str = "fnmesh-timeout";
 
+/// An `/async/...` request (docs/async.md), handed to the queue: the path after `/async`, and
+/// the body read within `max_frame_size`.
+pub struct AsyncRequest {
+    pub method: Method,
+    pub path: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+/// Answers `/async/...` requests (the queue, when `[async]` is configured).
+pub type AsyncRoutes = Arc<
+    dyn Fn(
+            AsyncRequest,
+        ) -> Pin<
+            Box<dyn std::future::Future<Output = Result<(StatusCode, Value), CallError>> + Send>,
+        > + Send
+        + Sync,
+>;
+
 /// Serves HTTP/1.1 requests on a connection whose first bytes (`read`) were already taken.
 pub async fn serve(
     sock: TcpStream,
     read: BytesMut,
     front: Arc<ThriftFront>,
     grpc: Option<GrpcGateway>,
+    queue: Option<AsyncRoutes>,
 ) {
     let _ = sock.set_nodelay(true);
     let io = hyper_util::rt::TokioIo::new(Prefixed {
@@ -43,8 +63,11 @@ pub async fn serve(
     let limits = front.connections;
     let drain = front.drain.clone();
     let service = hyper::service::service_fn(move |req| {
-        let (front, grpc) = (front.clone(), grpc.clone());
-        async move { Ok::<_, std::convert::Infallible>(handle(&front, grpc.as_ref(), req).await) }
+        let (front, grpc, queue) = (front.clone(), grpc.clone(), queue.clone());
+        async move {
+            let answer = handle(&front, grpc.as_ref(), queue.as_ref(), req).await;
+            Ok::<_, std::convert::Infallible>(answer)
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
@@ -69,12 +92,19 @@ pub async fn serve(
 async fn handle(
     front: &ThriftFront,
     grpc: Option<&GrpcGateway>,
+    queue: Option<&AsyncRoutes>,
     req: Request<hyper::body::Incoming>,
 ) -> Response<Full<Bytes>> {
     // Events for the worker's busy poller, as a binary connection's are: it keeps polling
     // for the instance's reply and the next request instead of sleeping between them.
     crate::workers::busy();
-    let answered = answer(front, grpc, req).await;
+    let answered = match req.uri().path().strip_prefix("/async") {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+            let rest = rest.to_owned();
+            async_request(front, queue, req, rest).await
+        }
+        _ => answer(front, grpc, req).await,
+    };
     crate::workers::busy();
     match answered {
         Ok((status, body)) => respond(status, &body),
@@ -96,7 +126,57 @@ fn respond(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
+    // A queued async call's id, as OpenFaaS's callers read it.
+    if status == StatusCode::ACCEPTED {
+        if let Some(id) = body["id"]
+            .as_str()
+            .and_then(|i| http::HeaderValue::from_str(i).ok())
+        {
+            r.headers_mut().insert("x-call-id", id);
+        }
+    }
     r
+}
+
+/// `/async/...`: to the queue, with the body read within `max_frame_size`.
+async fn async_request(
+    front: &ThriftFront,
+    queue: Option<&AsyncRoutes>,
+    req: Request<hyper::body::Incoming>,
+    path: String,
+) -> Result<(StatusCode, Value), CallError> {
+    let Some(queue) = queue else {
+        return Err(CallError::new(
+            Kind::NoRoute,
+            "async calls are off: the policy file has no [async]",
+        ));
+    };
+    let (parts, body) = req.into_parts();
+    let body = read_body(front, body).await?;
+    queue(AsyncRequest {
+        method: parts.method,
+        path,
+        headers: parts.headers,
+        body,
+    })
+    .await
+}
+
+/// A request's body, refused past `max_frame_size`.
+async fn read_body(front: &ThriftFront, body: hyper::body::Incoming) -> Result<Bytes, CallError> {
+    let limit = front.limits.max_frame_size;
+    Ok(Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(
+            |e| match e.downcast_ref::<http_body_util::LengthLimitError>() {
+                Some(_) => {
+                    CallError::new(Kind::TooLarge, format!("request body over {limit} bytes"))
+                }
+                None => bad(format!("cannot read the request body: {e}")),
+            },
+        )?
+        .to_bytes())
 }
 
 fn bad(message: impl Into<String>) -> CallError {
@@ -148,19 +228,7 @@ async fn deadline_and_body(
                 .ok_or_else(|| bad(format!("{TIMEOUT_HEADER}: want a duration such as 500ms")))?,
         ),
     };
-    let limit = front.limits.max_frame_size;
-    let body = Limited::new(req.into_body(), limit)
-        .collect()
-        .await
-        .map_err(
-            |e| match e.downcast_ref::<http_body_util::LengthLimitError>() {
-                Some(_) => {
-                    CallError::new(Kind::TooLarge, format!("request body over {limit} bytes"))
-                }
-                None => bad(format!("cannot read the request body: {e}")),
-            },
-        )?
-        .to_bytes();
+    let body = read_body(front, req.into_body()).await?;
     let args = match body.is_empty() {
         true => Value::Null,
         false => serde_json::from_slice(&body).map_err(|e| bad(format!("malformed JSON: {e}")))?,

@@ -46,7 +46,8 @@ pub struct JsonCall<'a> {
     pub args: Value,
     /// The call's deadline (its RPCTimeout / `grpc-timeout`).
     pub timeout: Option<Duration>,
-    /// TTHeader string keys (Thrift) or metadata (gRPC) the function receives with the call.
+    /// Values the function receives with the call: Thrift, as transient metainfo (TTHeader
+    /// string keys `RPC_TRANSIT_{name}`); gRPC, as metadata.
     pub meta: Vec<(&'static str, String)>,
 }
 
@@ -241,7 +242,17 @@ fn ttheader_call(
     let ms = call
         .timeout
         .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
-    let meta: Vec<(&str, &str)> = call.meta.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // As transient metainfo (Kitex's and Volo's `RPC_TRANSIT_` keys): what their handlers read.
+    let keys: Vec<String> = call
+        .meta
+        .iter()
+        .map(|(k, _)| format!("RPC_TRANSIT_{k}"))
+        .collect();
+    let meta: Vec<(&str, &str)> = keys
+        .iter()
+        .zip(&call.meta)
+        .map(|(k, (_, v))| (k.as_str(), v.as_str()))
+        .collect();
     let mut buf = fnmesh_codec::wrap_call(1, name, service, ms, &meta, message)
         .map_err(|e| bad(e.to_string()))?;
     match FrameDecoder::new(limits).decode(&mut buf) {
