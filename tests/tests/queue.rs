@@ -161,3 +161,199 @@ fn failures_are_retried_with_backoff_then_fail_to_the_dead_letter_subject() {
         "{metrics}"
     );
 }
+
+/// An HTTP server on 127.0.0.1 that answers 200 to one request and hands over its head and
+/// body: a callback's receiver.
+fn callback_receiver() -> (u16, std::sync::mpsc::Receiver<(String, String)>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        let mut r = BufReader::new(sock);
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body).unwrap();
+        let mut sock = r.into_inner();
+        let _ =
+            sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        let _ = tx.send((head, String::from_utf8_lossy(&body).into_owned()));
+    });
+    (port, rx)
+}
+
+#[test]
+fn a_cancelled_queued_call_never_runs_and_a_callback_gets_the_result() {
+    let nats = Nats::start();
+    let sc = Sidecar::start(&format!(
+        "{}{}[function.async]\nconcurrency = 1\n",
+        nats.async_table(""),
+        echo_function("echo", "max = 1", "")
+    ));
+    // One slot: a slow call holds it, so the next one stays queued.
+    let slow = enqueue(
+        &sc,
+        "echo",
+        "Echo",
+        "",
+        r#"{"message": "slow", "sleep_ms": 1500}"#,
+    );
+    wait_state(&sc, &slow, &["running"], Duration::from_secs(20));
+    let queued = enqueue(&sc, "echo", "Echo", "", r#"{"message": "never"}"#);
+    let (status, v) = http(&sc, "DELETE", &format!("/async/{queued}"), "", "");
+    assert_eq!(
+        (status, v["state"].as_str()),
+        (200, Some("cancelled")),
+        "{v}"
+    );
+    wait_state(&sc, &slow, &["succeeded"], Duration::from_secs(20));
+    // A running or ended call cannot be cancelled.
+    let (status, v) = http(&sc, "DELETE", &format!("/async/{slow}"), "", "");
+    assert_eq!(status, 409, "{v}");
+    // The cancelled call was pulled after the slow one and dropped: still cancelled, and the
+    // instance saw only the slow call (and the count itself).
+    std::thread::sleep(Duration::from_millis(500));
+    let v = wait_state(&sc, &queued, &["cancelled"], Duration::from_secs(1));
+    assert_eq!(v["attempts"], 0);
+    let count = enqueue(&sc, "echo", "Echo", "", r#"{"message": "__count__"}"#);
+    let v = wait_state(&sc, &count, &["succeeded"], Duration::from_secs(20));
+    assert_eq!(v["result"]["message"], "1", "calls before this one: {v}");
+    // A callback gets the result, with OpenFaaS's headers.
+    let (port, received) = callback_receiver();
+    let header = format!("X-Callback-Url: http://127.0.0.1:{port}/done\r\n");
+    let id = enqueue(&sc, "echo", "Echo", &header, r#"{"message": "call me"}"#);
+    let (head, body) = received.recv_timeout(Duration::from_secs(20)).unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("post /done http/1.1"), "{head}");
+    assert!(head.contains(&format!("x-call-id: {id}")), "{head}");
+    assert!(head.contains("x-function-name: echo"), "{head}");
+    assert!(head.contains("x-function-status: 200"), "{head}");
+    assert!(head.contains("x-duration-seconds: "), "{head}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["message"], "call me");
+}
+
+/// The value of `series` in the sidecar's `/metrics`, once it is at least `at_least`.
+fn wait_metric(sc: &Sidecar, series: &str, at_least: f64, within: Duration) -> f64 {
+    let until = Instant::now() + within;
+    loop {
+        let v = sc.metric(series);
+        if v >= at_least {
+            return v;
+        }
+        assert!(
+            Instant::now() < until,
+            "{series} stayed at {v}, below {at_least}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn queue_series(name: &str, function: &str, source: &str) -> String {
+    format!("fnmesh_queue_{name}{{function=\"{function}\",source=\"{source}\"}}")
+}
+
+#[test]
+fn trigger_messages_call_the_function_and_bad_ones_are_dead_lettered() {
+    let nats = Nats::start();
+    let types = format!(
+        "[[function]]\nname = \"types\"\nprotocol = \"thrift\"\nidl = \"{}\"\nservice = \"Types\"\ncommand = [\"{}\"]\n\n[[function.trigger]]\nsubject = \"blobs\"\nmethod = \"Raw\"\npayload = \"raw\"\n\n",
+        fnmesh_tests::sidecar::idl("tests/thrift/types.thrift").display(),
+        fnmesh_tests::sidecar::bin("types-fn")
+    );
+    let sc = Sidecar::start(&format!(
+        "{}{}[[function.trigger]]\nsubject = \"jobs.>\"\nmethod = \"Echo\"\nmax_deliver = 3\nbackoff = \"200ms\"\n\n{types}",
+        nats.async_table(""),
+        echo_function("echo", "", ""),
+    ));
+    // The feeds are live once their pending counts show (messages published before a trigger's
+    // first consumer exists are not kept: docs/async.md).
+    let within = Duration::from_secs(20);
+    let until = Instant::now() + within;
+    for series in [
+        queue_series("pending", "echo", "jobs.>"),
+        queue_series("pending", "types", "blobs"),
+    ] {
+        while !sc.admin_get("/metrics").1.contains(&series) {
+            assert!(Instant::now() < until, "{series} never showed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let js = rt.block_on(nats.jetstream());
+    let publish = |subject: &str, payload: &[u8]| {
+        rt.block_on(async {
+            let ack = js
+                .publish(subject.to_owned(), payload.to_vec().into())
+                .await
+                .unwrap();
+            ack.await.unwrap();
+        })
+    };
+    // Fails on its first delivery, succeeds on the second (the function sees the count).
+    publish("jobs.retry", br#"{"message": "__fail_below__ 2"}"#);
+    // Not JSON: dead-lettered at once. Always failing: dead-lettered after 3 deliveries.
+    publish("jobs.bad", b"not json");
+    publish("jobs.fail", br#"{"message": "__fail__"}"#);
+    // Raw bytes: the method's binary argument.
+    publish("blobs", &[0, 1, 2, 255]);
+    wait_metric(
+        &sc,
+        &queue_series("acked_total", "types", "blobs"),
+        1.0,
+        within,
+    );
+    wait_metric(
+        &sc,
+        &queue_series("dead_lettered_total", "echo", "jobs.>"),
+        2.0,
+        within,
+    );
+    wait_metric(
+        &sc,
+        &queue_series("acked_total", "echo", "jobs.>"),
+        3.0,
+        within,
+    );
+    assert_eq!(
+        sc.metric(&queue_series("redelivered_total", "echo", "jobs.>")),
+        3.0
+    );
+    rt.block_on(async {
+        let dlq = js.get_stream("FNMESH_DLQ").await.unwrap();
+        let mut seen = Vec::new();
+        for seq in 1..=2 {
+            let m = dlq.get_raw_message(seq).await.unwrap();
+            let h = |k: &str| {
+                m.headers
+                    .get(k)
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default()
+            };
+            seen.push((h("Fnmesh-Attempts"), h("Fnmesh-Error"), m.payload.clone()));
+        }
+        seen.sort();
+        assert_eq!(seen[0].0, "1");
+        assert!(seen[0].1.contains("malformed JSON"), "{seen:?}");
+        assert_eq!(&seen[0].2[..], b"not json");
+        assert_eq!(seen[1].0, "3");
+        assert!(seen[1].1.contains("__fail__"), "{seen:?}");
+    });
+}
