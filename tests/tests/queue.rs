@@ -357,3 +357,197 @@ fn trigger_messages_call_the_function_and_bad_ones_are_dead_lettered() {
         assert!(seen[1].1.contains("__fail__"), "{seen:?}");
     });
 }
+
+/// A sidecar SIGKILLed while its calls run: JetStream delivers them again after `ack_wait`,
+/// and a new sidecar completes them.
+#[test]
+fn calls_running_when_the_sidecar_is_killed_are_delivered_again_and_complete() {
+    let nats = Nats::start();
+    let config = format!(
+        "{}{}",
+        nats.async_table("ack_wait = \"2s\""),
+        echo_function("echo", "max = 2\nconcurrency = 4", "")
+    );
+    let mut first = Sidecar::start(&config);
+    let ids: Vec<String> = (0..5)
+        .map(|i| {
+            let body = format!(r#"{{"message": "slow {i}", "sleep_ms": 1500}}"#);
+            enqueue(&first, "echo", "Echo", "", &body)
+        })
+        .collect();
+    for id in &ids {
+        wait_state(&first, id, &["running"], Duration::from_secs(20));
+    }
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let second = Sidecar::start(&config);
+    for (i, id) in ids.iter().enumerate() {
+        let v = wait_state(&second, id, &["succeeded"], Duration::from_secs(30));
+        assert_eq!(v["result"]["message"], format!("slow {i}"));
+        assert_eq!(v["attempts"], 2, "delivered again: {v}");
+    }
+    assert_eq!(
+        second.metric(&queue_series("redelivered_total", "echo", "async")),
+        5.0
+    );
+}
+
+/// Scale on lag: a burst of trigger messages for a function at zero instances starts it, scales
+/// it to its `max`, and idle brings it back to zero.
+#[test]
+fn a_burst_of_messages_scales_a_function_from_zero_to_max_and_back() {
+    let nats = Nats::start();
+    let sc = Sidecar::start(&format!(
+        "{}{}[function.async]\nconcurrency = 16\n\n[[function.trigger]]\nsubject = \"burst\"\nmethod = \"Echo\"\n",
+        nats.async_table(""),
+        echo_function("echo", "max = 3\nconcurrency = 1\nidle = \"1s\"", "")
+    ));
+    let series = queue_series("pending", "echo", "burst");
+    let until = Instant::now() + Duration::from_secs(20);
+    while !sc.admin_get("/metrics").1.contains(&series) {
+        assert!(Instant::now() < until, "{series} never showed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sc.stat("echo", "processes"), 0);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let js = nats.jetstream().await;
+        for i in 0..40 {
+            let body = format!(r#"{{"message": "m{i}", "sleep_ms": 150}}"#);
+            js.publish("burst", body.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    });
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut most = 0;
+    while most < 3 {
+        most = most.max(sc.stat("echo", "processes"));
+        assert!(Instant::now() < until, "scaled to {most} instances only");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_metric(
+        &sc,
+        &queue_series("acked_total", "echo", "burst"),
+        40.0,
+        Duration::from_secs(30),
+    );
+    let until = Instant::now() + Duration::from_secs(20);
+    while sc.stat("echo", "processes") > 0 {
+        assert!(Instant::now() < until, "never back to zero");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The sum of `fnmesh_requests_total` for `function` (every method and outcome).
+fn calls_of(sc: &Sidecar, function: &str) -> f64 {
+    let prefix = format!("fnmesh_requests_total{{function=\"{function}\"");
+    sc.admin_get("/metrics")
+        .1
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Runs `work` for each of `items` on 8 threads.
+fn on_threads<T: Sync, R: Send>(items: &[T], work: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let chunk = items.len().div_ceil(8);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|c| s.spawn(|| c.iter().map(&work).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    })
+}
+
+/// 10,000 async calls and 10,000 trigger messages: every one processed, every call id ends
+/// `succeeded`, and the function saw each once plus the counted redeliveries.
+#[test]
+fn ten_thousand_async_calls_and_trigger_messages_are_all_processed() {
+    const N: usize = 10_000;
+    let nats = Nats::start();
+    let sc = Sidecar::start(&format!(
+        "{}{}{}[[function.trigger]]\nsubject = \"many\"\nmethod = \"Echo\"\n",
+        nats.async_table("concurrency = 32"),
+        echo_function("echo", "max = 2\nconcurrency = 16", ""),
+        echo_function("techo", "max = 2\nconcurrency = 16", ""),
+    ));
+    let started = Instant::now();
+    let numbers: Vec<usize> = (0..N).collect();
+    let ids = on_threads(&numbers, |i| {
+        enqueue(
+            &sc,
+            "echo",
+            "Echo",
+            "",
+            &format!(r#"{{"message": "n{i}"}}"#),
+        )
+    });
+    let series = queue_series("pending", "techo", "many");
+    let until = Instant::now() + Duration::from_secs(20);
+    while !sc.admin_get("/metrics").1.contains(&series) {
+        assert!(Instant::now() < until, "{series} never showed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let js = nats.jetstream().await;
+        // In rounds: the client holds at most so many acknowledgments in flight.
+        for round in 0..N / 500 {
+            let mut acks = Vec::with_capacity(500);
+            for i in round * 500..(round + 1) * 500 {
+                let body = format!(r#"{{"message": "t{i}"}}"#);
+                acks.push(js.publish("many", body.into()).await.unwrap());
+            }
+            for a in acks {
+                a.await.unwrap();
+            }
+        }
+    });
+    let within = Duration::from_secs(120);
+    wait_metric(
+        &sc,
+        &queue_series("acked_total", "echo", "async"),
+        N as f64,
+        within,
+    );
+    wait_metric(
+        &sc,
+        &queue_series("acked_total", "techo", "many"),
+        N as f64,
+        within,
+    );
+    let states = on_threads(&ids, |id| {
+        let (status, v) = http(&sc, "GET", &format!("/async/{id}"), "", "");
+        (status, v["state"].as_str().unwrap_or("").to_owned())
+    });
+    let done = states
+        .iter()
+        .filter(|(s, st)| *s == 200 && st == "succeeded")
+        .count();
+    assert_eq!(done, N, "calls that ended succeeded");
+    for (function, source) in [("echo", "async"), ("techo", "many")] {
+        let redelivered = sc.metric(&queue_series("redelivered_total", function, source));
+        assert_eq!(
+            sc.metric(&queue_series("dead_lettered_total", function, source)),
+            0.0
+        );
+        assert_eq!(
+            calls_of(&sc, function),
+            N as f64 + redelivered,
+            "{function}"
+        );
+    }
+    eprintln!(
+        "{} async calls and {N} trigger messages in {:?}",
+        N,
+        started.elapsed()
+    );
+}
