@@ -551,3 +551,49 @@ fn ten_thousand_async_calls_and_trigger_messages_are_all_processed() {
         started.elapsed()
     );
 }
+
+/// A reload adds a trigger (its messages are consumed from then on) and removes one (its
+/// consumer stops).
+#[test]
+fn a_reload_adds_and_removes_triggers() {
+    let nats = Nats::start();
+    let table = |subject: &str| {
+        format!(
+            "{}{}[[function.trigger]]\nsubject = \"{subject}\"\nmethod = \"Echo\"\n",
+            nats.async_table(""),
+            echo_function("echo", "", "")
+        )
+    };
+    let sc = Sidecar::start(&table("first"));
+    let wait_series = |series: &str| {
+        let until = Instant::now() + Duration::from_secs(20);
+        while !sc.admin_get("/metrics").1.contains(series) {
+            assert!(Instant::now() < until, "{series} never showed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_series(&queue_series("pending", "echo", "first"));
+    sc.rewrite(&table("second"));
+    let (ok, text) = sc.reload();
+    assert!(ok, "{text}");
+    wait_series(&queue_series("pending", "echo", "second"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let js = nats.jetstream().await;
+        for subject in ["first", "second"] {
+            let ack = js
+                .publish(subject, r#"{"message": "m"}"#.into())
+                .await
+                .unwrap();
+            ack.await.unwrap();
+        }
+    });
+    let second = queue_series("acked_total", "echo", "second");
+    wait_metric(&sc, &second, 1.0, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        sc.metric(&queue_series("acked_total", "echo", "first")),
+        0.0,
+        "its feed stopped"
+    );
+}
