@@ -91,6 +91,10 @@ enum Command {
         /// function's `thrift_protocol`, else binary).
         #[arg(long, value_name = "PROTOCOL", value_parser = ["binary", "compact"])]
         protocol: Option<String>,
+        /// Queue the call instead (`[async]`, docs/async.md): prints its id; `--timeout` is
+        /// each attempt's deadline.
+        #[arg(long = "async", conflicts_with = "idl")]
+        queue: bool,
         function: String,
         method: String,
         /// The arguments as JSON (`-`: read from stdin; none: `{}`).
@@ -191,6 +195,7 @@ pub fn main() -> ExitCode {
             service,
             timeout,
             protocol,
+            queue,
             function,
             method,
             json,
@@ -206,6 +211,9 @@ pub fn main() -> ExitCode {
                 _ => return ExitCode::from(2),
             };
             match target {
+                Ok(t) if queue => {
+                    crate::call::enqueue(t.addr, timeout, &function, &method, json.as_deref())
+                }
                 Ok(t) => call(t, protocol, timeout, &function, &method, json.as_deref()),
                 Err(code) => code,
             }

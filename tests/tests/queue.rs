@@ -109,6 +109,38 @@ fn async_calls_are_queued_run_and_their_status_kept() {
         (404, Some("no-route")),
         "{v}"
     );
+    // `fnmesh call --async`: the id printed, the call run; refusals exit by their kind.
+    let fnmesh_call = |args: &[&str]| {
+        let out = std::process::Command::new(fnmesh_tests::sidecar::fnmesh_bin())
+            .args(["call", "-c"])
+            .arg(sc.config_path())
+            .arg("--async")
+            .args(args)
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (
+            out.status.code(),
+            v,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, v, err) = fnmesh_call(&["echo", "Echo", r#"{"message": "by the cli"}"#]);
+    assert_eq!(
+        (code, v["state"].as_str()),
+        (Some(0), Some("queued")),
+        "{err}"
+    );
+    let done = wait_state(
+        &sc,
+        v["id"].as_str().unwrap(),
+        &["succeeded"],
+        Duration::from_secs(20),
+    );
+    assert_eq!(done["result"]["message"], "by the cli");
+    let (code, _, err) = fnmesh_call(&["echo", "Nope", "{}"]);
+    assert_eq!(code, Some(10), "{err}");
+    assert!(err.starts_with("fnmesh: no-route: "), "{err}");
 }
 
 #[test]

@@ -165,6 +165,50 @@ pub fn main(
     }
 }
 
+/// `fnmesh call --async`: the call queued through the sidecar's `POST /async/...`; prints
+/// `{"id": ..., "state": "queued"}`, or exits by the error kind.
+pub fn enqueue(
+    addr: SocketAddr,
+    timeout: Duration,
+    function: &str,
+    method: &str,
+    args: Option<&str>,
+) -> ExitCode {
+    let body = match read_args(args) {
+        Ok(v) => v.to_string(),
+        Err(code) => return code,
+    };
+    let request = format!(
+        "POST /async/{function}/{method} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n{}: {}ms\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        crate::thrift::http::TIMEOUT_HEADER,
+        timeout.as_millis().max(1),
+        body.len()
+    );
+    let answer = (|| -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.write_all(request.as_bytes())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })();
+    let answer = match answer {
+        Ok(a) => a,
+        Err(e) => return fail("unavailable", format!("{addr}: {e}")),
+    };
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    match (status, v["error"].as_str()) {
+        ("202", _) => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        (_, Some(kind)) => fail(kind, v["message"].as_str().unwrap_or_default()),
+        _ => fail("unavailable", format!("{addr} answered {status}: {body}")),
+    }
+}
+
 /// The call's arguments: `args` (`-`: stdin; none: `{}`) as JSON.
 fn read_args(args: Option<&str>) -> Result<Value, ExitCode> {
     let text = match args {
