@@ -629,3 +629,25 @@ fn a_reload_adds_and_removes_triggers() {
         "its feed stopped"
     );
 }
+
+/// A gRPC (volo-grpc) function's async calls take the gRPC callers' path.
+#[test]
+fn async_calls_reach_a_grpc_function() {
+    let nats = Nats::start();
+    let sc = Sidecar::start(&format!(
+        "{}{}",
+        nats.async_table(""),
+        fnmesh_tests::sidecar::grpc_echo_function("gecho", "", "")
+    ));
+    let id = enqueue(
+        &sc,
+        "gecho",
+        "UnaryEcho",
+        "",
+        r#"{"message": "grpc later"}"#,
+    );
+    let v = wait_state(&sc, &id, &["succeeded"], Duration::from_secs(20));
+    assert_eq!(v["result"]["message"], "grpc later", "{v}");
+    let (status, v) = http(&sc, "POST", "/async/gecho/ServerStreamingEcho", "", "{}");
+    assert_eq!(status, 404, "streaming methods cannot be queued: {v}");
+}
