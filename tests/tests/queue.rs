@@ -651,3 +651,32 @@ fn async_calls_reach_a_grpc_function() {
     let (status, v) = http(&sc, "POST", "/async/gecho/ServerStreamingEcho", "", "{}");
     assert_eq!(status, 404, "streaming methods cannot be queued: {v}");
 }
+
+/// NATS going away: synchronous calls are untouched, async calls get `unavailable` (nothing is
+/// lost: nothing was accepted), and once NATS is back, queued work flows again.
+#[test]
+fn nats_going_away_hurts_only_async_calls_and_they_resume() {
+    let mut nats = Nats::start();
+    let sc = async_sidecar(&nats, "", "");
+    let id = enqueue(&sc, "echo", "Echo", "", r#"{"message": "before"}"#);
+    wait_state(&sc, &id, &["succeeded"], Duration::from_secs(20));
+    nats.stop();
+    let (status, v) = http(
+        &sc,
+        "POST",
+        "/async/echo/Echo",
+        "",
+        r#"{"message": "during"}"#,
+    );
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (503, Some("unavailable")),
+        "{v}"
+    );
+    let (status, v) = http(&sc, "POST", "/echo/Echo", "", r#"{"message": "sync"}"#);
+    assert_eq!((status, v["message"].as_str()), (200, Some("sync")), "{v}");
+    nats.restart();
+    let id = enqueue(&sc, "echo", "Echo", "", r#"{"message": "after"}"#);
+    let v = wait_state(&sc, &id, &["succeeded"], Duration::from_secs(30));
+    assert_eq!(v["result"]["message"], "after");
+}
