@@ -680,3 +680,70 @@ fn nats_going_away_hurts_only_async_calls_and_they_resume() {
     let v = wait_state(&sc, &id, &["succeeded"], Duration::from_secs(30));
     assert_eq!(v["result"]["message"], "after");
 }
+
+/// A call longer than `ack_wait` keeps its message (in-progress reports), so it runs once; a
+/// call's status expires after `retention`.
+#[test]
+fn long_calls_are_not_delivered_again_and_statuses_expire() {
+    let nats = Nats::start();
+    let sc = async_sidecar(&nats, "ack_wait = \"1s\"\nretention = \"3s\"", "");
+    let id = enqueue(
+        &sc,
+        "echo",
+        "Echo",
+        "",
+        r#"{"message": "long", "sleep_ms": 3500}"#,
+    );
+    let v = wait_state(&sc, &id, &["succeeded"], Duration::from_secs(20));
+    assert_eq!(v["attempts"], 1, "{v}");
+    assert_eq!(
+        sc.metric(&queue_series("redelivered_total", "echo", "async")),
+        0.0
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, v) = http(&sc, "GET", &format!("/async/{id}"), "", "");
+        if status == 404 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the status outlived its retention: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Two nodes on one NATS share a function's async calls: each call runs once, and both nodes
+/// take part.
+#[test]
+fn two_nodes_share_the_calls_and_run_each_once() {
+    let nats = Nats::start();
+    let table = format!(
+        "{}{}",
+        nats.async_table("concurrency = 4"),
+        echo_function("echo", "max = 1\nconcurrency = 4", "")
+    );
+    let (a, b) = (Sidecar::start(&table), Sidecar::start(&table));
+    let ids: Vec<String> = (0..200)
+        .map(|i| {
+            let node = if i % 2 == 0 { &a } else { &b };
+            enqueue(
+                node,
+                "echo",
+                "Echo",
+                "",
+                &format!(r#"{{"message": "s{i}", "sleep_ms": 20}}"#),
+            )
+        })
+        .collect();
+    for id in &ids {
+        wait_state(&a, id, &["succeeded"], Duration::from_secs(60));
+    }
+    let (ran_a, ran_b) = (calls_of(&a, "echo"), calls_of(&b, "echo"));
+    assert_eq!(ran_a + ran_b, 200.0, "each call once: {ran_a} + {ran_b}");
+    assert!(
+        ran_a > 0.0 && ran_b > 0.0,
+        "both nodes worked: {ran_a} + {ran_b}"
+    );
+}

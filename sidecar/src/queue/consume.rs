@@ -223,16 +223,14 @@ async fn async_call(q: &Arc<Queue>, feed: &Feed, d: &dyn Delivery) -> Outcome {
             st.doc["error"] = error.clone();
             if !hopeless && attempt < feed.policy.max_attempts {
                 st.set(State::Queued);
-                let _ = status::store(js, &id, &mut st).await;
+                record(js, &id, &mut st).await;
                 return Outcome::Retry(feed.policy.delay(attempt + 1));
             }
             st.set(State::Failed);
             (Outcome::Dead(error.to_string()), code, error)
         }
     };
-    if let Err(e) = status::store(js, &id, &mut st).await {
-        tracing::warn!(call = %id, error = %e, "cannot record a call's end");
-    }
+    record(js, &id, &mut st).await;
     if let Some(url) = callback {
         let q = q.clone();
         let (function, id) = (feed.function.clone(), id.clone());
@@ -241,6 +239,27 @@ async fn async_call(q: &Arc<Queue>, feed: &Feed, d: &dyn Delivery) -> Outcome {
         });
     }
     outcome
+}
+
+/// Records what an attempt came to. The attempt ran, so nothing else may win: if the stored
+/// status changed meanwhile (or expired, with a `retention` shorter than the call), it is
+/// written over.
+async fn record(js: &super::js::Js, id: &str, st: &mut Status) {
+    for _ in 0..3 {
+        match status::store(js, id, st).await {
+            Ok(true) => return,
+            Ok(false) => {
+                st.revision = match status::load(js, id).await {
+                    Ok(Some(current)) => current.revision,
+                    _ => 0,
+                };
+            }
+            Err(e) => {
+                tracing::warn!(call = %id, error = %e, "cannot record a call's attempt");
+                return;
+            }
+        }
+    }
 }
 
 /// Marks call `id` running (attempt `d.delivery()`), unless it was cancelled or already ended:
