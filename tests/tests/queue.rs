@@ -343,7 +343,17 @@ fn trigger_messages_call_the_function_and_bad_ones_are_dead_lettered() {
     publish("jobs.retry", br#"{"message": "__fail_below__ 2"}"#);
     // Not JSON: dead-lettered at once. Always failing: dead-lettered after 3 deliveries.
     publish("jobs.bad", b"not json");
-    publish("jobs.fail", br#"{"message": "__fail__"}"#);
+    // The publisher's id is the message's identity (else its stream and sequence).
+    rt.block_on(async {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", "order-42");
+        let body = br#"{"message": "__fail__"}"#.to_vec();
+        let ack = js
+            .publish_with_headers("jobs.fail", h, body.into())
+            .await
+            .unwrap();
+        ack.await.unwrap();
+    });
     // Raw bytes: the method's binary argument.
     publish("blobs", &[0, 1, 2, 255]);
     wait_metric(
@@ -379,14 +389,24 @@ fn trigger_messages_call_the_function_and_bad_ones_are_dead_lettered() {
                     .map(|v| v.as_str().to_owned())
                     .unwrap_or_default()
             };
-            seen.push((h("Fnmesh-Attempts"), h("Fnmesh-Error"), m.payload.clone()));
+            seen.push((
+                h("Fnmesh-Attempts"),
+                h("Fnmesh-Error"),
+                m.payload.clone(),
+                h("Fnmesh-Message-Id"),
+            ));
         }
         seen.sort();
         assert_eq!(seen[0].0, "1");
         assert!(seen[0].1.contains("malformed JSON"), "{seen:?}");
         assert_eq!(&seen[0].2[..], b"not json");
+        assert!(
+            seen[0].3.starts_with("FNMESH_T_") && seen[0].3.contains(':'),
+            "{seen:?}"
+        );
         assert_eq!(seen[1].0, "3");
         assert!(seen[1].1.contains("__fail__"), "{seen:?}");
+        assert_eq!(seen[1].3, "order-42");
     });
 }
 
