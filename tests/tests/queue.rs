@@ -668,6 +668,10 @@ fn async_calls_reach_a_grpc_function() {
     );
     let v = wait_state(&sc, &id, &["succeeded"], Duration::from_secs(20));
     assert_eq!(v["result"]["message"], "grpc later", "{v}");
+    // No body: the request message's defaults, as the gateway takes it.
+    let id = enqueue(&sc, "gecho", "UnaryEcho", "", "");
+    let v = wait_state(&sc, &id, &["succeeded"], Duration::from_secs(20));
+    assert_eq!(v["result"]["message"], "", "{v}");
     let (status, v) = http(&sc, "POST", "/async/gecho/ServerStreamingEcho", "", "{}");
     assert_eq!(status, 404, "streaming methods cannot be queued: {v}");
 }

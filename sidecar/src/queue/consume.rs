@@ -186,7 +186,7 @@ async fn async_call(q: &Arc<Queue>, feed: &Feed, d: &dyn Delivery) -> Outcome {
         .header(TIMEOUT_HEADER)
         .and_then(|t| t.parse().ok())
         .map(Duration::from_millis);
-    let result = match serde_json::from_slice::<Value>(d.payload()) {
+    let result = match json_args(d.payload()) {
         Ok(args) => {
             let call = JsonCall {
                 function: &feed.function,
@@ -301,6 +301,14 @@ async fn start_attempt(
     None
 }
 
+/// A message's JSON arguments (an empty message: none, as an empty HTTP body is).
+fn json_args(payload: &[u8]) -> Result<Value, serde_json::Error> {
+    match payload.is_empty() {
+        true => Ok(Value::Null),
+        false => serde_json::from_slice(payload),
+    }
+}
+
 /// The keys the function gets with a queued call, to be idempotent with.
 fn identity(id: &str, delivery: u32) -> Vec<(&'static str, String)> {
     vec![
@@ -325,7 +333,7 @@ async fn trigger_call(q: &Arc<Queue>, feed: &Feed, d: &dyn Delivery) -> Outcome 
             let field = raw_field.clone().unwrap_or_default();
             json!({ field: base64::engine::general_purpose::STANDARD.encode(d.payload()) })
         }
-        Payload::Json => match serde_json::from_slice::<Value>(d.payload()) {
+        Payload::Json => match json_args(d.payload()) {
             Ok(v) => v,
             Err(e) => return Outcome::Dead(format!("bad-request: malformed JSON: {e}")),
         },
