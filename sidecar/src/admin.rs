@@ -59,7 +59,11 @@ fn last_minute(function: &crate::governance::Function) -> Option<crate::metrics:
 }
 
 /// Serves the admin API on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
+pub async fn serve(
+    listener: TcpListener,
+    mesh: Arc<Mesh>,
+    queue: Option<Arc<crate::queue::Queue>>,
+) {
     tokio::spawn(sample(mesh.clone()));
     let failed = crate::Throttled::default();
     loop {
@@ -73,10 +77,10 @@ pub async fn serve(listener: TcpListener, mesh: Arc<Mesh>) {
                 continue;
             }
         };
-        let mesh = mesh.clone();
+        let (mesh, queue) = (mesh.clone(), queue.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let response = answer(&mesh, &req);
+                let response = answer(&mesh, queue.as_deref(), &req);
                 async move { Ok::<_, Infallible>(response) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -138,7 +142,11 @@ pub fn percent_encode(path: &std::path::Path) -> String {
 }
 
 /// The answer to one admin request.
-fn answer(mesh: &Mesh, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn answer(
+    mesh: &Mesh,
+    queue: Option<&crate::queue::Queue>,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     match (req.method(), path) {
         (&Method::POST, "/admin/reload") if !serves(mesh, req) => text(
@@ -160,7 +168,7 @@ fn answer(mesh: &Mesh, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "POST to reload the policy file\n".into(),
         ),
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n".into()),
-        (&Method::GET | &Method::HEAD, "/readyz") => ready(mesh),
+        (&Method::GET | &Method::HEAD, "/readyz") => ready(mesh, queue),
         (&Method::GET | &Method::HEAD, "/metrics") => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -187,14 +195,22 @@ fn answer(mesh: &Mesh, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 /// Ready unless draining. A registry outage is reported, but the sidecar serves: still ready.
-fn ready(mesh: &Mesh) -> Response<Full<Bytes>> {
+/// Ready unless draining; the registry's and the async queue's states are shown, but neither
+/// makes the sidecar unready (it serves calls without them).
+fn ready(mesh: &Mesh, queue: Option<&crate::queue::Queue>) -> Response<Full<Bytes>> {
     if mesh.drain.is_draining() {
         return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
     }
-    let body = match mesh.registry_health() {
+    let mut body = match mesh.registry_health() {
         Some((name, health)) => format!("ready\nregistry {name}: {health}\n"),
         None => "ready\n".to_owned(),
     };
+    if let Some(q) = queue {
+        match q.problem() {
+            None => body.push_str("async: connected\n"),
+            Some(p) => body.push_str(&format!("async: not ready: {p}\n")),
+        }
+    }
     text(StatusCode::OK, body)
 }
 

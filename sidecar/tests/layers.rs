@@ -18,7 +18,8 @@ const LAYERS: &[&[&str]] = &[
     &["governance"],
     &["thrift", "grpc"],
     &["mesh"],
-    &["admin", "queue"],
+    &["queue"],
+    &["admin"],
     &["server", "status", "call"],
     &["cli"],
 ];

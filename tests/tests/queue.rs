@@ -684,6 +684,7 @@ fn nats_going_away_hurts_only_async_calls_and_they_resume() {
     let sc = async_sidecar(&nats, "", "");
     let id = enqueue(&sc, "echo", "Echo", "", r#"{"message": "before"}"#);
     wait_state(&sc, &id, &["succeeded"], Duration::from_secs(20));
+    assert!(sc.admin_get("/readyz").1.contains("async: connected"));
     nats.stop();
     let (status, v) = http(
         &sc,
@@ -696,6 +697,11 @@ fn nats_going_away_hurts_only_async_calls_and_they_resume() {
         (status, v["error"].as_str()),
         (503, Some("unavailable")),
         "{v}"
+    );
+    let (status, ready) = sc.admin_get("/readyz");
+    assert!(
+        status.contains("200") && ready.contains("async: not ready"),
+        "{status} {ready}"
     );
     let (status, v) = http(&sc, "POST", "/echo/Echo", "", r#"{"message": "sync"}"#);
     assert_eq!((status, v["message"].as_str()), (200, Some("sync")), "{v}");

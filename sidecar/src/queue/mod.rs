@@ -88,9 +88,13 @@ impl Queue {
 
     /// `None` when connected; else why not.
     pub fn problem(&self) -> Option<String> {
-        match self.js.get() {
-            Some(_) => None,
-            None => Some(lock(&self.problem).clone()),
+        let js = match self.js.get() {
+            Some(js) => js,
+            None => return Some(lock(&self.problem).clone()),
+        };
+        match js.ctx.client().connection_state() {
+            async_nats::connection::State::Connected => None,
+            other => Some(format!("{other} to {}", self.config.nats)),
         }
     }
 

@@ -186,13 +186,6 @@ async fn start(path: PathBuf, config: Config) -> Result<Sidecar, String> {
         None => None,
     };
     let mesh = Arc::new(Mesh::new(path, config, limits, watchdog).with_registry(&backend));
-    if let Some(addr) = settings.admin {
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("cannot listen on admin address {addr}: {e}"))?;
-        tokio::spawn(admin::serve(l, mesh.clone()));
-    }
-    let open = Arc::new(AtomicUsize::new(0));
     let own = match listener.local_addr() {
         Ok(mut a) if a.ip().is_unspecified() => {
             a.set_ip([127, 0, 0, 1].into());
@@ -202,6 +195,13 @@ async fn start(path: PathBuf, config: Config) -> Result<Sidecar, String> {
         Err(_) => listen,
     };
     let queue = Queue::start(&mesh, listener::grpc_gateway(mesh.grpc.clone(), own));
+    if let Some(addr) = settings.admin {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on admin address {addr}: {e}"))?;
+        tokio::spawn(admin::serve(l, mesh.clone(), queue.clone()));
+    }
+    let open = Arc::new(AtomicUsize::new(0));
     let fronts = listener::Fronts {
         thrift: mesh.thrift.clone(),
         grpc: mesh.grpc.clone(),
