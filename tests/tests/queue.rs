@@ -374,6 +374,12 @@ fn trigger_messages_call_the_function_and_bad_ones_are_dead_lettered() {
         3.0,
         within,
     );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        sc.metric(&queue_series("acked_total", "echo", "jobs.>")),
+        3.0,
+        "each message once"
+    );
     assert_eq!(
         sc.metric(&queue_series("redelivered_total", "echo", "jobs.>")),
         3.0
@@ -586,6 +592,10 @@ fn ten_thousand_async_calls_and_trigger_messages_are_all_processed() {
         .count();
     assert_eq!(done, N, "calls that ended succeeded");
     for (function, source) in [("echo", "async"), ("techo", "many")] {
+        assert_eq!(
+            sc.metric(&queue_series("acked_total", function, source)),
+            N as f64
+        );
         let redelivered = sc.metric(&queue_series("redelivered_total", function, source));
         assert_eq!(
             sc.metric(&queue_series("dead_lettered_total", function, source)),

@@ -131,20 +131,22 @@ async fn handle(q: Arc<Queue>, feed: Arc<Feed>, d: Box<dyn Delivery>, _slot: Own
         FeedKind::Trigger { .. } => trigger_call(&q, &feed, d.as_ref()).await,
     };
     alive.abort();
-    let acked = match outcome {
-        Outcome::Done => d.ack().await,
-        Outcome::Retry(after) => d.retry(after).await,
-        Outcome::Dead(reason) => {
-            metrics.queue_event(&feed.function, &feed.label, "dead_lettered");
-            match dead_letter(&q, &feed, d.as_ref(), &reason).await {
-                Ok(()) => d.ack().await,
-                // Not dead-lettered: it comes back after ack_wait and ends here again.
-                Err(e) => Err(e),
+    // Counted as acknowledged: a message done with (run, or dead-lettered), not one sent back.
+    let (sent, done) = match outcome {
+        Outcome::Done => (d.ack().await, true),
+        Outcome::Retry(after) => (d.retry(after).await, false),
+        Outcome::Dead(reason) => match dead_letter(&q, &feed, d.as_ref(), &reason).await {
+            Ok(()) => {
+                metrics.queue_event(&feed.function, &feed.label, "dead_lettered");
+                (d.ack().await, true)
             }
-        }
+            // Not dead-lettered: it comes back after ack_wait and ends here again.
+            Err(e) => (Err(e), false),
+        },
     };
-    match acked {
-        Ok(()) => metrics.queue_event(&feed.function, &feed.label, "acked"),
+    match sent {
+        Ok(()) if done => metrics.queue_event(&feed.function, &feed.label, "acked"),
+        Ok(()) => {}
         Err(e) => {
             tracing::warn!(function = %feed.function, error = %e, "cannot acknowledge a message")
         }
