@@ -7,10 +7,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 
-use super::Queue;
-
 pub(crate) async fn post(
-    _q: &Queue,
     url: &str,
     id: &str,
     function: &str,

@@ -19,7 +19,7 @@ use super::{
 use crate::{
     config::{AsyncPolicy, Payload},
     error::Kind,
-    thrift::json_call::{invoke, JsonCall},
+    thrift::json_call::{invoke, json_args, JsonCall},
 };
 
 /// How long a pull waits for messages before asking again.
@@ -199,10 +199,7 @@ async fn async_call(q: &Arc<Queue>, feed: &Feed, d: &dyn Delivery) -> Outcome {
             };
             invoke(&q.front, Some(&q.grpc), call).await
         }
-        Err(e) => Err(crate::error::CallError::new(
-            Kind::BadRequest,
-            format!("malformed JSON: {e}"),
-        )),
+        Err(e) => Err(e),
     };
     let duration = started.elapsed();
     st.doc["duration_ms"] = json!(duration.as_millis() as u64);
@@ -234,10 +231,9 @@ async fn async_call(q: &Arc<Queue>, feed: &Feed, d: &dyn Delivery) -> Outcome {
     };
     record(js, &id, &mut st).await;
     if let Some(url) = callback {
-        let q = q.clone();
         let (function, id) = (feed.function.clone(), id.clone());
         tokio::spawn(async move {
-            super::callback::post(&q, &url, &id, &function, http_status, duration, &body).await;
+            super::callback::post(&url, &id, &function, http_status, duration, &body).await;
         });
     }
     outcome
@@ -303,14 +299,6 @@ async fn start_attempt(
     None
 }
 
-/// A message's JSON arguments (an empty message: none, as an empty HTTP body is).
-fn json_args(payload: &[u8]) -> Result<Value, serde_json::Error> {
-    match payload.is_empty() {
-        true => Ok(Value::Null),
-        false => serde_json::from_slice(payload),
-    }
-}
-
 /// The keys the function gets with a queued call, to be idempotent with.
 fn identity(id: &str, delivery: u32) -> Vec<(&'static str, String)> {
     vec![
@@ -337,7 +325,7 @@ async fn trigger_call(q: &Arc<Queue>, feed: &Feed, d: &dyn Delivery) -> Outcome 
         }
         Payload::Json => match json_args(d.payload()) {
             Ok(v) => v,
-            Err(e) => return Outcome::Dead(format!("bad-request: malformed JSON: {e}")),
+            Err(e) => return Outcome::Dead(e.to_string()),
         },
     };
     let call = JsonCall {

@@ -24,6 +24,7 @@ use js::Js;
 use crate::{
     config::{AsyncConfig, FunctionConfig},
     error::{CallError, Kind},
+    lock,
     mesh::Mesh,
     thrift::{
         http::{AsyncRequest, AsyncRoutes},
@@ -51,10 +52,6 @@ pub struct Queue {
     feeds: Mutex<HashMap<String, Running>>,
     /// Stops everything (the sidecar's drain).
     stop: CancellationToken,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Queue {

@@ -16,7 +16,7 @@ use crate::{
     error::{CallError, Kind},
     thrift::{
         http::AsyncRequest,
-        json_call::{prepare, JsonCall},
+        json_call::{deadline, json_args, prepare, JsonCall},
     },
 };
 
@@ -61,15 +61,11 @@ async fn enqueue(
     method: &str,
     req: &AsyncRequest,
 ) -> Result<(StatusCode, Value), CallError> {
-    let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
-    let timeout = match header(crate::thrift::http::TIMEOUT_HEADER) {
-        None => None,
-        Some(t) => Some(
-            crate::config::parse_duration(t)
-                .map_err(|_| bad("fnmesh-timeout: want a duration such as 500ms"))?,
-        ),
-    };
-    let callback = header(CALLBACK_HEADER);
+    let timeout = deadline(req.headers.get(crate::thrift::http::TIMEOUT_HEADER))?;
+    let callback = req
+        .headers
+        .get(CALLBACK_HEADER)
+        .and_then(|v| v.to_str().ok());
     if let Some(url) = callback {
         let ok = url
             .parse::<http::Uri>()
@@ -80,16 +76,10 @@ async fn enqueue(
             )));
         }
     }
-    let args: Value = match req.body.is_empty() {
-        true => Value::Null,
-        false => {
-            serde_json::from_slice(&req.body).map_err(|e| bad(format!("malformed JSON: {e}")))?
-        }
-    };
     let call = JsonCall {
         function,
         method,
-        args,
+        args: json_args(&req.body)?,
         timeout,
         meta: Vec::new(),
     };

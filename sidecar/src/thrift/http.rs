@@ -20,13 +20,12 @@ use tokio::{
 };
 
 use super::{
-    json_call::{invoke, GrpcGateway, JsonCall},
+    json_call::{deadline, invoke, json_args, GrpcGateway, JsonCall},
     ThriftFront,
 };
 use crate::error::{CallError, Kind};
 
-/// The request header that sets a call's deadline (`500ms`, `2s`: the policy file's durations).
-pub const TIMEOUT_HEADER: &str = "fnmesh-timeout";
+pub use super::json_call::TIMEOUT_HEADER;
 
 /// An `/async/...` request (docs/async.md), handed to the queue: the path after `/async`, and
 /// the body read within `max_frame_size`.
@@ -219,21 +218,9 @@ async fn deadline_and_body(
     front: &ThriftFront,
     req: Request<hyper::body::Incoming>,
 ) -> Result<(Option<std::time::Duration>, Value), CallError> {
-    let timeout = match req.headers().get(TIMEOUT_HEADER) {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|t| crate::config::parse_duration(t).ok())
-                .ok_or_else(|| bad(format!("{TIMEOUT_HEADER}: want a duration such as 500ms")))?,
-        ),
-    };
+    let timeout = deadline(req.headers().get(TIMEOUT_HEADER))?;
     let body = read_body(front, req.into_body()).await?;
-    let args = match body.is_empty() {
-        true => Value::Null,
-        false => serde_json::from_slice(&body).map_err(|e| bad(format!("malformed JSON: {e}")))?,
-    };
-    Ok((timeout, args))
+    Ok((timeout, json_args(&body)?))
 }
 
 /// A connection whose first bytes were read while its protocol was detected: they are read

@@ -73,6 +73,29 @@ pub enum Prepared {
     },
 }
 
+/// The request header that sets a call's deadline (`500ms`, `2s`: the policy file's durations).
+pub const TIMEOUT_HEADER: &str = "fnmesh-timeout";
+
+/// A body's JSON arguments: an empty body is none (a method without arguments, or a message
+/// of defaults); anything else must be JSON.
+pub fn json_args(body: &[u8]) -> Result<Value, CallError> {
+    match body.is_empty() {
+        true => Ok(Value::Null),
+        false => serde_json::from_slice(body).map_err(|e| bad(format!("malformed JSON: {e}"))),
+    }
+}
+
+/// The deadline a `fnmesh-timeout` header value sets (`500ms`, `2s`: the policy file's
+/// durations).
+pub fn deadline(value: Option<&http::HeaderValue>) -> Result<Option<Duration>, CallError> {
+    let Some(v) = value else { return Ok(None) };
+    v.to_str()
+        .ok()
+        .and_then(|t| crate::config::parse_duration(t).ok())
+        .map(Some)
+        .ok_or_else(|| bad(format!("{TIMEOUT_HEADER}: want a duration such as 500ms")))
+}
+
 fn bad(message: impl Into<String>) -> CallError {
     CallError::new(Kind::BadRequest, message)
 }
