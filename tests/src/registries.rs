@@ -529,6 +529,18 @@ pub fn http_get(port: u16, path: &str, headers: &str) -> (String, String) {
     http_request(port, "GET", path, headers, "")
 }
 
+/// The `content-length` of an HTTP/1.1 head (0 when absent).
+pub fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())
+                .flatten()
+        })
+        .unwrap_or(0)
+}
+
 /// As [`http_get`], with any method and a body.
 pub fn http_request(
     port: u16,

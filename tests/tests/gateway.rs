@@ -26,14 +26,7 @@ fn read_response(s: &mut TcpStream) -> (u16, Value) {
     }
     let head = String::from_utf8(head).unwrap();
     let status: u16 = head[9..12].parse().unwrap();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().unwrap())
-        })
-        .unwrap_or(0);
+    let len = fnmesh_tests::registries::content_length(&head);
     let mut body = vec![0u8; len];
     s.read_exact(&mut body).unwrap();
     let body = serde_json::from_slice(&body).unwrap_or(Value::Null);

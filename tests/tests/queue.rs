@@ -213,14 +213,7 @@ fn callback_receiver() -> (u16, std::sync::mpsc::Receiver<(String, String)>) {
             }
             head.push_str(&line);
         }
-        let len: usize = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().unwrap())
-            })
-            .unwrap_or(0);
+        let len = fnmesh_tests::registries::content_length(&head);
         let mut body = vec![0u8; len];
         r.read_exact(&mut body).unwrap();
         let mut sock = r.into_inner();

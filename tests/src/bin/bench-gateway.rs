@@ -74,14 +74,7 @@ async fn read_response(sock: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = std::str::from_utf8(&buf[..end]).unwrap();
             assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().unwrap())
-                })
-                .unwrap();
+            let len = fnmesh_tests::registries::content_length(head);
             let total = end + 4 + len;
             while buf.len() < total {
                 read_more(sock, buf).await;
